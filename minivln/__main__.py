@@ -1,0 +1,5 @@
+import sys
+
+from minivln.cli import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""R2R and REVERIE annotations -> one ``Episode`` per instruction.
+
+Instruction ids follow the official evaluators (``docs/metrics.md``):
+R2R ``"<path_id>_<k>"``; REVERIE ``"<id>_<k>"`` where ``id = "<path_id>_<objId>"``.
+The test splits have no goal: their episodes carry the start only (``path`` of length 1 in
+the release files is kept as given, and ``has_goal`` is False).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from minivln.paths import DataError, resolve_data_dir
+
+TASKS = ("r2r", "reverie")
+SPLITS = ("train", "val_seen", "val_unseen", "test")
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One instruction to follow."""
+
+    instr_id: str
+    task: str  # "r2r" or "reverie"
+    scan: str
+    path_id: int
+    path: tuple[str, ...]  # annotated path, start first, goal last
+    heading: float  # start heading (radians, from +y, clockwise seen from above)
+    instruction: str
+    obj_id: int | None = None  # REVERIE target object
+    distance: float | None = None  # R2R annotated path length, absent in test
+
+    @property
+    def start(self) -> str:
+        return self.path[0]
+
+    @property
+    def goal(self) -> str:
+        return self.path[-1]
+
+
+def split_file(data_dir: Path, task: str, split: str) -> Path:
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; expected one of {TASKS}")
+    name = {"r2r": "R2R", "reverie": "REVERIE"}[task]
+    path = data_dir / name / f"{name}_{split}.json"
+    if not path.is_file():
+        raise DataError(f"no {name} file for split {split!r}: {path} is missing")
+    return path
+
+
+def _episodes_from_items(task: str, items: list[dict], source: str) -> list[Episode]:
+    episodes: list[Episode] = []
+    for n, item in enumerate(items):
+        try:
+            instrs = item["instructions"]
+            if task == "r2r":
+                base = str(item["path_id"])
+                obj = None
+            else:
+                base = str(item["id"])
+                obj = int(item["objId"])
+            for k, text in enumerate(instrs):
+                episodes.append(
+                    Episode(
+                        instr_id=f"{base}_{k}",
+                        task=task,
+                        scan=item["scan"],
+                        path_id=int(item["path_id"]),
+                        path=tuple(item["path"]),
+                        heading=float(item["heading"]),
+                        instruction=text,
+                        obj_id=obj,
+                        distance=float(item["distance"]) if "distance" in item else None,
+                    )
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{source}: item {n} is malformed ({exc!r})") from exc
+    return episodes
+
+
+def load_episodes(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[Episode]:
+    """All instructions of a split, in file order."""
+    root = resolve_data_dir(data_dir)
+    path = split_file(root, task, split)
+    try:
+        items = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    return _episodes_from_items(task, items, str(path))
+
+
+def episodes_by_id(episodes: list[Episode]) -> dict[str, Episode]:
+    return {e.instr_id: e for e in episodes}

@@ -1,0 +1,218 @@
+"""Matterport3D navigation graphs: one ``House`` per scan, with all-pairs shortest paths.
+
+A connectivity file is a JSON list, one entry per viewpoint (``image_id``, ``pose``, ``included``,
+``visible``, ``unobstructed``, ``height``).  As in the official evaluators, the graph has the
+``included`` viewpoints as nodes and an undirected edge wherever ``unobstructed`` says so (in
+either direction) between two included viewpoints, weighted by the straight-line distance between
+the camera positions (pose elements 3, 7, 11).  Distances are shortest paths (scipy's Dijkstra).
+
+Everything derived is cached on disk per house (``$MINIVLN_CACHE/graphs``), keyed by the file's
+path, size and modification time, so that building all 90 houses happens once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
+
+from minivln.paths import DataError, atomic_write_bytes, cache_dir, resolve_data_dir
+
+_CACHE_VERSION = 1
+
+
+@dataclass
+class House:
+    """The navigation graph of one scan (only ``included`` viewpoints)."""
+
+    scan: str
+    vp_ids: list[str]
+    positions: np.ndarray  # (N, 3) float64, metres, z up
+    heights: np.ndarray  # (N,) camera height above the floor
+    adjacency: np.ndarray  # (N, N) bool, undirected navigation edges
+    visible: np.ndarray  # (N, N) bool, the connectivity ``visible`` relation (symmetrised)
+    dist: np.ndarray  # (N, N) float64 shortest-path distances (inf when unreachable)
+    pred: np.ndarray  # (N, N) int32 predecessor on the shortest path from row to column (-9999 none)
+    index: dict[str, int] = field(init=False, repr=False)
+    _neighbors: list[list[int]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.index = {vp: i for i, vp in enumerate(self.vp_ids)}
+        self._neighbors = [np.flatnonzero(row).tolist() for row in self.adjacency]
+
+    # -- lookups -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.vp_ids)
+
+    def __contains__(self, vp: str) -> bool:
+        return vp in self.index
+
+    def idx(self, vp: str) -> int:
+        try:
+            return self.index[vp]
+        except KeyError:
+            raise KeyError(f"viewpoint {vp!r} is not an included viewpoint of scan {self.scan}") from None
+
+    def position(self, vp: str) -> np.ndarray:
+        return self.positions[self.idx(vp)]
+
+    def neighbors(self, vp: str) -> list[str]:
+        """Navigable neighbours of ``vp``, in connectivity-file order."""
+        return [self.vp_ids[j] for j in self._neighbors[self.idx(vp)]]
+
+    def is_neighbor(self, a: str, b: str) -> bool:
+        return bool(self.adjacency[self.idx(a), self.idx(b)])
+
+    def distance(self, a: str, b: str) -> float:
+        """Shortest-path distance on the graph (metres)."""
+        return float(self.dist[self.idx(a), self.idx(b)])
+
+    def euclidean(self, a: str, b: str) -> float:
+        return float(np.linalg.norm(self.position(a) - self.position(b)))
+
+    def shortest_path(self, a: str, b: str) -> list[str]:
+        """Viewpoints on a shortest path from ``a`` to ``b``, both ends included."""
+        i, j = self.idx(a), self.idx(b)
+        if not np.isfinite(self.dist[i, j]):
+            raise ValueError(f"{b} is unreachable from {a} in scan {self.scan}")
+        path = [j]
+        while path[-1] != i:
+            path.append(int(self.pred[i, path[-1]]))
+        return [self.vp_ids[k] for k in reversed(path)]
+
+    def path_length(self, path: list[str]) -> float:
+        """Sum of shortest distances between consecutive viewpoints (0 for repeats)."""
+        return float(sum(self.distance(a, b) for a, b in zip(path[:-1], path[1:])))
+
+
+def _position(entry: dict) -> np.ndarray:
+    pose = entry["pose"]
+    return np.array([pose[3], pose[7], pose[11]], dtype=np.float64)
+
+
+def build_house(scan: str, entries: list[dict]) -> House:
+    """Build a ``House`` from the parsed connectivity list of ``scan``."""
+    try:
+        keep = [i for i, e in enumerate(entries) if e["included"]]
+        vp_ids = [entries[i]["image_id"] for i in keep]
+        pos = np.stack([_position(entries[i]) for i in keep]) if keep else np.zeros((0, 3))
+        heights = np.array([float(entries[i].get("height", 0.0)) for i in keep])
+        unob = np.array([entries[i]["unobstructed"] for i in keep], dtype=bool)[:, keep]
+        vis = np.array([entries[i]["visible"] for i in keep], dtype=bool)[:, keep]
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise DataError(f"connectivity of scan {scan} is malformed: {exc!r}") from exc
+    adj = unob | unob.T
+    np.fill_diagonal(adj, False)
+    vis = vis | vis.T
+    np.fill_diagonal(vis, False)
+    weights = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1) * adj
+    dist, pred = dijkstra(csr_matrix(weights), directed=False, return_predecessors=True)
+    return House(scan, vp_ids, pos, heights, adj, vis, dist, pred.astype(np.int32))
+
+
+def connectivity_file(data_dir: Path, scan: str) -> Path:
+    path = data_dir / "connectivity" / f"{scan}_connectivity.json"
+    if not path.is_file():
+        raise DataError(f"no connectivity file for scan {scan!r}: {path} is missing")
+    return path
+
+
+def list_scans(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """All scans of the data directory (``scans.txt`` if present, else the connectivity files)."""
+    root = resolve_data_dir(data_dir) / "connectivity"
+    scans_txt = root / "scans.txt"
+    if scans_txt.is_file():
+        return [s.strip() for s in scans_txt.read_text().split() if s.strip()]
+    scans = sorted(p.name[: -len("_connectivity.json")] for p in root.glob("*_connectivity.json"))
+    if not scans:
+        raise DataError(f"no connectivity files in {root}")
+    return scans
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    raw = f"{_CACHE_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def _save(house: House, path: Path) -> None:
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        vp_ids=np.array(house.vp_ids),
+        positions=house.positions,
+        heights=house.heights,
+        adjacency=house.adjacency,
+        visible=house.visible,
+        dist=house.dist,
+        pred=house.pred,
+    )
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load(scan: str, path: Path) -> House:
+    with np.load(path, allow_pickle=False) as z:
+        return House(
+            scan,
+            [str(v) for v in z["vp_ids"]],
+            z["positions"],
+            z["heights"],
+            z["adjacency"],
+            z["visible"],
+            z["dist"],
+            z["pred"],
+        )
+
+
+def load_house(scan: str, data_dir: str | os.PathLike | None = None, *, use_cache: bool = True) -> House:
+    """Load (and cache) the graph of ``scan``."""
+    root = resolve_data_dir(data_dir)
+    return _load_house_cached(str(root.resolve()), scan, use_cache)
+
+
+@lru_cache(maxsize=None)
+def _load_house_cached(root: str, scan: str, use_cache: bool) -> House:
+    src = connectivity_file(Path(root), scan)
+    cached = cache_dir("graphs") / f"{scan}-{_cache_key(src)}.npz"
+    if use_cache and cached.is_file():
+        try:
+            return _load(scan, cached)
+        except (OSError, ValueError, KeyError):
+            cached.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+    try:
+        entries = json.loads(src.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{src} is not valid JSON: {exc}") from exc
+    house = build_house(scan, entries)
+    if use_cache:
+        _save(house, cached)
+    return house
+
+
+class Graphs:
+    """Lazy map scan -> ``House`` for one data directory."""
+
+    def __init__(self, data_dir: str | os.PathLike | None = None):
+        self.data_dir = resolve_data_dir(data_dir)
+
+    def __getitem__(self, scan: str) -> House:
+        return load_house(scan, self.data_dir)
+
+    def scans(self) -> list[str]:
+        return list_scans(self.data_dir)
+
+    def load_all(self, scans: list[str] | None = None, progress: bool = False) -> dict[str, House]:
+        scans = scans if scans is not None else self.scans()
+        if progress:
+            from tqdm import tqdm
+
+            scans = tqdm(scans, desc="graphs", unit="house")
+        return {s: self[s] for s in scans}

@@ -1,0 +1,55 @@
+"""Shared pytest fixtures.
+
+Real-data tests read ``$MINIVLN_DATA`` or ``../shared/data`` beside the repository root; they are
+marked ``realdata`` and skipped (with the reason) only when neither exists.  In CI it exists.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _real_data_dir() -> Path | None:
+    env = os.environ.get("MINIVLN_DATA")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+        if (cand / "connectivity").is_dir():
+            return cand
+    return None
+
+
+def _reference_dir() -> Path | None:
+    cand = REPO.parent / "shared" / "reference"
+    return cand if cand.is_dir() else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Every test session gets its own cache directory (graphs, features)."""
+    old = os.environ.get("MINIVLN_CACHE")
+    os.environ["MINIVLN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("MINIVLN_CACHE", None)
+    else:
+        os.environ["MINIVLN_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    d = _real_data_dir()
+    if d is None:
+        pytest.skip("real data not found (set MINIVLN_DATA or put it at ../shared/data)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    d = _reference_dir()
+    if d is None:
+        pytest.skip("reference fixtures not found at ../shared/reference")
+    return d
