@@ -6,6 +6,9 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from minivln.data import download
+
+    download.register(sub)
     p = sub.add_parser("graphs", help="build (and cache) the navigation graphs of every house")
     p.add_argument("--data-dir", default=None, help="data directory (default: $MINIVLN_DATA)")
     p.set_defaults(func=_graphs)

@@ -202,9 +202,13 @@ class Graphs:
 
     def __init__(self, data_dir: str | os.PathLike | None = None):
         self.data_dir = resolve_data_dir(data_dir)
+        self._houses: dict[str, House] = {}
 
     def __getitem__(self, scan: str) -> House:
-        return load_house(scan, self.data_dir)
+        house = self._houses.get(scan)
+        if house is None:
+            house = self._houses[scan] = load_house(scan, self.data_dir)
+        return house
 
     def scans(self) -> list[str]:
         return list_scans(self.data_dir)
