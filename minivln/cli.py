@@ -16,6 +16,7 @@ from minivln.paths import DataError
 # Modules that define commands, in the order they appear in ``minivln --help``.
 COMMAND_MODULES = [
     "minivln.data.cli",
+    "minivln.evaluation.cli",
 ]
 
 
