@@ -16,7 +16,10 @@ from minivln.paths import DataError
 # Modules that define commands, in the order they appear in ``minivln --help``.
 COMMAND_MODULES = [
     "minivln.data.cli",
+    "minivln.data.toy_cli",
+    "minivln.model.cli",
     "minivln.evaluation.cli",
+    "minivln.model.parity",
 ]
 
 

@@ -1,0 +1,507 @@
+"""Building the DUET network's per-step inputs from observations and the agent's maps.
+
+This is the agent side of DUET (``map_nav_src/r2r/agent.py`` and its REVERIE twin): it turns
+:class:`~minivln.model.graph_map.Observation` objects into the exact batch dicts of the
+network's ``'panorama'`` and ``'navigation'`` modes, and :class:`MapNavigator` runs the per-step
+bookkeeping of a batch of episodes in the reference's order (step ids → panorama → node
+features → navigation inputs → STOP probabilities → action → teleport → new observations).
+
+Typical evaluation loop (the environment only has to teleport to ``Move.target`` facing
+``Move.heading``/``Move.elevation`` and return fresh observations)::
+
+    nav = MapNavigator(env_obs)
+    txt_embeds = model("language", {"txt_ids": ids, "txt_masks": masks})
+    for t in range(nav.max_action_len):
+        nav.begin_step(t)
+        pano = nav.panorama_inputs()
+        pano_embeds, pano_masks = model("panorama", pano.model_inputs())
+        nav.absorb_panorama(pano, pano_embeds, pano_masks)
+        batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, txt_embeds, masks)
+        outs = model("navigation", batch.inputs)
+        nav.record_scores(outs["fused_logits"], outs.get("obj_logits"), pano)
+        moves = nav.act(t, outs["fused_logits"].argmax(1).tolist(), batch)
+        nav.observe(env.step(moves))
+        if nav.all_ended:
+            break
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from minivln.model.graph_map import (
+    GraphMap,
+    Move,
+    NodeId,
+    Observation,
+    direction_angle_feature,
+    view_direction,
+)
+
+#: Image size the object boxes are normalised by (height, width).
+BOX_IMAGE_SIZE = (480.0, 640.0)
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def pad_tensors(tensors: Sequence[torch.Tensor], pad: float = 0) -> torch.Tensor:
+    """Stack (T_i, ...) tensors into (B, max T, ...), padding with ``pad`` (no gradient kept)."""
+    max_len = max(int(t.size(0)) for t in tensors)
+    out = torch.full(
+        (len(tensors), max_len, *tensors[0].shape[1:]), pad, dtype=tensors[0].dtype,
+        device=tensors[0].device,
+    )
+    for i, t in enumerate(tensors):
+        out[i, : t.size(0)] = t.detach()
+    return out
+
+
+def pad_tensors_wgrad(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Like :func:`pad_tensors` with zeros, but differentiable (concatenates zero blocks)."""
+    max_len = max(int(t.size(0)) for t in tensors)
+    rows = []
+    for t in tensors:
+        if t.size(0) < max_len:
+            t = torch.cat([t, t.new_zeros((max_len - t.size(0), *t.shape[1:]))], 0)
+        rows.append(t)
+    return torch.stack(rows, 0)
+
+
+def seq_masks(lens: torch.Tensor | Sequence[int], max_len: int | None = None) -> torch.Tensor:
+    """(B, max_len) bool: True at the first ``lens[i]`` positions of row i."""
+    lens = torch.as_tensor(lens, dtype=torch.long)
+    width = int(lens.max()) if max_len is None else max_len
+    return torch.arange(width, device=lens.device)[None, :] < lens[:, None]
+
+
+def masked_mean(embeds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(B, H) mean of ``embeds`` (B, N, H) over the rows where ``masks`` (B, N) is True."""
+    return torch.sum(embeds * masks.unsqueeze(2), 1) / torch.sum(masks, 1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------- panorama
+
+
+@dataclass
+class PanoramaBatch:
+    """Inputs of the ``'panorama'`` mode plus the agent's bookkeeping for them."""
+
+    view_img_fts: torch.Tensor  # (B, V, D)
+    loc_fts: torch.Tensor  # (B, V+O, A+3)
+    nav_types: torch.Tensor  # (B, V+O) int64
+    view_lens: torch.Tensor  # (B,) int64
+    cand_vpids: list[list[NodeId]]  # candidate of token row j (rows 0..len-1)
+    obj_img_fts: torch.Tensor | None = None  # (B, O, D_obj)
+    obj_lens: torch.Tensor | None = None  # (B,) int64
+    obj_ids: list[list[Any]] = field(default_factory=list)
+
+    @property
+    def uses_objects(self) -> bool:
+        return self.obj_img_fts is not None
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The batch dict of the network's ``'panorama'`` mode (object keys only with objects)."""
+        out = {
+            "view_img_fts": self.view_img_fts,
+            "loc_fts": self.loc_fts,
+            "nav_types": self.nav_types,
+            "view_lens": self.view_lens,
+        }
+        if self.uses_objects:
+            out["obj_img_fts"] = self.obj_img_fts
+            out["obj_lens"] = self.obj_lens
+        return out
+
+
+def panorama_tokens(
+    ob: Observation, angle_feat_size: int = 4
+) -> tuple[np.ndarray, np.ndarray, list[int], list[NodeId]]:
+    """One sample's view tokens: (image features (V, D), loc features (V, A+3), nav types,
+    candidate ids).  Candidates first in candidate order (a view showing two candidates is used
+    twice), then every other view in increasing index."""
+    base_h, base_e = view_direction(ob.view_index)
+    feats = np.asarray(ob.view_features, dtype=np.float32)
+    img, ang, nav_types, cand_vpids = [], [], [], []
+    used: set[int] = set()
+    for cand in ob.candidates:
+        img.append(feats[cand.point_id])
+        ang.append(direction_angle_feature(*cand.relative_angles(ob.view_index), angle_feat_size))
+        nav_types.append(1)
+        cand_vpids.append(cand.viewpoint)
+        used.add(int(cand.point_id))
+    for k in range(len(feats)):
+        if k in used:
+            continue
+        h, e = view_direction(k)
+        img.append(feats[k])
+        ang.append(direction_angle_feature(h - base_h, e - base_e, angle_feat_size))
+        nav_types.append(0)
+    box = np.ones((len(img), 3), dtype=np.float32)
+    loc = np.concatenate([np.stack(ang, 0), box], 1)
+    return np.stack(img, 0), loc, nav_types, cand_vpids
+
+
+def object_tokens(ob: Observation, angle_feat_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """One sample's object tokens: (features (O, D_obj), loc features (O, A+3)); box =
+    (h/480, w/640, product) from ``obj_sizes`` rows (width, height)."""
+    n = ob.num_objects
+    loc = np.zeros((n, angle_feat_size + 3), dtype=np.float32)
+    for k in range(n):
+        loc[k, :angle_feat_size] = direction_angle_feature(
+            float(ob.obj_rel_headings[k]), float(ob.obj_rel_elevations[k]), angle_feat_size
+        )
+        w, h = ob.obj_sizes[k]
+        loc[k, angle_feat_size : angle_feat_size + 2] = [h / BOX_IMAGE_SIZE[0], w / BOX_IMAGE_SIZE[1]]
+        loc[k, angle_feat_size + 2] = loc[k, angle_feat_size] * loc[k, angle_feat_size + 1]
+    feats = np.asarray(ob.obj_features, dtype=np.float32) if n else np.zeros((0, 0), np.float32)
+    return feats, loc
+
+
+def build_panorama_inputs(
+    obs_list: Sequence[Observation], angle_feat_size: int = 4, use_objects: bool | None = None
+) -> PanoramaBatch:
+    """Collate the ``'panorama'`` inputs of a batch.
+
+    ``use_objects`` defaults to "some observation carries object features"; with objects every
+    sample's tokens are [views, objects] (``loc_fts``/``nav_types`` concatenated, then padded).
+    """
+    if use_objects is None:
+        use_objects = any(ob.obj_features is not None for ob in obs_list)
+    views, obj_fts, locs, types, cands, view_lens, obj_lens, obj_ids = [], [], [], [], [], [], [], []
+    for ob in obs_list:
+        img, loc, nav, cand = panorama_tokens(ob, angle_feat_size)
+        if use_objects:
+            o_fts, o_loc = object_tokens(ob, angle_feat_size)
+            loc = np.concatenate([loc, o_loc], 0)
+            nav = nav + [2] * len(o_loc)
+            obj_fts.append(o_fts)
+            obj_lens.append(len(o_loc))
+            obj_ids.append(list(ob.obj_ids))
+        views.append(torch.from_numpy(img))
+        locs.append(torch.from_numpy(loc))
+        types.append(torch.tensor(nav, dtype=torch.long))
+        cands.append(cand)
+        view_lens.append(len(img))
+    batch = PanoramaBatch(
+        view_img_fts=pad_tensors(views),
+        loc_fts=pad_tensors(locs),
+        nav_types=pad_tensors(types),
+        view_lens=torch.tensor(view_lens, dtype=torch.long),
+        cand_vpids=cands,
+    )
+    if use_objects:
+        dim = max((f.shape[1] for f in obj_fts if f.size), default=0)
+        tensors = [
+            torch.from_numpy(f) if f.size else torch.zeros((0, dim), dtype=torch.float32)
+            for f in obj_fts
+        ]
+        batch.obj_img_fts = pad_tensors(tensors)
+        batch.obj_lens = torch.tensor(obj_lens, dtype=torch.long)
+        batch.obj_ids = obj_ids
+    return batch
+
+
+# ------------------------------------------------------------------------------- navigation
+
+
+@dataclass
+class NavigationBatch:
+    """Inputs of the ``'navigation'`` mode (``inputs``, exactly the reference's batch dict,
+    including the id lists ``gmap_vpids``/``vp_cand_vpids`` with ``None`` for [stop]) and
+    ``no_vp_left`` (no ghost left: the sample must stop)."""
+
+    inputs: dict[str, Any]
+    no_vp_left: list[bool]
+
+    @property
+    def gmap_vpids(self) -> list[list[NodeId | None]]:
+        return self.inputs["gmap_vpids"]
+
+    @property
+    def vp_cand_vpids(self) -> list[list[NodeId | None]]:
+        return self.inputs["vp_cand_vpids"]
+
+
+def build_gmap_inputs(
+    maps: Sequence[GraphMap],
+    obs_list: Sequence[Observation],
+    *,
+    angle_feat_size: int = 4,
+    enc_full_graph: bool = True,
+    act_visited_nodes: bool = False,
+) -> tuple[dict[str, Any], list[bool]]:
+    """The global-branch inputs (``gmap_*``) and ``no_vp_left`` per sample."""
+    vpids_b, embeds_b, steps_b, pos_b, dists_b, visited_b, no_left = [], [], [], [], [], [], []
+    for gmap, ob in zip(maps, obs_list):
+        vpids, visited = gmap.slots(
+            ob.viewpoint, enc_full_graph=enc_full_graph, act_visited_nodes=act_visited_nodes
+        )
+        no_left.append(gmap.num_ghosts(ob.viewpoint, act_visited_nodes) == 0)
+        node_embeds = [gmap.node_embed(vp) for vp in vpids[1:]]
+        if node_embeds:
+            embeds = torch.stack([torch.zeros_like(node_embeds[0])] + node_embeds, 0)
+        else:  # only [stop] (enc_full_graph off and no ghost): size from any stored node
+            ref = next(iter(gmap.node_embeds.values()))[0]
+            embeds = torch.zeros_like(ref)[None]
+        vpids_b.append(vpids)
+        embeds_b.append(embeds)
+        steps_b.append(torch.tensor([gmap.step_ids.get(vp, 0) for vp in vpids], dtype=torch.long))
+        pos_b.append(
+            torch.from_numpy(
+                gmap.pos_fts(ob.viewpoint, vpids, ob.heading, ob.elevation, angle_feat_size)
+            )
+        )
+        dists_b.append(torch.from_numpy(gmap.pair_dists(vpids)))
+        visited_b.append(torch.tensor(visited, dtype=torch.bool))
+
+    lens = torch.tensor([len(v) for v in vpids_b], dtype=torch.long)
+    width = int(lens.max())
+    device = embeds_b[0].device
+    pair = torch.zeros(len(maps), width, width, dtype=torch.float32)
+    for i, d in enumerate(dists_b):
+        pair[i, : d.size(0), : d.size(1)] = d
+    inputs = {
+        "gmap_vpids": vpids_b,
+        "gmap_img_embeds": pad_tensors_wgrad(embeds_b),
+        "gmap_step_ids": pad_tensors(steps_b).to(device),
+        "gmap_pos_fts": pad_tensors(pos_b).to(device),
+        "gmap_visited_masks": pad_tensors(visited_b).to(device),
+        "gmap_pair_dists": pair.to(device),
+        "gmap_masks": seq_masks(lens).to(device),
+    }
+    return inputs, no_left
+
+
+def build_vp_inputs(
+    maps: Sequence[GraphMap],
+    obs_list: Sequence[Observation],
+    pano: PanoramaBatch,
+    pano_embeds: torch.Tensor,
+    pano_masks: torch.Tensor | None = None,
+    *,
+    angle_feat_size: int = 4,
+) -> dict[str, Any]:
+    """The local-branch inputs (``vp_*``) of the current nodes."""
+    batch_size, n_tokens = pano_embeds.shape[:2]
+    device = pano_embeds.device
+    vp_img_embeds = torch.cat([torch.zeros_like(pano_embeds[:, :1]), pano_embeds], 1)
+    pos_size = angle_feat_size + 3
+    vp_pos = np.zeros((batch_size, n_tokens + 1, 2 * pos_size), dtype=np.float32)
+    for i, (gmap, ob) in enumerate(zip(maps, obs_list)):
+        start = gmap.pos_fts(ob.viewpoint, [gmap.start], ob.heading, ob.elevation, angle_feat_size)
+        vp_pos[i, :, :pos_size] = start
+        cands = pano.cand_vpids[i]
+        if cands:
+            vp_pos[i, 1 : len(cands) + 1, pos_size:] = gmap.pos_fts(
+                ob.viewpoint, cands, ob.heading, ob.elevation, angle_feat_size
+            )
+    lens = pano.view_lens + (pano.obj_lens if pano.obj_lens is not None else 0)
+    nav_types = pano.nav_types.to(device)
+    inputs: dict[str, Any] = {
+        "vp_img_embeds": vp_img_embeds,
+        "vp_pos_fts": torch.from_numpy(vp_pos).to(device),
+        "vp_masks": seq_masks(lens + 1, n_tokens + 1).to(device),
+        "vp_nav_masks": torch.cat(
+            [torch.ones(batch_size, 1, dtype=torch.bool, device=device), nav_types == 1], 1
+        ),
+        "vp_cand_vpids": [[None] + list(c) for c in pano.cand_vpids],
+    }
+    if pano.uses_objects:
+        inputs["vp_obj_masks"] = torch.cat(
+            [torch.zeros(batch_size, 1, dtype=torch.bool, device=device), nav_types == 2], 1
+        )
+    return inputs
+
+
+def build_navigation_inputs(
+    maps: Sequence[GraphMap],
+    obs_list: Sequence[Observation],
+    pano: PanoramaBatch,
+    pano_embeds: torch.Tensor,
+    pano_masks: torch.Tensor | None,
+    txt_embeds: torch.Tensor,
+    txt_masks: torch.Tensor,
+    *,
+    angle_feat_size: int = 4,
+    enc_full_graph: bool = True,
+    act_visited_nodes: bool = False,
+) -> NavigationBatch:
+    """The complete ``'navigation'`` batch: global + local inputs + the text."""
+    inputs, no_left = build_gmap_inputs(
+        maps, obs_list, angle_feat_size=angle_feat_size, enc_full_graph=enc_full_graph,
+        act_visited_nodes=act_visited_nodes,
+    )
+    inputs.update(
+        build_vp_inputs(maps, obs_list, pano, pano_embeds, pano_masks, angle_feat_size=angle_feat_size)
+    )
+    inputs["txt_embeds"] = txt_embeds
+    inputs["txt_masks"] = txt_masks
+    return NavigationBatch(inputs, no_left)
+
+
+# ------------------------------------------------------------------------------ the episode
+
+
+class MapNavigator:
+    """Agent-side state of a batch of episodes, stepped in the reference rollout's order.
+
+    Samples that ended stay in the batch: their map is frozen (no step ids, node features,
+    scores or graph updates), but they still get panorama/navigation inputs built from their
+    (unchanged) observation.  ``paths[i]`` is the full node sequence of sample i (teleport paths
+    expanded, final walk back to the best STOP node appended); ``stop_nodes[i]`` its final node.
+    """
+
+    def __init__(
+        self,
+        start_obs: Sequence[Observation],
+        *,
+        max_action_len: int = 15,
+        angle_feat_size: int = 4,
+        enc_full_graph: bool = True,
+        act_visited_nodes: bool = False,
+    ) -> None:
+        self.max_action_len = max_action_len
+        self.angle_feat_size = angle_feat_size
+        self.enc_full_graph = enc_full_graph
+        self.act_visited_nodes = act_visited_nodes
+        self.obs: list[Observation] = list(start_obs)
+        self.maps = [GraphMap(ob.viewpoint) for ob in self.obs]
+        for gmap, ob in zip(self.maps, self.obs):
+            gmap.update_graph(ob)
+        self.paths: list[list[NodeId]] = [[ob.viewpoint] for ob in self.obs]
+        self.ended = np.zeros(len(self.obs), dtype=bool)
+        self.stop_nodes: list[NodeId | None] = [None] * len(self.obs)
+        self.predicted_objects: list[Any] = [None] * len(self.obs)
+        self._acted: list[int] = []  # samples that acted in the last act() (graph update due)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.obs)
+
+    @property
+    def all_ended(self) -> bool:
+        return bool(self.ended.all())
+
+    def begin_step(self, t: int) -> None:
+        """The agent occupies its current node at step ``t`` (step id t+1)."""
+        for i, gmap in enumerate(self.maps):
+            if not self.ended[i]:
+                gmap.set_step(self.obs[i].viewpoint, t)
+
+    def panorama_inputs(self, use_objects: bool | None = None) -> PanoramaBatch:
+        return build_panorama_inputs(self.obs, self.angle_feat_size, use_objects)
+
+    def absorb_panorama(
+        self, pano: PanoramaBatch, pano_embeds: torch.Tensor, pano_masks: torch.Tensor
+    ) -> torch.Tensor:
+        """Write the panorama outputs into the maps; returns the masked means (B, H)."""
+        avg = masked_mean(pano_embeds, pano_masks)
+        for i, gmap in enumerate(self.maps):
+            if not self.ended[i]:
+                gmap.update_from_panorama(
+                    self.obs[i].viewpoint, pano.cand_vpids[i], pano_embeds[i], avg[i]
+                )
+        return avg
+
+    def navigation_inputs(
+        self,
+        pano: PanoramaBatch,
+        pano_embeds: torch.Tensor,
+        pano_masks: torch.Tensor,
+        txt_embeds: torch.Tensor,
+        txt_masks: torch.Tensor,
+    ) -> NavigationBatch:
+        return build_navigation_inputs(
+            self.maps, self.obs, pano, pano_embeds, pano_masks, txt_embeds, txt_masks,
+            angle_feat_size=self.angle_feat_size, enc_full_graph=self.enc_full_graph,
+            act_visited_nodes=self.act_visited_nodes,
+        )
+
+    def record_scores(
+        self,
+        nav_logits: torch.Tensor,
+        obj_logits: torch.Tensor | None = None,
+        pano: PanoramaBatch | None = None,
+    ) -> torch.Tensor:
+        """Record softmax(nav_logits)[:, 0] as the STOP probability of each active sample's
+        current node (and, with objects, the arg-max object id).  Returns the probabilities."""
+        probs = torch.softmax(nav_logits.detach(), 1)
+        for i, gmap in enumerate(self.maps):
+            if self.ended[i]:
+                continue
+            obj = None
+            if obj_logits is not None and pano is not None and pano.obj_ids and pano.obj_ids[i]:
+                row = obj_logits[i, int(pano.view_lens[i]) + 1 :]
+                obj = pano.obj_ids[i][int(torch.argmax(row))]
+            gmap.record_stop(self.obs[i].viewpoint, float(probs[i, 0].item()), obj)
+        return probs
+
+    def act(
+        self,
+        t: int,
+        actions: Sequence[int],
+        batch: NavigationBatch,
+        *,
+        stop: Sequence[bool] | None = None,
+        space: Literal["global", "local"] = "global",
+    ) -> list[Move | None]:
+        """Apply the chosen slots (indices into ``gmap_vpids``, or ``vp_cand_vpids`` when
+        ``space='local'``).
+
+        A sample ends when ``stop[i]`` (default: its action is slot 0), when no ghost is left, or
+        at the last allowed step; it then walks back to its visited node with the highest STOP
+        probability.  (Training passes ``stop`` = "at the goal"; a sample whose action is then
+        slot 0 anyway also ends, but without the walk back, as in the reference.)  Returns, per
+        sample, the :class:`Move` the environment must make (None: stay).
+        """
+        vpids = batch.gmap_vpids if space == "global" else batch.vp_cand_vpids
+        moves: list[Move | None] = []
+        self._acted = []
+        for i, gmap in enumerate(self.maps):
+            if self.ended[i]:
+                moves.append(None)
+                continue
+            self._acted.append(i)
+            a = int(actions[i])
+            stops = bool(stop[i]) if stop is not None else a == 0
+            current = self.obs[i].viewpoint
+            if stops or batch.no_vp_left[i] or t == self.max_action_len - 1:
+                self.ended[i] = True
+                moves.append(None)
+                self._finish(i, current)
+                continue
+            target = vpids[i][a]
+            if target is None:
+                # The [stop] slot chosen while ``stop`` says "go on" (possible when training with
+                # sampled actions): the reference ends the sample *without* the walk back.
+                self.ended[i] = True
+                self.stop_nodes[i] = current
+                moves.append(None)
+                continue
+            move = gmap.plan_move(current, target)
+            self.paths[i].extend(move.path)
+            moves.append(move)
+        return moves
+
+    def _finish(self, i: int, current: NodeId) -> None:
+        gmap = self.maps[i]
+        best = gmap.best_stop()
+        if best is not None and best != current:
+            self.paths[i].extend(gmap.path(current, best))
+        self.stop_nodes[i] = self.paths[i][-1]
+        record = gmap.stop_records.get(self.stop_nodes[i])
+        self.predicted_objects[i] = record.object_id if record is not None else None
+
+    def observe(self, obs_list: Sequence[Observation]) -> None:
+        """New observations after the moves: the samples that acted in the last :meth:`act` add
+        their new node's edges and relax through it (for those that just stopped this is a
+        no-op on an unchanged observation, as in the reference)."""
+        self.obs = list(obs_list)
+        for i in self._acted:
+            self.maps[i].update_graph(self.obs[i])
+        self._acted = []

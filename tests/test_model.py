@@ -1,0 +1,296 @@
+"""The DUET network against the recorded reference episode, plus taps, text cache and fusion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minivln.model.config import DUETConfig
+from minivln.model.duet import DUET, fuse_local_into_global
+from minivln.model.fixture import (
+    MASKED_ROWS,
+    Fixture,
+    compare_outputs,
+    decode_ids,
+    encode_ids,
+    load_fixture,
+    outputs_as_dict,
+)
+from minivln.model.registry import create_model, get_config, list_models, preset_parameters
+
+CALLS = [f"call{i:02d}" for i in range(9)]
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and avoids spin-waiting on a shared 2-core box."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+@pytest.fixture(scope="module")
+def fixture(reference_dir) -> Fixture:
+    return load_fixture(reference_dir / "duet_fixture_r2r.npz")
+
+
+@pytest.fixture(scope="module")
+def model(fixture) -> DUET:
+    return fixture.build_model()
+
+
+def _call(fixture: Fixture, name: str):
+    return next(c for c in fixture.calls if c.name == name)
+
+
+# ----------------------------------------------------------------------------- fixture decoding
+
+
+def test_fixture_decoding(fixture):
+    assert [c.name for c in fixture.calls] == CALLS
+    assert [c.mode for c in fixture.calls] == ["language"] + ["panorama", "navigation"] * 4
+    assert fixture.config.hidden_size == 64 and fixture.config.num_attention_heads == 4
+    nav = _call(fixture, "call02")
+    assert nav.inputs["gmap_vpids"] == [[None, 0, 1, 7, 2, 3], [None, 100, 102, 101, 103]]
+    assert nav.inputs["vp_cand_vpids"][1] == [None, 102, 101, 103]
+    assert "no_vp_left" not in nav.batch() and "gmap_vpids" in nav.batch()
+    assert decode_ids(encode_ids(nav.inputs["gmap_vpids"], 6)) == nav.inputs["gmap_vpids"]
+
+
+def test_state_dict_names_match_fixture(fixture):
+    model = DUET(fixture.config)
+    assert set(model.state_dict()) == set(fixture.state_dict)
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_parity_with_reference(fixture, model, name):
+    call = _call(fixture, name)
+    with torch.no_grad():
+        result = model(call.mode, call.batch())
+    checks = compare_outputs(call, result, atol=1e-4)
+    assert {c.name for c in checks} == set(call.outputs)
+    bad = [c for c in checks if not c.ok]
+    assert not bad, bad
+
+
+def test_parity_with_cached_text_kv(fixture, model):
+    txt_embeds = _call(fixture, "call02").inputs["txt_embeds"]
+    txt_masks = _call(fixture, "call02").inputs["txt_masks"]
+    with torch.no_grad():
+        cache = model.precompute_text_kv(txt_embeds, txt_masks)
+        for call in fixture.calls:
+            if call.mode != "navigation":
+                continue
+            batch = call.batch()
+            del batch["txt_embeds"], batch["txt_masks"]
+            batch["txt_kv"] = cache
+            checks = compare_outputs(call, model("navigation", batch))
+            assert all(c.ok for c in checks), checks
+
+
+# ----------------------------------------------------------------------------- taps
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    worst = 0.0
+    for k, x in a.items():
+        y = b[k]
+        if x.dtype == torch.bool:
+            assert torch.equal(x, y)
+            continue
+        assert torch.equal(torch.isinf(x), torch.isinf(y)), k
+        fin = torch.isfinite(x)
+        worst = max(worst, (x[fin] - y[fin]).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_taps_path_equals_fast_path(fixture, model, name):
+    call = _call(fixture, name)
+    with torch.no_grad():
+        fast = outputs_as_dict(call.mode, model(call.mode, call.batch()))
+        out, taps = model(call.mode, call.batch(), taps=True)
+    slow = outputs_as_dict(call.mode, out)
+    # Compare everything, padded rows included: both paths compute them the same way.
+    assert _max_diff(fast, slow) < 1e-5
+    assert isinstance(taps, dict) and taps
+
+
+def test_tap_contents(fixture, model):
+    cfg = fixture.config
+    heads = cfg.num_attention_heads
+    lang = _call(fixture, "call00")
+    with torch.no_grad():
+        txt, taps = model("language", lang.batch(), taps=True)
+    b, n_txt = lang.inputs["txt_ids"].shape
+    assert taps["text.embeddings"].shape == (b, n_txt, cfg.hidden_size)
+    assert len(taps["text.hidden_states"]) == cfg.num_l_layers
+    assert torch.equal(taps["text.hidden_states"][-1], txt) and taps["text.output"] is txt
+    scores = taps["text.attentions"]
+    assert len(scores) == cfg.num_l_layers and scores[0].shape == (b, heads, n_txt, n_txt)
+    # The additive mask is part of the tapped scores: padded keys sit near -10000.
+    pad = ~lang.inputs["txt_masks"]
+    assert pad.any()
+    key_pad = pad[:, None, None, :].expand_as(scores[0])
+    assert (scores[0][key_pad] < -9000).all() and (scores[0][~key_pad] > -9000).all()
+
+    pano = _call(fixture, "call01")
+    with torch.no_grad():
+        (pano_embeds, _), taps = model("panorama", pano.batch(), taps=True)
+    assert len(taps["pano.hidden_states"]) == cfg.num_pano_layers
+    assert len(taps["pano.attentions"]) == cfg.num_pano_layers
+    assert taps["pano.output"] is pano_embeds
+
+    nav = _call(fixture, "call04")
+    with torch.no_grad():
+        outs, taps = model("navigation", nav.batch(), taps=True)
+    g = nav.inputs["gmap_masks"].shape[1]
+    v = nav.inputs["vp_masks"].shape[1]
+    for prefix, length in (("global", g), ("local", v)):
+        assert len(taps[f"{prefix}.hidden_states"]) == cfg.num_x_layers
+        assert taps[f"{prefix}.attentions"][0].shape == (b, heads, length, length)
+        assert taps[f"{prefix}.cross_attentions"][0].shape == (b, heads, length, n_txt)
+        assert taps[f"{prefix}.embeddings"].shape == (b, length, cfg.hidden_size)
+    assert torch.equal(taps["global.output"], outs["gmap_embeds"])
+    probs = taps["action_probs"]
+    assert torch.allclose(probs.sum(-1), torch.ones(b))
+    assert (probs[torch.isinf(outs["fused_logits"])] == 0).all()
+
+
+# ----------------------------------------------------------------------------- dropout, training
+
+
+def test_eval_is_deterministic_and_train_uses_feat_dropout(fixture):
+    model = fixture.build_model()
+    call = _call(fixture, "call01")
+    with torch.no_grad():
+        a, _ = model("panorama", call.batch())
+        b, _ = model("panorama", call.batch())
+        assert torch.equal(a, b)
+        model.train()
+        torch.manual_seed(0)
+        c, _ = model("panorama", call.batch())
+    assert not torch.allclose(a, c)
+    assert model.feat_dropout.p == pytest.approx(0.4)
+
+
+def test_backward_through_all_modes(fixture):
+    model = fixture.build_model().train()
+    lang, pano, nav = (_call(fixture, n) for n in ("call00", "call01", "call02"))
+    txt = model("language", lang.batch())
+    pano_embeds, _ = model("panorama", pano.batch())
+    batch = nav.batch()
+    batch["txt_embeds"] = txt
+    batch["vp_img_embeds"] = torch.cat(
+        [torch.zeros_like(pano_embeds[:, :1]), pano_embeds], dim=1
+    )[:, : batch["vp_masks"].shape[1]]
+    out = model("navigation", batch)
+    loss = torch.nn.functional.cross_entropy(out["fused_logits"], torch.tensor([2, 3]))
+    loss.backward()
+    assert model.embeddings.word_embeddings.weight.grad is not None
+    assert model.img_embeddings.img_linear.weight.grad is not None
+    assert model.global_encoder.sprel_linear.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- fusion
+
+
+def test_fusion_spreads_go_back_score_to_non_adjacent_ghosts():
+    # slots: [stop], visited A, visited B, ghost C (candidate), ghost D (not adjacent), padding
+    gmap_vpids = [[None, "A", "B", "C", "D"]]
+    visited = torch.tensor([[False, True, True, False, False, False]])
+    inf = float("-inf")
+    global_logits = torch.tensor([[1.0, inf, inf, 2.0, 3.0, inf]])
+    # local rows: [stop], cand C, cand A (visited), cand B (visited), a non-candidate view
+    local_logits = torch.tensor([[0.5, 0.25, 0.125, 0.0625, inf]])
+    vp_cand_vpids = [[None, "C", "A", "B"]]
+    fused = fuse_local_into_global(global_logits, local_logits, gmap_vpids, visited, vp_cand_vpids)
+    bw = 0.125 + 0.0625
+    expected = torch.tensor([[1.5, inf, inf, 2.25, 3.0 + bw, inf]])
+    assert torch.equal(fused, expected)
+
+
+# ----------------------------------------------------------------------------- objects
+
+
+@pytest.mark.parametrize("obj_size", [16, 24])
+def test_objects_packing_and_grounding(obj_size):
+    torch.manual_seed(0)
+    cfg = DUETConfig(
+        vocab_size=50, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        num_l_layers=1, num_pano_layers=1, num_x_layers=1, image_feat_size=16, obj_feat_size=obj_size,
+    )  # fmt: skip
+    model = DUET(cfg).eval()
+    assert (model.img_embeddings.obj_linear is not None) == (obj_size != 16)
+    assert model.og_head is not None
+    view_lens, obj_lens = torch.tensor([3, 2]), torch.tensor([1, 2])
+    n = int((view_lens + obj_lens).max())
+    views, objs = torch.randn(2, 3, 16), torch.randn(2, 2, obj_size)
+    loc = torch.randn(2, n, 7)
+    nav_types = torch.tensor([[1, 0, 0, 2], [1, 1, 2, 2]])
+    batch = dict(view_img_fts=views, obj_img_fts=objs, loc_fts=loc, nav_types=nav_types,
+                 view_lens=view_lens, obj_lens=obj_lens)  # fmt: skip
+    with torch.no_grad():
+        pano, masks = model("panorama", batch)
+        # Sample 1 alone, without padding, must give the same valid rows.
+        single = {k: v[1:] for k, v in batch.items()}
+        single["view_img_fts"] = views[1:, :2]
+        pano1, _ = model("panorama", single)
+    assert masks.tolist() == [[True] * 4, [True] * 4]
+    assert torch.allclose(pano[1], pano1[0], atol=1e-5)
+
+    vp_masks = torch.ones(2, 1 + n, dtype=torch.bool)
+    vp_obj_masks = torch.cat([torch.zeros(2, 1, dtype=torch.bool), nav_types == 2], dim=1)
+    nav = dict(
+        txt_embeds=torch.randn(2, 5, 32), txt_masks=torch.ones(2, 5, dtype=torch.bool),
+        gmap_img_embeds=torch.randn(2, 3, 32), gmap_step_ids=torch.tensor([[0, 1, 0]] * 2),
+        gmap_pos_fts=torch.randn(2, 3, 7), gmap_masks=torch.ones(2, 3, dtype=torch.bool),
+        gmap_pair_dists=torch.rand(2, 3, 3), gmap_visited_masks=torch.tensor([[False, True, False]] * 2),
+        gmap_vpids=[[None, 1, 2]] * 2,
+        vp_img_embeds=torch.cat([torch.zeros(2, 1, 32), pano], 1), vp_pos_fts=torch.randn(2, 1 + n, 14),
+        vp_masks=vp_masks, vp_nav_masks=torch.cat([torch.ones(2, 1, dtype=torch.bool), nav_types == 1], 1),
+        vp_obj_masks=vp_obj_masks, vp_cand_vpids=[[None, 2], [None, 2, 1]],
+    )  # fmt: skip
+    with torch.no_grad():
+        out = model("navigation", nav)
+    assert torch.isinf(out["obj_logits"][~vp_obj_masks]).all()
+    assert torch.isfinite(out["obj_logits"][vp_obj_masks]).all()
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_presets():
+    names = list_models()
+    for expected in ("duet-r2r", "duet-reverie", "scalevln-r2r", "minivln-r2r", "minivln-reverie",
+                     "duet-cpu", "minivln-cpu"):  # fmt: skip
+        assert expected in names
+    student = preset_parameters("minivln-r2r")["total"]
+    assert student == 21_064_925
+    assert abs(student / 180_489_221 - 0.117) < 0.001
+    assert get_config("minivln-r2r", hidden_dropout=0.0).hidden_dropout == 0.0
+    with pytest.raises(KeyError, match="available: duet-r2r"):
+        create_model("no-such-model")
+    small = create_model("minivln-cpu")
+    assert isinstance(small, DUET) and small.config.hidden_size == 128
+
+
+def test_params_cli(capsys):
+    from minivln.cli import main
+
+    assert main(["params", "minivln-r2r", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total"] == 21_064_925 and sum(out["parts"].values()) == out["total"]
+    assert main(["params", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model preset 'bogus'" in err and "minivln-r2r" in err
+
+
+def test_masked_rows_cover_embedding_outputs():
+    assert set(MASKED_ROWS) == {"txt_embeds", "pano_embeds", "gmap_embeds", "vp_embeds"}
