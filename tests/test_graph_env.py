@@ -145,3 +145,10 @@ def test_real_graphs_and_expert(real_data_dir):
         assert r["trajectory"][-1][0] == e.goal
     rev = load_episodes("reverie", "val_unseen", real_data_dir)
     assert len(rev) == 3433 and rev[0].instr_id == "4634_215_0" and rev[0].obj_id == 215
+
+
+@pytest.mark.realdata
+def test_reverie_test_split_has_no_target(real_data_dir):
+    eps = load_episodes("reverie", "test", real_data_dir)
+    assert len(eps) == 6144 and eps[0].instr_id == "2021_0"
+    assert eps[0].obj_id is None and len(eps[0].path) == 1 and eps[0].path_id == 2021

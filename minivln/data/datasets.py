@@ -59,17 +59,20 @@ def _episodes_from_items(task: str, items: list[dict], source: str) -> list[Epis
             instrs = item["instructions"]
             if task == "r2r":
                 base = str(item["path_id"])
+                path_id = int(item["path_id"])
                 obj = None
             else:
+                # REVERIE test items carry only ``id`` (no ``objId`` / ``path_id``)
                 base = str(item["id"])
-                obj = int(item["objId"])
+                path_id = int(item.get("path_id", base.split("_")[0]))
+                obj = int(item["objId"]) if "objId" in item else None
             for k, text in enumerate(instrs):
                 episodes.append(
                     Episode(
                         instr_id=f"{base}_{k}",
                         task=task,
                         scan=item["scan"],
-                        path_id=int(item["path_id"]),
+                        path_id=path_id,
                         path=tuple(item["path"]),
                         heading=float(item["heading"]),
                         instruction=text,
