@@ -1,0 +1,648 @@
+"""The one training loop, shared by pretraining, fine-tuning and distillation.
+
+The trainer knows nothing about VLN.  What differs between uses plugs in from outside:
+
+* a **task** (:class:`Task`) makes batches (``next_batch``) and turns a model and a batch into a loss
+  (``compute`` -> :class:`TaskOutput`), optionally also running a frozen teacher;
+* a **teacher** (any ``nn.Module``) is put in eval mode, frozen and moved to the device, and every call
+  into it runs with gradients off;
+* **loss terms** (:class:`LossTerm`) are small modules, possibly with learnable parameters (e.g. a
+  projection from student to teacher width), that add ``weight * term(student outputs, teacher
+  outputs, batch)`` to the task's loss.  Their parameters are optimised and checkpointed with the model.
+
+The loop itself: AdamW (no weight decay on biases and norm weights), linear warm-up then linear or
+cosine decay, gradient accumulation, gradient-norm clipping, mixed precision on GPU, DDP under
+``torchrun``, a validation hook with best-checkpoint keeping, atomic checkpoints with exact resume,
+JSONL logs and a progress bar.  See ``docs/training.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from minivln.config import ConfigError, save_config
+from minivln.training import distributed as D
+from minivln.training.checkpoint import (
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from minivln.training.logging import JsonlLogger, format_record
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # not applied to biases and norm weights (parameters with < 2 dims)
+    schedule: str = "linear"  # after warm-up: "linear" | "cosine" decay to min_lr_ratio * lr, or "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; embed it in a larger experiment config as e.g. ``train:``."""
+
+    run_dir: str = "runs/train"
+    max_steps: int = 1000  # optimizer steps
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
+    precision: str = "auto"  # "auto" (bf16 if supported, else fp16, on GPU) | "fp32" | "bf16" | "fp16"; CPU: fp32
+    log_every: int = 10
+    val_every: int = 0  # 0: no periodic validation (a validate hook still runs after the last step)
+    ckpt_every: int = 500  # latest/ is also written after the last step
+    best_metric: str = ""  # a validation key such as "val_unseen.spl"; "" keeps no best/ checkpoint
+    best_mode: str = "max"  # "max" | "min"
+    resume: bool = False  # continue from RUN/latest if it exists
+    progress: bool = True  # tqdm bar on a terminal, a printed line per log step otherwise
+    find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        o = self.optim
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps: must be >= 1, got {self.max_steps}")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"grad_accum_steps: must be >= 1, got {self.grad_accum_steps}")
+        for name in ("log_every", "val_every", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision: expected auto/fp32/bf16/fp16, got {self.precision!r}")
+        if self.best_mode not in ("max", "min"):
+            raise ConfigError(f"best_mode: expected max or min, got {self.best_mode!r}")
+        if o.schedule not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"optim.schedule: expected linear/cosine/constant, got {o.schedule!r}")
+        if o.lr <= 0 or o.warmup_steps < 0 or not 0.0 <= o.min_lr_ratio <= 1.0 or o.grad_clip < 0:
+            raise ConfigError("optim: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1, grad_clip >= 0")
+
+
+# ----------------------------------------------------------------------------------------- plug-ins
+
+
+@dataclass
+class TaskOutput:
+    """What a task's ``compute`` returns for one (micro-)batch.
+
+    ``loss``: scalar tensor, the mean over this rank's batch (DDP then averages over ranks).
+    ``metrics``: named scalars to log, e.g. ``{"loss/mlm": ..., "acc/sap": ...}`` (averaged over steps).
+    ``outputs``: student outputs the loss terms read (e.g. ``{"hidden": h, "logits": z}``).
+    ``teacher_outputs``: the teacher's counterparts, ``None`` without a teacher (detached for the terms).
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    teacher_outputs: dict[str, Any] | None = None
+
+
+@runtime_checkable
+class Task(Protocol):
+    """Makes batches and computes a model's loss on them.
+
+    ``next_batch(index)`` is called with the global micro-batch index ``step * grad_accum_steps + i``
+    (0-based); it returns this rank's share of that batch (see
+    :class:`~minivln.training.distributed.GlobalBatchSampler`).  Tensors in a returned tensor / list /
+    tuple / dict are moved to the device by the trainer.
+
+    ``compute(model, batch, teacher)`` runs under autocast and, in training, with gradients on; the
+    ``teacher`` (or ``None``) is frozen and runs without gradients whatever the caller does.
+
+    Optional, for exact resume: ``state_dict() -> dict`` and ``load_state_dict(dict)`` giving the
+    task's position (e.g. its sampler's) and any private random generator.  Without them a resumed
+    run replays batches from the task's fresh state.
+    """
+
+    def next_batch(self, index: int) -> Any: ...
+
+    def compute(self, model: nn.Module, batch: Any, teacher: nn.Module | None = None) -> TaskOutput: ...
+
+
+class LossTerm(nn.Module):
+    """An extra loss: ``total = task loss + sum(term.weight * term(outputs, teacher_outputs, batch))``.
+
+    Subclasses implement :meth:`forward` returning an unweighted scalar; they may own parameters
+    (optimised with the model and saved in ``loss_terms.safetensors`` under ``"<name>.<param>"``).
+    Each term is logged as ``loss/<name>`` (unweighted).
+    """
+
+    def __init__(self, name: str, weight: float = 1.0) -> None:
+        super().__init__()
+        self.name = name
+        self.weight = float(weight)
+
+    def forward(
+        self, outputs: Mapping[str, Any], teacher_outputs: Mapping[str, Any] | None, batch: Any
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+ValidateFn = Callable[[nn.Module], Mapping[str, Any]]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def freeze_teacher(teacher: nn.Module) -> nn.Module:
+    """Eval mode, ``requires_grad=False``, and gradients switched off inside every call of it or of its
+    submodules (forward hooks), so no autograd graph is ever built through the teacher."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    if getattr(teacher, "_minivln_frozen", False):
+        return teacher
+    saved: list[bool] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        saved.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        torch.set_grad_enabled(saved.pop())
+
+    for m in teacher.modules():
+        m.register_forward_pre_hook(enter)
+        m.register_forward_hook(leave, always_call=True)
+    teacher._minivln_frozen = True  # type: ignore[attr-defined]
+    return teacher
+
+
+def move_to(obj: Any, device: torch.device) -> Any:
+    """Tensors inside (nested) dicts, lists and tuples moved to ``device``; anything else unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(move_to(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to(v, device) for v in obj)
+    return obj
+
+
+def _detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_detach(v) for v in obj)
+    return obj
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices/embeddings (decayed) and 1-d parameters, i.e. biases and norm
+    weights (not decayed).  Frozen and shared parameters are handled (each appears once)."""
+    decay, no_decay, seen = [], [], set()
+    for p in module.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class WarmupDecay:
+    """Learning-rate factor for step ``s``: linear warm-up to 1 over ``warmup_steps``, then linear or
+    cosine decay to ``min_ratio`` at ``total_steps`` (or constant).  Picklable, for ``LambdaLR``."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, schedule: str = "linear", min_ratio: float = 0.0) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.schedule = schedule
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.schedule == "cosine":
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            shape = 1.0 - progress
+        return self.min_ratio + (1.0 - self.min_ratio) * shape
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"val_unseen": {"sr": 0.4}}`` -> ``{"val_unseen.sr": 0.4}``; non-numbers are dropped."""
+    flat: dict[str, float] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(flatten_metrics(v, key + "."))
+        elif isinstance(v, torch.Tensor) and v.numel() == 1:
+            flat[key] = float(v.item())
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[key] = float(v)
+    return flat
+
+
+def _resolve_amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or ``None`` for full fp32 (always on CPU)."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+class _StepModule(nn.Module):
+    """Model + loss terms as one module, so that DDP synchronises the gradients of both.
+
+    Its forward is one micro-batch: the task's loss plus the weighted loss terms.  The task and the
+    teacher are plain attributes, not submodules: they are neither synchronised nor saved.
+    """
+
+    def __init__(self, model: nn.Module, loss_terms: Sequence[LossTerm], task: Task, teacher: nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.loss_terms = nn.ModuleList(loss_terms)
+        self.__dict__["task"] = task
+        self.__dict__["teacher"] = teacher
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.task.compute(self.model, batch, self.teacher)
+        if not isinstance(out, TaskOutput):
+            raise TypeError(f"{type(self.task).__name__}.compute must return a TaskOutput, got {type(out).__name__}")
+        total = out.loss
+        logs: dict[str, torch.Tensor] = {}
+        if len(self.loss_terms):
+            logs["loss/task"] = out.loss.detach()
+            teacher_outputs = _detach(out.teacher_outputs)
+            for term in self.loss_terms:
+                value = term(out.outputs, teacher_outputs, batch)
+                total = total + term.weight * value
+                logs[f"loss/{term.name}"] = value.detach()
+        for k, v in out.metrics.items():
+            logs[k] = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+        logs["loss"] = total.detach()
+        return total, logs
+
+
+class _Window:
+    """Running sums of logged scalars between two log records."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, logs: Mapping[str, torch.Tensor]) -> None:
+        for k, v in logs.items():
+            v = v.detach().float().reshape(())
+            self.sums[k] = self.sums[k] + v.to(self.sums[k].device) if k in self.sums else v.clone()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """Averages over the window and over ranks (one all-reduce for all keys)."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        dev = next(iter(self.sums.values())).device
+        packed = torch.stack([self.sums[k].to(dev) for k in keys]) / max(1, self.count)
+        packed = D.all_reduce_mean(packed).cpu().tolist()
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, packed))
+
+
+# ----------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Train ``model`` on ``task`` (see the module docstring and ``docs/training.md``).
+
+    Args:
+        model: the student; moved to the device and trained.  Build it before creating the trainer
+            (under ``seed_everything(cfg.seed)`` for reproducible initial weights).
+        task: a :class:`Task`.
+        cfg: a :class:`TrainConfig`.
+        teacher: an optional frozen model handed to ``task.compute``.
+        loss_terms: extra :class:`LossTerm` modules (unique names).
+        validate: ``validate(model) -> metrics`` (nested dicts allowed; flattened with dots), called
+            on rank 0 in eval mode without gradients, every ``cfg.val_every`` steps and after the last.
+        run_config: what to save as ``RUN/config.yaml`` (the whole experiment config); default ``cfg``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        cfg: TrainConfig,
+        *,
+        teacher: nn.Module | None = None,
+        loss_terms: Sequence[LossTerm] = (),
+        validate: ValidateFn | None = None,
+        run_config: Any = None,
+    ) -> None:
+        cfg.check()
+        names = [t.name for t in loss_terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"loss term names must be unique, got {names}")
+        self.cfg = cfg
+        self.task = task
+        self.validate_fn = validate
+        self.dist = D.init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.run_dir)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        D.seed_everything(cfg.seed, self.dist.rank)
+
+        self.model = model.to(self.device)
+        self.teacher = freeze_teacher(teacher.to(self.device)) if teacher is not None else None
+        self.loss_terms = nn.ModuleList(loss_terms).to(self.device)
+        self._step_module = _StepModule(self.model, list(self.loss_terms), task, self.teacher)
+        self._train_module: nn.Module = self._step_module
+        if self.dist.enabled:
+            self._train_module = nn.parallel.DistributedDataParallel(
+                self._step_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.find_unused_parameters,
+            )
+
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self._step_module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+        )
+        self.scheduler = self._make_scheduler()
+        self.amp_dtype = _resolve_amp_dtype(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.step = 0
+        self.best: dict[str, Any] | None = None  # {"metric", "value", "step"}
+        self.last_val: dict[str, float] = {}
+
+        resumed = self._resume() if cfg.resume else False
+        if not resumed and find_checkpoint(self.run_dir / "latest", repair=False):
+            raise FileExistsError(
+                f"{self.run_dir} already holds a checkpoint: pass resume=true to continue it, "
+                "or choose another run_dir"
+            )
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(run_config if run_config is not None else cfg, self.run_dir / "config.yaml")
+        self.logger = JsonlLogger(
+            self.run_dir / "log.jsonl", resume_step=self.step if resumed else None, enabled=self.dist.is_main
+        )
+
+    # ------------------------------------------------------------------------------------- loop
+
+    def fit(self) -> dict[str, float]:
+        """Train until ``cfg.max_steps``; returns the last training log record."""
+        cfg = self.cfg
+        show_bar = cfg.progress and self.dist.is_main and sys.stderr.isatty()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True,
+                   desc=self.run_dir.name)
+        window = _Window()
+        last_record: dict[str, float] = {}
+        t_start = t_last = time.perf_counter()
+        steps_since_log = 0
+        try:
+            while self.step < cfg.max_steps:
+                window.add(self._train_step())
+                self.step += 1
+                steps_since_log += 1
+                bar.update(1)
+                final = self.step == cfg.max_steps
+                if (cfg.log_every and self.step % cfg.log_every == 0) or final:
+                    now = time.perf_counter()
+                    last_record = {"kind": "train", "step": self.step, **window.means(),
+                                   "it_s": steps_since_log / max(now - t_last, 1e-9), "time": now - t_start}
+                    t_last, steps_since_log = now, 0
+                    self.logger.log(last_record)
+                    self._check_finite(last_record)
+                    if show_bar:
+                        bar.set_postfix_str(format_record(last_record).split(" | ", 1)[-1])
+                    elif cfg.progress and self.dist.is_main:
+                        print(format_record(last_record), flush=True)
+                if self.validate_fn is not None and ((cfg.val_every and self.step % cfg.val_every == 0) or final):
+                    self.validate()
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final:
+                    self.save()
+        finally:
+            bar.close()
+        return last_record
+
+    def _micro_batches(self) -> Iterator[tuple[Any, bool]]:
+        n = self.cfg.grad_accum_steps
+        for i in range(n):
+            yield move_to(self.task.next_batch(self.step * n + i), self.device), i == n - 1
+
+    def _train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the logged scalars."""
+        self._train_module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = self.cfg.grad_accum_steps
+        step_logs: dict[str, torch.Tensor] = {}
+        for batch, last in self._micro_batches():
+            # DDP synchronises gradients only on the last micro-batch of the step
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self._train_module.no_sync()
+            with sync, torch.enable_grad():
+                with self._autocast():
+                    loss, logs = self._train_module(batch)
+                self.scaler.scale(loss / n if n > 1 else loss).backward()
+            for k, v in logs.items():
+                step_logs[k] = step_logs[k] + v / n if k in step_logs else v / n
+        step_logs["lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.cfg.optim.grad_clip > 0:
+            step_logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip).detach()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return step_logs
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _check_finite(self, record: Mapping[str, Any]) -> None:
+        loss = record.get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.step} (see {self.run_dir / 'log.jsonl'})")
+
+    # ------------------------------------------------------------------------------------- validation
+
+    def validate(self) -> dict[str, float]:
+        """Run the validate hook (rank 0), log it, and keep ``best/`` by ``cfg.best_metric``."""
+        if self.validate_fn is None:
+            return {}
+        metrics: dict[str, float] = {}
+        if self.dist.is_main:
+            rng = capture_rng_state()  # validation must not shift the training random streams
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    metrics = flatten_metrics(self.validate_fn(self.model))
+            finally:
+                self.model.train(was_training)
+                restore_rng_state(rng)
+        metrics = D.broadcast_object(metrics)
+        self.last_val = metrics
+        self.logger.log({"kind": "val", "step": self.step, **metrics})
+        if self.cfg.best_metric:
+            self._update_best(metrics)
+        return metrics
+
+    def _update_best(self, metrics: Mapping[str, float]) -> None:
+        key = self.cfg.best_metric
+        if key not in metrics:
+            raise KeyError(f"best_metric {key!r} is not among the validation metrics {sorted(metrics)}")
+        value = metrics[key]
+        if not math.isfinite(value):
+            return
+        better = (
+            self.best is None
+            or (self.cfg.best_mode == "max" and value > self.best["value"])
+            or (self.cfg.best_mode == "min" and value < self.best["value"])
+        )
+        if not better:
+            return
+        self.best = {"metric": key, "value": value, "step": self.step}
+        if self.dist.is_main:
+            save_checkpoint(
+                self.run_dir / "best",
+                model_state=self.model.state_dict(),
+                loss_terms_state=self._loss_terms_state(),
+                meta={"kind": "best", "step": self.step, "best": self.best, "metrics": dict(metrics)},
+            )
+        D.barrier()
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def _loss_terms_state(self) -> dict[str, torch.Tensor]:
+        return {f"{t.name}.{k}": v for t in self.loss_terms for k, v in t.state_dict().items()}
+
+    def _load_loss_terms_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        for t in self.loss_terms:
+            prefix = f"{t.name}."
+            t.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def save(self) -> Path:
+        """Write ``RUN/latest`` (every rank must call it: the ranks' RNG and task states are gathered)."""
+        task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
+        rank_states = D.all_gather_object({"rng": capture_rng_state(), "task": task_state})
+        path = self.run_dir / "latest"
+        if self.dist.is_main:
+            save_checkpoint(
+                path,
+                model_state=self.model.state_dict(),
+                loss_terms_state=self._loss_terms_state(),
+                trainer_state={
+                    "step": self.step,
+                    "best": self.best,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "world_size": self.dist.world_size,
+                    "config": dataclasses.asdict(self.cfg),
+                    "rank_states": rank_states,
+                },
+                meta={"kind": "latest", "step": self.step, "best": self.best, "metrics": self.last_val},
+            )
+        D.barrier()
+        return path
+
+    def _resume(self) -> bool:
+        """Load ``RUN/latest`` if there is one; returns whether it did."""
+        path = self.run_dir / "latest"
+        if self.dist.is_main:
+            find_checkpoint(path)  # repairs a swap interrupted by a crash
+        D.barrier()
+        found = find_checkpoint(path, repair=False)
+        if found is None:
+            if self.dist.is_main:
+                warnings.warn(f"resume: no checkpoint in {self.run_dir}; starting from step 0", stacklevel=3)
+            return False
+        ckpt = load_checkpoint(found)
+        state = ckpt.trainer
+        if state is None:
+            raise FileNotFoundError(f"{found} has no trainer state (a weights-only checkpoint cannot be resumed)")
+        self.step = int(state["step"])
+        self._warn_if_trajectory_changed(state.get("config") or {})
+        self.model.load_state_dict(ckpt.model)
+        self._load_loss_terms_state(ckpt.loss_terms)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._apply_optim_config()
+        self.scaler.load_state_dict(state["scaler"])
+        self.best = state["best"]
+        self.last_val = dict(ckpt.meta.get("metrics") or {})
+        rank_states = state["rank_states"]
+        if len(rank_states) == self.dist.world_size:
+            mine = rank_states[self.dist.rank]
+            restore_rng_state(mine["rng"])
+        else:
+            warnings.warn(
+                f"resume: checkpoint was written by {len(rank_states)} processes, now {self.dist.world_size}; "
+                "random streams are re-seeded, so the run will not repeat exactly", stacklevel=3
+            )
+            mine = rank_states[0]
+            D.seed_everything(self.cfg.seed + self.step, self.dist.rank)
+        if mine["task"] is not None and hasattr(self.task, "load_state_dict"):
+            self.task.load_state_dict(mine["task"])
+        return True
+
+    def _make_scheduler(self, last_epoch: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+        o = self.cfg.optim
+        schedule = WarmupDecay(o.warmup_steps, self.cfg.max_steps, o.schedule, o.min_lr_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule, last_epoch=last_epoch)
+
+    def _apply_optim_config(self) -> None:
+        """After loading a checkpoint, the optimizer keeps its moments but its hyperparameters and the
+        learning-rate schedule come from the current config (unchanged config: the very same values)."""
+        o = self.cfg.optim
+        # the groups are the ones param_groups() made: decayed first, then not decayed
+        for group, weight_decay in zip(self.optimizer.param_groups, (o.weight_decay, 0.0)):
+            group.update(initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=weight_decay)
+        self.scheduler = self._make_scheduler(last_epoch=self.step - 1)
+
+    # settings that change what a resumed run computes (the rest, e.g. logging, may change freely)
+    _TRAJECTORY_KEYS = ("max_steps", "grad_accum_steps", "seed", "precision", "optim")
+
+    def _warn_if_trajectory_changed(self, saved: Mapping[str, Any]) -> None:
+        now = dataclasses.asdict(self.cfg)
+        changed = [k for k in self._TRAJECTORY_KEYS if k in saved and saved[k] != now[k]]
+        if changed and self.dist.is_main:
+            warnings.warn(
+                f"resume: {', '.join(changed)} differ from the checkpoint's config; the new values apply "
+                f"from step {self.step} on (the learning-rate schedule is recomputed from the new config)",
+                stacklevel=4,
+            )
+
+    def close(self) -> None:
+        self.logger.close()
+
