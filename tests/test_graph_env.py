@@ -152,3 +152,12 @@ def test_reverie_test_split_has_no_target(real_data_dir):
     eps = load_episodes("reverie", "test", real_data_dir)
     assert len(eps) == 6144 and eps[0].instr_id == "2021_0"
     assert eps[0].obj_id is None and len(eps[0].path) == 1 and eps[0].path_id == 2021
+
+
+def test_random_policy_uniform_stop(tiny):
+    env = NavBatchEnv(load_episodes("r2r", "train", tiny) * 200, Graphs(tiny), batch_size=200)
+    res = evaluate_policy(env, make_random_policy(0, stop_prob="uniform"))
+    first_moves = [len(r["trajectory"]) == 1 for r in res]  # at 'a' (1 neighbour): STOP w.p. 1/2
+    assert 0.4 < sum(first_moves) / len(first_moves) < 0.6
+    with pytest.raises(ValueError, match="uniform"):
+        make_random_policy(0, stop_prob="sometimes")

@@ -313,15 +313,27 @@ def expert_policy(env: NavBatchEnv, obs: list[Observation]) -> list:
     return env.expert_actions()
 
 
-def make_random_policy(seed: int = 0, stop_prob: float | None = None) -> Policy:
-    """A seeded random walker: a random neighbour each step; STOP with ``stop_prob`` per step
-    (default: never, so it walks until the step limit)."""
+def make_random_policy(seed: int = 0, stop_prob: float | str | None = None) -> Policy:
+    """A seeded random walker: a random neighbour each step, until the step limit.
+
+    ``stop_prob``: None never stops early; a float stops with that probability at each step;
+    ``"uniform"`` treats STOP as one more choice, so at a viewpoint with k neighbours it stops with
+    probability 1/(k+1).
+    """
     rng = random.Random(seed)
+    if isinstance(stop_prob, str) and stop_prob != "uniform":
+        raise ValueError(f"stop_prob must be a float, None or 'uniform', not {stop_prob!r}")
 
     def policy(env: NavBatchEnv, obs: list[Observation]) -> list:
         acts = []
         for o in obs:
-            if o.done or not o.candidates or (stop_prob is not None and rng.random() < stop_prob):
+            if o.done or not o.candidates:
+                acts.append(None)
+                continue
+            if stop_prob == "uniform":
+                choice = rng.randrange(len(o.candidates) + 1)
+                acts.append(None if choice == len(o.candidates) else o.candidates[choice].viewpoint)
+            elif stop_prob is not None and rng.random() < stop_prob:
                 acts.append(None)
             else:
                 acts.append(rng.choice(o.candidates).viewpoint)
