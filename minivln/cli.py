@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "minivln.data.toy_cli",
     "minivln.model.cli",
     "minivln.evaluation.cli",
+    "minivln.training.pretrain",
     "minivln.training.plot",
     "minivln.model.parity",
 ]

@@ -328,3 +328,14 @@ def test_sampler_resumes_and_shards():
 
 if __name__ == "__main__":
     _train(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)
+
+
+def test_log_window_averages_each_key_over_its_own_steps():
+    from minivln.training.trainer import _Window
+
+    w = _Window()
+    w.add({"loss": torch.tensor(1.0), "loss/mlm": torch.tensor(4.0)})
+    w.add({"loss": torch.tensor(3.0)})
+    w.add({"loss": torch.tensor(5.0), "loss/mlm": torch.tensor(2.0)})
+    assert w.means() == {"loss": 3.0, "loss/mlm": 3.0}
+    assert w.means() == {}

@@ -310,17 +310,21 @@ class _StepModule(nn.Module):
 
 
 class _Window:
-    """Running sums of logged scalars between two log records."""
+    """Running sums of logged scalars between two log records.
+
+    Each key is averaged over the steps that logged it (a task mixing several objectives logs each
+    objective's metrics only on its own steps).
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, logs: Mapping[str, torch.Tensor]) -> None:
         for k, v in logs.items():
             v = v.detach().float().reshape(())
             self.sums[k] = self.sums[k] + v.to(self.sums[k].device) if k in self.sums else v.clone()
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def means(self) -> dict[str, float]:
         """Averages over the window and over ranks (one all-reduce for all keys)."""
@@ -328,9 +332,10 @@ class _Window:
             return {}
         keys = sorted(self.sums)
         dev = next(iter(self.sums.values())).device
-        packed = torch.stack([self.sums[k].to(dev) for k in keys]) / max(1, self.count)
+        counts = torch.tensor([self.counts[k] for k in keys], dtype=torch.float32, device=dev)
+        packed = torch.stack([self.sums[k].to(dev) for k in keys]) / counts
         packed = D.all_reduce_mean(packed).cpu().tolist()
-        self.sums, self.count = {}, 0
+        self.sums, self.counts = {}, {}
         return dict(zip(keys, packed))
 
 

@@ -1,0 +1,393 @@
+"""DUET pretraining: MLM, SAP and MRC on ground-truth path prefixes (``minivln pretrain``).
+
+Each training iteration samples ONE task (seeded by the iteration index, mixing ratios in
+``mix``), draws a batch of episodes (a seeded permutation per epoch, so ``next_batch(index)`` is a
+pure function of the index and resume is exact), and builds the states with the true environment
+graph (:mod:`minivln.training.pretrain_data`):
+
+* **mlm**: the full path; 15 % of the instruction tokens masked (80/10/10, at least one); the text
+  is updated through the language branch of every cross-modal layer of both branches
+  (:class:`~minivln.model.pretrain_heads.DUETPretrainer`) and the MLM head (decoder tied to the
+  word embeddings) predicts the masked tokens; loss CE.
+* **sap**: with probability ``sap_stop_prob`` the full path (label STOP), else a prefix ending at a
+  random earlier path node (label = next path node); loss CE(global) + CE(local) + CE(fused).
+* **mrc**: the full path; 15 % of the current node's view tokens (at least one) get zero features;
+  the classifier on their local outputs predicts the stored class distribution; loss KL(target ||
+  prediction).  Needs features with class distributions (stand-in files have them).
+
+OG (REVERIE object grounding) is not implemented yet.  At the end the navigation weights are
+exported with :func:`~minivln.model.checkpoint.save_pretrained` to ``RUN/pretrained`` (fine-tuning
+starts from them with ``init: RUN/pretrained``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minivln.model.agent_inputs import masked_mean
+from minivln.model.pretrain_heads import DUETPretrainer
+from minivln.training.distributed import get_rank, get_world_size, shard
+from minivln.training.pretrain_data import PrefixDataset, collate_states, features_have_classes
+from minivln.training.trainer import TaskOutput, TrainConfig
+
+TASKS = ("mlm", "sap", "mrc")
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+@dataclass
+class TaskMix:
+    """Relative sampling ratios of the tasks (0 turns one off)."""
+
+    mlm: float = 1.0
+    sap: float = 1.0
+    mrc: float = 1.0
+
+
+@dataclass
+class PretrainConfig:
+    """``minivln pretrain`` config (YAML + ``key=value`` overrides)."""
+
+    model: str = "duet-cpu"  # preset name (minivln.model.registry)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # DUETConfig fields to replace
+    init: str = ""  # optional weights to start from (save_pretrained dir or DUET checkpoint)
+    task: str = "r2r"  # annotations: "r2r" or "reverie" (REVERIE: paths + SAP/MLM/MRC, no OG yet)
+    data_dir: str = ""  # "" = $MINIVLN_DATA (ignored with toy: true)
+    toy: bool = False  # use the toy world (built on first use in toy_dir)
+    toy_dir: str = "runs/toyworld"
+    toy_seed: int = 0
+    features: str = ""  # view feature HDF5; "" with toy: stand-in built at TOY_DIR/standin_views.h5;
+    #                     "synthetic": seeded random features (timing/tests only)
+    train_split: str = "train"
+    val_splits: list[str] = field(default_factory=lambda: ["val_seen", "val_unseen"])
+    val_batches: int = 4  # batches per split and task in each validation
+    max_instr_len: int = 80
+    batch_size: int = 8  # global batch (split over DDP ranks)
+    sap_stop_prob: float = 0.2
+    mix: TaskMix = field(default_factory=TaskMix)
+    export: str = ""  # where to save the navigation weights; "" = RUN/pretrained
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default (1 is fastest on a busy 2-core box)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------- model side
+
+
+def encode_states(duet: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Run 'language' and 'panorama' on a collated batch and build the 'navigation' batch dict."""
+    txt_embeds = duet("language", {"txt_ids": batch["txt_ids"], "txt_masks": batch["txt_masks"]})
+    pano_embeds, pano_masks = duet("panorama", batch["pano"])
+    n_flat, n_tok, hidden = pano_embeds.shape
+    sources = torch.cat([masked_mean(pano_embeds, pano_masks), pano_embeds.reshape(n_flat * n_tok, hidden)], 0)
+    gmap_img_embeds = batch["gmap_src_weights"].to(sources.dtype) @ sources  # (B, G, H)
+    cur = batch["current_index"]
+    cur_embeds, cur_masks = pano_embeds[cur], pano_masks[cur]
+    b = cur_embeds.size(0)
+    ones = torch.ones(b, 1, dtype=torch.bool, device=cur_embeds.device)
+    nav_types = batch["pano"]["nav_types"][cur]
+    return {
+        "txt_embeds": txt_embeds,
+        "txt_masks": batch["txt_masks"],
+        "gmap_img_embeds": gmap_img_embeds,
+        "gmap_step_ids": batch["gmap_step_ids"],
+        "gmap_pos_fts": batch["gmap_pos_fts"],
+        "gmap_masks": batch["gmap_masks"],
+        "gmap_pair_dists": batch["gmap_pair_dists"],
+        "gmap_visited_masks": batch["gmap_visited_masks"],
+        "gmap_vpids": batch["gmap_vpids"],
+        "vp_img_embeds": torch.cat([torch.zeros_like(cur_embeds[:, :1]), cur_embeds], 1),
+        "vp_pos_fts": batch["vp_pos_fts"],
+        "vp_masks": torch.cat([ones, cur_masks], 1),
+        "vp_nav_masks": torch.cat([ones, nav_types == 1], 1),
+        "vp_cand_vpids": batch["vp_cand_vpids"],
+    }
+
+
+def _acc(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == labels).float().mean()
+
+
+def sap_loss(outs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    gl, ll = batch["global_labels"], batch["local_labels"]
+    loss = (F.cross_entropy(outs["global_logits"], gl) + F.cross_entropy(outs["local_logits"], ll)
+            + F.cross_entropy(outs["fused_logits"], gl))
+    return loss, {"loss/sap": loss.detach(), "acc/sap_fused": _acc(outs["fused_logits"], gl),
+                  "acc/sap_global": _acc(outs["global_logits"], gl),
+                  "acc/sap_local": _acc(outs["local_logits"], ll)}
+
+
+def mlm_loss(model: DUETPretrainer, text: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    sel = labels != -100
+    logits = model.mlm_head(text[sel])
+    target = labels[sel]
+    loss = F.cross_entropy(logits, target)
+    return loss, {"loss/mlm": loss.detach(), "acc/mlm": _acc(logits, target)}
+
+
+def mrc_loss(model: DUETPretrainer, vp_embeds: torch.Tensor, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    rows, targets = batch["mrc_rows"], batch["mrc_targets"]
+    sel = rows >= 0
+    b_idx = torch.arange(rows.size(0), device=rows.device)[:, None].expand_as(rows)[sel]
+    emb = vp_embeds[b_idx, rows[sel] + 1]  # local row 0 is [stop]
+    logp = F.log_softmax(model.image_classifier(emb).float(), -1)
+    t = targets[sel].float()
+    loss = (t * (torch.log(t.clamp_min(1e-12)) - logp)).sum(-1).mean()
+    return loss, {"loss/mrc": loss.detach(), "acc/mrc": (logp.argmax(-1) == t.argmax(-1)).float().mean()}
+
+
+def compute_task(model: DUETPretrainer, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Loss and metrics of one batch of the task named ``batch['task']``."""
+    task = batch["task"]
+    nav = encode_states(model.duet, batch)
+    if task == "mlm":
+        outs, text = model.navigation_with_text(nav)
+        return mlm_loss(model, text, batch["mlm_labels"])
+    outs = model.duet("navigation", nav)
+    if task == "sap":
+        return sap_loss(outs, batch)
+    if task == "mrc":
+        return mrc_loss(model, outs["vp_embeds"], batch)
+    raise ValueError(f"unknown pretraining task {task!r}")
+
+
+# ----------------------------------------------------------------------------------- the task
+
+
+class PretrainTask:
+    """The Trainer task: ``next_batch(index)`` is a pure function of (seed, index)."""
+
+    def __init__(self, dataset: PrefixDataset, batch_size: int, mix: Mapping[str, float], seed: int = 0,
+                 sap_stop_prob: float = 0.2, rank: int | None = None, world_size: int | None = None) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.sap_stop_prob = sap_stop_prob
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+        self.tasks = [t for t in TASKS if mix.get(t, 0.0) > 0]
+        if not self.tasks:
+            raise ValueError("every task ratio is 0")
+        w = np.array([mix[t] for t in self.tasks], dtype=np.float64)
+        self.probs = w / w.sum()
+        if dataset.num_episodes < batch_size:
+            raise ValueError(f"{dataset.num_episodes} episodes cannot fill a batch of {batch_size}")
+        if batch_size % self.world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {self.world_size} ranks")
+
+    def task_of(self, index: int) -> str:
+        rng = np.random.default_rng([self.seed, index, 0])
+        return self.tasks[int(rng.choice(len(self.tasks), p=self.probs))]
+
+    def episodes_of(self, index: int) -> list[int]:
+        per_epoch = self.dataset.num_episodes // self.batch_size
+        epoch, k = divmod(index, per_epoch)
+        order = np.random.default_rng([self.seed, epoch, 1]).permutation(self.dataset.num_episodes)
+        return [int(e) for e in order[k * self.batch_size:(k + 1) * self.batch_size]]
+
+    def make_batch(self, task: str, episodes: Sequence[int], rng: np.random.Generator) -> dict[str, Any]:
+        states = []
+        for e in episodes:
+            n = len(self.dataset.episodes[e].path)
+            t = n - 1
+            if task == "sap" and n > 1 and rng.random() >= self.sap_stop_prob:
+                t = int(rng.integers(n - 1))
+            states.append(self.dataset.state(e, t))
+        batch = collate_states(states, mlm_rng=rng if task == "mlm" else None,
+                               mrc_rng=rng if task == "mrc" else None,
+                               angle_feat_size=self.dataset.angle_feat_size)
+        batch["task"] = task
+        return batch
+
+    def next_batch(self, index: int) -> dict[str, Any]:
+        task = self.task_of(index)
+        episodes = list(shard(self.episodes_of(index), self.rank, self.world_size))
+        rng = np.random.default_rng([self.seed, index, 2, self.rank])
+        return self.make_batch(task, episodes, rng)
+
+    def compute(self, model: torch.nn.Module, batch: Any, teacher: torch.nn.Module | None = None) -> TaskOutput:
+        loss, metrics = compute_task(model, batch)
+        return TaskOutput(loss=loss, metrics=metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # batches are a pure function of (seed, index)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+def make_validate(datasets: Mapping[str, PrefixDataset], tasks: Sequence[str], batch_size: int,
+                  n_batches: int, seed: int = 0, sap_stop_prob: float = 0.2):
+    """``validate(model) -> {split: {mlm_acc, sap_fused_acc, sap_global_acc, sap_local_acc,
+    mrc_acc, <task>_loss}}`` on fixed, seeded batches of each split (the same every time)."""
+    names = {"acc/mlm": "mlm_acc", "acc/sap_fused": "sap_fused_acc", "acc/sap_global": "sap_global_acc",
+             "acc/sap_local": "sap_local_acc", "acc/mrc": "mrc_acc"}
+
+    def validate(model: torch.nn.Module) -> dict[str, Any]:
+        device = next(model.parameters()).device
+        from minivln.training.trainer import move_to
+
+        results: dict[str, Any] = {}
+        for split, ds in datasets.items():
+            bs = min(batch_size, ds.num_episodes)
+            helper = PretrainTask(ds, bs, {t: 1.0 for t in tasks}, seed=seed, sap_stop_prob=sap_stop_prob,
+                                  rank=0, world_size=1)
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            for task in tasks:
+                for k in range(n_batches):
+                    rng = np.random.default_rng([seed, k, 3, TASKS.index(task)])
+                    batch = move_to(helper.make_batch(task, helper.episodes_of(k), rng), device)
+                    loss, metrics = compute_task(model, batch)
+                    for key, v in {**metrics, f"loss/{task}": loss}.items():
+                        key = names.get(key, key.replace("loss/", "") + "_loss")
+                        sums[key] = sums.get(key, 0.0) + float(v)
+                        counts[key] = counts.get(key, 0) + 1
+            results[split] = {k: sums[k] / counts[k] for k in sorted(sums)}
+        return results
+
+    return validate
+
+
+# ----------------------------------------------------------------------------------- building a run
+
+
+def resolve_data(cfg: PretrainConfig) -> tuple[Path, Any]:
+    """(data directory, feature store) of a config (builds the toy world / stand-in if needed)."""
+    from minivln.paths import resolve_data_dir
+    from minivln.training.pretrain_data import SyntheticFeatures
+
+    if cfg.toy:
+        from minivln.data.toyworld import ensure_toy_world
+
+        data_dir = ensure_toy_world(cfg.toy_dir, seed=cfg.toy_seed)
+    else:
+        data_dir = resolve_data_dir(cfg.data_dir or None)
+    if cfg.features == "synthetic":
+        from minivln.model.registry import get_config
+
+        dim = get_config(cfg.model, **cfg.model_overrides).image_feat_size
+        return data_dir, SyntheticFeatures(dim=dim, seed=cfg.toy_seed)
+    from minivln.features.hdf5 import FeatureStore
+
+    path = Path(cfg.features) if cfg.features else None
+    if path is None:
+        if not cfg.toy:
+            raise ValueError("features: give a view feature HDF5 file (or 'synthetic')")
+        path = Path(data_dir) / "standin_views.h5"
+        if not path.exists():
+            from minivln.features.standin import build_standin
+
+            print(f"building STAND-IN features (not from images) for the toy world at {path}", flush=True)
+            build_standin(data_dir, path, dtype="float16")
+    return data_dir, FeatureStore(path)
+
+
+def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_classes: bool
+                   ) -> tuple[PrefixDataset, dict[str, PrefixDataset]]:
+    from minivln.data.datasets import load_episodes
+    from minivln.data.graph import Graphs
+    from minivln.data.tokenizer import get_tokenizer
+
+    graphs = Graphs(data_dir)
+    tok = get_tokenizer()
+
+    def make(split: str) -> PrefixDataset:
+        eps = load_episodes(cfg.task, split, data_dir)
+        return PrefixDataset(eps, graphs, features, tok.encode, max_instr_len=cfg.max_instr_len,
+                             angle_feat_size=4, with_classes=with_classes)
+
+    return make(cfg.train_split), {s: make(s) for s in cfg.val_splits}
+
+
+def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretrainer:
+    from minivln.model.checkpoint import load_checkpoint
+    from minivln.model.registry import create_model
+
+    duet = create_model(cfg.model, **cfg.model_overrides)
+    if cfg.init:
+        load_checkpoint(duet, cfg.init)
+    return DUETPretrainer(duet, num_classes=num_classes)
+
+
+def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train, validate, export; returns {'train': last log record, 'val': last validation, 'export': path}."""
+    from minivln.model.checkpoint import save_pretrained
+    from minivln.training.distributed import seed_everything
+    from minivln.training.trainer import Trainer
+
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    data_dir, features = resolve_data(cfg)
+    mix = {t: float(getattr(cfg.mix, t)) for t in TASKS}
+    has_classes = features_have_classes(features)
+    if mix["mrc"] > 0 and not has_classes:
+        print(f"MRC skipped: {getattr(features, 'path', features)} stores no class distributions", flush=True)
+        mix["mrc"] = 0.0
+    num_classes = 1000
+    if has_classes:
+        ds0 = None
+        try:
+            from minivln.data.datasets import load_episodes
+
+            ds0 = load_episodes(cfg.task, cfg.train_split, data_dir)[0]
+            num_classes = int(np.asarray(features.classes(ds0.scan, ds0.path[0])).shape[1])
+        except Exception:  # noqa: BLE001 - keep the default
+            pass
+    train_ds, val_ds = build_datasets(cfg, data_dir, features, with_classes=mix["mrc"] > 0)
+    seed_everything(cfg.train.seed)
+    model = build_pretrainer(cfg, num_classes=num_classes)
+    task = PretrainTask(train_ds, cfg.batch_size, mix, seed=cfg.train.seed, sap_stop_prob=cfg.sap_stop_prob)
+    active = [t for t in TASKS if mix[t] > 0]
+    validate = make_validate(val_ds, active, cfg.batch_size, cfg.val_batches, seed=cfg.train.seed,
+                             sap_stop_prob=cfg.sap_stop_prob) if val_ds and cfg.val_batches > 0 else None
+    trainer = Trainer(model, task, cfg.train, validate=validate, run_config=cfg)
+    try:
+        record = trainer.fit()
+    finally:
+        trainer.close()
+    export = Path(cfg.export) if cfg.export else Path(cfg.train.run_dir) / "pretrained"
+    if trainer.dist.is_main:
+        save_pretrained(model.duet, export, metadata={"source": "minivln pretrain"})
+        print(f"exported navigation weights to {export} (fine-tune with init: {export})", flush=True)
+    return {"train": record, "val": trainer.last_val, "export": str(export)}
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain DUET (MLM, SAP, MRC) on ground-truth path prefixes")
+    p.add_argument("--config", default=None, help="YAML config (e.g. configs/toy-pretrain-teacher.yaml)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, exported weights)")
+    p.add_argument("--resume", action="store_true", help="continue RUN/latest")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 mix.mrc=0")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from minivln.config import ConfigError, load_config
+
+    overrides = list(args.overrides) + [f"train.run_dir={args.out}"]
+    if args.resume:
+        overrides.append("train.resume=true")
+    try:
+        cfg = load_config(PretrainConfig, args.config, overrides)
+    except ConfigError as exc:
+        print(f"minivln pretrain: {exc}", file=sys.stderr)
+        return 2
+    out = run_pretraining(cfg)
+    val = out["val"]
+    if val:
+        print("validation: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(val.items())
+                                         if isinstance(v, float) and math.isfinite(v)))
+    return 0

@@ -1,0 +1,219 @@
+"""Pretraining: prefix states on the true graph, masking, losses, tied MLM decoder, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from minivln.data.datasets import load_episodes
+from minivln.data.graph import Graphs
+from minivln.data.tokenizer import CLS_ID, MASK_ID, SEP_ID
+from minivln.model.checkpoint import load_checkpoint, load_pretrained, save_pretrained
+from minivln.model.config import DUETConfig
+from minivln.model.duet import DUET
+from minivln.model.pretrain_heads import DUETPretrainer
+from minivln.training.pretrain import (
+    PretrainConfig,
+    PretrainTask,
+    compute_task,
+    run_pretraining,
+)
+from minivln.training.pretrain_data import (
+    MLM_RANDOM_HIGH,
+    MLM_RANDOM_LOW,
+    PrefixDataset,
+    SyntheticFeatures,
+    collate_states,
+    mask_tokens,
+)
+from tinyworld import write_tiny_data
+
+TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_l_layers=1,
+            num_pano_layers=1, num_x_layers=2, image_feat_size=16, hidden_dropout=0.0,
+            attention_dropout=0.0, feat_dropout=0.0)
+
+
+def _tokenize(text: str) -> list[int]:  # no vocabulary needed: [CLS] word ids [SEP]
+    return [CLS_ID] + [2000 + (sum(map(ord, w)) % 500) for w in text.split()] + [SEP_ID]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = write_tiny_data(tmp_path_factory.mktemp("tiny"))
+    eps = load_episodes("r2r", "train", root)
+    ds = PrefixDataset(eps, Graphs(root), SyntheticFeatures(dim=16, num_classes=10), _tokenize,
+                       with_classes=True)
+    return root, ds
+
+
+def _pretrainer(seed: int = 0) -> DUETPretrainer:
+    torch.manual_seed(seed)
+    return DUETPretrainer(DUET(DUETConfig(**TINY)), num_classes=10)
+
+
+def test_prefix_states_true_graph(tiny):
+    _, ds = tiny
+    assert len(ds) == 2 * 4  # two instructions, path a-b-c-d: four prefixes each
+    s0, s1, s3 = ds[0], ds[1], ds[3]
+    # t=0 at a: ghost b; label = next GT node b
+    assert s0.gmap_vpids == [None, "a", "b"] and s0.next_vp == "b"
+    assert s0.gmap_vpids[s0.global_label] == "b"
+    assert [None] + [c.viewpoint for c in s0.obs[-1].candidates] == [None, "b"] and s0.local_label == 1
+    # t=1 at b: every neighbour of a visited node is a ghost (c and e), in first-sighting order
+    assert s1.gmap_vpids == [None, "a", "b", "c", "e"]
+    assert s1.gmap_visited == [False, True, True, False, False]
+    assert s1.gmap_step_ids == [0, 1, 2, 0, 0]
+    assert s1.gmap_vpids[s1.global_label] == "c"
+    # true shortest distances (metres) and hop counts
+    i_a, i_c, i_e = 1, 3, 4
+    assert s1.gmap_pair_dists[i_a, i_c] == pytest.approx(4.0)
+    assert s1.gmap_pair_dists[i_c, i_e] == pytest.approx(4.0)
+    assert s1.gmap_pos_fts[i_c, 5] == pytest.approx(2.0 / 30)  # path distance from b
+    assert s1.gmap_pos_fts[i_c, 6] == pytest.approx(1 / 10)  # hops
+    assert s1.gmap_pos_fts[2, 4:].tolist() == pytest.approx([0.0, 0.0, 0.0], abs=1e-8)  # current node
+    # end of the path: STOP
+    assert s3.next_vp is None and s3.global_label == 0 and s3.local_label == 0
+    assert s3.gmap_vpids == [None, "a", "b", "c", "d", "e"]
+
+
+def test_mlm_masking_statistics():
+    rng = np.random.default_rng(0)
+    ids = [CLS_ID] + list(range(3000, 3100)) + [SEP_ID]
+    chosen = masked = rand = kept = 0
+    for _ in range(300):
+        out, lab = mask_tokens(ids, rng)
+        assert lab[0] == -100 and lab[-1] == -100  # [CLS]/[SEP] never chosen
+        for o, x, la in zip(out, ids, lab):
+            if la == -100:
+                assert o == x
+                continue
+            chosen += 1
+            assert la == x
+            if o == MASK_ID:
+                masked += 1
+            elif o == x:
+                kept += 1
+            else:
+                rand += 1
+                assert MLM_RANDOM_LOW <= o <= MLM_RANDOM_HIGH
+    assert chosen / (300 * 100) == pytest.approx(0.15, abs=0.01)
+    assert masked / chosen == pytest.approx(0.8, abs=0.03)
+    assert rand / chosen == pytest.approx(0.1, abs=0.03) and kept / chosen == pytest.approx(0.1, abs=0.03)
+    for seed in range(50):  # at least one token, even in short instructions
+        _, lab = mask_tokens([CLS_ID, 2001, SEP_ID], np.random.default_rng(seed))
+        assert sum(la != -100 for la in lab) >= 1
+
+
+def test_mrc_masking(tiny):
+    _, ds = tiny
+    states = [ds.state(0, 3), ds.state(1, 3)]
+    batch = collate_states(states, mrc_rng=np.random.default_rng(0))
+    fts = batch["pano"]["view_img_fts"]
+    for i, s in enumerate(states):
+        cur = batch["node_index"][i][-1]
+        rows = [r for r in batch["mrc_rows"][i].tolist() if r >= 0]
+        assert len(rows) >= 1
+        assert torch.all(fts[cur, rows] == 0)
+        n_tok = int(batch["pano"]["view_lens"][cur])
+        others = [r for r in range(n_tok) if r not in rows]
+        assert torch.all(fts[cur, others].abs().sum(1) > 0)
+        expect = s.view_classes[[s.token_views[r] for r in rows]]
+        assert torch.allclose(batch["mrc_targets"][i, : len(rows)], torch.from_numpy(expect))
+        # the other visited nodes keep their features
+        assert torch.all(fts[batch["node_index"][i][0], :36].abs().sum(1) > 0)
+
+
+def test_batches_deterministic_and_all_tasks_run(tiny):
+    _, ds = tiny
+    task = PretrainTask(ds, 2, {"mlm": 1, "sap": 1, "mrc": 1}, seed=3, rank=0, world_size=1)
+    a, b = task.next_batch(5), task.next_batch(5)
+    assert a["task"] == b["task"]
+    assert torch.equal(a["txt_ids"], b["txt_ids"]) and torch.equal(a["global_labels"], b["global_labels"])
+    assert {task.task_of(i) for i in range(30)} == {"mlm", "sap", "mrc"}
+    model = _pretrainer()
+    for name in ("mlm", "sap", "mrc"):
+        loss, metrics = compute_task(model, task.make_batch(name, [0, 1], np.random.default_rng(0)))
+        assert torch.isfinite(loss)
+        loss.backward()
+
+
+def test_sap_loss_decreases(tiny):
+    _, ds = tiny
+    model = _pretrainer()
+    task = PretrainTask(ds, 2, {"sap": 1}, rank=0, world_size=1)
+    batch = collate_states([ds.state(0, 0), ds.state(1, 1)])
+    batch["task"] = "sap"
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        out = task.compute(model, batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    assert losses[-1] < 0.7 * losses[0] and min(losses[5:]) < min(losses[:3])
+
+
+def test_mlm_head_tied_and_lang_branch_reuses_cross_attention(tiny):
+    _, ds = tiny
+    model = _pretrainer()
+    word = model.duet.embeddings.word_embeddings.weight
+    assert model.mlm_head.decoder.weight is word
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("mlm_head.decoder.weight" in n for n in names)  # shared, listed once (as duet's)
+    assert not any(n.startswith(("global_lang", "local_lang")) and "visual_attention" in n for n in names)
+    task = PretrainTask(ds, 2, {"mlm": 1}, rank=0, world_size=1)
+    loss, _ = compute_task(model, task.make_batch("mlm", [0, 1], np.random.default_rng(1)))
+    loss.backward()
+    cross = model.duet.global_encoder.encoder.x_layers[-1].visual_attention.att.query.weight
+    assert cross.grad is not None and cross.grad.abs().sum() > 0  # text -> visual reuses it
+    assert model.global_lang.layers[-1].lang_self_att.self.query.weight.grad.abs().sum() > 0
+    assert word.grad is not None and word.grad.abs().sum() > 0
+
+
+def test_export_loads_into_navigation_model(tiny, tmp_path):
+    _, ds = tiny
+    model = _pretrainer()
+    out = save_pretrained(model.duet, tmp_path / "pretrained")
+    nav = load_pretrained(out)
+    for k, v in model.duet.state_dict().items():
+        assert torch.equal(nav.state_dict()[k], v)
+    fresh = DUET(DUETConfig(**TINY))
+    assert load_checkpoint(fresh, out) in ("plain", "pretrain", "finetune")
+
+
+def test_run_pretraining_end_to_end(tiny, tmp_path):
+    root, _ = tiny
+    cfg = PretrainConfig(
+        model="minivln-cpu", model_overrides={k: v for k, v in TINY.items()}, data_dir=str(root),
+        features="synthetic", batch_size=2, val_batches=1, max_instr_len=20,
+    )
+    cfg.train.run_dir = str(tmp_path / "run")
+    cfg.train.max_steps = 3
+    cfg.train.log_every = 1
+    cfg.train.progress = False
+    out = run_pretraining(cfg)
+    assert {"val_unseen.sap_fused_acc", "val_seen.mlm_acc", "val_seen.mrc_acc"} <= set(out["val"])
+    nav = load_pretrained(out["export"])
+    assert nav.config.hidden_size == 32
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_resume_is_exact(tiny, tmp_path):
+    root, _ = tiny
+
+    def cfg_for(run: str, steps: int, resume: bool = False) -> PretrainConfig:
+        cfg = PretrainConfig(model="minivln-cpu", model_overrides=dict(TINY), data_dir=str(root),
+                             features="synthetic", batch_size=2, val_batches=0, max_instr_len=20)
+        cfg.train.run_dir = str(tmp_path / run)
+        cfg.train.max_steps, cfg.train.resume, cfg.train.progress = steps, resume, False
+        cfg.train.optim.schedule = "constant"  # so that a 2-step run is the first half of a 4-step one
+        return cfg
+
+    straight = run_pretraining(cfg_for("a", 4))
+    run_pretraining(cfg_for("b", 2))
+    with pytest.warns(UserWarning, match="max_steps"):
+        resumed = run_pretraining(cfg_for("b", 4, resume=True))
+    a, b = load_pretrained(straight["export"]).state_dict(), load_pretrained(resumed["export"]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
