@@ -15,11 +15,15 @@ from minivln.paths import DataError
 
 # Modules that define commands, in the order they appear in ``minivln --help``.
 COMMAND_MODULES = [
+    "minivln.demo",
     "minivln.data.cli",
     "minivln.data.toy_cli",
+    "minivln.features.cli",
     "minivln.model.cli",
     "minivln.evaluation.cli",
     "minivln.training.pretrain",
+    "minivln.training.finetune",
+    "minivln.training.navigate",
     "minivln.training.plot",
     "minivln.model.parity",
 ]

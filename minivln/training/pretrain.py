@@ -60,6 +60,7 @@ class PretrainConfig:
 
     model: str = "duet-cpu"  # preset name (minivln.model.registry)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # DUETConfig fields to replace
+    text_init: str = ""  # "minilm": text encoder from the offline all-MiniLM-L6-v2 BERT (hidden 384 only)
     init: str = ""  # optional weights to start from (save_pretrained dir or DUET checkpoint)
     task: str = "r2r"  # annotations: "r2r" or "reverie" (REVERIE: paths + SAP/MLM/MRC, no OG yet)
     data_dir: str = ""  # "" = $MINIVLN_DATA (ignored with toy: true)
@@ -314,6 +315,10 @@ def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretra
     from minivln.model.registry import create_model
 
     duet = create_model(cfg.model, **cfg.model_overrides)
+    if cfg.text_init:
+        from minivln.model.text_init import init_text
+
+        init_text(duet, cfg.text_init)
     if cfg.init:
         load_checkpoint(duet, cfg.init)
     return DUETPretrainer(duet, num_classes=num_classes)

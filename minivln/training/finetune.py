@@ -1,0 +1,347 @@
+"""Fine-tuning a DUET navigation agent on R2R with DAgger (``DUET_INTERFACE.md`` §7).
+
+One iteration = a teacher-forced rollout (loss x ``ml_weight``) on one batch, then a sampled rollout
+with labels from the 'spl' expert (loss x 1) on the next batch, both through the shared
+:class:`~minivln.training.trainer.Trainer` (AdamW, clipping, checkpoints, resume, logs).
+Validation runs arg-max rollouts on every ``val_splits`` split, writes the leaderboard submission
+``RUN/submissions/<split>_step<N>.json``, scores it with the :class:`Evaluator` (keys such as
+``val_unseen.sr``, ``val_unseen.spl``) and keeps ``RUN/best`` by ``train.best_metric``
+(``val_unseen.spl``).  At the end the best weights are exported to ``RUN/model`` (``save_pretrained``)
+and ``RUN/metrics.json`` holds the best checkpoint's val_unseen metrics (names of ``minivln eval``),
+a seeded random agent's (``"random"``) and whether the features are stand-in.
+
+``data_dir: toy`` builds the toy world under ``RUN/toy_data`` and its stand-in features at
+``RUN/toy_features.h5`` (unless ``features`` names a file); fine-tuning then starts from scratch.
+
+Command line::
+
+    minivln finetune --config configs/toy-teacher.yaml --out RUN [--resume] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minivln.config import ConfigError, load_config
+from minivln.paths import atomic_write_text
+from minivln.training.trainer import OptimConfig, TaskOutput, TrainConfig
+
+RANDOM_STOP_PROB = 1.0 / 6.0
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(
+        run_dir="runs/finetune", max_steps=200_000, log_every=100, val_every=2000, ckpt_every=2000,
+        best_metric="val_unseen.spl", best_mode="max",
+        optim=OptimConfig(lr=1e-5, weight_decay=0.01, schedule="constant", grad_clip=40.0),
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run.  Defaults are DUET's R2R script (batch 8, lr 1e-5, 200k iterations)."""
+
+    model: str = "duet-r2r"  # registry preset (minivln.model.registry)
+    model_overrides: dict = field(default_factory=dict)  # DUETConfig fields replaced in the preset
+    init_checkpoint: str = ""  # pre-trained / fine-tuned weights to start from ("" = from scratch)
+    text_init: str = ""  # "minilm": text encoder from the offline all-MiniLM-L6-v2 BERT (hidden 384 only)
+    task: str = "r2r"
+    data_dir: str = ""  # "" = $MINIVLN_DATA; "toy" = a toy world built under RUN/toy_data
+    toy_seed: int = 0
+    features: str = ""  # view features (HDF5); "" with data_dir=toy: RUN/toy_features.h5, built if missing
+    train_split: str = "train"
+    val_splits: list[str] = field(default_factory=lambda: ["val_seen", "val_unseen"])
+    val_max_episodes: int = 0  # validate on the first N episodes of each split (0 = all)
+    batch_size: int = 8
+    val_batch_size: int = 16
+    ml_weight: float = 0.2
+    max_action_len: int = 15
+    max_instr_len: int = 200
+    feat_dropout: float = 0.4
+    expert: str = "spl"
+    num_threads: int = 0  # torch CPU threads (0 = torch's default); 1 is fastest on a busy small CPU
+    random_seed: int = 0  # the random baseline of metrics.json
+    random_stop_prob: float = RANDOM_STOP_PROB
+    train: TrainConfig = field(default_factory=_default_train)
+
+    def check(self) -> None:
+        if self.task != "r2r":
+            raise ConfigError(f"task: only r2r fine-tuning is implemented, got {self.task!r}")
+        if self.expert != "spl":
+            raise ConfigError(f"expert: only 'spl' is implemented, got {self.expert!r}")
+        if self.batch_size < 1 or self.val_batch_size < 1 or self.max_action_len < 1 or self.max_instr_len < 3:
+            raise ConfigError("batch_size, val_batch_size, max_action_len must be >= 1, max_instr_len >= 3")
+        if self.train.best_metric and not self.train.best_metric.split(".")[0] in self.val_splits:
+            raise ConfigError(f"train.best_metric {self.train.best_metric!r} names a split not in val_splits")
+        self.train.check()
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Resources:
+    data_dir: Path
+    features: Any  # FeatureStore
+    graphs: Any
+
+
+def prepare_data(cfg: FinetuneConfig, run_dir: Path, image_feat_size: int = 768) -> Resources:
+    """Resolve the data directory and feature file (building the toy world / its features)."""
+    from minivln.data.graph import Graphs
+    from minivln.features.hdf5 import FeatureStore
+    from minivln.paths import resolve_data_dir
+
+    if cfg.data_dir == "toy":
+        from minivln.data.toyworld import ensure_toy_world
+
+        data_dir = ensure_toy_world(run_dir / "toy_data", cfg.toy_seed)
+        feats = Path(cfg.features) if cfg.features else run_dir / "toy_features.h5"
+        if not feats.exists():
+            from minivln.features.standin import StandinConfig, build_standin
+
+            print(f"building stand-in features for the toy world -> {feats}", flush=True)
+            build_standin(data_dir, feats, cfg=StandinConfig(dim=image_feat_size))
+    else:
+        data_dir = resolve_data_dir(cfg.data_dir or None)
+        if not cfg.features:
+            raise ConfigError("features: a view feature file is required (or use data_dir=toy)")
+        feats = Path(cfg.features)
+    store = FeatureStore(feats, expected_dim=image_feat_size)
+    return Resources(Path(data_dir), store, Graphs(data_dir))
+
+
+def make_env(cfg: FinetuneConfig, res: Resources, split: str, *, batch_size: int, shuffle: bool,
+             seed: int = 0, max_episodes: int = 0):
+    from minivln.data.datasets import load_episodes
+    from minivln.env.env import NavBatchEnv
+
+    episodes = load_episodes(cfg.task, split, res.data_dir)
+    if max_episodes:
+        episodes = episodes[:max_episodes]
+    return NavBatchEnv(episodes, res.graphs, batch_size=batch_size, features=res.features,
+                       max_steps=cfg.max_action_len, shuffle=shuffle, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------ task
+
+
+class FinetuneTask:
+    """The Trainer's :class:`~minivln.training.trainer.Task` for DAgger fine-tuning.
+
+    ``next_batch`` draws two batches from the (shuffled) training environment: one for the
+    teacher-forced rollout, one for the sampled rollout (the reference resets the environment, hence
+    draws a new batch, for each).  ``compute`` returns the loss ``ml_weight * L_teacher + L_sample``
+    and, in ``outputs``, the per-step records of both rollouts (``teacher_steps``, ``sample_steps``:
+    lists of :class:`~minivln.training.agent.StepRecord` with the fused logits) for distillation.
+    Single-process only (under DDP every rank would draw the same batches).
+    """
+
+    def __init__(self, agent, env, ml_weight: float = 0.2) -> None:
+        self.agent = agent
+        self.env = env
+        self.ml_weight = ml_weight
+
+    def next_batch(self, index: int) -> dict[str, list]:
+        return {"teacher": self.env.next_batch(), "sample": self.env.next_batch()}
+
+    def compute(self, model, batch, teacher=None) -> TaskOutput:
+        self.agent.model = model
+        metrics: dict[str, float] = {}
+        loss = torch.zeros((), device=next(model.parameters()).device)
+        outputs: dict[str, Any] = {}
+        if self.ml_weight:
+            ml = self.agent.rollout(self.env, batch["teacher"], "teacher")
+            loss = loss + self.ml_weight * ml.loss
+            metrics.update({"loss/teacher": ml.loss.detach(), "acc/teacher": ml.metrics["acc"]})
+            outputs["teacher_steps"] = ml.steps
+        sm = self.agent.rollout(self.env, batch["sample"], "sample")
+        loss = loss + sm.loss
+        metrics.update({"loss/sample": sm.loss.detach(), "acc/sample": sm.metrics["acc"],
+                        "steps/sample": sm.metrics["steps"]})
+        outputs["sample_steps"] = sm.steps
+        return TaskOutput(loss=loss, metrics=metrics, outputs=outputs)
+
+    def state_dict(self) -> dict:
+        return {"env": self.env.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.env.load_state_dict(state["env"])
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def run_agent(agent, env, progress: bool = False) -> list[dict]:
+    """Arg-max rollouts over every episode of ``env`` once; leaderboard entries in episode order."""
+    from tqdm import tqdm
+
+    results: list[dict] = []
+    batches = list(env.iter_batches())
+    with torch.no_grad():
+        for episodes in tqdm(batches, disable=not progress, desc="episodes", unit="batch"):
+            results.extend(agent.rollout(env, episodes, "argmax").results)
+    return results
+
+
+def random_baseline(cfg: FinetuneConfig, res: Resources, split: str = "val_unseen") -> dict[str, float]:
+    """A seeded random walker's metrics: a uniformly random neighbour each step, STOP with probability
+    ``random_stop_prob`` (1/6: 5 moves expected) before each move, at most ``max_action_len`` moves."""
+    from minivln.env.env import evaluate_policy, make_random_policy
+    from minivln.evaluation.evaluator import Evaluator
+
+    env = make_env(cfg, res, split, batch_size=64, shuffle=False)
+    preds = evaluate_policy(env, make_random_policy(cfg.random_seed, cfg.random_stop_prob))
+    summary, _ = Evaluator(cfg.task, split, res.data_dir).score(preds)
+    return summary
+
+
+class Validator:
+    """The Trainer's validate hook: arg-max rollouts, submissions, Evaluator metrics per split."""
+
+    def __init__(self, cfg: FinetuneConfig, res: Resources, agent, run_dir: Path) -> None:
+        from minivln.evaluation.evaluator import Evaluator
+
+        self.cfg, self.agent, self.run_dir = cfg, agent, run_dir
+        self.envs = {s: make_env(cfg, res, s, batch_size=cfg.val_batch_size, shuffle=False,
+                                 max_episodes=cfg.val_max_episodes) for s in cfg.val_splits}
+        self.evaluators = {s: Evaluator(cfg.task, s, res.data_dir) for s in cfg.val_splits}
+        self.trainer = None  # set after the Trainer is built (for the step number)
+
+    def __call__(self, model) -> dict[str, dict[str, float]]:
+        from minivln.env.env import write_submission
+
+        self.agent.model = model
+        step = self.trainer.step if self.trainer is not None else 0
+        out: dict[str, dict[str, float]] = {}
+        for split, env in self.envs.items():
+            preds = run_agent(self.agent, env)
+            write_submission(self.run_dir / "submissions" / f"{split}_step{step}.json", preds)
+            summary, _ = self.evaluators[split].score(preds)
+            out[split] = summary
+        atomic_write_text(self.run_dir / "val" / f"step{step}.json", json.dumps(out, indent=1) + "\n")
+        return out
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def build_model(cfg: FinetuneConfig):
+    from minivln.model.registry import create_model
+
+    overrides = dict(cfg.model_overrides)
+    overrides["feat_dropout"] = cfg.feat_dropout
+    model = create_model(cfg.model, **overrides)
+    if cfg.text_init:
+        from minivln.model.text_init import init_text
+
+        init_text(model, cfg.text_init)
+    if cfg.init_checkpoint:
+        from minivln.model.checkpoint import load_checkpoint
+
+        load_checkpoint(model, cfg.init_checkpoint)
+    return model
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run (or resume) a fine-tuning run; returns the content of ``RUN/metrics.json``."""
+    from minivln.model.checkpoint import save_pretrained
+    from minivln.training.checkpoint import find_checkpoint, load_checkpoint
+    from minivln.training.distributed import seed_everything
+    from minivln.training.agent import DUETAgent
+    from minivln.training.trainer import Trainer
+
+    cfg.check()
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg)
+    res = prepare_data(cfg, run_dir, model.config.image_feat_size)
+    agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
+                      expert=cfg.expert, features=res.features)
+    train_env = make_env(cfg, res, cfg.train_split, batch_size=cfg.batch_size, shuffle=True,
+                         seed=cfg.train.seed)
+    task = FinetuneTask(agent, train_env, cfg.ml_weight)
+    validator = Validator(cfg, res, agent, run_dir)
+    trainer = Trainer(model, task, cfg.train, validate=validator, run_config=cfg)
+    validator.trainer = trainer
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+
+    # export the best (else the last) weights, and write metrics.json
+    best = trainer.best
+    src = find_checkpoint(run_dir / "best", repair=False) if best else None
+    src = src or find_checkpoint(run_dir / "latest", repair=False)
+    ckpt = load_checkpoint(src, with_trainer=False)
+    model.load_state_dict(ckpt.model)
+    best_step = int(ckpt.step)
+    save_pretrained(model, run_dir / "model", metadata={"step": str(best_step)})
+    val_file = run_dir / "val" / f"step{best_step}.json"
+    val = json.loads(val_file.read_text()) if val_file.exists() else {}
+    metrics: dict[str, Any] = dict(val.get("val_unseen", {}))
+    if "val_unseen" in load_split_names(cfg, res):
+        metrics["random"] = random_baseline(cfg, res, "val_unseen")
+    metrics.update({
+        "features": "stand-in" if res.features.is_standin else "real",
+        "split": "val_unseen",
+        "best_metric": cfg.train.best_metric,
+        "best_step": best_step,
+        "model": cfg.model,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "random_agent": f"uniform random neighbour, STOP with p={cfg.random_stop_prob:.4g} before each move, "
+                        f"at most {cfg.max_action_len} moves, seed {cfg.random_seed}",
+        "wall_s": round(time.perf_counter() - t0, 1),
+    })
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def load_split_names(cfg: FinetuneConfig, res: Resources) -> list[str]:
+    from minivln.data.datasets import split_file
+
+    out = []
+    for s in ("val_seen", "val_unseen"):
+        try:
+            split_file(res.data_dir, cfg.task, s)
+            out.append(s)
+        except Exception:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a DUET agent on R2R (DAgger, DUET's recipe)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="YAML config (e.g. configs/toy-teacher.yaml)")
+    p.add_argument("--out", required=True, help="run directory (train.run_dir)")
+    p.add_argument("--resume", action="store_true", help="continue RUN/latest")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=10")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + [f"train.run_dir={args.out}"]
+    if args.resume:
+        overrides.append("train.resume=true")
+    cfg = load_config(FinetuneConfig, args.config, overrides)
+    metrics = finetune(cfg)
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    print(json.dumps({"val_unseen": {k: shown[k] for k in ("sr", "spl") if k in shown},
+                      "random": {k: metrics.get("random", {}).get(k) for k in ("sr", "spl")}}))
+    print(f"metrics: {Path(cfg.train.run_dir) / 'metrics.json'}")
+    return 0

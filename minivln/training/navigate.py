@@ -1,0 +1,121 @@
+"""Run a trained agent (arg-max) on one split: ``minivln navigate``.
+
+    minivln navigate --checkpoint RUN/model --task r2r --split val_unseen \\
+        [--data-dir D] [--features F.h5] --out DIR
+
+``--checkpoint`` is a ``save_pretrained`` directory (``RUN/model`` of ``minivln finetune``), a
+fine-tuning run directory (its ``model/`` is used; its data directory and features are the defaults
+of ``--data-dir``/``--features``), or any checkpoint :func:`~minivln.model.checkpoint.load_duet`
+reads.  Writes ``DIR/submission_<split>.json`` (leaderboard format) and, when the split has goals,
+``DIR/metrics_<split>.json`` (the metrics of ``minivln eval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minivln.paths import DataError, atomic_write_text
+
+
+def load_agent_model(checkpoint: str | Path):
+    """The DUET network of a checkpoint (see the module docstring), in eval mode."""
+    from minivln.model.checkpoint import CONFIG_NAME, load_duet, load_pretrained
+
+    path = Path(checkpoint)
+    if (path / "model" / CONFIG_NAME).exists():
+        path = path / "model"
+    model = load_pretrained(path) if (path / CONFIG_NAME).exists() else load_duet(path)
+    return model.eval()
+
+
+def _run_defaults(checkpoint: Path) -> dict[str, Any]:
+    """data_dir / features / lengths recorded in a fine-tuning run's config.yaml, if any."""
+    import yaml
+
+    run = checkpoint.parent if checkpoint.name == "model" else checkpoint
+    cfg_file = run / "config.yaml"
+    if not cfg_file.exists():
+        return {}
+    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    out: dict[str, Any] = {k: cfg[k] for k in ("max_action_len", "max_instr_len") if k in cfg}
+    if cfg.get("data_dir") == "toy":
+        out["data_dir"] = str(run / "toy_data")
+        out["features"] = cfg.get("features") or str(run / "toy_features.h5")
+    else:
+        if cfg.get("data_dir"):
+            out["data_dir"] = cfg["data_dir"]
+        if cfg.get("features"):
+            out["features"] = cfg["features"]
+    return out
+
+
+def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, data_dir: str | None = None,
+             features: str | None = None, batch_size: int = 16, max_action_len: int | None = None,
+             max_instr_len: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Run the agent over ``split``; returns ``{"submission": path, "metrics": summary or None}``."""
+    from minivln.data.datasets import load_episodes
+    from minivln.data.graph import Graphs
+    from minivln.env.env import NavBatchEnv, write_submission
+    from minivln.evaluation.evaluator import Evaluator
+    from minivln.features.hdf5 import FeatureStore
+    from minivln.paths import resolve_data_dir
+    from minivln.training.agent import DUETAgent
+    from minivln.training.finetune import run_agent
+
+    if task != "r2r":
+        raise DataError(f"navigate: only the r2r agent is implemented, got task {task!r}")
+    defaults = _run_defaults(Path(checkpoint))
+    data_dir = data_dir or defaults.get("data_dir")
+    features = features or defaults.get("features")
+    if not features:
+        raise DataError("navigate: --features is required (view features, HDF5)")
+    max_action_len = max_action_len or int(defaults.get("max_action_len", 15))
+    max_instr_len = max_instr_len or int(defaults.get("max_instr_len", 200))
+    root = resolve_data_dir(data_dir)
+    model = load_agent_model(checkpoint)
+    store = FeatureStore(features, expected_dim=model.config.image_feat_size)
+    episodes = load_episodes(task, split, root)
+    env = NavBatchEnv(episodes, Graphs(root), batch_size=batch_size, features=store, max_steps=max_action_len)
+    agent = DUETAgent(model, max_action_len=max_action_len, max_instr_len=max_instr_len, features=store)
+    preds = run_agent(agent, env, progress=progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sub_path = out / f"submission_{split}.json"
+    write_submission(sub_path, preds)
+    summary = None
+    if split != "test" and any(len(e.path) > 1 for e in episodes):
+        summary, _ = Evaluator(task, split, root).score(preds)
+        record = {**summary, "features": "stand-in" if store.is_standin else "real",
+                  "checkpoint": str(checkpoint), "split": split}
+        atomic_write_text(out / f"metrics_{split}.json", json.dumps(record, indent=2) + "\n")
+    return {"submission": str(sub_path), "metrics": summary}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("navigate", help="run a trained agent on a split; write the submission (+ metrics)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="RUN/model, a finetune run dir, or a DUET checkpoint")
+    p.add_argument("--task", default="r2r", choices=("r2r",))
+    p.add_argument("--split", required=True)
+    p.add_argument("--data-dir", default=None, help="data directory (default: the run's, else $MINIVLN_DATA)")
+    p.add_argument("--features", default=None, help="view features HDF5 (default: the run's)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    res = navigate(args.checkpoint, args.task, args.split, args.out, data_dir=args.data_dir,
+                   features=args.features, batch_size=args.batch_size, progress=True)
+    print(f"submission: {res['submission']}")
+    if res["metrics"] is not None:
+        print(json.dumps(res["metrics"]))
+    return 0
