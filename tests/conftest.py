@@ -1,7 +1,9 @@
 """Shared pytest fixtures.
 
 Real-data tests read ``$MINIVLN_DATA`` or ``../shared/data`` beside the repository root; they are
-marked ``realdata`` and skipped (with the reason) only when neither exists.  In CI it exists.
+marked ``realdata`` and skipped (with the reason) when neither exists, unless
+``MINIVLN_REQUIRE_DATA=1`` (set by ``.ci/run``), which turns a missing data or reference directory
+into a failure so that CI can never pass by skipping them.
 """
 
 from __future__ import annotations
@@ -39,11 +41,17 @@ def _isolated_cache(tmp_path_factory):
         os.environ["MINIVLN_CACHE"] = old
 
 
+def _missing(reason: str) -> None:
+    if os.environ.get("MINIVLN_REQUIRE_DATA") == "1":
+        pytest.fail(f"{reason} and MINIVLN_REQUIRE_DATA=1")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     d = _real_data_dir()
     if d is None:
-        pytest.skip("real data not found (set MINIVLN_DATA or put it at ../shared/data)")
+        _missing("real data not found (set MINIVLN_DATA or put it at ../shared/data)")
     return d
 
 
@@ -51,5 +59,5 @@ def real_data_dir() -> Path:
 def reference_dir() -> Path:
     d = _reference_dir()
     if d is None:
-        pytest.skip("reference fixtures not found at ../shared/reference")
+        _missing("reference fixtures not found at ../shared/reference")
     return d
