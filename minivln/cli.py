@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from minivln import __version__
+from minivln.config import ConfigError
 from minivln.paths import DataError
 
 # Modules that define commands, in the order they appear in ``minivln --help``.
@@ -21,11 +22,11 @@ COMMAND_MODULES = [
     "minivln.features.cli",
     "minivln.model.cli",
     "minivln.evaluation.cli",
+    "minivln.training.plot",
+    "minivln.model.parity",
     "minivln.training.pretrain",
     "minivln.training.finetune",
     "minivln.training.navigate",
-    "minivln.training.plot",
-    "minivln.model.parity",
 ]
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except DataError as exc:
+    except (DataError, ConfigError) as exc:
         print(f"minivln: error: {exc}", file=sys.stderr)
         return 2
 

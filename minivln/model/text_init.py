@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 
-from minivln.model.checkpoint import CheckpointError
+from minivln.config import ConfigError
+
+
+class TextInitError(ConfigError):
+    """The model cannot take the requested text initialisation; the message says why."""
+
 
 MINILM_SHAPE = {"hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536, "vocab_size": 30522}
 MINILM_LAYERS = 6
@@ -39,15 +44,15 @@ def init_text_from_minilm(model: torch.nn.Module, layers: list[int] | None = Non
     wrong = {k: (getattr(cfg, k), v) for k, v in MINILM_SHAPE.items() if getattr(cfg, k) != v}
     if wrong:
         details = ", ".join(f"{k}={have} (MiniLM needs {need})" for k, (have, need) in wrong.items())
-        raise CheckpointError(f"text_init 'minilm' needs a DUET of MiniLM's width: {details}")
+        raise TextInitError(f"text_init 'minilm' needs a DUET of MiniLM's width: {details}")
     n = cfg.num_l_layers
     if layers is None:
         if n > MINILM_LAYERS:
-            raise CheckpointError(f"MiniLM has {MINILM_LAYERS} layers; this DUET has {n} text layers")
+            raise TextInitError(f"MiniLM has {MINILM_LAYERS} layers; this DUET has {n} text layers")
         step = MINILM_LAYERS // n
         layers = [step * (i + 1) - 1 for i in range(n)]
     if len(layers) != n or any(not 0 <= j < MINILM_LAYERS for j in layers):
-        raise CheckpointError(f"layers {layers} must give one MiniLM layer (0..5) per text layer ({n})")
+        raise TextInitError(f"layers {layers} must give one MiniLM layer (0..5) per text layer ({n})")
     src = load_file(str(minilm_weights_path()))
     mapping = {k: k for k in src if k.startswith("embeddings.") and not k.endswith("position_ids")}
     for i, j in enumerate(layers):
@@ -59,7 +64,7 @@ def init_text_from_minilm(model: torch.nn.Module, layers: list[int] | None = Non
     missing = sorted(d for d in mapping if d not in own)
     bad = sorted(d for d in mapping if d in own and own[d].shape != src[mapping[d]].shape)
     if missing or bad:
-        raise CheckpointError(f"MiniLM -> DUET key mismatch: missing {missing[:5]}, shape {bad[:5]}")
+        raise TextInitError(f"MiniLM -> DUET key mismatch: missing {missing[:5]}, shape {bad[:5]}")
     with torch.no_grad():
         for dst, key in mapping.items():
             own[dst].copy_(src[key].to(own[dst].dtype))
@@ -73,4 +78,4 @@ def init_text(model: torch.nn.Module, name: str) -> list[str]:
     """Initialise the text encoder by name (``"minilm"``); an unknown name is a clear error."""
     if name == "minilm":
         return init_text_from_minilm(model)
-    raise CheckpointError(f"unknown text_init {name!r}; expected one of {TEXT_INITS}")
+    raise TextInitError(f"unknown text_init {name!r}; expected one of {TEXT_INITS}")
