@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "minivln.evaluation.cli",
     "minivln.training.plot",
     "minivln.model.parity",
+    "minivln.model.bench",
     "minivln.training.pretrain",
     "minivln.training.finetune",
     "minivln.training.navigate",

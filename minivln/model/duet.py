@@ -26,13 +26,21 @@ dict of intermediate tensors (embedding outputs, every layer's hidden states, ev
 pre-softmax attention scores per head *with the additive mask applied*, TinyBERT convention, and the
 fused action distribution).  With ``taps=False`` attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` and nothing extra is kept.
+
+Inference fast path (whenever no gradient can reach the weights, e.g. under ``torch.no_grad()``):
+each self-attention computes its query/key/value with one packed matrix product,
+:meth:`DUET.precompute_text_kv` projects the text keys/values of all cross-modal layers of both
+branches with one, and wide layers (bert-base width) run on CPU through oneDNN with weights
+reordered once.  The packed weights are cached copies (see :func:`packed_linear`); parameters and
+state-dict keys are unchanged.  Attention masks are skipped when nothing is padded.  Numbers and
+how they were measured: ``docs/model.md`` (Speed) and ``minivln bench model``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +50,18 @@ from minivln.model.config import DUETConfig
 
 MASK_VALUE = -10000.0  # additive attention mask for padded keys (BERT convention)
 
+# Inference fast path for linear layers (see packed_linear).  Layers whose input and output are
+# both at least this wide run, on CPU in fp32, through a oneDNN matrix product with the weight
+# reordered once into its blocked layout: for the few-row products of one navigation step
+# (bert-base width, 16-60 rows) that was 1.3-1.8x faster than the default (MKL) path on the
+# 2-core benchmark CPU, and no faster for the student's 312-wide layers (docs/model.md, Speed).
+PREPACK_MIN_FEATURES = 512
+_ONEDNN_LINEAR = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+)
+
 Taps = dict[str, Any]
 """Recorder for distillation taps: a plain dict, keys listed in :meth:`DUET.forward`."""
 
@@ -49,6 +69,100 @@ Taps = dict[str, Any]
 def additive_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """(B, L) bool key mask -> (B, 1, 1, L) additive mask: 0 for real keys, -10000 for padding."""
     return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE
+
+
+def key_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """:func:`additive_mask`, or None when no key is padded (checked on CPU tensors only, where it
+    costs no device sync).  Adding a zero mask changes nothing, and attention without a mask runs
+    a faster kernel."""
+    if mask.device.type == "cpu" and bool(mask.all()):
+        return None
+    return additive_mask(mask, dtype)
+
+
+def inference_only(*modules: nn.Module) -> bool:
+    """True when no gradient can flow into the parameters of ``modules`` (grad mode off, or all
+    frozen): the inference fast paths (packed weights) are then safe to use."""
+    if not torch.is_grad_enabled():
+        return True
+    return not any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
+
+
+Params = Sequence[tuple[Tensor, Tensor]]
+"""(weight, bias) pairs of linear maps, applied side by side (outputs concatenated)."""
+
+
+def _packed_params(
+    owner: nn.Module, name: str, params: Callable[[], Params]
+) -> tuple[str, Any, Any]:
+    """The cached packed form of ``params()``: ``(kind, weight, bias)`` with kind ``'onednn'``
+    (wide maps, CPU fp32: weights concatenated and reordered for oneDNN), ``'dense'`` (several
+    narrow maps: weights concatenated) or ``'plain'`` (one narrow map: nothing to gain)."""
+    cache = owner.__dict__.get("_packed_cache")
+    if cache is None:
+        cache = owner.__dict__["_packed_cache"] = {}
+    hit = cache.get(name)
+    if hit is not None:
+        tensors, key, kind, weight, bias = hit
+        if key == [(t.data_ptr(), t._version) for t in tensors]:
+            return kind, weight, bias
+    pairs = list(params())
+    tensors = [t for pair in pairs for t in pair]
+    wide = all(min(w.shape) >= PREPACK_MIN_FEATURES for w, _ in pairs)
+    with torch.no_grad(), torch.inference_mode(False):  # normal tensors, usable outside inference
+        weight = torch.cat([w for w, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
+        bias = torch.cat([b for _, b in pairs]) if len(pairs) > 1 else pairs[0][1]
+        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        if wide and _ONEDNN_LINEAR and cpu_fp32:
+            kind = "onednn"
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        else:
+            kind = "dense" if len(pairs) > 1 else "plain"
+    cache[name] = (tensors, [(t.data_ptr(), t._version) for t in tensors], kind, weight, bias)
+    return kind, weight, bias
+
+
+def packed_linear(
+    owner: nn.Module, name: str, x: Tensor, params: Callable[[], Params]
+) -> Tensor | None:
+    """Inference fast path of one or several linear maps of ``x`` (outputs concatenated), or None
+    when there is none (the caller then runs its layers as they are; same result).
+
+    Several maps become one matrix product (e.g. a fused query/key/value projection); wide maps
+    on CPU in fp32 run through oneDNN with a weight reordered once (see
+    :data:`PREPACK_MIN_FEATURES`).  The parameters, and so the state-dict keys, stay as they are:
+    the packed weights are copies cached on ``owner`` (inference only; not in the state dict),
+    rebuilt when a parameter moves or is modified in place (address or version counter changes:
+    ``load_state_dict``, an optimizer step, ``.to()``).  ``params`` is called only to (re)build
+    them.  Invisible to that check: edits through ``.data`` and parameters replaced by new
+    objects; call :meth:`DUET.clear_inference_cache` (or ``train()``/``eval()``) after those.
+    """
+    kind, weight, bias = _packed_params(owner, name, params)
+    if kind == "onednn":
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if kind == "dense":
+        return F.linear(x, weight, bias)
+    return None
+
+
+def linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``layer(x)``, through :func:`packed_linear`'s oneDNN path when the layer is wide enough and
+    no gradient is needed."""
+    if (
+        layer.in_features >= PREPACK_MIN_FEATURES
+        and layer.out_features >= PREPACK_MIN_FEATURES
+        and inference_only(layer)
+    ):
+        y = packed_linear(layer, "self", x, lambda: ((layer.weight, layer.bias),))
+        if y is not None:
+            return y
+    return layer(x)
+
+
+def _pairs(*layers: nn.Linear) -> Params:
+    return [(layer.weight, layer.bias) for layer in layers]
 
 
 def attend(
@@ -60,7 +174,7 @@ def attend(
     pre-softmax scores (mask included) are appended to it and attention is computed explicitly;
     otherwise the fused SDPA kernel is used (same result, no copy of the scores kept).
     """
-    if mask is not None:
+    if mask is not None and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
     if scores is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -99,7 +213,14 @@ class BertSelfAttention(nn.Module):
 
     def key_value(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
         """Projected, head-split keys and values of a context sequence."""
-        return self.split_heads(self.key(ctx)), self.split_heads(self.value(ctx))
+        kv = None
+        if inference_only(self.key, self.value):  # one packed product
+            kv = packed_linear(self, "kv", ctx, lambda: _pairs(self.key, self.value))
+        if kv is None:
+            return self.split_heads(self.key(ctx)), self.split_heads(self.value(ctx))
+        bsz, n, _ = ctx.shape
+        k, v = kv.view(bsz, n, 2, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
 
     def forward(
         self,
@@ -109,8 +230,17 @@ class BertSelfAttention(nn.Module):
         kv: tuple[Tensor, Tensor] | None = None,
         scores: list | None = None,
     ) -> Tensor:
-        q = self.split_heads(self.query(x))
-        k, v = kv if kv is not None else self.key_value(x if ctx is None else ctx)
+        qkv = None
+        if kv is None and ctx is None and inference_only(self.query, self.key, self.value):
+            # Self-attention at inference: one packed query/key/value product.
+            qkv = packed_linear(self, "qkv", x, lambda: _pairs(self.query, self.key, self.value))
+        if qkv is not None:
+            bsz, n, _ = x.shape
+            qkv = qkv.view(bsz, n, 3, self.num_heads, self.head_size)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, L, d)
+        else:
+            q = self.split_heads(linear(x, self.query))
+            k, v = kv if kv is not None else self.key_value(x if ctx is None else ctx)
         p = self.dropout_p if self.training else 0.0
         out = attend(q, k, v, mask, p, scores)
         b, _, n, _ = out.shape
@@ -127,7 +257,10 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, h: Tensor, x: Tensor) -> Tensor:
-        return self.LayerNorm(x + self.dropout(self.dense(h)))
+        h = linear(h, self.dense)
+        if self.training:
+            h = self.dropout(h)
+        return self.LayerNorm(x + h)
 
 
 class BertAttention(nn.Module):
@@ -164,7 +297,7 @@ class BertIntermediate(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.dense(x))
+        return F.gelu(linear(x, self.dense))
 
 
 class BertLayer(nn.Module):
@@ -215,7 +348,7 @@ class TextEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_l_layers))
 
     def forward(self, x: Tensor, txt_masks: Tensor, taps: Taps | None = None) -> Tensor:
-        mask = additive_mask(txt_masks, x.dtype)
+        mask = key_mask(txt_masks, x.dtype)
         for layer in self.layer:
             x = layer(x, mask, _tap_list(taps, "text.attentions"))
             _tap_append(taps, "text.hidden_states", x)
@@ -237,13 +370,21 @@ class PanoSelfAttention(nn.Module):
         self.out_proj = nn.Linear(h, h)
         self.dropout_p = config.hidden_dropout  # upstream passes the layer's dropout to MHA
 
+    def _in_proj(self) -> Params:
+        return ((self.in_proj_weight, self.in_proj_bias),)
+
     def forward(self, x: Tensor, mask: Tensor, scores: list | None = None) -> Tensor:
         b, n, h = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = (t.view(b, n, self.num_heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        qkv = None
+        if inference_only(self):
+            qkv = packed_linear(self, "in_proj", x, self._in_proj)
+        if qkv is None:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.view(b, n, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head size)
         p = self.dropout_p if self.training else 0.0
         out = attend(q, k, v, mask, p, scores)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, h))
+        return linear(out.transpose(1, 2).reshape(b, n, h), self.out_proj)
 
 
 class PanoLayer(nn.Module):
@@ -263,7 +404,7 @@ class PanoLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, scores: list | None = None) -> Tensor:
         x = x + self.dropout1(self.self_attn(self.norm1(x), mask, scores))
-        ffn = self.linear2(self.dropout(F.gelu(self.linear1(self.norm2(x)))))
+        ffn = linear(self.dropout(F.gelu(linear(self.norm2(x), self.linear1))), self.linear2)
         return x + self.dropout2(ffn)
 
 
@@ -276,7 +417,7 @@ class PanoEncoder(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: Tensor, pano_masks: Tensor, taps: Taps | None = None) -> Tensor:
-        mask = additive_mask(pano_masks, x.dtype)
+        mask = key_mask(pano_masks, x.dtype)
         for layer in self.layers:
             x = layer(x, mask, _tap_list(taps, "pano.attentions"))
             _tap_append(taps, "pano.hidden_states", x)
@@ -309,7 +450,7 @@ class ImageEmbeddings(nn.Module):
         self.pano_encoder = PanoEncoder(config) if config.num_pano_layers > 0 else None
 
     def embed_views(self, view_img_fts: Tensor) -> Tensor:
-        return self.img_layer_norm(self.img_linear(view_img_fts))
+        return self.img_layer_norm(linear(view_img_fts, self.img_linear))
 
     def embed_objects(self, obj_img_fts: Tensor) -> Tensor:
         if self.obj_linear is None:
@@ -384,7 +525,7 @@ class TextKV:
     """
 
     txt_masks: Tensor  # (B, L) bool
-    mask: Tensor  # (B, 1, 1, L) additive
+    mask: Tensor | None  # (B, 1, 1, L) additive; None when no token is padded
     global_kv: list[tuple[Tensor, Tensor]]  # per global layer: keys, values (B, h, L, d)
     local_kv: list[tuple[Tensor, Tensor]]  # per local layer
 
@@ -422,10 +563,13 @@ class GlobalMapEncoder(nn.Module):
             + self.gmap_pos_embeddings(gmap_pos_fts)
         )
         _tap_set(taps, "global.embeddings", x)
-        mask = additive_mask(gmap_masks, x.dtype)  # (B, 1, 1, G)
+        mask = key_mask(gmap_masks, x.dtype)  # (B, 1, 1, G) or None
         if self.sprel_linear is not None:
-            # (B, G, G) metres -> (B, 1, G, G); [stop] and padded entries have d = 0 and still get b.
-            mask = mask + self.sprel_linear(gmap_pair_dists.unsqueeze(3)).squeeze(3).unsqueeze(1)
+            # a * d + b for every pair, (B, G, G) metres -> (B, 1, G, G), computed once and shared
+            # by every layer; [stop] and padded entries have d = 0 and still get b.
+            lin = self.sprel_linear
+            bias = torch.addcmul(lin.bias, gmap_pair_dists.unsqueeze(1), lin.weight.view(()))
+            mask = bias if mask is None else mask + bias
         x = self.encoder(x, mask, text.global_kv, text.mask, taps, "global")
         _tap_set(taps, "global.output", x)
         return x
@@ -455,7 +599,7 @@ class LocalViewpointEncoder(nn.Module):
     ) -> Tensor:
         x = vp_img_embeds + self.vp_pos_embeddings(vp_pos_fts)
         _tap_set(taps, "local.embeddings", x)
-        x = self.encoder(x, additive_mask(vp_masks, x.dtype), text.local_kv, text.mask, taps, "local")
+        x = self.encoder(x, key_mask(vp_masks, x.dtype), text.local_kv, text.mask, taps, "local")
         _tap_set(taps, "local.output", x)
         return x
 
@@ -499,9 +643,11 @@ def fuse_local_into_global(
     per sample (entries past each list's length are padding and receive nothing).
     """
     b, g = global_logits.shape
-    cand_row = torch.zeros(b, g, dtype=torch.long)  # local row that shows slot j (0 = none)
-    backtrack = torch.zeros(b, g, dtype=torch.bool)  # slot j receives bw
-    bw_rows = torch.zeros(local_logits.shape, dtype=torch.bool)  # candidate rows already visited
+    n = local_logits.size(1)
+    # Built as Python lists (the ids are Python objects) and turned into tensors once.
+    cand_row = [[0] * g for _ in range(b)]  # local row that shows slot j (0 = none)
+    backtrack = [[False] * g for _ in range(b)]  # slot j receives bw
+    bw_rows = [[False] * n for _ in range(b)]  # candidate rows already visited
     visited = gmap_visited_masks.tolist()
     for i in range(b):
         visited_nodes = {vp for vp, v in zip(gmap_vpids[i], visited[i]) if v}
@@ -510,18 +656,20 @@ def fuse_local_into_global(
             if j == 0:
                 continue
             if vp in visited_nodes:
-                bw_rows[i, j] = True
+                bw_rows[i][j] = True
             else:
                 row_of[vp] = j
         for j, vp in enumerate(gmap_vpids[i]):
             if j == 0 or vp in visited_nodes:
                 continue
             if vp in row_of:
-                cand_row[i, j] = row_of[vp]
+                cand_row[i][j] = row_of[vp]
             else:
-                backtrack[i, j] = True
+                backtrack[i][j] = True
     device = local_logits.device
-    cand_row, backtrack, bw_rows = cand_row.to(device), backtrack.to(device), bw_rows.to(device)
+    cand_row = torch.tensor(cand_row, dtype=torch.long, device=device)
+    backtrack = torch.tensor(backtrack, dtype=torch.bool, device=device)
+    bw_rows = torch.tensor(bw_rows, dtype=torch.bool, device=device)
 
     bw = local_logits.masked_fill(~bw_rows, 0.0).sum(dim=1, keepdim=True)  # (B, 1)
     added = torch.where(
@@ -559,6 +707,20 @@ class DUET(nn.Module):
         self.feat_dropout = nn.Dropout(config.feat_dropout)
         if not self.embeddings.word_embeddings.weight.is_meta:  # nothing to fill on 'meta'
             self.apply(self._init_weights)
+
+    def clear_inference_cache(self) -> None:
+        """Drop the packed projection weights cached for inference (see :func:`packed_linear`);
+        they are rebuilt on the next inference call.  ``train()``/``eval()`` call this too."""
+        for module in self.modules():
+            module.__dict__.pop("_packed_cache", None)
+
+    def train(self, mode: bool = True) -> "DUET":
+        self.clear_inference_cache()
+        return super().train(mode)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "DUET":  # .to(), .float(), ...
+        self.clear_inference_cache()
+        return super()._apply(fn, *args, **kwargs)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -707,12 +869,24 @@ class DUET(nn.Module):
         The text is never updated by the cross-modal layers, so the result can be passed as
         ``batch['txt_kv']`` to every 'navigation' call of the episode (outputs are identical).
         """
-        return TextKV(
-            txt_masks=txt_masks,
-            mask=additive_mask(txt_masks, txt_embeds.dtype),
-            global_kv=self.global_encoder.encoder.text_kv(txt_embeds),
-            local_kv=self.local_encoder.encoder.text_kv(txt_embeds),
-        )
+        mask = key_mask(txt_masks, txt_embeds.dtype)
+        branches = (self.global_encoder.encoder, self.local_encoder.encoder)
+        atts = [layer.visual_attention.att for enc in branches for layer in enc.x_layers]
+        linears = [lin for a in atts for lin in (a.key, a.value)]
+        kv = None
+        if atts and inference_only(*linears):
+            # the keys and values of every layer of both branches in one matrix product
+            kv = packed_linear(self, "text_kv", txt_embeds, lambda: _pairs(*linears))
+        if kv is None:
+            g_kv, l_kv = branches[0].text_kv(txt_embeds), branches[1].text_kv(txt_embeds)
+            return TextKV(txt_masks, mask, g_kv, l_kv)
+        bsz, n, _ = txt_embeds.shape
+        heads, size = atts[0].num_heads, atts[0].head_size
+        kv = kv.view(bsz, n, 2 * len(atts), heads, size)
+        kv = kv.permute(2, 0, 3, 1, 4).contiguous()  # (2 * layers, B, heads, L, head size)
+        pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(atts))]
+        n_global = len(branches[0].x_layers)
+        return TextKV(txt_masks, mask, pairs[:n_global], pairs[n_global:])
 
     def forward_navigation(
         self,

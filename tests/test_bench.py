@@ -1,0 +1,120 @@
+"""Smoke test of ``minivln bench model`` (structure only, no timing assertions) and of the
+inference fast path it relies on (packed projections stay in sync with the parameters)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minivln.cli import main
+from minivln.model import duet as duet_module
+from minivln.model.bench import bench_models, make_world, record_episode, run_episode
+from minivln.model.registry import create_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_bench_result_structure():
+    report = bench_models(["minivln-cpu"], [1, 2], repeats=1, warmup=0, threads=1, steps=2)
+    assert report["settings"]["steps"] == 2 and report["settings"]["dtype"] == "fp32"
+    assert {"model_name", "avx512_bf16", "amx_bf16", "threads"} <= set(report["machine"])
+    assert [(r["preset"], r["batch_size"]) for r in report["results"]] == [
+        ("minivln-cpu", 1), ("minivln-cpu", 2)
+    ]
+    for row in report["results"]:
+        for key in ("episode_ms", "step_ms", "language_ms", "panorama_ms", "navigation_ms",
+                    "episode_ms_min", "gflop_per_episode", "gflop_per_s"):
+            assert row[key] > 0, key
+        assert row["episode_ms"] >= row["language_ms"]
+        assert len(row["episode_ms_all"]) == 1
+        assert row["slots_per_step"] == [4, 6]
+        assert all(36 <= v <= 40 for v in row["views_per_step"])
+    assert report["ratios"] == []  # one preset: nothing to compare
+
+
+def test_bench_ratio_and_cli_json(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main([
+        "bench", "model", "--presets", "minivln-cpu", "minivln-cpu", "--batch-sizes", "1",
+        "--repeats", "1", "--warmup", "0", "--steps", "1", "--threads", "1", "--quiet",
+        "--json", str(out),
+    ])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    (ratio,) = report["ratios"]
+    assert ratio["batch_size"] == 1 and ratio["episode_ratio"] > 0 and ratio["step_ratio"] > 0
+    assert ratio["flop_ratio"] == pytest.approx(1.0)  # the same preset twice
+    assert main(["bench", "model", "--presets", "no-such-model", "--quiet"]) == 2
+
+
+def test_episode_protocol_shapes():
+    model = create_model("minivln-cpu").eval()
+    ep = record_episode(model, batch_size=2, steps=7, txt_len=60)
+    assert ep.language["txt_ids"].shape == (2, 60)
+    assert ep.slots_per_step == [4, 6, 8, 10, 12, 14, 16]
+    assert all(36 <= v <= 40 for v in ep.views_per_step)
+    assert set(run_episode(model, ep)) == {"episode", "language", "panorama", "navigation"}
+    world = make_world(3, steps=7, feat_size=16)
+    assert world.features[("n", 0)].shape == (36, 16)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_packed_projections_follow_parameter_updates(onednn, monkeypatch):
+    """The fused q/k/v and text k/v weights (and, for wide layers, the oneDNN-reordered weights)
+    are cached; in-place updates must be seen."""
+    if onednn:
+        if not duet_module._ONEDNN_LINEAR:
+            pytest.skip("no oneDNN linear in this torch build")
+        monkeypatch.setattr(duet_module, "PREPACK_MIN_FEATURES", 1)  # every layer counts as wide
+    model = create_model("minivln-cpu").eval()
+    ep = record_episode(model, batch_size=1, steps=1)
+    nav = dict(ep.navigation[0])
+
+    def navigate():
+        with torch.no_grad():
+            txt = model("language", ep.language)
+            nav["txt_kv"] = model.precompute_text_kv(txt, ep.language["txt_masks"])
+            return model("navigation", nav)["fused_logits"]
+
+    def reference():  # unpacked path: grad mode on, parameters trainable
+        txt = model("language", ep.language)
+        nav["txt_kv"] = model.precompute_text_kv(txt, ep.language["txt_masks"])
+        return model("navigation", nav)["fused_logits"].detach()
+
+    before = navigate()
+    assert torch.allclose(before, reference(), atol=1e-5)
+    att = model.local_encoder.encoder.x_layers[0]
+    with torch.no_grad():  # optimizer-style in-place updates (version counters move)
+        att.visn_self_att.self.key.weight.mul_(3.0)
+        att.visual_attention.att.value.bias.add_(0.5)
+        model.lang_encoder.layer[0].attention.self.query.weight.mul_(-1.0)
+    after = navigate()
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert torch.allclose(after, reference(), atol=1e-5)
+    # edits through .data are invisible to the version counter: eval() clears the cache
+    model.global_encoder.encoder.x_layers[0].visn_self_att.self.value.weight.data.mul_(2.0)
+    model.eval()
+    assert torch.allclose(navigate(), reference(), atol=1e-5)
+
+
+def test_onednn_path_keeps_reference_parity(reference_dir, monkeypatch):
+    """The wide-layer oneDNN path (used by the bert-base teacher) against the reference episode:
+    the fixture network is narrow, so force every layer onto that path."""
+    from minivln.model.parity import run_parity
+
+    if not duet_module._ONEDNN_LINEAR:
+        pytest.skip("no oneDNN linear in this torch build")
+    path = reference_dir / "duet_fixture_r2r.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    monkeypatch.setattr(duet_module, "PREPACK_MIN_FEATURES", 1)
+    report = run_parity(path, 1e-4)
+    assert report.passed, report.format_table()
