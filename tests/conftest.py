@@ -61,3 +61,22 @@ def reference_dir() -> Path:
     if d is None:
         _missing("reference fixtures not found at ../shared/reference")
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster and avoids spin-waiting on a shared 2-core box."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def fixture(reference_dir):
+    """The reference DUET episode (``duet_fixture_r2r.npz``), decoded."""
+    from minivln.model.fixture import load_fixture
+
+    return load_fixture(reference_dir / "duet_fixture_r2r.npz")

@@ -20,22 +20,12 @@ from minivln.model.checkpoint import (
 )
 from minivln.model.config import DUETConfig
 from minivln.model.duet import DUET
-from minivln.model.fixture import Fixture, load_fixture, run_fixture
+from minivln.model.fixture import Fixture, run_fixture
 from minivln.model.registry import preset_parameters
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and avoids spin-waiting on a shared 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-@pytest.fixture(scope="module")
-def fixture(reference_dir) -> Fixture:
-    return load_fixture(reference_dir / "duet_fixture_r2r.npz")
+pytestmark = pytest.mark.usefixtures("one_thread")  # `fixture` comes from conftest.py
 
 
 def _assert_reproduces(model: DUET, fixture: Fixture) -> None:

@@ -15,7 +15,6 @@ from minivln.model.fixture import (
     compare_outputs,
     decode_ids,
     encode_ids,
-    load_fixture,
     outputs_as_dict,
 )
 from minivln.model.registry import create_model, get_config, list_models, preset_parameters
@@ -24,17 +23,7 @@ CALLS = [f"call{i:02d}" for i in range(9)]
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and avoids spin-waiting on a shared 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-@pytest.fixture(scope="module")
-def fixture(reference_dir) -> Fixture:
-    return load_fixture(reference_dir / "duet_fixture_r2r.npz")
+pytestmark = pytest.mark.usefixtures("one_thread")  # `fixture` comes from conftest.py
 
 
 @pytest.fixture(scope="module")
