@@ -133,20 +133,11 @@ class _LazyH5:
         return {k: _attr(v) for k, v in self.file().attrs.items()}
 
 
-class FeatureStore:
-    """Lazy, memory-bounded reader of per-viewpoint panorama features ``(36, D)``.
+class _StoreMetadata:
+    """Metadata shared by the feature stores (each has ``self._f``, a ``_LazyH5``)."""
 
-    ``expected_dim``: the view feature width the caller needs; a file of another width raises a
-    ``DataError`` naming both.  ``cache_size``: at most this many viewpoints are kept decoded
-    (float32; 36 x 768 x 4 bytes = 110 KB each, so the default 1024 holds about 113 MB).
-    """
+    _f: _LazyH5
 
-    def __init__(self, path: str | os.PathLike, expected_dim: int | None = None, cache_size: int = 1024):
-        self._f = _LazyH5(path, cache_size)
-        self.expected_dim = expected_dim
-        self._layout: tuple[int, int, str] | None = None  # (dim, stored width, class layout)
-
-    # -- metadata ------------------------------------------------------------------------------
     @property
     def path(self) -> Path:
         return self._f.path
@@ -165,6 +156,21 @@ class FeatureStore:
     def description(self) -> str:
         return str(self.attrs.get("description", ""))
 
+
+class FeatureStore(_StoreMetadata):
+    """Lazy, memory-bounded reader of per-viewpoint panorama features ``(36, D)``.
+
+    ``expected_dim``: the view feature width the caller needs; a file of another width raises a
+    ``DataError`` naming both.  ``cache_size``: at most this many viewpoints are kept decoded
+    (float32; 36 x 768 x 4 bytes = 110 KB each, so the default 1024 holds about 113 MB).
+    """
+
+    def __init__(self, path: str | os.PathLike, expected_dim: int | None = None, cache_size: int = 1024):
+        self._f = _LazyH5(path, cache_size)
+        self.expected_dim = expected_dim
+        self._layout: tuple[int, int, str] | None = None  # (dim, stored width, class layout)
+
+    # -- metadata ------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
         """Width D of the view features (class logits/probabilities excluded)."""
@@ -331,7 +337,7 @@ class ObjectFeatures:
 _OBJ_FIELDS = ("obj_ids", "directions", "sizes", "bboxes", "view_ids")
 
 
-class ObjectFeatureStore:
+class ObjectFeatureStore(_StoreMetadata):
     """Lazy, memory-bounded reader of REVERIE object features (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike, expected_dim: int | None = None, cache_size: int = 4096,
@@ -340,22 +346,6 @@ class ObjectFeatureStore:
         self.expected_dim = expected_dim
         self.strict = strict  # raise on a missing key instead of returning zero objects
         self._dim: int | None = None
-
-    @property
-    def path(self) -> Path:
-        return self._f.path
-
-    @property
-    def attrs(self) -> dict[str, Any]:
-        return self._f.root_attrs()
-
-    @property
-    def is_standin(self) -> bool:
-        return bool(self.attrs.get("standin", False))
-
-    @property
-    def description(self) -> str:
-        return str(self.attrs.get("description", ""))
 
     @property
     def dim(self) -> int:
