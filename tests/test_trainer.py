@@ -339,3 +339,23 @@ def test_log_window_averages_each_key_over_its_own_steps():
     w.add({"loss": torch.tensor(5.0), "loss/mlm": torch.tensor(2.0)})
     assert w.means() == {"loss": 3.0, "loss/mlm": 3.0}
     assert w.means() == {}
+
+
+def test_wall_time_budget_stops_validates_and_saves(tmp_path, monkeypatch):
+    import minivln.training.trainer as T
+
+    clock = iter(range(0, 10_000, 30))  # every perf_counter() call advances 30 s
+    monkeypatch.setattr(T.time, "perf_counter", lambda: float(next(clock)))
+    seen = []
+    run = tmp_path / "run"
+    trainer = build(run, max_steps=100, max_minutes=2.0, val_every=0,
+                    validate=lambda m: seen.append(1) or {"val_unseen": {"spl": 0.5}})
+    trainer.fit()
+    trainer.close()
+    step = read_meta(run / "latest")["step"]
+    assert 1 < step < 100 and trainer.step == step
+    recs = read_jsonl(run / "log.jsonl")
+    assert [r for r in recs if r["kind"] == "stop"] == [
+        {"kind": "stop", "step": step, "reason": "max_minutes", "max_minutes": 2.0}]
+    assert seen == [1] and [r["step"] for r in recs if r["kind"] == "val"] == [step]
+    assert recs[-1]["kind"] in ("val", "train")

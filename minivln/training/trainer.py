@@ -76,6 +76,7 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 0  # 0: no periodic validation (a validate hook still runs after the last step)
     ckpt_every: int = 500  # latest/ is also written after the last step
+    max_minutes: float = 0.0  # wall-clock budget of this process; >0: stop (validate + save) once exceeded
     best_metric: str = ""  # a validation key such as "val_unseen.spl"; "" keeps no best/ checkpoint
     best_mode: str = "max"  # "max" | "min"
     resume: bool = False  # continue from RUN/latest if it exists
@@ -90,7 +91,7 @@ class TrainConfig:
             raise ConfigError(f"max_steps: must be >= 1, got {self.max_steps}")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps: must be >= 1, got {self.grad_accum_steps}")
-        for name in ("log_every", "val_every", "ckpt_every"):
+        for name in ("log_every", "val_every", "ckpt_every", "max_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -424,7 +425,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------- loop
 
     def fit(self) -> dict[str, float]:
-        """Train until ``cfg.max_steps``; returns the last training log record."""
+        """Train until ``cfg.max_steps`` (or until ``cfg.max_minutes`` of wall time have passed in this
+        process: that step is then treated as the last one, validated and saved, and a ``kind: "stop"``
+        record is logged); returns the last training log record."""
         cfg = self.cfg
         show_bar = cfg.progress and self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True,
@@ -440,6 +443,10 @@ class Trainer:
                 steps_since_log += 1
                 bar.update(1)
                 final = self.step == cfg.max_steps
+                if cfg.max_minutes and not final and self._out_of_time(t_start):
+                    final = True
+                    self.logger.log({"kind": "stop", "step": self.step, "reason": "max_minutes",
+                                     "max_minutes": cfg.max_minutes})
                 if (cfg.log_every and self.step % cfg.log_every == 0) or final:
                     now = time.perf_counter()
                     last_record = {"kind": "train", "step": self.step, **window.means(),
@@ -455,9 +462,20 @@ class Trainer:
                     self.validate()
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final:
                     self.save()
+                if final:
+                    break
         finally:
             bar.close()
         return last_record
+
+    def _out_of_time(self, t_start: float) -> bool:
+        """Whether the wall-time budget is spent; under DDP rank 0 decides for every rank."""
+        out = time.perf_counter() - t_start >= self.cfg.max_minutes * 60.0
+        if self.dist.enabled:
+            flag = torch.tensor([float(out)], device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            out = bool(flag.item())
+        return out
 
     def _micro_batches(self) -> Iterator[tuple[Any, bool]]:
         n = self.cfg.grad_accum_steps
