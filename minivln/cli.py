@@ -14,37 +14,64 @@ from minivln import __version__
 from minivln.config import ConfigError
 from minivln.paths import DataError
 
-# Modules that define commands, in the order they appear in ``minivln --help``.
-COMMAND_MODULES = [
-    "minivln.demo",
-    "minivln.data.cli",
-    "minivln.data.toy_cli",
-    "minivln.features.cli",
-    "minivln.model.cli",
-    "minivln.evaluation.cli",
-    "minivln.training.plot",
-    "minivln.model.parity",
-    "minivln.model.bench",
-    "minivln.training.pretrain",
-    "minivln.training.finetune",
-    "minivln.training.navigate",
-]
+# command -> (module whose ``register`` defines it, the one-line help ``minivln --help`` shows).
+# Only the module of the command being run is imported, so ``minivln --help`` and light commands
+# don't pay for torch; ``tests/test_cli.py`` checks each help line against the module's own.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("minivln.demo", "zero-download demo: toy world, stand-in features, agents, official metrics"),
+    "download": ("minivln.data.cli", "fetch and verify the public connectivity, R2R and REVERIE files"),
+    "graphs": ("minivln.data.cli", "build (and cache) the navigation graphs of every house"),
+    "toy": ("minivln.data.toy_cli", "generate the toy world (small seeded houses in the real data formats)"),
+    "features": ("minivln.features.cli", "stand-in view/object features: build, probe, inspect"),
+    "params": ("minivln.model.cli", "print the parameter count of a model preset (total and per part)"),
+    "eval": ("minivln.evaluation.cli", "score a submission (R2R / REVERIE leaderboard format) against a split"),
+    "plot": ("minivln.training.plot", "draw a run's loss and validation SR/SPL curves to RUN_DIR/curves.png"),
+    "parity": ("minivln.model.parity",
+               "replay the reference DUET fixture through our network and map; compare everything"),
+    "bench": ("minivln.model.bench", "benchmarks: model (forward latency, teacher vs student), train (training iterations/s)"),
+    "pretrain": ("minivln.training.pretrain", "pretrain DUET (MLM, SAP, MRC) on ground-truth path prefixes"),
+    "finetune": ("minivln.training.finetune", "fine-tune a DUET agent on R2R (DAgger, DUET's recipe)"),
+    "navigate": ("minivln.training.navigate", "run a trained agent on a split; write the submission (+ metrics)"),
+}
+
+# Modules that define commands, in ``minivln --help`` order.
+COMMAND_MODULES = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _register_module(sub: argparse._SubParsersAction, module: str, wanted: str) -> None:
+    """Let ``module`` add its parsers; keep only the one named ``wanted``."""
+    before = set(sub.choices)
+    importlib.import_module(module).register(sub)
+    for name in set(sub.choices) - before - {wanted}:  # a module may register several commands
+        del sub.choices[name]
+        sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != name]
+
+
+def build_parser(argv: list[str] | None = None, *, full: bool = False) -> argparse.ArgumentParser:
+    """The top-level parser.  Every command appears (with its help line), but only the command named
+    in ``argv`` gets its real parser (``full=True``: all of them, importing every module)."""
     parser = argparse.ArgumentParser(
         prog="minivln",
         description="MiniVLN: small, fast vision-and-language navigation agents.",
     )
     parser.add_argument("--version", action="version", version=f"minivln {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
+    if full:
+        for module in COMMAND_MODULES:
+            importlib.import_module(module).register(sub)
+        return parser
+    if chosen in COMMANDS:  # its real parser first (its module may define more commands: dropped)
+        _register_module(sub, COMMANDS[chosen][0], chosen)
+    for name, (_, help_line) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=help_line)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

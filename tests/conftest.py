@@ -80,3 +80,31 @@ def fixture(reference_dir):
     from minivln.model.fixture import load_fixture
 
     return load_fixture(reference_dir / "duet_fixture_r2r.npz")
+
+
+#: width of the random view features of :func:`small_toy` (tiny test models use image_feat_size=16)
+SMALL_TOY_DIM = 16
+
+
+@pytest.fixture(scope="session")
+def small_toy(tmp_path_factory):
+    """A 3-house toy world and a seeded random 16-d feature file: ``(data_dir, features_path)``."""
+    import numpy as np
+
+    from minivln.data.graph import Graphs
+    from minivln.data.toyworld import ToyWorldConfig, ensure_toy_world
+    from minivln.features.hdf5 import FeatureWriter
+
+    root = tmp_path_factory.mktemp("small_toy")
+    cfg = ToyWorldConfig(n_houses=3, r2r_train=12, r2r_val_seen=3, r2r_val_unseen=3, r2r_test=2,
+                         reverie_train=3, reverie_val_seen=1, reverie_val_unseen=1, reverie_test=1)
+    data = ensure_toy_world(root / "data", 0, cfg)
+    feats = root / "feats.h5"
+    rng = np.random.default_rng(0)
+    with FeatureWriter(feats, dim=SMALL_TOY_DIM, standin=True, description="random test features",
+                       dtype="float32") as w:
+        graphs = Graphs(data)
+        for scan in graphs.scans():
+            for vp in graphs[scan].vp_ids:
+                w.add(scan, vp, rng.standard_normal((36, SMALL_TOY_DIM)).astype(np.float32))
+    return data, feats

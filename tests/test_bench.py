@@ -118,3 +118,27 @@ def test_onednn_path_keeps_reference_parity(reference_dir, monkeypatch):
     monkeypatch.setattr(duet_module, "PREPACK_MIN_FEATURES", 1)
     report = run_parity(path, 1e-4)
     assert report.passed, report.format_table()
+
+
+def test_bench_train_times_every_preset_and_phase(small_toy, one_thread, capsys):
+    """`minivln bench train` on the toy world: both phases, both presets, the same number of timings."""
+    from minivln.cli import main
+    from minivln.model.registry import get_config, register_preset
+    from minivln.training.bench import bench_train
+
+    tiny = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_l_layers=1,
+                num_pano_layers=1, num_x_layers=1, image_feat_size=16)
+    register_preset("test-bench-a", get_config("duet-cpu", **tiny), "test only")
+    register_preset("test-bench-b", get_config("duet-cpu", **{**tiny, "num_x_layers": 2}), "test only")
+    data, feats = small_toy
+    rep = bench_train(["test-bench-a", "test-bench-b"], ["pretrain", "finetune"], str(data), str(feats),
+                      iters=2, warmup=1, batch_size=4, max_action_len=5, quiet=True)
+    assert set(rep["phases"]) == {"pretrain", "finetune"}
+    for rows in rep["phases"].values():
+        assert list(rows) == ["test-bench-a", "test-bench-b"]
+        assert rows["test-bench-a"]["ratio_to_first"] == 1.0
+        for r in rows.values():
+            assert len(r["all_s"]) == 2 and r["s_per_it"] > 0 and abs(r["it_s"] * r["s_per_it"] - 1) < 1e-9
+    assert main(["bench", "train", "--presets", "test-bench-a", "--phases", "pretrain", "--data-dir", str(data),
+                 "--features", str(feats), "--iters", "1", "--warmup", "0", "--batch-size", "4", "--quiet"]) == 0
+    assert "it/s" in capsys.readouterr().out

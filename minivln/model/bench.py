@@ -444,7 +444,7 @@ def format_report(report: dict[str, Any]) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmarks (bench model: CPU forward latency of teacher vs student)",
+        help="benchmarks: model (forward latency, teacher vs student), train (training iterations/s)",
         description="Benchmarks.",
     )
     bench_sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
@@ -473,6 +473,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--json", metavar="OUT", help="also write the full report as JSON")
     m.add_argument("--quiet", action="store_true", help="no progress lines")
     m.set_defaults(func=_bench_model)
+    from minivln.training.bench import add_parser as add_train_parser
+
+    add_train_parser(bench_sub)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 

@@ -1,0 +1,193 @@
+"""``minivln bench train``: training iterations per second of model presets, interleaved in one run.
+
+One *iteration* is what the trainer does per optimizer step, minus logging and checkpoints:
+
+* ``pretrain``: ``PretrainTask.next_batch(i)`` (state building + collation; each iteration's task,
+  MLM / SAP / MRC, is drawn by the seeded mix) + forward + backward + gradient clipping + AdamW.
+* ``finetune``: two environment batches, a teacher-forced rollout (x ``ml_weight``) and a sampled
+  rollout (DUET's DAgger iteration, :class:`~minivln.training.finetune.FinetuneTask`) + backward +
+  clipping + AdamW.
+
+Every preset sees the same batches (same seeds), and the presets are interleaved (for each iteration
+index, each preset runs one iteration, the order alternating) so that load from other jobs on a shared
+machine affects them alike; we report the median seconds per iteration after ``--warmup`` untimed
+iterations, and ratios to the first preset.  Fine-tuning iterations of untrained models are the
+slowest kind: their sampled rollouts wander until ``max_action_len``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+DEFAULT_PRESETS = ("duet-r2r", "minivln-r2r")
+PHASES = ("pretrain", "finetune")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_step(model: torch.nn.Module, task: Any, device: torch.device, lr: float = 1e-5,
+               grad_clip: float = 40.0) -> Callable[[int], None]:
+    """One training iteration of ``model`` on ``task`` batch ``i`` (as the trainer runs it)."""
+    from minivln.training.trainer import move_to
+
+    model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def step(i: int) -> None:
+        batch = move_to(task.next_batch(i), device)
+        opt.zero_grad(set_to_none=True)
+        loss = task.compute(model, batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+
+    return step
+
+
+def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
+                  max_instr_len: int = 80, device: torch.device, seed: int = 0) -> Callable[[int], None]:
+    from minivln.training.distributed import seed_everything
+    from minivln.training.pretrain import (
+        TASKS, PretrainConfig, PretrainTask, build_datasets, build_pretrainer, resolve_data,
+    )
+    from minivln.training.pretrain_data import features_have_classes
+
+    cfg = PretrainConfig(model=preset, task=task, data_dir=data_dir, features=features, val_splits=[],
+                         batch_size=batch_size, max_instr_len=max_instr_len)
+    cfg.train.seed = seed
+    data, feats = resolve_data(cfg)
+    mix = {t: float(getattr(cfg.mix, t, 0.0)) for t in TASKS}
+    if not features_have_classes(feats):
+        mix["mrc"] = 0.0
+    train_ds, _ = build_datasets(cfg, data, feats, with_classes=mix.get("mrc", 0.0) > 0)
+    seed_everything(seed)
+    model = build_pretrainer(cfg)
+    return _make_step(model, PretrainTask(train_ds, batch_size, mix, seed=seed), device)
+
+
+def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
+                  max_instr_len: int = 80, max_action_len: int = 15, device: torch.device, seed: int = 0,
+                  ) -> Callable[[int], None]:
+    from minivln.training.agent import DUETAgent
+    from minivln.training.distributed import seed_everything
+    from minivln.training.finetune import FinetuneConfig, FinetuneTask, build_model, make_env, prepare_data
+
+    cfg = FinetuneConfig(model=preset, task=task, data_dir=data_dir, features=features,
+                         batch_size=batch_size, max_instr_len=max_instr_len, max_action_len=max_action_len)
+    seed_everything(seed)
+    model = build_model(cfg)
+    res = prepare_data(cfg, Path("."), model.config.image_feat_size)
+    agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
+                      expert=cfg.expert, features=res.features)
+    env = make_env(cfg, res, cfg.train_split, batch_size=batch_size, shuffle=True, seed=seed)
+    return _make_step(model, FinetuneTask(agent, env, cfg.ml_weight), device, lr=cfg.train.optim.lr)
+
+
+def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, features: str, *,
+                iters: int = 5, warmup: int = 1, device: str = "cpu", threads: int = 1, batch_size: int = 8,
+                max_instr_len: int = 80, max_action_len: int = 15, seed: int = 0, quiet: bool = False,
+                ) -> dict[str, Any]:
+    """Time ``iters`` iterations per preset and phase (after ``warmup``); see the module docstring."""
+    from minivln.training.distributed import resolve_device
+
+    if iters < 1 or warmup < 0:
+        raise ValueError("iters must be >= 1 and warmup >= 0")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": batch_size,
+        "max_instr_len": max_instr_len, "max_action_len": max_action_len, "iters": iters, "warmup": warmup,
+        "features": features, "phases": {},
+    }
+    for phase in phases:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        make = pretrain_step if phase == "pretrain" else finetune_step
+        kw = dict(batch_size=batch_size, max_instr_len=max_instr_len, device=dev, seed=seed)
+        if phase == "finetune":
+            kw["max_action_len"] = max_action_len
+        steps = {p: make(p, data_dir, features, **kw) for p in presets}
+        times: dict[str, list[float]] = {p: [] for p in presets}
+        for i in range(warmup + iters):
+            order = list(presets) if i % 2 == 0 else list(reversed(presets))
+            for p in order:
+                _sync(dev)
+                t0 = time.perf_counter()
+                steps[p](i)
+                _sync(dev)
+                dt = time.perf_counter() - t0
+                if i >= warmup:
+                    times[p].append(dt)
+                if not quiet:
+                    print(f"{phase} {p} iteration {i}{' (warm-up)' if i < warmup else ''}: {dt:.2f} s", flush=True)
+        del steps
+        ref = statistics.median(times[presets[0]])
+        report["phases"][phase] = {
+            p: {"s_per_it": statistics.median(t), "it_s": 1.0 / statistics.median(t),
+                "ratio_to_first": statistics.median(t) / ref, "all_s": [round(x, 4) for x in t]}
+            for p, t in times.items()
+        }
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{report['date']}  {report['device']}  torch {report['torch']}  threads {report['threads']}  "
+             f"batch {report['batch_size']}  median of {report['iters']} (after {report['warmup']} warm-up)"]
+    for phase, rows in report["phases"].items():
+        lines.append(f"{phase}:")
+        for p, r in rows.items():
+            lines.append(f"  {p:<16} {r['s_per_it']:8.2f} s/it  {r['it_s']:7.3f} it/s  "
+                         f"x{r['ratio_to_first']:.2f} of the first")
+    return "\n".join(lines)
+
+
+def add_parser(bench_sub: argparse._SubParsersAction) -> None:
+    """``minivln bench train`` (registered by ``minivln bench``)."""
+    t = bench_sub.add_parser(
+        "train", help="training iterations/s (pretraining and fine-tuning) of model presets, interleaved",
+        description=__doc__.split("\n\n")[0],
+    )
+    t.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
+    t.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    t.add_argument("--data-dir", default="", help="data directory (default: $MINIVLN_DATA)")
+    t.add_argument("--features", required=True, help="view feature HDF5 (e.g. built by `minivln features build`)")
+    t.add_argument("--iters", type=int, default=5, help="timed iterations per preset and phase (median)")
+    t.add_argument("--warmup", type=int, default=1)
+    t.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    t.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-instr-len", type=int, default=80)
+    t.add_argument("--max-action-len", type=int, default=15)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    report = bench_train(args.presets, args.phases, args.data_dir, args.features, iters=args.iters,
+                         warmup=args.warmup, device=args.device, threads=args.threads,
+                         batch_size=args.batch_size, max_instr_len=args.max_instr_len,
+                         max_action_len=args.max_action_len, seed=args.seed, quiet=args.quiet)
+    print(format_report(report))
+    if args.json:
+        from minivln.paths import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")
+    return 0
