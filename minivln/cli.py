@@ -29,8 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "parity": ("minivln.model.parity",
                "replay the reference DUET fixture through our network and map; compare everything"),
     "bench": ("minivln.model.bench", "benchmarks: model (forward latency, teacher vs student), train (training iterations/s)"),
-    "pretrain": ("minivln.training.pretrain", "pretrain DUET (MLM, SAP, MRC) on ground-truth path prefixes"),
-    "finetune": ("minivln.training.finetune", "fine-tune a DUET agent on R2R (DAgger, DUET's recipe)"),
+    "pretrain": ("minivln.training.pretrain", "pretrain DUET (MLM, SAP, MRC, REVERIE OG) on ground-truth path prefixes"),
+    "finetune": ("minivln.training.finetune", "fine-tune a DUET agent on R2R or REVERIE (DAgger, DUET's recipe)"),
     "navigate": ("minivln.training.navigate", "run a trained agent on a split; write the submission (+ metrics)"),
 }
 

@@ -10,7 +10,10 @@ It stands in for the Matterport3D simulator in its discretised mode, as VLN agen
   move it looks at the view in which the target was seen from the previous viewpoint, as DUET's
   agent does.  ``None`` is STOP.
 * The expert gives the next viewpoint on a shortest path to the goal from wherever the agent is
-  (what DAgger needs off the reference path).
+  (what DAgger needs off the reference path).  By default the goal is the annotated one
+  (``episode.goal``); with ``goals`` (e.g. :meth:`minivln.data.reverie.ReverieGoals.episode_goals`:
+  every viewpoint from which a REVERIE target is visible) an episode has a *set* of goal
+  viewpoints, the expert heads for the nearest one and stops at any of them.
 * Trajectories are kept in leaderboard format: ``[viewpoint, heading, elevation]`` per step.
 """
 
@@ -21,12 +24,13 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
 from minivln.data.datasets import Episode
 from minivln.data.graph import Graphs, House
+from minivln.data.reverie import nearest_goal
 from minivln.env import geometry as geo
 from minivln.paths import atomic_write_text
 
@@ -61,7 +65,7 @@ class Observation:
     step: int
     done: bool
     features: np.ndarray | None = None  # (36, D) view features of this viewpoint, if a store is set
-    distance_to_goal: float | None = None  # graph distance (None when the split has no goal)
+    distance_to_goal: float | None = None  # graph distance to the (nearest) goal; None without a goal
 
 
 @dataclass
@@ -129,6 +133,9 @@ class NavBatchEnv:
     ``step(actions)`` takes one action per agent: a neighbouring viewpoint id, a list of
     viewpoints forming a walk of neighbours (an agent that keeps a map jumps to a remote node that
     way), or ``None`` for STOP.  Agents that are done ignore their action.
+
+    ``goals(episode)`` (optional) gives an episode's set of goal viewpoints (see the module
+    docstring); without it the goal is ``episode.goal``.
     """
 
     def __init__(
@@ -140,6 +147,7 @@ class NavBatchEnv:
         max_steps: int = 15,
         shuffle: bool = False,
         seed: int = 0,
+        goals: Callable[[Episode], Collection[str]] | None = None,
     ):
         if not episodes:
             raise ValueError("NavBatchEnv needs at least one episode")
@@ -149,6 +157,7 @@ class NavBatchEnv:
         self.features = features
         self.max_steps = max_steps
         self.shuffle = shuffle
+        self.goals = goals
         self.rng = random.Random(seed)
         self._order = list(range(len(self.episodes)))
         self._cursor = 0
@@ -227,7 +236,7 @@ class NavBatchEnv:
             step=a.steps,
             done=a.done,
             features=feats,
-            distance_to_goal=house.distance(a.viewpoint, ep.goal) if has_goal else None,
+            distance_to_goal=self._goal_distance(house, a.viewpoint, ep) if has_goal else None,
         )
 
     def _move(self, a: AgentState, target: str) -> None:
@@ -266,10 +275,26 @@ class NavBatchEnv:
         return all(a.done for a in self.agents)
 
     # -- expert --------------------------------------------------------------------------------
+    def goal_viewpoints(self, i: int) -> frozenset[str]:
+        """Agent ``i``'s goal viewpoints: ``goals(episode)``, or ``{episode.goal}`` without ``goals``."""
+        ep = self.agents[i].episode
+        return frozenset(self.goals(ep)) if self.goals is not None else frozenset({ep.goal})
+
+    def _goal_distance(self, house: House, vp: str, ep: Episode) -> float:
+        if self.goals is None:
+            return house.distance(vp, ep.goal)
+        return min(house.distance(vp, g) for g in self.goals(ep))
+
     def expert_action(self, i: int) -> str | None:
-        """Next viewpoint on a shortest path from agent ``i``'s position to its goal; None at the goal."""
+        """Next viewpoint on a shortest path from agent ``i``'s position to its goal (with ``goals``:
+        to the nearest goal viewpoint, ties broken by the smallest id); None at a goal."""
         a = self.agents[i]
         goal = a.episode.goal
+        if self.goals is not None:
+            goal_set = self.goal_viewpoints(i)
+            if a.viewpoint in goal_set:
+                return None
+            goal = nearest_goal(self.house(a.episode.scan), a.viewpoint, goal_set)
         if a.viewpoint == goal:
             return None
         return self.house(a.episode.scan).shortest_path(a.viewpoint, goal)[1]

@@ -33,6 +33,7 @@ from typing import Any
 
 from minivln.data.datasets import TASKS, Episode, load_episodes
 from minivln.data.graph import House, load_house
+from minivln.data.reverie import bbox_path, visible_objects_in_file
 from minivln.evaluation import metrics as M
 from minivln.paths import DataError, resolve_data_dir
 
@@ -331,20 +332,13 @@ class Evaluator:
             self._missing_bbox.add(f"{scan}_{vp}")
         if key in self._visible:
             return self._visible[key]
-        path = self._bbox_path(scan, vp)
-        if not path.is_file():
+        seen = visible_objects_in_file(self._bbox_path(scan, vp), vp)
+        if seen is None:
             self._no_bbox.add(key)
             self._missing_bbox.add(f"{scan}_{vp}")
-            self._visible[key] = frozenset()
-            return self._visible[key]
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            objects = data.get(vp, {})
-            seen = frozenset(str(obj) for obj, info in objects.items() if info.get("visible_pos"))
-        except (json.JSONDecodeError, AttributeError, TypeError) as exc:
-            raise DataError(f"BBox file {path} is malformed: {exc!r}") from exc
+            seen = frozenset()
         self._visible[key] = seen
         return seen
 
     def _bbox_path(self, scan: str, vp: str) -> Path:
-        return self.data_dir / "REVERIE" / "BBox" / f"{scan}_{vp}.json"
+        return bbox_path(self.data_dir, scan, vp)

@@ -158,7 +158,11 @@ def object_tokens(ob: Observation, angle_feat_size: int = 4) -> tuple[np.ndarray
         w, h = ob.obj_sizes[k]
         loc[k, angle_feat_size : angle_feat_size + 2] = [h / BOX_IMAGE_SIZE[0], w / BOX_IMAGE_SIZE[1]]
         loc[k, angle_feat_size + 2] = loc[k, angle_feat_size] * loc[k, angle_feat_size + 1]
-    feats = np.asarray(ob.obj_features, dtype=np.float32) if n else np.zeros((0, 0), np.float32)
+    if n:
+        feats = np.asarray(ob.obj_features, dtype=np.float32)
+    else:  # keep the feature width of an empty (0, D_obj) array, so a batch without objects has it
+        width = ob.obj_features.shape[1] if ob.obj_features is not None and np.ndim(ob.obj_features) == 2 else 0
+        feats = np.zeros((0, width), np.float32)
     return feats, loc
 
 
@@ -195,7 +199,7 @@ def build_panorama_inputs(
         cand_vpids=cands,
     )
     if use_objects:
-        dim = max((f.shape[1] for f in obj_fts if f.size), default=0)
+        dim = max((f.shape[1] for f in obj_fts), default=0)
         tensors = [
             torch.from_numpy(f) if f.size else torch.zeros((0, dim), dtype=torch.float32)
             for f in obj_fts

@@ -79,7 +79,8 @@ class Observation:
     ``view_features`` holds the image features of the 36 discretised views (no angle part).
     Objects (REVERIE) are optional: ``obj_features`` (O, D_obj), their direction relative to the
     agent's discretised view (``obj_rel_headings``/``obj_rel_elevations``), their box size in
-    pixels (``obj_sizes`` rows (height, width) of a 480x640 image) and ids (``obj_ids``).
+    pixels (``obj_sizes`` rows (width, height), the order upstream reads them in, of a 480x640 image)
+    and ids (``obj_ids``).
     """
 
     viewpoint: NodeId

@@ -165,3 +165,13 @@ register_preset(
     _STUDENT.replace(hidden_size=128, num_attention_heads=4, intermediate_size=512),
     "CPU-scale student (hidden 128, 4 heads, FFN 512, layers 3/1/2, 768-d views)",
 )
+register_preset(
+    "duet-cpu-reverie",
+    get_config("duet-cpu", obj_feat_size=768),
+    "CPU-scale teacher, REVERIE (as duet-cpu + 768-d objects, og_head)",
+)
+register_preset(
+    "minivln-cpu-reverie",
+    get_config("minivln-cpu", obj_feat_size=768),
+    "CPU-scale student, REVERIE (as minivln-cpu + 768-d objects, og_head)",
+)

@@ -12,7 +12,8 @@ A rollout runs one batch of episodes with one of three feedbacks (``DUET_INTERFA
 
 ``'teacher'``
     the agent follows the ground-truth path exactly; the label at each step is the slot of the next
-    GT node (0 = STOP at the goal).  The episode ends when the agent reaches the goal.
+    GT node (0 = STOP at the goal).  The episode ends when the agent reaches the goal.  (REVERIE
+    episodes: the agent follows the expert's labels instead, as upstream's REVERIE agent does.)
 ``'sample'``
     the action is sampled from ``softmax(fused_logits)``; the label at every visited state comes from
     the expert: STOP at the goal, else the unvisited slot ``n`` minimising ``d(cur, n) + d(n, goal)``
@@ -27,6 +28,19 @@ The loss of a rollout is ``sum over steps of CE_sum(fused_logits, labels) / batc
 teacher-forced one).  Every move goes through ``env.step`` with the walk planned on the agent's map,
 so the environment's trajectory is the leaderboard trajectory.
 
+REVERIE (a model with objects, ``config.obj_feat_size > 0``; ``DUET_INTERFACE.md`` §7, VLN-DUET's
+``reverie/agent_obj.py``): each observation also carries the viewpoint's objects from an object
+feature store (features, direction relative to the agent's heading/elevation, box size, ids; the first
+``max_objects`` in training rollouts, all of them in 'argmax'), so the panorama is [views, objects].
+The goal of an episode is the environment's goal set (``env.goal_viewpoints(i)``); the 'teacher'
+labels of REVERIE episodes come from the expert, as upstream, not from the annotated path.  In
+'teacher'/'sample' rollouts the object-grounding (OG) loss is added at every step at which a sample
+is still navigating and stands where its target is visible (``goals.is_goal``): summed cross-entropy
+of ``obj_logits`` against row ``view_len + 1 + j`` of the target (j = its index among the
+viewpoint's objects; no label when the target is not among them), divided by the batch size, times
+``og_weight`` (upstream: 1, i.e. the rollout's own weight).  Each leaderboard entry gets
+``predObjId``: the arg-max object recorded at the final node (-1 when that node shows no object).
+
 For distillation every rollout keeps its per-step outputs (:attr:`RolloutOutput.steps`: fused logits,
 labels, slot ids, and the navigation inputs when ``keep_inputs=True``), and ``step_hook`` is called
 after every navigation forward pass with ``(t, outputs, navigation batch, labels)``.
@@ -35,7 +49,7 @@ after every navigation forward pass with ``(t, outputs, navigation batch, labels
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Collection, Literal, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivln.data.datasets import Episode
+from minivln.data.reverie import ReverieGoals
 from minivln.data.tokenizer import PAD_ID, get_tokenizer
 from minivln.env import env as E
 from minivln.model import graph_map as G
@@ -55,12 +70,22 @@ IGNORE = -100
 StepHook = Callable[[int, dict, NavigationBatch, torch.Tensor], None]
 
 
-def to_nav_observation(ob: E.Observation, features: Any | None = None) -> G.Observation:
+def to_nav_observation(
+    ob: E.Observation,
+    features: Any | None = None,
+    objects: Any | None = None,
+    max_objects: int | None = None,
+) -> G.Observation:
     """An environment observation as the navigator's :class:`~minivln.model.graph_map.Observation`.
 
     View features come from ``ob.features`` (the environment's feature store) or, if it has none,
     from ``features.get(scan, viewpoint)``.  Candidates keep the environment's view index and its
     angles relative to the agent's discretised view (DUET's candidate angle feature).
+
+    With ``objects`` (an :class:`~minivln.features.hdf5.ObjectFeatureStore`) the observation also
+    carries the viewpoint's objects (the first ``max_objects`` if given): features, ids, box sizes
+    (w, h) and directions relative to the agent's heading/elevation (VLN-DUET's
+    ``ObjectFeatureDB.get_object_feature`` subtracts the simulator state's heading/elevation).
     """
     feats = ob.features
     if feats is None:
@@ -80,7 +105,7 @@ def to_nav_observation(ob: E.Observation, features: Any | None = None) -> G.Obse
         )
         for c in ob.candidates
     ]
-    return G.Observation(
+    nav_ob = G.Observation(
         viewpoint=ob.viewpoint,
         view_index=int(ob.view_index),
         heading=float(ob.heading),
@@ -89,6 +114,16 @@ def to_nav_observation(ob: E.Observation, features: Any | None = None) -> G.Obse
         view_features=np.asarray(feats, dtype=np.float32),
         candidates=cands,
     )
+    if objects is not None:
+        objs = objects.get(ob.scan, ob.viewpoint)
+        k = len(objs) if max_objects is None else min(len(objs), int(max_objects))
+        dirs = np.asarray(objs.directions, dtype=np.float64)[:k].reshape(k, 2)
+        nav_ob.obj_features = np.asarray(objs.fts, dtype=np.float32)[:k]
+        nav_ob.obj_rel_headings = dirs[:, 0] - float(ob.heading)
+        nav_ob.obj_rel_elevations = dirs[:, 1] - float(ob.elevation)
+        nav_ob.obj_sizes = np.asarray(objs.sizes, dtype=np.float32)[:k].reshape(k, 2)
+        nav_ob.obj_ids = [int(x) for x in np.asarray(objs.obj_ids)[:k]]
+    return nav_ob
 
 
 def spl_expert_slot(
@@ -110,6 +145,41 @@ def spl_expert_slot(
         if d < best_d:
             best, best_d = k, d
     return best
+
+
+def nearest_goal_slot(
+    gmap_vpids: Sequence[Any],
+    visited: Sequence[bool],
+    current: str,
+    goals: Collection[str],
+    distance: Callable[[str, str], float],
+) -> int:
+    """The 'spl' expert with a set of goal viewpoints: 0 (STOP) at any goal, else the unvisited slot
+    ``n`` minimising ``distance(current, n) + min_g distance(n, g)`` (first one on ties); for one
+    goal this is :func:`spl_expert_slot`."""
+    if current in goals:
+        return 0
+    best, best_d = 0, float("inf")
+    for k, vp in enumerate(gmap_vpids):
+        if k == 0 or vp is None or visited[k]:
+            continue
+        d = distance(current, vp) + min(distance(vp, g) for g in goals)
+        if d < best_d:
+            best, best_d = k, d
+    return best
+
+
+def object_label(obj_ids: Sequence[Any], target: Any, at_goal: bool, view_len: int) -> int:
+    """The OG label of one sample at one step (VLN-DUET ``_teacher_object``): the row
+    ``view_len + 1 + j`` of ``obj_logits`` where j is the target's index among the viewpoint's
+    objects (ids compared as strings), when the sample stands where its target is visible
+    (``at_goal``); :data:`IGNORE` otherwise or when the target is not among the objects."""
+    if not at_goal or target is None:
+        return IGNORE
+    for j, obj in enumerate(obj_ids):
+        if str(obj) == str(target):
+            return int(view_len) + 1 + j
+    return IGNORE
 
 
 def teacher_slot(gmap_vpids: Sequence[Any], current: str, path: Sequence[str]) -> int | None:
@@ -138,16 +208,19 @@ class StepRecord:
     actions: list[int]
     inputs: dict[str, Any] | None = None  # the navigation inputs (keep_inputs=True)
     outputs: dict[str, Any] | None = None  # every navigation output (keep_inputs=True)
+    obj_logits: torch.Tensor | None = None  # (B, 1+N) with objects (REVERIE), else None
+    obj_labels: torch.Tensor | None = None  # (B,) OG labels (-100: none) in training with objects
 
 
 @dataclass
 class RolloutOutput:
     """A rollout's unweighted loss, logged scalars, per-step records and leaderboard entries."""
 
-    loss: torch.Tensor  # sum over steps of CE_sum / batch size (0 in 'argmax')
+    loss: torch.Tensor  # sum over steps of CE_sum / batch size (0 in 'argmax'); + og_weight * og_loss
     steps: list[StepRecord] = field(default_factory=list)
     results: list[dict] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    og_loss: torch.Tensor | None = None  # REVERIE training: OG CE_sum over steps / batch size
 
 
 class DUETAgent:
@@ -159,6 +232,11 @@ class DUETAgent:
         max_instr_len: instruction tokens kept, [CLS]/[SEP] included (DUET: 200).
         expert: 'spl' (the only expert implemented).
         features: a feature store used when the environment's observations carry no features.
+        objects: the object feature store (required when the model uses objects).
+        goals: where REVERIE targets are visible (required to train a model with objects: OG labels).
+        og_weight: weight of the OG loss within a rollout (upstream: 1).
+        max_objects: objects kept per viewpoint in 'teacher'/'sample' rollouts (None: all; DUET's
+            REVERIE script: 20 in training, all in evaluation).
     """
 
     def __init__(
@@ -169,15 +247,30 @@ class DUETAgent:
         max_instr_len: int = 200,
         expert: str = "spl",
         features: Any | None = None,
+        objects: Any | None = None,
+        goals: ReverieGoals | None = None,
+        og_weight: float = 1.0,
+        max_objects: int | None = None,
     ) -> None:
         if expert != "spl":
             raise ValueError(f"expert {expert!r} is not implemented (only 'spl')")
+        if max_objects is not None and max_objects < 0:
+            raise ValueError(f"max_objects must be >= 0 or None, got {max_objects}")
         self.model = model
         self.max_action_len = max_action_len
         self.max_instr_len = max_instr_len
         self.expert = expert
         self.features = features
+        self.objects = objects
+        self.goals = goals
+        self.og_weight = og_weight
+        self.max_objects = max_objects
         self.tokenizer = get_tokenizer(max_instr_len)
+
+    @property
+    def uses_objects(self) -> bool:
+        """Whether the model takes object tokens (``config.obj_feat_size > 0``: REVERIE)."""
+        return bool(getattr(getattr(self.model, "config", None), "use_objects", False))
 
     # ---------------------------------------------------------------------------------- inputs
 
@@ -218,10 +311,22 @@ class DUETAgent:
         device = self._device()
         env_obs = env.reset(episodes)
         eps = [a.episode for a in env.agents]
+        # Objects when the model takes them and a store is given (a REVERIE model may still navigate
+        # R2R without objects, as before); REVERIE episodes need them.
+        use_objects = self.uses_objects and self.objects is not None
+        if self.uses_objects and self.objects is None and any(ep.task == "reverie" for ep in eps):
+            raise ValueError("REVERIE episodes with a model that uses objects need an object feature store "
+                             "(DUETAgent(objects=...))")
+        if use_objects and training and self.goals is None:
+            raise ValueError("training a model with objects needs `goals` (ReverieGoals) for the OG labels")
+        objects = self.objects if use_objects else None
+        max_objects = self.max_objects if training else None
         houses = [env.house(ep.scan) for ep in eps]
         batch_size = len(eps)
+        goal_sets = [env.goal_viewpoints(i) for i in range(batch_size)]
         nav = MapNavigator(
-            [to_nav_observation(o, self.features) for o in env_obs], max_action_len=self.max_action_len,
+            [to_nav_observation(o, self.features, objects, max_objects) for o in env_obs],
+            max_action_len=self.max_action_len,
             angle_feat_size=getattr(getattr(self.model, "config", None), "angle_feat_size", 4),
         )
         synced = [1] * batch_size  # nodes of nav.paths[i] the environment has walked
@@ -231,18 +336,23 @@ class DUETAgent:
         txt_kv = self.model.precompute_text_kv(txt_embeds, txt_masks)
 
         loss = torch.zeros((), device=device)
+        og_loss = torch.zeros((), device=device)
         steps: list[StepRecord] = []
-        n_labels = n_correct = 0
+        n_labels = n_correct = n_og = n_og_correct = 0
         for t in range(self.max_action_len):
             nav.begin_step(t)
-            pano = nav.panorama_inputs()
+            pano = nav.panorama_inputs(use_objects=True if use_objects else None)
             pano_embeds, pano_masks = self.model("panorama", move_inputs(pano.model_inputs(), device))
             nav.absorb_panorama(pano, pano_embeds, pano_masks)
             batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, txt_embeds, txt_masks)
             batch.inputs["txt_kv"] = txt_kv
             outs = self.model("navigation", batch.inputs)
             logits = outs["fused_logits"]
-            nav.record_scores(logits)
+            obj_logits = outs.get("obj_logits") if use_objects else None
+            if use_objects:
+                nav.record_scores(logits, obj_logits, pano)
+            else:
+                nav.record_scores(logits)
 
             active = [not bool(e) for e in nav.ended]
             labels = torch.full((batch_size,), IGNORE, dtype=torch.long)
@@ -252,14 +362,35 @@ class DUETAgent:
                     if not active[i]:
                         continue
                     cur, vpids = nav.obs[i].viewpoint, batch.gmap_vpids[i]
-                    label = teacher_slot(vpids, cur, eps[i].path) if feedback == "teacher" else None
+                    follow_path = feedback == "teacher" and eps[i].task == "r2r"
+                    label = teacher_slot(vpids, cur, eps[i].path) if follow_path else None
                     if label is None:
-                        label = spl_expert_slot(vpids, visited[i], cur, eps[i].goal, houses[i].distance)
+                        if len(goal_sets[i]) == 1:
+                            goal = next(iter(goal_sets[i]))
+                            label = spl_expert_slot(vpids, visited[i], cur, goal, houses[i].distance)
+                        else:
+                            label = nearest_goal_slot(vpids, visited[i], cur, goal_sets[i], houses[i].distance)
                     labels[i] = label
                 labels = labels.to(device)
                 ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
                 if bool((labels != IGNORE).any()):
                     loss = loss + ce
+
+            obj_labels = None
+            if training and use_objects:
+                assert obj_logits is not None and self.goals is not None
+                obj_labels = torch.full((batch_size,), IGNORE, dtype=torch.long)
+                for i in range(batch_size):
+                    if active[i]:
+                        at_goal = self.goals.is_goal(eps[i], nav.obs[i].viewpoint)
+                        obj_labels[i] = object_label(pano.obj_ids[i], eps[i].obj_id, at_goal,
+                                                     int(pano.view_lens[i]))
+                obj_labels = obj_labels.to(device)
+                sel = obj_labels != IGNORE
+                if bool(sel.any()):
+                    og_loss = og_loss + F.cross_entropy(obj_logits[sel].float(), obj_labels[sel], reduction="sum")
+                    n_og += int(sel.sum())
+                    n_og_correct += int((obj_logits.detach()[sel].argmax(1) == obj_labels[sel]).sum())
 
             if feedback == "teacher":
                 actions = [int(x) if x != IGNORE else 0 for x in labels.tolist()]
@@ -280,12 +411,14 @@ class DUETAgent:
                 t=t, fused_logits=logits, labels=labels, gmap_vpids=batch.gmap_vpids, active=active,
                 actions=[int(a) for a in actions],
                 inputs=batch.inputs if keep_inputs else None, outputs=outs if keep_inputs else None,
+                obj_logits=obj_logits, obj_labels=obj_labels,
             ))
 
-            stop = [nav.obs[i].viewpoint == eps[i].goal for i in range(batch_size)] if training else None
+            stop = [nav.obs[i].viewpoint in goal_sets[i] for i in range(batch_size)] if training else None
             nav.act(t, actions, batch, stop=stop)
             env_obs = self._move_env(env, nav, synced)
-            nav.observe([nav.obs[i] if nav.ended[i] else to_nav_observation(env_obs[i], self.features)
+            nav.observe([nav.obs[i] if nav.ended[i] else
+                         to_nav_observation(env_obs[i], self.features, objects, max_objects)
                          for i in range(batch_size)])
             if nav.all_ended:
                 break
@@ -293,10 +426,21 @@ class DUETAgent:
         # samples still going after the last step were ended by the navigator (walk back included)
         self._move_env(env, nav, synced)
         metrics: dict[str, float] = {"steps": float(len(steps))}
+        og_out = None
         if training:
             loss = loss / batch_size
             metrics["acc"] = n_correct / max(1, n_labels)
-        return RolloutOutput(loss=loss, steps=steps, results=env.results(), metrics=metrics)
+            if use_objects:
+                og_out = og_loss / batch_size
+                loss = loss + self.og_weight * og_out
+                metrics.update({"og_loss": float(og_out.detach()), "og_acc": n_og_correct / max(1, n_og),
+                                "og_labels": float(n_og)})
+        results = env.results()
+        if use_objects:
+            for i, entry in enumerate(results):
+                obj = nav.predicted_objects[i]
+                entry["predObjId"] = int(obj) if obj is not None else -1
+        return RolloutOutput(loss=loss, steps=steps, results=results, metrics=metrics, og_loss=og_out)
 
     @staticmethod
     def _move_env(env: E.NavBatchEnv, nav: MapNavigator, synced: list[int]) -> list[E.Observation]:

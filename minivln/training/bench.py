@@ -60,18 +60,19 @@ def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
                   max_instr_len: int = 80, device: torch.device, seed: int = 0) -> Callable[[int], None]:
     from minivln.training.distributed import seed_everything
     from minivln.training.pretrain import (
-        TASKS, PretrainConfig, PretrainTask, build_datasets, build_pretrainer, resolve_data,
+        PretrainConfig, PretrainTask, build_datasets, build_pretrainer, resolve_data, resolve_mix, resolve_objects,
     )
     from minivln.training.pretrain_data import features_have_classes
 
     cfg = PretrainConfig(model=preset, task=task, data_dir=data_dir, features=features, val_splits=[],
                          batch_size=batch_size, max_instr_len=max_instr_len)
     cfg.train.seed = seed
+    mix = resolve_mix(cfg)
     data, feats = resolve_data(cfg)
-    mix = {t: float(getattr(cfg.mix, t, 0.0)) for t in TASKS}
     if not features_have_classes(feats):
         mix["mrc"] = 0.0
-    train_ds, _ = build_datasets(cfg, data, feats, with_classes=mix.get("mrc", 0.0) > 0)
+    train_ds, _ = build_datasets(cfg, data, feats, with_classes=mix.get("mrc", 0.0) > 0,
+                                 objects=resolve_objects(cfg, data))
     seed_everything(seed)
     model = build_pretrainer(cfg)
     return _make_step(model, PretrainTask(train_ds, batch_size, mix, seed=seed), device)

@@ -1,4 +1,4 @@
-"""Fine-tuning a DUET navigation agent on R2R with DAgger (``DUET_INTERFACE.md`` §7).
+"""Fine-tuning a DUET navigation agent on R2R or REVERIE with DAgger (``DUET_INTERFACE.md`` §7).
 
 One iteration = a teacher-forced rollout (loss x ``ml_weight``) on one batch, then a sampled rollout
 with labels from the 'spl' expert (loss x 1) on the next batch, both through the shared
@@ -13,6 +13,14 @@ a seeded random agent's (``"random"``) and whether the features are stand-in.
 ``data_dir: toy`` builds the toy world under ``RUN/toy_data`` and its stand-in features at
 ``RUN/toy_features.h5`` (unless ``features`` names a file); fine-tuning then starts from scratch.
 
+``task: reverie`` (VLN-DUET's ``reverie/agent_obj.py`` and ``run_reverie.sh``) needs a model with
+objects (e.g. ``duet-cpu-reverie``) and an object feature file (``objects``; with ``data_dir: toy``
+the stand-in one is built at ``RUN/toy_objects.h5``).  The goal of a REVERIE episode is decided by
+``reverie_goal`` (see :data:`REVERIE_GOALS`); the rollouts add the object-grounding loss (x
+``og_weight``) where the target is visible, log it (``loss/og_teacher``, ``loss/og_sample``,
+``acc/og_sample``), and the submissions carry ``predObjId``; validation reports the REVERIE metrics
+of the :class:`Evaluator` (``sr``, ``oracle_sr``, ``spl``, ``rgs``, ``rgspl``, ``trajectory_length``).
+
 Command line::
 
     minivln finetune --config configs/toy-teacher.yaml --out RUN [--resume] [key=value ...]
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +44,17 @@ from minivln.training.trainer import OptimConfig, TaskOutput, TrainConfig
 
 RANDOM_STOP_PROB = 1.0 / 6.0
 
+#: How the goal of a REVERIE *training* episode is chosen (evaluation always scores visibility):
+#: ``"random"``: VLN-DUET's ``run_reverie.sh`` (``--multi_endpoints``): every time an episode is drawn
+#: its goal becomes a viewpoint drawn uniformly among those from which the target is visible and its
+#: path a shortest path to it; the expert heads there and the episode stops there.
+#: ``"annotated"``: VLN-DUET's agent without that option: the expert heads for, and the episode stops
+#: at, the annotated goal ``path[-1]`` (``agent_obj.py`` ``_teacher_action``).
+#: ``"nearest"``: every viewpoint from which the target is visible is a goal: the expert heads for the
+#: nearest one and the episode stops at any of them (the rule of ``DUET_INTERFACE.md`` §8 for
+#: pre-training SAP labels, and the line upstream left commented out in ``_teacher_action``).
+REVERIE_GOALS = ("random", "annotated", "nearest")
+
 
 def _default_train() -> TrainConfig:
     return TrainConfig(
@@ -46,16 +66,19 @@ def _default_train() -> TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    """A fine-tuning run.  Defaults are DUET's R2R script (batch 8, lr 1e-5, 200k iterations)."""
+    """A fine-tuning run.  Defaults are DUET's R2R script (batch 8, lr 1e-5, 200k iterations); the
+    REVERIE-only fields (``objects``, ``reverie_goal``, ``og_weight``, ``max_objects``) default to DUET's
+    REVERIE script."""
 
-    model: str = "duet-r2r"  # registry preset (minivln.model.registry)
+    model: str = "duet-r2r"  # registry preset (minivln.model.registry); REVERIE: one with objects
     model_overrides: dict = field(default_factory=dict)  # DUETConfig fields replaced in the preset
     init_checkpoint: str = ""  # pre-trained / fine-tuned weights to start from ("" = from scratch)
     text_init: str = ""  # "minilm": text encoder from the offline all-MiniLM-L6-v2 BERT (hidden 384 only)
-    task: str = "r2r"
+    task: str = "r2r"  # "r2r" or "reverie"
     data_dir: str = ""  # "" = $MINIVLN_DATA; "toy" = a toy world built under RUN/toy_data
     toy_seed: int = 0
     features: str = ""  # view features (HDF5); "" with data_dir=toy: RUN/toy_features.h5, built if missing
+    objects: str = ""  # REVERIE object features (HDF5); "" with data_dir=toy: RUN/toy_objects.h5, built if missing
     train_split: str = "train"
     val_splits: list[str] = field(default_factory=lambda: ["val_seen", "val_unseen"])
     val_max_episodes: int = 0  # validate on the first N episodes of each split (0 = all)
@@ -66,14 +89,21 @@ class FinetuneConfig:
     max_instr_len: int = 200
     feat_dropout: float = 0.4
     expert: str = "spl"
+    reverie_goal: str = "random"  # REVERIE training goal rule, one of REVERIE_GOALS (DUET's script: random)
+    og_weight: float = 1.0  # REVERIE: OG loss weight within each rollout (upstream: 1, no separate weight)
+    max_objects: int = 20  # REVERIE: objects per viewpoint in training rollouts (0 = all; DUET: 20); eval: all
     num_threads: int = 0  # torch CPU threads (0 = torch's default); 1 is fastest on a busy small CPU
     random_seed: int = 0  # the random baseline of metrics.json
     random_stop_prob: float = RANDOM_STOP_PROB
     train: TrainConfig = field(default_factory=_default_train)
 
     def check(self) -> None:
-        if self.task != "r2r":
-            raise ConfigError(f"task: only r2r fine-tuning is implemented, got {self.task!r}")
+        if self.task not in ("r2r", "reverie"):
+            raise ConfigError(f"task: 'r2r' or 'reverie', got {self.task!r}")
+        if self.reverie_goal not in REVERIE_GOALS:
+            raise ConfigError(f"reverie_goal: one of {REVERIE_GOALS}, got {self.reverie_goal!r}")
+        if self.og_weight < 0 or self.max_objects < 0:
+            raise ConfigError("og_weight and max_objects must be >= 0")
         if self.expert != "spl":
             raise ConfigError(f"expert: only 'spl' is implemented, got {self.expert!r}")
         if self.batch_size < 1 or self.val_batch_size < 1 or self.max_action_len < 1 or self.max_instr_len < 3:
@@ -91,41 +121,79 @@ class Resources:
     data_dir: Path
     features: Any  # FeatureStore
     graphs: Any
+    objects: Any = None  # ObjectFeatureStore (REVERIE)
+    goals: Any = None  # ReverieGoals (REVERIE)
 
 
-def prepare_data(cfg: FinetuneConfig, run_dir: Path, image_feat_size: int = 768) -> Resources:
-    """Resolve the data directory and feature file (building the toy world / its features)."""
+def prepare_data(cfg: FinetuneConfig, run_dir: Path, image_feat_size: int = 768,
+                 obj_feat_size: int = 0) -> Resources:
+    """Resolve the data directory and feature files (building the toy world / its features).
+
+    REVERIE (``cfg.task == "reverie"``) also opens the object features (``obj_feat_size`` wide; the
+    model must use objects) and the goal sets (:class:`~minivln.data.reverie.ReverieGoals`)."""
     from minivln.data.graph import Graphs
     from minivln.features.hdf5 import FeatureStore
     from minivln.paths import resolve_data_dir
 
+    reverie = cfg.task == "reverie"
+    if reverie and obj_feat_size <= 0:
+        raise ConfigError(f"task reverie needs a model with objects (obj_feat_size > 0), e.g. "
+                          f"model=duet-cpu-reverie; {cfg.model!r} has none")
+    objs: Path | None = None
     if cfg.data_dir == "toy":
         from minivln.data.toyworld import ensure_toy_world
 
         data_dir = ensure_toy_world(run_dir / "toy_data", cfg.toy_seed)
         feats = Path(cfg.features) if cfg.features else run_dir / "toy_features.h5"
-        if not feats.exists():
+        if reverie:
+            objs = Path(cfg.objects) if cfg.objects else run_dir / "toy_objects.h5"
+        need_views, need_objs = not feats.exists(), objs is not None and not objs.exists()
+        if need_views or need_objs:
             from minivln.features.standin import StandinConfig, build_standin
 
-            print(f"building stand-in features for the toy world -> {feats}", flush=True)
-            build_standin(data_dir, feats, cfg=StandinConfig(dim=image_feat_size))
+            # the builder writes views and objects together; views that exist already are kept
+            views_out = feats if need_views else run_dir / ".toy_features_unused.h5"
+            print(f"building stand-in features for the toy world -> {views_out if need_views else ''}"
+                  f"{' ' + str(objs) if need_objs else ''}", flush=True)
+            build_standin(data_dir, views_out, objects_out=objs if need_objs else None,
+                          cfg=StandinConfig(dim=image_feat_size))
+            if not need_views:
+                views_out.unlink(missing_ok=True)
     else:
         data_dir = resolve_data_dir(cfg.data_dir or None)
         if not cfg.features:
             raise ConfigError("features: a view feature file is required (or use data_dir=toy)")
         feats = Path(cfg.features)
+        if reverie:
+            if not cfg.objects:
+                raise ConfigError("objects: an object feature file is required for REVERIE (or use data_dir=toy)")
+            objs = Path(cfg.objects)
     store = FeatureStore(feats, expected_dim=image_feat_size)
-    return Resources(Path(data_dir), store, Graphs(data_dir))
+    graphs = Graphs(data_dir)
+    res = Resources(Path(data_dir), store, graphs)
+    if objs is not None:
+        from minivln.data.reverie import ReverieGoals
+        from minivln.features.hdf5 import ObjectFeatureStore
+
+        res.objects = ObjectFeatureStore(objs, expected_dim=obj_feat_size)
+        res.goals = ReverieGoals(data_dir, graphs)
+    return res
 
 
 def make_env(cfg: FinetuneConfig, res: Resources, split: str, *, batch_size: int, shuffle: bool,
-             seed: int = 0, max_episodes: int = 0):
+             seed: int = 0, max_episodes: int = 0, goal_sets: bool = False):
+    """The split's environment; ``goal_sets``: every viewpoint from which a REVERIE target is
+    visible is a goal (``reverie_goal: nearest``), else the goal is ``episode.goal``."""
     from minivln.data.datasets import load_episodes
     from minivln.env.env import NavBatchEnv
 
     episodes = load_episodes(cfg.task, split, res.data_dir)
     if max_episodes:
         episodes = episodes[:max_episodes]
+    if goal_sets:
+        return NavBatchEnv(episodes, res.graphs, batch_size=batch_size, features=res.features,
+                           max_steps=cfg.max_action_len, shuffle=shuffle, seed=seed,
+                           goals=res.goals.episode_goals)
     return NavBatchEnv(episodes, res.graphs, batch_size=batch_size, features=res.features,
                        max_steps=cfg.max_action_len, shuffle=shuffle, seed=seed)
 
@@ -142,15 +210,35 @@ class FinetuneTask:
     and, in ``outputs``, the per-step records of both rollouts (``teacher_steps``, ``sample_steps``:
     lists of :class:`~minivln.training.agent.StepRecord` with the fused logits) for distillation.
     Single-process only (under DDP every rank would draw the same batches).
+
+    ``random_endpoints`` (REVERIE, ``reverie_goal: random``; needs ``goals``): each drawn episode's
+    goal is replaced by a viewpoint drawn among those from which its target is visible, and its path by
+    a shortest path to it (VLN-DUET's ``--multi_endpoints``), with a seeded generator kept in the
+    task's state (resume draws the same goals).
     """
 
-    def __init__(self, agent, env, ml_weight: float = 0.2) -> None:
+    def __init__(self, agent, env, ml_weight: float = 0.2, *, goals=None, random_endpoints: bool = False,
+                 seed: int = 0) -> None:
+        if random_endpoints and goals is None:
+            raise ValueError("random_endpoints needs goals (ReverieGoals)")
         self.agent = agent
         self.env = env
         self.ml_weight = ml_weight
+        self.goals = goals
+        self.random_endpoints = random_endpoints
+        self.endpoint_rng = random.Random(seed)
+
+    def _draw(self) -> list:
+        episodes = self.env.next_batch()
+        if not self.random_endpoints:
+            return episodes
+        from minivln.data.reverie import with_random_endpoint
+
+        return [with_random_endpoint(ep, self.goals.episode_goals(ep), self.env.house(ep.scan), self.endpoint_rng)
+                for ep in episodes]
 
     def next_batch(self, index: int) -> dict[str, list]:
-        return {"teacher": self.env.next_batch(), "sample": self.env.next_batch()}
+        return {"teacher": self._draw(), "sample": self._draw()}
 
     def compute(self, model, batch, teacher=None) -> TaskOutput:
         self.agent.model = model
@@ -161,19 +249,28 @@ class FinetuneTask:
             ml = self.agent.rollout(self.env, batch["teacher"], "teacher")
             loss = loss + self.ml_weight * ml.loss
             metrics.update({"loss/teacher": ml.loss.detach(), "acc/teacher": ml.metrics["acc"]})
+            if ml.og_loss is not None:
+                metrics.update({"loss/og_teacher": ml.og_loss.detach(), "acc/og_teacher": ml.metrics["og_acc"]})
             outputs["teacher_steps"] = ml.steps
         sm = self.agent.rollout(self.env, batch["sample"], "sample")
         loss = loss + sm.loss
         metrics.update({"loss/sample": sm.loss.detach(), "acc/sample": sm.metrics["acc"],
                         "steps/sample": sm.metrics["steps"]})
+        if sm.og_loss is not None:
+            metrics.update({"loss/og_sample": sm.og_loss.detach(), "acc/og_sample": sm.metrics["og_acc"]})
         outputs["sample_steps"] = sm.steps
         return TaskOutput(loss=loss, metrics=metrics, outputs=outputs)
 
     def state_dict(self) -> dict:
-        return {"env": self.env.state_dict()}
+        if not self.random_endpoints:
+            return {"env": self.env.state_dict()}
+        return {"env": self.env.state_dict(), "endpoint_rng": self.endpoint_rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
         self.env.load_state_dict(state["env"])
+        if "endpoint_rng" in state:
+            rng = state["endpoint_rng"]
+            self.endpoint_rng.setstate((rng[0], tuple(rng[1]), rng[2]))
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -193,12 +290,20 @@ def run_agent(agent, env, progress: bool = False) -> list[dict]:
 
 def random_baseline(cfg: FinetuneConfig, res: Resources, split: str = "val_unseen") -> dict[str, float]:
     """A seeded random walker's metrics: a uniformly random neighbour each step, STOP with probability
-    ``random_stop_prob`` (1/6: 5 moves expected) before each move, at most ``max_action_len`` moves."""
+    ``random_stop_prob`` (1/6: 5 moves expected) before each move, at most ``max_action_len`` moves.
+    REVERIE: ``predObjId`` is drawn uniformly (seed ``random_seed``) among the objects of the object
+    feature file at the final viewpoint (-1 when there are none)."""
     from minivln.env.env import evaluate_policy, make_random_policy
     from minivln.evaluation.evaluator import Evaluator
 
     env = make_env(cfg, res, split, batch_size=64, shuffle=False)
     preds = evaluate_policy(env, make_random_policy(cfg.random_seed, cfg.random_stop_prob))
+    if cfg.task == "reverie":
+        rng = random.Random(cfg.random_seed)
+        scans = {ep.instr_id: ep.scan for ep in env.episodes}
+        for p in preds:
+            ids = [int(x) for x in res.objects.get(scans[p["instr_id"]], p["trajectory"][-1][0]).obj_ids]
+            p["predObjId"] = ids[rng.randrange(len(ids))] if ids else -1
     summary, _ = Evaluator(cfg.task, split, res.data_dir).score(preds)
     return summary
 
@@ -266,12 +371,21 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     model = build_model(cfg)
-    res = prepare_data(cfg, run_dir, model.config.image_feat_size)
-    agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
-                      expert=cfg.expert, features=res.features)
-    train_env = make_env(cfg, res, cfg.train_split, batch_size=cfg.batch_size, shuffle=True,
-                         seed=cfg.train.seed)
-    task = FinetuneTask(agent, train_env, cfg.ml_weight)
+    res = prepare_data(cfg, run_dir, model.config.image_feat_size, model.config.obj_feat_size)
+    if cfg.task == "reverie":
+        agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
+                          expert=cfg.expert, features=res.features, objects=res.objects, goals=res.goals,
+                          og_weight=cfg.og_weight, max_objects=cfg.max_objects or None)
+        train_env = make_env(cfg, res, cfg.train_split, batch_size=cfg.batch_size, shuffle=True,
+                             seed=cfg.train.seed, goal_sets=cfg.reverie_goal == "nearest")
+        task = FinetuneTask(agent, train_env, cfg.ml_weight, goals=res.goals,
+                            random_endpoints=cfg.reverie_goal == "random", seed=cfg.train.seed)
+    else:
+        agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
+                          expert=cfg.expert, features=res.features)
+        train_env = make_env(cfg, res, cfg.train_split, batch_size=cfg.batch_size, shuffle=True,
+                             seed=cfg.train.seed)
+        task = FinetuneTask(agent, train_env, cfg.ml_weight)
     validator = Validator(cfg, res, agent, run_dir)
     trainer = Trainer(model, task, cfg.train, validate=validator, run_config=cfg)
     validator.trainer = trainer
@@ -293,6 +407,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = dict(val.get("val_unseen", {}))
     if "val_unseen" in load_split_names(cfg, res):
         metrics["random"] = random_baseline(cfg, res, "val_unseen")
+    if cfg.task == "reverie":
+        metrics.update({"task": "reverie", "reverie_goal": cfg.reverie_goal,
+                        "object_features": "stand-in" if res.objects.is_standin else "real"})
     metrics.update({
         "features": "stand-in" if res.features.is_standin else "real",
         "split": "val_unseen",
@@ -301,7 +418,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "model": cfg.model,
         "parameters": sum(p.numel() for p in model.parameters()),
         "random_agent": f"uniform random neighbour, STOP with p={cfg.random_stop_prob:.4g} before each move, "
-                        f"at most {cfg.max_action_len} moves, seed {cfg.random_seed}",
+                        f"at most {cfg.max_action_len} moves, seed {cfg.random_seed}"
+                        + (", predObjId uniform among the final viewpoint's objects" if cfg.task == "reverie" else ""),
         "wall_s": round(time.perf_counter() - t0, 1),
     })
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -325,9 +443,10 @@ def load_split_names(cfg: FinetuneConfig, res: Resources) -> list[str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a DUET agent on R2R (DAgger, DUET's recipe)",
+    p = sub.add_parser("finetune", help="fine-tune a DUET agent on R2R or REVERIE (DAgger, DUET's recipe)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=None, help="YAML config (e.g. configs/toy-teacher.yaml)")
+    p.add_argument("--config", default=None,
+                   help="YAML config (e.g. configs/toy-teacher.yaml, configs/toy-teacher-reverie.yaml)")
     p.add_argument("--out", required=True, help="run directory (train.run_dir)")
     p.add_argument("--resume", action="store_true", help="continue RUN/latest")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=10")
@@ -341,7 +460,8 @@ def _main(args: argparse.Namespace) -> int:
     cfg = load_config(FinetuneConfig, args.config, overrides)
     metrics = finetune(cfg)
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    print(json.dumps({"val_unseen": {k: shown[k] for k in ("sr", "spl") if k in shown},
-                      "random": {k: metrics.get("random", {}).get(k) for k in ("sr", "spl")}}))
+    keys = ("sr", "spl") if cfg.task == "r2r" else ("sr", "spl", "rgs", "rgspl")
+    print(json.dumps({"val_unseen": {k: shown[k] for k in keys if k in shown},
+                      "random": {k: metrics.get("random", {}).get(k) for k in keys}}))
     print(f"metrics: {Path(cfg.train.run_dir) / 'metrics.json'}")
     return 0

@@ -2,12 +2,16 @@
 
     minivln navigate --checkpoint RUN/model --task r2r --split val_unseen \\
         [--data-dir D] [--features F.h5] --out DIR
+    minivln navigate --checkpoint RUN/model --task reverie --split val_unseen \\
+        [--data-dir D] [--features F.h5] [--objects O.h5] --out DIR
 
 ``--checkpoint`` is a ``save_pretrained`` directory (``RUN/model`` of ``minivln finetune``), a
 fine-tuning run directory (its ``model/`` is used; its data directory and features are the defaults
 of ``--data-dir``/``--features``), or any checkpoint :func:`~minivln.model.checkpoint.load_duet`
 reads.  Writes ``DIR/submission_<split>.json`` (leaderboard format) and, when the split has goals,
-``DIR/metrics_<split>.json`` (the metrics of ``minivln eval``).
+``DIR/metrics_<split>.json`` (the metrics of ``minivln eval``).  REVERIE needs a model with objects
+and an object feature file (``--objects``; default: the run's); each submission entry carries
+``predObjId``, the arg-max object recorded at the final viewpoint (-1 when it shows none).
 """
 
 from __future__ import annotations
@@ -46,29 +50,31 @@ def _run_defaults(checkpoint: Path) -> dict[str, Any]:
     if cfg.get("data_dir") == "toy":
         out["data_dir"] = str(run / "toy_data")
         out["features"] = cfg.get("features") or str(run / "toy_features.h5")
+        if cfg.get("task") == "reverie":
+            out["objects"] = cfg.get("objects") or str(run / "toy_objects.h5")
     else:
-        if cfg.get("data_dir"):
-            out["data_dir"] = cfg["data_dir"]
-        if cfg.get("features"):
-            out["features"] = cfg["features"]
+        for key in ("data_dir", "features", "objects"):
+            if cfg.get(key):
+                out[key] = cfg[key]
     return out
 
 
 def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, data_dir: str | None = None,
-             features: str | None = None, batch_size: int = 16, max_action_len: int | None = None,
-             max_instr_len: int | None = None, progress: bool = False) -> dict[str, Any]:
+             features: str | None = None, objects: str | None = None, batch_size: int = 16,
+             max_action_len: int | None = None, max_instr_len: int | None = None,
+             progress: bool = False) -> dict[str, Any]:
     """Run the agent over ``split``; returns ``{"submission": path, "metrics": summary or None}``."""
     from minivln.data.datasets import load_episodes
     from minivln.data.graph import Graphs
     from minivln.env.env import NavBatchEnv, write_submission
     from minivln.evaluation.evaluator import Evaluator
-    from minivln.features.hdf5 import FeatureStore
+    from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
     from minivln.paths import resolve_data_dir
     from minivln.training.agent import DUETAgent
     from minivln.training.finetune import run_agent
 
-    if task != "r2r":
-        raise DataError(f"navigate: only the r2r agent is implemented, got task {task!r}")
+    if task not in ("r2r", "reverie"):
+        raise DataError(f"navigate: task must be 'r2r' or 'reverie', got {task!r}")
     defaults = _run_defaults(Path(checkpoint))
     data_dir = data_dir or defaults.get("data_dir")
     features = features or defaults.get("features")
@@ -78,10 +84,20 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
     max_instr_len = max_instr_len or int(defaults.get("max_instr_len", 200))
     root = resolve_data_dir(data_dir)
     model = load_agent_model(checkpoint)
+    obj_store = None
+    if task == "reverie":
+        if not model.config.use_objects:
+            raise DataError(f"navigate: task reverie needs a model with objects (obj_feat_size > 0); "
+                            f"{checkpoint} has none")
+        objects = objects or defaults.get("objects")
+        if not objects:
+            raise DataError("navigate: --objects is required for REVERIE (object features, HDF5)")
+        obj_store = ObjectFeatureStore(objects, expected_dim=model.config.obj_feat_size)
     store = FeatureStore(features, expected_dim=model.config.image_feat_size)
     episodes = load_episodes(task, split, root)
     env = NavBatchEnv(episodes, Graphs(root), batch_size=batch_size, features=store, max_steps=max_action_len)
-    agent = DUETAgent(model, max_action_len=max_action_len, max_instr_len=max_instr_len, features=store)
+    agent = DUETAgent(model, max_action_len=max_action_len, max_instr_len=max_instr_len, features=store,
+                      objects=obj_store)
     preds = run_agent(agent, env, progress=progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +108,8 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
         summary, _ = Evaluator(task, split, root).score(preds)
         record = {**summary, "features": "stand-in" if store.is_standin else "real",
                   "checkpoint": str(checkpoint), "split": split}
+        if obj_store is not None:
+            record.update({"task": task, "object_features": "stand-in" if obj_store.is_standin else "real"})
         atomic_write_text(out / f"metrics_{split}.json", json.dumps(record, indent=2) + "\n")
     return {"submission": str(sub_path), "metrics": summary}
 
@@ -100,10 +118,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("navigate", help="run a trained agent on a split; write the submission (+ metrics)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="RUN/model, a finetune run dir, or a DUET checkpoint")
-    p.add_argument("--task", default="r2r", choices=("r2r",))
+    p.add_argument("--task", default="r2r", choices=("r2r", "reverie"))
     p.add_argument("--split", required=True)
     p.add_argument("--data-dir", default=None, help="data directory (default: the run's, else $MINIVLN_DATA)")
     p.add_argument("--features", default=None, help="view features HDF5 (default: the run's)")
+    p.add_argument("--objects", default=None, help="REVERIE object features HDF5 (default: the run's)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -114,7 +133,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     res = navigate(args.checkpoint, args.task, args.split, args.out, data_dir=args.data_dir,
-                   features=args.features, batch_size=args.batch_size, progress=True)
+                   features=args.features, objects=args.objects, batch_size=args.batch_size, progress=True)
     print(f"submission: {res['submission']}")
     if res["metrics"] is not None:
         print(json.dumps(res["metrics"]))

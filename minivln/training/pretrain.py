@@ -1,4 +1,4 @@
-"""DUET pretraining: MLM, SAP and MRC on ground-truth path prefixes (``minivln pretrain``).
+"""DUET pretraining: MLM, SAP, MRC and OG on ground-truth path prefixes (``minivln pretrain``).
 
 Each training iteration samples ONE task (seeded by the iteration index, mixing ratios in
 ``mix``), draws a batch of episodes (a seeded permutation per epoch, so ``next_batch(index)`` is a
@@ -10,14 +10,19 @@ graph (:mod:`minivln.training.pretrain_data`):
   (:class:`~minivln.model.pretrain_heads.DUETPretrainer`) and the MLM head (decoder tied to the
   word embeddings) predicts the masked tokens; loss CE.
 * **sap**: with probability ``sap_stop_prob`` the full path (label STOP), else a prefix ending at a
-  random earlier path node (label = next path node); loss CE(global) + CE(local) + CE(fused).
+  random earlier path node (label = next path node; REVERIE: the "nearest goal" label,
+  :func:`~minivln.training.pretrain_data.nearest_goal_slot`); loss CE(global) + CE(local) + CE(fused).
 * **mrc**: the full path; 15 % of the current node's view tokens (at least one) get zero features;
   the classifier on their local outputs predicts the stored class distribution; loss KL(target ||
   prediction).  Needs features with class distributions (stand-in files have them).
+* **og** (REVERIE, models with objects): the full path; the OG head on the local outputs of the
+  current node's object tokens predicts the episode's target object (``objId``); loss CE (states
+  whose current node does not list the target are ignored).
 
-OG (REVERIE object grounding) is not implemented yet.  At the end the navigation weights are
-exported with :func:`~minivln.model.checkpoint.save_pretrained` to ``RUN/pretrained`` (fine-tuning
-starts from them with ``init: RUN/pretrained``).
+With ``task: reverie`` and a model with objects (``obj_feat_size > 0``) every panorama of every task
+carries the viewpoint's object tokens after its view tokens, as upstream.  At the end the
+navigation weights are exported with :func:`~minivln.model.checkpoint.save_pretrained` to
+``RUN/pretrained`` (fine-tuning starts from them with ``init: RUN/pretrained``).
 """
 
 from __future__ import annotations
@@ -36,10 +41,15 @@ import torch.nn.functional as F
 from minivln.model.agent_inputs import masked_mean
 from minivln.model.pretrain_heads import DUETPretrainer
 from minivln.training.distributed import get_rank, get_world_size, shard
-from minivln.training.pretrain_data import PrefixDataset, collate_states, features_have_classes
+from minivln.training.pretrain_data import (
+    IGNORE_LABEL,
+    PrefixDataset,
+    collate_states,
+    features_have_classes,
+)
 from minivln.training.trainer import TaskOutput, TrainConfig
 
-TASKS = ("mlm", "sap", "mrc")
+TASKS = ("mlm", "sap", "mrc", "og")
 
 
 # ----------------------------------------------------------------------------------- config
@@ -52,6 +62,7 @@ class TaskMix:
     mlm: float = 1.0
     sap: float = 1.0
     mrc: float = 1.0
+    og: float | None = None  # None = 1 with task reverie and a model with objects, else 0
 
 
 @dataclass
@@ -62,13 +73,17 @@ class PretrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # DUETConfig fields to replace
     text_init: str = ""  # "minilm": text encoder from the offline all-MiniLM-L6-v2 BERT (hidden 384 only)
     init: str = ""  # optional weights to start from (save_pretrained dir or DUET checkpoint)
-    task: str = "r2r"  # annotations: "r2r" or "reverie" (REVERIE: paths + SAP/MLM/MRC, no OG yet)
+    task: str = "r2r"  # annotations: "r2r" or "reverie" (nearest-goal SAP labels; objects + OG with
+    #                    a model that has obj_feat_size > 0)
     data_dir: str = ""  # "" = $MINIVLN_DATA (ignored with toy: true)
     toy: bool = False  # use the toy world (built on first use in toy_dir)
     toy_dir: str = "runs/toyworld"
     toy_seed: int = 0
     features: str = ""  # view feature HDF5; "" with toy: stand-in built at TOY_DIR/standin_views.h5;
     #                     "synthetic": seeded random features (timing/tests only)
+    objects: str = ""  # REVERIE object HDF5 (models with obj_feat_size > 0); "" with toy: stand-in at
+    #                    TOY_DIR/standin_objects.h5; "synthetic" (default with features: synthetic):
+    #                    seeded random features at the BBox objects (timing/tests only)
     train_split: str = "train"
     val_splits: list[str] = field(default_factory=lambda: ["val_seen", "val_unseen"])
     val_batches: int = 4  # batches per split and task in each validation
@@ -96,7 +111,7 @@ def encode_states(duet: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, 
     b = cur_embeds.size(0)
     ones = torch.ones(b, 1, dtype=torch.bool, device=cur_embeds.device)
     nav_types = batch["pano"]["nav_types"][cur]
-    return {
+    nav = {
         "txt_embeds": txt_embeds,
         "txt_masks": batch["txt_masks"],
         "gmap_img_embeds": gmap_img_embeds,
@@ -112,19 +127,43 @@ def encode_states(duet: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, 
         "vp_nav_masks": torch.cat([ones, nav_types == 1], 1),
         "vp_cand_vpids": batch["vp_cand_vpids"],
     }
+    if "obj_img_fts" in batch["pano"]:
+        zeros = torch.zeros(b, 1, dtype=torch.bool, device=cur_embeds.device)
+        nav["vp_obj_masks"] = torch.cat([zeros, nav_types == 2], 1)
+    return nav
 
 
 def _acc(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(-1) == labels).float().mean()
+    """Accuracy over the labels that are not -100 (NaN when there are none)."""
+    sel = labels != IGNORE_LABEL
+    return (logits[sel].argmax(-1) == labels[sel]).float().mean()
+
+
+def _put_acc(metrics: dict[str, Any], key: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """``metrics[key] = accuracy`` when some label is not -100 (else the key stays absent)."""
+    if bool((labels != IGNORE_LABEL).any()):
+        metrics[key] = _acc(logits, labels)
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the rows whose label is not -100 (rows are selected first, so rows that
+    are -inf everywhere never enter); 0 (still attached to ``anchor``'s graph) when there are none."""
+    sel = labels != IGNORE_LABEL
+    if not bool(sel.any()):
+        return anchor.sum() * 0.0
+    return F.cross_entropy(logits[sel], labels[sel])
 
 
 def sap_loss(outs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     gl, ll = batch["global_labels"], batch["local_labels"]
-    loss = (F.cross_entropy(outs["global_logits"], gl) + F.cross_entropy(outs["local_logits"], ll)
-            + F.cross_entropy(outs["fused_logits"], gl))
-    return loss, {"loss/sap": loss.detach(), "acc/sap_fused": _acc(outs["fused_logits"], gl),
-                  "acc/sap_global": _acc(outs["global_logits"], gl),
-                  "acc/sap_local": _acc(outs["local_logits"], ll)}
+    anchor = outs["gmap_embeds"]
+    loss = (_ce(outs["global_logits"], gl, anchor) + _ce(outs["local_logits"], ll, anchor)
+            + _ce(outs["fused_logits"], gl, anchor))
+    metrics: dict[str, Any] = {"loss/sap": loss.detach()}
+    _put_acc(metrics, "acc/sap_fused", outs["fused_logits"], gl)
+    _put_acc(metrics, "acc/sap_global", outs["global_logits"], gl)
+    _put_acc(metrics, "acc/sap_local", outs["local_logits"], ll)
+    return loss, metrics
 
 
 def mlm_loss(model: DUETPretrainer, text: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -146,6 +185,20 @@ def mrc_loss(model: DUETPretrainer, vp_embeds: torch.Tensor, batch: Mapping[str,
     return loss, {"loss/mrc": loss.detach(), "acc/mrc": (logp.argmax(-1) == t.argmax(-1)).float().mean()}
 
 
+def og_loss(outs: Mapping[str, Any], batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Object grounding: CE of the OG logits (local rows, -inf outside the object tokens) against
+    the target object's row; states without the target among their objects are ignored."""
+    logits = outs.get("obj_logits")
+    if logits is None or "og_labels" not in batch:
+        raise ValueError("OG needs a model with objects (obj_feat_size > 0) and a batch with object "
+                         "tokens (task reverie with an object store)")
+    labels = batch["og_labels"]
+    loss = _ce(logits.float(), labels, outs["vp_embeds"])
+    metrics: dict[str, Any] = {"loss/og": loss.detach()}
+    _put_acc(metrics, "acc/og", logits, labels)
+    return loss, metrics
+
+
 def compute_task(model: DUETPretrainer, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Loss and metrics of one batch of the task named ``batch['task']``."""
     task = batch["task"]
@@ -158,6 +211,8 @@ def compute_task(model: DUETPretrainer, batch: Mapping[str, Any]) -> tuple[torch
         return sap_loss(outs, batch)
     if task == "mrc":
         return mrc_loss(model, outs["vp_embeds"], batch)
+    if task == "og":
+        return og_loss(outs, batch)
     raise ValueError(f"unknown pretraining task {task!r}")
 
 
@@ -175,9 +230,11 @@ class PretrainTask:
         self.sap_stop_prob = sap_stop_prob
         self.rank = get_rank() if rank is None else rank
         self.world_size = get_world_size() if world_size is None else world_size
-        self.tasks = [t for t in TASKS if mix.get(t, 0.0) > 0]
+        self.tasks = [t for t in TASKS if (mix.get(t) or 0.0) > 0]
         if not self.tasks:
             raise ValueError("every task ratio is 0")
+        if "og" in self.tasks and getattr(dataset, "objects", None) is None:
+            raise ValueError("the OG task needs object tokens: a REVERIE dataset built with an object store")
         w = np.array([mix[t] for t in self.tasks], dtype=np.float64)
         self.probs = w / w.sum()
         if dataset.num_episodes < batch_size:
@@ -229,9 +286,9 @@ class PretrainTask:
 def make_validate(datasets: Mapping[str, PrefixDataset], tasks: Sequence[str], batch_size: int,
                   n_batches: int, seed: int = 0, sap_stop_prob: float = 0.2):
     """``validate(model) -> {split: {mlm_acc, sap_fused_acc, sap_global_acc, sap_local_acc,
-    mrc_acc, <task>_loss}}`` on fixed, seeded batches of each split (the same every time)."""
+    mrc_acc, og_acc, <task>_loss}}`` on fixed, seeded batches of each split (the same every time)."""
     names = {"acc/mlm": "mlm_acc", "acc/sap_fused": "sap_fused_acc", "acc/sap_global": "sap_global_acc",
-             "acc/sap_local": "sap_local_acc", "acc/mrc": "mrc_acc"}
+             "acc/sap_local": "sap_local_acc", "acc/mrc": "mrc_acc", "acc/og": "og_acc"}
 
     def validate(model: torch.nn.Module) -> dict[str, Any]:
         device = next(model.parameters()).device
@@ -288,24 +345,123 @@ def resolve_data(cfg: PretrainConfig) -> tuple[Path, Any]:
         if not path.exists():
             from minivln.features.standin import build_standin
 
-            print(f"building STAND-IN features (not from images) for the toy world at {path}", flush=True)
-            build_standin(data_dir, path, dtype="float16")
+            objs = Path(data_dir) / "standin_objects.h5"
+            with_objs = model_uses_objects(cfg)[0] and not cfg.objects and not objs.exists()
+            what = "view and object features" if with_objs else "features"
+            print(f"building STAND-IN {what} (not from images) for the toy world at {path}", flush=True)
+            build_standin(data_dir, path, objects_out=objs if with_objs else None, dtype="float16")
     return data_dir, FeatureStore(path)
 
 
-def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_classes: bool
-                   ) -> tuple[PrefixDataset, dict[str, PrefixDataset]]:
+def model_uses_objects(cfg: PretrainConfig) -> tuple[bool, int]:
+    """(whether the configured model takes object tokens, its ``obj_feat_size``)."""
+    from minivln.model.registry import get_config
+
+    mcfg = get_config(cfg.model, **cfg.model_overrides)
+    return bool(mcfg.use_objects), int(mcfg.obj_feat_size)
+
+
+def resolve_mix(cfg: PretrainConfig) -> dict[str, float]:
+    """The task ratios of a config, checked: ``mix.og`` None (default) becomes 1 with task reverie
+    and a model with objects, else 0; OG and object models need REVERIE (ConfigError otherwise)."""
+    from minivln.config import ConfigError
+
+    if cfg.task not in ("r2r", "reverie"):
+        raise ConfigError(f"task: expected 'r2r' or 'reverie', got {cfg.task!r}")
+    use_objects, obj_dim = model_uses_objects(cfg)
+    if use_objects and cfg.task != "reverie":
+        raise ConfigError(f"model {cfg.model!r} takes object tokens (obj_feat_size={obj_dim}) but task is "
+                          f"{cfg.task!r}: objects are REVERIE-only (task: reverie, or a model without objects)")
+    if use_objects and not (cfg.objects or cfg.features == "synthetic" or cfg.toy):
+        raise ConfigError(
+            f"model {cfg.model!r} takes object tokens: give objects: PATH (a REVERIE object HDF5, e.g. "
+            "the stand-in from 'minivln features build ... --objects-out') or objects: synthetic")
+    og = cfg.mix.og
+    if og is None:
+        og = 1.0 if cfg.task == "reverie" and use_objects else 0.0
+    if og > 0 and cfg.task != "reverie":
+        raise ConfigError(f"mix.og={og}: object grounding needs task: reverie (R2R has no target objects)")
+    if og > 0 and not use_objects:
+        raise ConfigError(
+            f"mix.og={og}: object grounding needs a model with object inputs and an OG head, but "
+            f"{cfg.model!r} has obj_feat_size=0; use a REVERIE preset (duet-reverie, minivln-reverie, "
+            "duet-cpu-reverie, minivln-cpu-reverie) or model_overrides: {obj_feat_size: 768} "
+            "(768 = stand-in object files)")
+    mix = {"mlm": float(cfg.mix.mlm), "sap": float(cfg.mix.sap), "mrc": float(cfg.mix.mrc), "og": float(og)}
+    if any(v < 0 for v in mix.values()):
+        raise ConfigError(f"mix: ratios must be >= 0, got {mix}")
+    return mix
+
+
+def resolve_objects(cfg: PretrainConfig, data_dir: Path) -> Any:
+    """The REVERIE object store of a config, or None when the model takes no objects.
+
+    ``objects: PATH`` = an :class:`~minivln.features.hdf5.ObjectFeatureStore`; ``"synthetic"`` (also
+    the default with ``features: synthetic``) = :class:`~minivln.training.pretrain_data.SyntheticObjects`;
+    ``""`` with ``toy: true`` = the stand-in object file ``TOY_DIR/standin_objects.h5`` (built on
+    first use).  Errors (ConfigError) when objects are needed but none is given, or widths differ.
+    """
+    from minivln.config import ConfigError
+
+    use_objects, obj_dim = model_uses_objects(cfg)
+    if not use_objects:
+        return None
+    name = cfg.objects or ("synthetic" if cfg.features == "synthetic" else "")
+    if name == "synthetic":
+        from minivln.training.pretrain_data import SyntheticObjects
+
+        return SyntheticObjects(data_dir, dim=obj_dim, seed=cfg.toy_seed)
+    from minivln.features.hdf5 import ObjectFeatureStore
+
+    if name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"objects: object feature file {path} does not exist")
+    else:
+        if not cfg.toy:
+            raise ConfigError(
+                f"model {cfg.model!r} takes object tokens: give objects: PATH (a REVERIE object HDF5, e.g. "
+                "the stand-in from 'minivln features build ... --objects-out') or objects: synthetic")
+        path = Path(data_dir) / "standin_objects.h5"
+        if not path.exists():
+            import tempfile
+
+            from minivln.features.standin import build_standin
+
+            print(f"building STAND-IN object features (not from images) for the toy world at {path}", flush=True)
+            views = Path(data_dir) / "standin_views.h5"
+            with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+                # the builder always writes view features too: keep an existing view file untouched
+                view_out = views if not views.exists() else Path(tmp) / "views.h5"
+                build_standin(data_dir, view_out, objects_out=path, dtype="float16")
+    store = ObjectFeatureStore(path)
+    if store.dim != obj_dim:
+        raise ConfigError(f"objects: {path} holds {store.dim}-d object features but the model's "
+                          f"obj_feat_size is {obj_dim} (set model_overrides.obj_feat_size={store.dim})")
+    return store
+
+
+def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_classes: bool,
+                   objects: Any = None) -> tuple[PrefixDataset, dict[str, PrefixDataset]]:
+    """Train and validation :class:`PrefixDataset` of a config (REVERIE: nearest-goal labels from
+    the BBox goal sets, and object tokens when ``objects`` is given)."""
     from minivln.data.datasets import load_episodes
     from minivln.data.graph import Graphs
     from minivln.data.tokenizer import get_tokenizer
 
     graphs = Graphs(data_dir)
     tok = get_tokenizer()
+    goals = None
+    if cfg.task == "reverie":
+        from minivln.data.reverie import ReverieGoals
+
+        # goal set = the included viewpoints that see the target (the evaluator's success test)
+        goals = ReverieGoals(data_dir, graphs).episode_goals
 
     def make(split: str) -> PrefixDataset:
         eps = load_episodes(cfg.task, split, data_dir)
         return PrefixDataset(eps, graphs, features, tok.encode, max_instr_len=cfg.max_instr_len,
-                             angle_feat_size=4, with_classes=with_classes)
+                             angle_feat_size=4, with_classes=with_classes, objects=objects, goals=goals)
 
     return make(cfg.train_split), {s: make(s) for s in cfg.val_splits}
 
@@ -332,8 +488,9 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
 
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    mix = resolve_mix(cfg)
     data_dir, features = resolve_data(cfg)
-    mix = {t: float(getattr(cfg.mix, t)) for t in TASKS}
+    objects = resolve_objects(cfg, data_dir)
     has_classes = features_have_classes(features)
     if mix["mrc"] > 0 and not has_classes:
         print(f"MRC skipped: {getattr(features, 'path', features)} stores no class distributions", flush=True)
@@ -348,7 +505,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
             num_classes = int(np.asarray(features.classes(ds0.scan, ds0.path[0])).shape[1])
         except Exception:  # noqa: BLE001 - keep the default
             pass
-    train_ds, val_ds = build_datasets(cfg, data_dir, features, with_classes=mix["mrc"] > 0)
+    train_ds, val_ds = build_datasets(cfg, data_dir, features, with_classes=mix["mrc"] > 0, objects=objects)
     seed_everything(cfg.train.seed)
     model = build_pretrainer(cfg, num_classes=num_classes)
     task = PretrainTask(train_ds, cfg.batch_size, mix, seed=cfg.train.seed, sap_stop_prob=cfg.sap_stop_prob)
@@ -371,7 +528,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain DUET (MLM, SAP, MRC) on ground-truth path prefixes")
+    p = sub.add_parser("pretrain", help="pretrain DUET (MLM, SAP, MRC, REVERIE OG) on ground-truth path prefixes")
     p.add_argument("--config", default=None, help="YAML config (e.g. configs/toy-pretrain-teacher.yaml)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, exported weights)")
     p.add_argument("--resume", action="store_true", help="continue RUN/latest")
@@ -390,7 +547,11 @@ def _main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"minivln pretrain: {exc}", file=sys.stderr)
         return 2
-    out = run_pretraining(cfg)
+    try:
+        out = run_pretraining(cfg)
+    except ConfigError as exc:
+        print(f"minivln pretrain: {exc}", file=sys.stderr)
+        return 2
     val = out["val"]
     if val:
         print("validation: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(val.items())

@@ -10,7 +10,15 @@ order), stands at ``path[t]``, and its map is built from the environment's true 
   house's true shortest paths (not the agent's partial graph);
 * heading at ``path[0]`` is the episode's; at ``path[k]`` (k > 0) it is the direction of the view in
   which ``path[k]`` is seen from ``path[k-1]`` (as the agent would face after the move);
-* the action label is the next path node, or STOP (``None``) at the end of the path.
+* the action label is the next path node, or STOP (``None``) at the end of the path (R2R); with a
+  REVERIE goal set (``goals``: the viewpoints that see the target object,
+  :meth:`minivln.data.reverie.ReverieGoals.episode_goals`) it is the "nearest goal" label instead
+  (:func:`minivln.training.agent.nearest_goal_slot`): STOP at a goal viewpoint, else the ghost ``n``
+  minimising ``d(current, n) + min_g d(n, g)`` (global slot) and the candidate row minimising the
+  same over every candidate, visited or not (local label);
+* with an object store (REVERIE) every visited node's observation carries its objects (object tokens
+  after the view tokens in the panorama) and ``og_label`` is the index of the episode's ``objId``
+  among the current node's objects (-1 when it is not there).
 
 Everything is pure Python / numpy on the CPU; :func:`collate_states` turns a list of
 :class:`PrefixState` into one batch dict (panorama inputs of *every* visited node of every sample,
@@ -19,14 +27,18 @@ flattened, plus the global/local structure the model needs once the panoramas ar
 
 Features: anything with ``get(scan, vp) -> (36, D)`` and (for MRC) ``classes(scan, vp) -> (36, C)``
 (:class:`~minivln.features.hdf5.FeatureStore`), or :class:`SyntheticFeatures` (seeded random
-features with a random class distribution, for tests and speed runs; NOT image features).
+features with a random class distribution, for tests and speed runs; NOT image features).  Objects:
+anything with ``get(scan, vp) -> ObjectFeatures`` and ``dim``
+(:class:`~minivln.features.hdf5.ObjectFeatureStore`), or :class:`SyntheticObjects` (the BBox objects
+of each viewpoint with seeded random features).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -46,9 +58,12 @@ from minivln.model.graph_map import (
     relative_direction,
     view_direction,
 )
+from minivln.training.agent import nearest_goal_slot
 
 #: Random replacement ids of MLM (BERT uncased: the first real word piece .. the last).
 MLM_RANDOM_LOW, MLM_RANDOM_HIGH = 1996, 29610  # inclusive
+#: Label of a state without a valid target (cross-entropy's default ``ignore_index``).
+IGNORE_LABEL = -100
 
 
 # ----------------------------------------------------------------------------------- features
@@ -89,6 +104,66 @@ class SyntheticFeatures:
         return self._entry(scan, vp)[1]
 
 
+class SyntheticObjects:
+    """REVERIE objects of every viewpoint from the ``BBox`` files (ids, directions, box sizes as the
+    stand-in object file has them, :func:`minivln.features.standin.load_house_objects`) with seeded
+    random ``(K, dim)`` features per (scan, object id).  NOT image features: for tests and timing."""
+
+    is_standin = True
+    description = "SYNTHETIC random object features (not from images) at the BBox objects"
+
+    def __init__(self, data_dir: str | Path, dim: int = 768, seed: int = 0) -> None:
+        self.data_dir = Path(data_dir)
+        self.dim, self.seed = dim, seed
+        self._graphs = Graphs(self.data_dir)
+        self._houses: dict[str, dict[str, Any]] = {}
+
+    def _house(self, scan: str) -> dict[str, Any]:
+        hit = self._houses.get(scan)
+        if hit is None:
+            from minivln.features.hdf5 import ObjectFeatures
+            from minivln.features.standin import EMBED_DIM, _object_features, load_house_objects
+
+            house = self._graphs[scan]
+            objs = load_house_objects(house, self.data_dir)
+            hit = {}
+            for i, vp in enumerate(house.vp_ids):
+                # the stand-in's own per-viewpoint object list (same ids, order, directions and
+                # boxes as a stand-in object file); its features are replaced below
+                base = _object_features(i, objs, np.zeros((len(objs.names), EMBED_DIM), np.float32),
+                                        np.zeros(EMBED_DIM, np.float32))
+                fts = np.stack([self._feature(scan, int(o)) for o in base.obj_ids], 0) if len(base) \
+                    else np.zeros((0, self.dim), np.float32)
+                hit[vp] = ObjectFeatures(fts, base.obj_ids, base.directions, base.sizes, base.bboxes,
+                                         base.view_ids, base.names)
+            self._houses[scan] = hit
+        return hit
+
+    def _feature(self, scan: str, obj_id: int) -> np.ndarray:
+        digest = hashlib.sha256(f"obj/{self.seed}/{scan}/{obj_id}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        return rng.standard_normal(self.dim).astype(np.float32)
+
+    def get(self, scan: str, vp: str) -> Any:
+        objs = self._house(scan).get(vp)
+        if objs is None:
+            raise KeyError(f"viewpoint {vp!r} is not an included viewpoint of scan {scan}")
+        return objs
+
+
+def attach_objects(ob: Observation, objects: Any) -> Observation:
+    """Fill the object fields of ``ob`` from an ``ObjectFeatures`` (the agent's REVERIE
+    observation): directions relative to the discretised current view, sizes (w, h), ids."""
+    base_h, base_e = view_direction(ob.view_index)
+    dirs = np.asarray(objects.directions, dtype=np.float64).reshape(-1, 2)
+    ob.obj_features = np.asarray(objects.fts, dtype=np.float32)
+    ob.obj_rel_headings = dirs[:, 0] - base_h
+    ob.obj_rel_elevations = dirs[:, 1] - base_e
+    ob.obj_sizes = np.asarray(objects.sizes, dtype=np.float32).reshape(-1, 2)
+    ob.obj_ids = [int(x) for x in np.asarray(objects.obj_ids).tolist()]
+    return ob
+
+
 def features_have_classes(store: Any) -> bool:
     """Whether ``store`` can give MRC targets (a class distribution per view)."""
     return bool(getattr(store, "has_classes", False)) and hasattr(store, "classes")
@@ -111,11 +186,14 @@ class PrefixState:
     gmap_pos_fts: np.ndarray  # (G, A+3)
     gmap_pair_dists: np.ndarray  # (G, G)
     vp_pos_fts: np.ndarray  # (1 + #candidates, 2(A+3)) rows for [stop] and candidates
-    next_vp: str | None  # label: next GT node, None = STOP
+    next_vp: str | None  # label node (R2R: next GT node; REVERIE: nearest-goal node), None = STOP
     global_label: int
     local_label: int
     view_classes: np.ndarray | None = None  # (36, C) class distribution of the current node
     token_views: list[int] = field(default_factory=list)  # view index of each current-node token
+    uses_objects: bool = False  # observations carry object tokens
+    og_label: int = -1  # index of the target object among the current node's objects (-1: none)
+    goals: frozenset[str] | None = None  # REVERIE goal set used for the labels
 
     @property
     def current(self) -> str:
@@ -172,8 +250,14 @@ def build_state(
     *,
     angle_feat_size: int = 4,
     with_classes: bool = False,
+    objects: Any = None,
+    goals: Collection[str] | None = None,
 ) -> PrefixState:
-    """The state of ``episode`` after visiting ``path[0..t]`` (see the module docstring)."""
+    """The state of ``episode`` after visiting ``path[0..t]`` (see the module docstring).
+
+    ``objects``: an object store (adds object tokens to every observation and sets ``og_label``);
+    ``goals``: the REVERIE goal set (nearest-goal labels instead of the next path node).
+    """
     path = list(episode.path)
     if not 0 <= t < len(path):
         raise IndexError(f"prefix end {t} outside path of length {len(path)}")
@@ -190,10 +274,13 @@ def build_state(
             heading, elevation = view_direction(seen.point_id)
         view_index = geo.discretised_view(heading, elevation)
         cands = _to_map_candidates(house, vp, heading, elevation)
-        obs.append(Observation(
+        ob = Observation(
             viewpoint=vp, view_index=view_index, heading=heading, elevation=elevation,
             position=house.position(vp), view_features=features.get(episode.scan, vp), candidates=cands,
-        ))
+        )
+        if objects is not None:
+            attach_objects(ob, objects.get(episode.scan, vp))
+        obs.append(ob)
     visited: list[str] = []
     for vp in path[: t + 1]:
         if vp not in visited:
@@ -219,9 +306,23 @@ def build_state(
     if cand_ids:
         vp_pos[1:, size:] = true_pos_fts(house, cur.viewpoint, cand_ids, cur.heading, cur.elevation,
                                          angle_feat_size)
-    next_vp = path[t + 1] if t + 1 < len(path) else None
-    global_label = 0 if next_vp is None else vpids.index(next_vp)
-    local_label = 0 if next_vp is None else 1 + cand_ids.index(next_vp)
+    if goals is None:
+        next_vp = path[t + 1] if t + 1 < len(path) else None
+        global_label = 0 if next_vp is None else vpids.index(next_vp)
+        local_label = 0 if next_vp is None else 1 + cand_ids.index(next_vp)
+    else:
+        goals = frozenset(goals)
+        visited_set = set(visited)
+        # global: over the ghosts (visited slots are -inf in the global logits); local: the same
+        # rule over every candidate row, visited neighbours included (their rows are valid actions)
+        global_label = nearest_goal_slot(vpids, [vp in visited_set for vp in vpids], cur.viewpoint, goals,
+                                         house.distance)
+        local_label = nearest_goal_slot([None] + cand_ids, [False] * (1 + len(cand_ids)), cur.viewpoint,
+                                        goals, house.distance)
+        next_vp = vpids[global_label] if global_label else None
+    og_label = -1
+    if objects is not None and episode.obj_id is not None and cur.obj_ids:
+        og_label = cur.obj_ids.index(int(episode.obj_id)) if int(episode.obj_id) in cur.obj_ids else -1
     classes = None
     if with_classes:
         classes = np.asarray(features.classes(episode.scan, cur.viewpoint), dtype=np.float32)
@@ -231,7 +332,8 @@ def build_state(
         gmap_step_ids=[step_ids.get(vp, 0) if vp is not None else 0 for vp in vpids],
         gmap_pos_fts=pos, gmap_pair_dists=pair, vp_pos_fts=vp_pos, next_vp=next_vp,
         global_label=global_label, local_label=local_label, view_classes=classes,
-        token_views=token_view_indices(cur),
+        token_views=token_view_indices(cur), uses_objects=objects is not None, og_label=og_label,
+        goals=None if goals is None else frozenset(goals),
     )
 
 
@@ -242,6 +344,9 @@ class PrefixDataset:
     scan to its :class:`~minivln.data.graph.House` (e.g. :class:`~minivln.data.graph.Graphs`),
     ``tokenize(text) -> ids`` encodes instructions (``[CLS] ... [SEP]``).  Items are pure functions
     of the index (deterministic).  :meth:`state` builds any (episode, prefix end) pair.
+    REVERIE: ``objects`` (an object store) puts object tokens into every panorama and gives
+    ``og_label``; ``goals(episode) -> goal viewpoints`` (e.g.
+    :meth:`~minivln.data.reverie.ReverieGoals.episode_goals`) switches the SAP labels to "nearest goal".
     """
 
     def __init__(
@@ -254,8 +359,12 @@ class PrefixDataset:
         max_instr_len: int = 80,
         angle_feat_size: int = 4,
         with_classes: bool = False,
+        objects: Any = None,
+        goals: Callable[[Episode], Collection[str]] | None = None,
     ) -> None:
         self.episodes = [e for e in episodes if len(e.path) >= 1]
+        self.objects = objects
+        self.goals = goals
         self.graphs = graphs
         self.features = features
         self.tokenize = tokenize
@@ -291,7 +400,8 @@ class PrefixDataset:
     def state(self, e: int, t: int) -> PrefixState:
         ep = self.episodes[e]
         return build_state(ep, t, self.graphs[ep.scan], self.features, self.txt_ids(e),
-                           angle_feat_size=self.angle_feat_size, with_classes=self.with_classes)
+                           angle_feat_size=self.angle_feat_size, with_classes=self.with_classes,
+                           objects=self.objects, goals=None if self.goals is None else self.goals(ep))
 
     def __getitem__(self, i: int) -> PrefixState:
         return self.state(*self.locate(i))
@@ -350,7 +460,9 @@ def collate_states(
     node, last = current); ``gmap_*`` (everything of the global branch except the image embeddings);
     ``vp_pos_fts``, ``vp_cand_vpids``; ``global_labels``/``local_labels`` (SAP); with ``mrc_rng``:
     ``mrc_rows`` (B, K) token rows of the current node whose features are zeroed (-1 = pad) and
-    ``mrc_targets`` (B, K, C).
+    ``mrc_targets`` (B, K, C).  With objects (states built with an object store) the panoramas
+    carry object tokens after the views, and ``og_labels`` (B,) is the local row (``1 + view_len +
+    index``) of the target object of the current node, -100 where it is not there.
     """
     b = len(states)
     txt, labels = [], []
@@ -373,7 +485,13 @@ def collate_states(
     for s in states:
         node_index.append(list(range(len(flat_obs), len(flat_obs) + len(s.obs))))
         flat_obs.extend(s.obs)
-    pano = build_panorama_inputs(flat_obs, angle_feat_size, use_objects=False)
+    use_objects = any(s.uses_objects for s in states)
+    pano = build_panorama_inputs(flat_obs, angle_feat_size, use_objects=use_objects)
+    if use_objects and pano.obj_img_fts is not None and pano.obj_img_fts.size(-1) == 0:
+        # no object anywhere in the batch: keep the feature width for the model's projection
+        dim = max((ob.obj_features.shape[1] for ob in flat_obs
+                   if ob.obj_features is not None and ob.obj_features.ndim == 2), default=0)
+        pano.obj_img_fts = torch.zeros(*pano.obj_img_fts.shape[:2], dim)
     if mrc_rng is not None:
         rows_b, targets_b = [], []
         for s, idx in zip(states, node_index):
@@ -441,5 +559,9 @@ def collate_states(
     out["vp_cand_vpids"] = [[None] + list(pano.cand_vpids[c]) for c in cur_idx]
     out["global_labels"] = torch.tensor([s.global_label for s in states], dtype=torch.long)
     out["local_labels"] = torch.tensor([s.local_label for s in states], dtype=torch.long)
+    if use_objects:
+        out["og_labels"] = torch.tensor(
+            [1 + int(pano.view_lens[c]) + s.og_label if s.og_label >= 0 else IGNORE_LABEL
+             for s, c in zip(states, cur_idx)], dtype=torch.long)
     return out
 
