@@ -89,6 +89,8 @@ class FinetuneConfig:
     max_instr_len: int = 200
     feat_dropout: float = 0.4
     expert: str = "spl"
+    feedback: str = "sample"  # "sample": DAgger (teacher-forced x ml_weight + sampled); "teacher": imitation only
+    teacher_weight: float = 1.0  # loss weight of the teacher-forced pass with feedback: teacher
     reverie_goal: str = "random"  # REVERIE training goal rule, one of REVERIE_GOALS (DUET's script: random)
     og_weight: float = 1.0  # REVERIE: OG loss weight within each rollout (upstream: 1, no separate weight)
     max_objects: int = 20  # REVERIE: objects per viewpoint in training rollouts (0 = all; DUET: 20); eval: all
@@ -104,6 +106,8 @@ class FinetuneConfig:
             raise ConfigError(f"reverie_goal: one of {REVERIE_GOALS}, got {self.reverie_goal!r}")
         if self.og_weight < 0 or self.max_objects < 0:
             raise ConfigError("og_weight and max_objects must be >= 0")
+        if self.feedback not in ("sample", "teacher"):
+            raise ConfigError(f"feedback: 'sample' (DAgger) or 'teacher' (imitation), got {self.feedback!r}")
         if self.expert != "spl":
             raise ConfigError(f"expert: only 'spl' is implemented, got {self.expert!r}")
         if self.batch_size < 1 or self.val_batch_size < 1 or self.max_action_len < 1 or self.max_instr_len < 3:
@@ -209,7 +213,14 @@ class FinetuneTask:
     draws a new batch, for each).  ``compute`` returns the loss ``ml_weight * L_teacher + L_sample``
     and, in ``outputs``, the per-step records of both rollouts (``teacher_steps``, ``sample_steps``:
     lists of :class:`~minivln.training.agent.StepRecord` with the fused logits) for distillation.
-    Single-process only (under DDP every rank would draw the same batches).
+
+    ``feedback="teacher"`` runs the teacher-forced pass alone (loss x ``teacher_weight``; VLN-DUET's
+    ``--feedback teacher``: plain imitation learning).
+
+    Under DDP every rank draws the same global batches (same environment seed) and rolls out its own
+    contiguous share (``batch_size`` must divide by the number of ranks); each rank's loss is the mean
+    over its share, and DDP's gradient average makes it the mean over the global batch.  Sampled
+    actions come from each rank's own random stream.
 
     ``random_endpoints`` (REVERIE, ``reverie_goal: random``; needs ``goals``): each drawn episode's
     goal is replaced by a viewpoint drawn among those from which its target is visible, and its path by
@@ -218,9 +229,20 @@ class FinetuneTask:
     """
 
     def __init__(self, agent, env, ml_weight: float = 0.2, *, goals=None, random_endpoints: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, feedback: str = "sample", teacher_weight: float = 1.0,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        from minivln.training.distributed import get_rank, get_world_size
+
         if random_endpoints and goals is None:
             raise ValueError("random_endpoints needs goals (ReverieGoals)")
+        if feedback not in ("sample", "teacher"):
+            raise ValueError(f"feedback: 'sample' or 'teacher', got {feedback!r}")
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+        if env.batch_size % self.world_size:
+            raise ValueError(f"batch size {env.batch_size} is not divisible by {self.world_size} ranks")
+        self.feedback = feedback
+        self.teacher_weight = teacher_weight
         self.agent = agent
         self.env = env
         self.ml_weight = ml_weight
@@ -238,20 +260,27 @@ class FinetuneTask:
                 for ep in episodes]
 
     def next_batch(self, index: int) -> dict[str, list]:
-        return {"teacher": self._draw(), "sample": self._draw()}
+        from minivln.training.distributed import shard
+
+        if self.feedback == "teacher":
+            return {"teacher": list(shard(self._draw(), self.rank, self.world_size))}
+        return {k: list(shard(self._draw(), self.rank, self.world_size)) for k in ("teacher", "sample")}
 
     def compute(self, model, batch, teacher=None) -> TaskOutput:
         self.agent.model = model
         metrics: dict[str, float] = {}
         loss = torch.zeros((), device=next(model.parameters()).device)
         outputs: dict[str, Any] = {}
-        if self.ml_weight:
+        weight = self.teacher_weight if self.feedback == "teacher" else self.ml_weight
+        if weight:
             ml = self.agent.rollout(self.env, batch["teacher"], "teacher")
-            loss = loss + self.ml_weight * ml.loss
+            loss = loss + weight * ml.loss
             metrics.update({"loss/teacher": ml.loss.detach(), "acc/teacher": ml.metrics["acc"]})
             if ml.og_loss is not None:
                 metrics.update({"loss/og_teacher": ml.og_loss.detach(), "acc/og_teacher": ml.metrics["og_acc"]})
             outputs["teacher_steps"] = ml.steps
+        if self.feedback == "teacher":
+            return TaskOutput(loss=loss, metrics=metrics, outputs=outputs)
         sm = self.agent.rollout(self.env, batch["sample"], "sample")
         loss = loss + sm.loss
         metrics.update({"loss/sample": sm.loss.detach(), "acc/sample": sm.metrics["acc"],
@@ -359,7 +388,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the content of ``RUN/metrics.json``."""
     from minivln.model.checkpoint import save_pretrained
     from minivln.training.checkpoint import find_checkpoint, load_checkpoint
-    from minivln.training.distributed import seed_everything
+    from minivln.training import distributed as D
     from minivln.training.agent import DUETAgent
     from minivln.training.trainer import Trainer
 
@@ -369,9 +398,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.train.seed)
+    info = D.init_distributed(cfg.train.device)  # before the task, which shards batches by rank
+    D.seed_everything(cfg.train.seed)
     model = build_model(cfg)
+    if info.world_size > 1 and info.rank != 0:
+        torch.distributed.barrier()  # rank 0 builds what is missing (toy world, stand-in features) first
     res = prepare_data(cfg, run_dir, model.config.image_feat_size, model.config.obj_feat_size)
+    if info.world_size > 1 and info.rank == 0:
+        torch.distributed.barrier()
     if cfg.task == "reverie":
         agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
                           expert=cfg.expert, features=res.features, objects=res.objects, goals=res.goals,
@@ -379,13 +413,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         train_env = make_env(cfg, res, cfg.train_split, batch_size=cfg.batch_size, shuffle=True,
                              seed=cfg.train.seed, goal_sets=cfg.reverie_goal == "nearest")
         task = FinetuneTask(agent, train_env, cfg.ml_weight, goals=res.goals,
-                            random_endpoints=cfg.reverie_goal == "random", seed=cfg.train.seed)
+                            random_endpoints=cfg.reverie_goal == "random", seed=cfg.train.seed,
+                            feedback=cfg.feedback, teacher_weight=cfg.teacher_weight)
     else:
         agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
                           expert=cfg.expert, features=res.features)
         train_env = make_env(cfg, res, cfg.train_split, batch_size=cfg.batch_size, shuffle=True,
                              seed=cfg.train.seed)
-        task = FinetuneTask(agent, train_env, cfg.ml_weight)
+        task = FinetuneTask(agent, train_env, cfg.ml_weight, feedback=cfg.feedback,
+                            teacher_weight=cfg.teacher_weight)
     validator = Validator(cfg, res, agent, run_dir)
     trainer = Trainer(model, task, cfg.train, validate=validator, run_config=cfg)
     validator.trainer = trainer
@@ -393,6 +429,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         trainer.fit()
     finally:
         trainer.close()
+    if not info.is_main:
+        return {}  # under DDP rank 0 alone exports and scores
 
     # export the best (else the last) weights, and write metrics.json
     best = trainer.best
@@ -459,6 +497,8 @@ def _main(args: argparse.Namespace) -> int:
         overrides.append("train.resume=true")
     cfg = load_config(FinetuneConfig, args.config, overrides)
     metrics = finetune(cfg)
+    if not metrics:  # a DDP rank other than 0
+        return 0
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     keys = ("sr", "spl") if cfg.task == "r2r" else ("sr", "spl", "rgs", "rgspl")
     print(json.dumps({"val_unseen": {k: shown[k] for k in keys if k in shown},

@@ -483,9 +483,10 @@ def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretra
 def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     """Train, validate, export; returns {'train': last log record, 'val': last validation, 'export': path}."""
     from minivln.model.checkpoint import save_pretrained
-    from minivln.training.distributed import seed_everything
+    from minivln.training.distributed import init_distributed, seed_everything
     from minivln.training.trainer import Trainer
 
+    init_distributed(cfg.train.device)  # before the task, which shards batches by rank
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     mix = resolve_mix(cfg)
