@@ -1,6 +1,6 @@
 """Training: the shared loop (:class:`Trainer`), checkpoints, logs, DDP helpers, ``minivln plot``.
 
-Names are imported lazily so that ``minivln --help`` (which registers ``minivln plot``) stays fast.
+Names are imported lazily so that ``minivln plot`` (whose module lives in this package) does not import torch.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ graph (:mod:`minivln.training.pretrain_data`):
   word embeddings) predicts the masked tokens; loss CE.
 * **sap**: with probability ``sap_stop_prob`` the full path (label STOP), else a prefix ending at a
   random earlier path node (label = next path node; REVERIE: the "nearest goal" label,
-  :func:`~minivln.training.pretrain_data.nearest_goal_slot`); loss CE(global) + CE(local) + CE(fused).
+  :func:`~minivln.training.agent.nearest_goal_slot`); loss CE(global) + CE(local) + CE(fused).
 * **mrc**: the full path; 15 % of the current node's view tokens (at least one) get zero features;
   the classifier on their local outputs predicts the stored class distribution; loss KL(target ||
   prediction).  Needs features with class distributions (stand-in files have them).
@@ -22,7 +22,7 @@ graph (:mod:`minivln.training.pretrain_data`):
 With ``task: reverie`` and a model with objects (``obj_feat_size > 0``) every panorama of every task
 carries the viewpoint's object tokens after its view tokens, as upstream.  At the end the
 navigation weights are exported with :func:`~minivln.model.checkpoint.save_pretrained` to
-``RUN/pretrained`` (fine-tuning starts from them with ``init: RUN/pretrained``).
+``RUN/pretrained`` (fine-tuning starts from them with ``init_checkpoint: RUN/pretrained``).
 """
 
 from __future__ import annotations
@@ -521,7 +521,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     export = Path(cfg.export) if cfg.export else Path(cfg.train.run_dir) / "pretrained"
     if trainer.dist.is_main:
         save_pretrained(model.duet, export, metadata={"source": "minivln pretrain"})
-        print(f"exported navigation weights to {export} (fine-tune with init: {export})", flush=True)
+        print(f"exported navigation weights to {export} (fine-tune with init_checkpoint: {export})", flush=True)
     return {"train": record, "val": trainer.last_val, "export": str(export)}
 
 
