@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--task", default="r2r", choices=("r2r",))
     q.add_argument("--no-baselines", action="store_true", help="skip the word-overlap baselines")
     q.add_argument("--limit", type=int, default=None, help="only the first N instructions")
+    q.add_argument("--every", type=int, default=1, metavar="N",
+                   help="only every N-th instruction (e.g. --split train --every 4: the subset the "
+                        "stand-in weights were chosen on)")
     q.add_argument("--json", default=None, help="also write the report as JSON here")
     q.set_defaults(func=_probe)
 
@@ -60,7 +63,8 @@ def _probe(args: argparse.Namespace) -> int:
     from minivln.paths import atomic_write_text
 
     report = run_probe(args.data_dir, args.features, split=args.split, task=args.task,
-                       baselines=not args.no_baselines, limit=args.limit, progress=sys.stderr.isatty())
+                       baselines=not args.no_baselines, limit=args.limit, every=args.every,
+                       progress=sys.stderr.isatty())
     print("\n".join(report.lines()))
     if args.json:
         atomic_write_text(args.json, report.to_json())

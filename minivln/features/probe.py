@@ -205,11 +205,15 @@ def embed_instructions(episodes: list[Episode], embedder: TextEmbedder | None = 
 
 def run_probe(data_dir: str | os.PathLike | None, features: str | os.PathLike | None, *,
               split: str = "val_unseen", task: str = "r2r", baselines: bool = True,
-              limit: int | None = None, progress: bool = False) -> ProbeReport:
-    """The probe on one split; ``features=None`` gives only the random and word-overlap figures."""
+              limit: int | None = None, every: int = 1, progress: bool = False) -> ProbeReport:
+    """The probe on one split; ``features=None`` gives only the random and word-overlap figures.
+    ``every``: only every N-th instruction (``episodes[::every]``, before ``limit``)."""
     t0 = time.perf_counter()
     root = resolve_data_dir(data_dir)
     episodes = load_episodes(task, split, root)
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
+    episodes = episodes[::every]
     if limit is not None:
         episodes = episodes[:limit]
     steps, single, off = probe_steps(episodes, root)

@@ -53,8 +53,9 @@ MASK_VALUE = -10000.0  # additive attention mask for padded keys (BERT conventio
 # Inference fast path for linear layers (see packed_linear).  Layers whose input and output are
 # both at least this wide run, on CPU in fp32, through a oneDNN matrix product with the weight
 # reordered once into its blocked layout: for the few-row products of one navigation step
-# (bert-base width, 16-60 rows) that was 1.3-1.8x faster than the default (MKL) path on the
-# 2-core benchmark CPU, and no faster for the student's 312-wide layers (docs/model.md, Speed).
+# (bert-base width, 16-60 rows) that was faster than the default (MKL) path on the 2-core
+# benchmark CPU in micro-benchmarks, and no faster for the student's 312-wide layers; the
+# end-to-end effect is what `minivln bench model` measures (docs/model.md, Speed).
 PREPACK_MIN_FEATURES = 512
 _ONEDNN_LINEAR = (
     torch.backends.mkldnn.is_available()
