@@ -138,13 +138,24 @@ class DUETPretrainer(nn.Module):
         """Delegates to the DUET network (so ``pretrainer(mode, batch)`` works like a DUET)."""
         return self.duet(mode, batch, taps=taps)
 
-    def navigation_with_text(self, nav_batch: dict[str, Any]) -> tuple[dict[str, Any], Tensor]:
+    def navigation_with_text(
+        self, nav_batch: dict[str, Any], taps: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], Tensor]:
         """'navigation' mode plus the language-update branch: returns (navigation outputs,
-        updated text (B, L, H) = global branch text + local branch text)."""
+        updated text (B, L, H) = global branch text + local branch text).
+
+        With ``taps`` (a dict), the navigation call's distillation taps (``global.*``, ``local.*``,
+        ``action_probs``; see :meth:`DUET.forward`) are merged into it; the language-update branch
+        itself records none.
+        """
         duet = self.duet
         with record_layer_inputs(duet.global_encoder.encoder) as g_in, \
                 record_layer_inputs(duet.local_encoder.encoder) as l_in:
-            outs = duet("navigation", nav_batch)
+            if taps is None:
+                outs = duet("navigation", nav_batch)
+            else:
+                outs, nav_taps = duet("navigation", nav_batch, taps=True)
+                taps.update(nav_taps)
         txt, txt_masks = nav_batch["txt_embeds"], nav_batch["txt_masks"]
         g_txt = self.global_lang(duet.global_encoder.encoder, txt, txt_masks, g_in, nav_batch["gmap_masks"])
         l_txt = self.local_lang(duet.local_encoder.encoder, txt, txt_masks, l_in, nav_batch["vp_masks"])

@@ -23,6 +23,10 @@ With ``task: reverie`` and a model with objects (``obj_feat_size > 0``) every pa
 carries the viewpoint's object tokens after its view tokens, as upstream.  At the end the
 navigation weights are exported with :func:`~minivln.model.checkpoint.save_pretrained` to
 ``RUN/pretrained`` (fine-tuning starts from them with ``init_checkpoint: RUN/pretrained``).
+
+Distillation (stage 1, groundwork): ``PretrainTask.compute(model, batch, teacher)`` also returns the
+student's and the frozen teacher's distillation taps on the same batch, which
+:class:`~minivln.distill.stage1.Stage1KD` turns into a loss (``docs/distillation.md``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from minivln.model.agent_inputs import masked_mean
+from minivln.model.duet import DUET
 from minivln.model.pretrain_heads import DUETPretrainer
 from minivln.training.distributed import get_rank, get_world_size, shard
 from minivln.training.pretrain_data import (
@@ -99,10 +104,26 @@ class PretrainConfig:
 # ----------------------------------------------------------------------------------- model side
 
 
-def encode_states(duet: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Run 'language' and 'panorama' on a collated batch and build the 'navigation' batch dict."""
-    txt_embeds = duet("language", {"txt_ids": batch["txt_ids"], "txt_masks": batch["txt_masks"]})
-    pano_embeds, pano_masks = duet("panorama", batch["pano"])
+def encode_states(duet: torch.nn.Module, batch: Mapping[str, Any],
+                  taps: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run 'language' and 'panorama' on a collated batch and build the 'navigation' batch dict.
+
+    With ``taps`` (a dict), both calls run with distillation taps, which are merged into it
+    (``text.*``, ``pano.*``; see :meth:`~minivln.model.duet.DUET.forward`), together with the token
+    masks of the two encoders, ``text.masks`` (B, L) and ``pano.masks`` (F, N) (bool, True = real;
+    F = every visited node's panorama of every sample).
+    """
+    lang = {"txt_ids": batch["txt_ids"], "txt_masks": batch["txt_masks"]}
+    if taps is None:
+        txt_embeds = duet("language", lang)
+        pano_embeds, pano_masks = duet("panorama", batch["pano"])
+    else:
+        txt_embeds, text_taps = duet("language", lang, taps=True)
+        (pano_embeds, pano_masks), pano_taps = duet("panorama", batch["pano"], taps=True)
+        taps.update(text_taps)
+        taps.update(pano_taps)
+        taps["text.masks"] = batch["txt_masks"]
+        taps["pano.masks"] = pano_masks
     n_flat, n_tok, hidden = pano_embeds.shape
     sources = torch.cat([masked_mean(pano_embeds, pano_masks), pano_embeds.reshape(n_flat * n_tok, hidden)], 0)
     gmap_img_embeds = batch["gmap_src_weights"].to(sources.dtype) @ sources  # (B, G, H)
@@ -199,14 +220,41 @@ def og_loss(outs: Mapping[str, Any], batch: Mapping[str, Any]) -> tuple[torch.Te
     return loss, metrics
 
 
-def compute_task(model: DUETPretrainer, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Loss and metrics of one batch of the task named ``batch['task']``."""
+def navigate(duet: torch.nn.Module, nav: Mapping[str, Any],
+             taps: dict[str, Any] | None = None) -> dict[str, Any]:
+    """'navigation' mode on a batch from :func:`encode_states`; with ``taps`` (a dict) its taps
+    (``global.*``, ``local.*``, ``action_probs``) and the masks ``global.masks`` (B, G) and
+    ``local.masks`` (B, 1 + N) are merged into it."""
+    if taps is None:
+        return duet("navigation", nav)
+    outs, nav_taps = duet("navigation", nav, taps=True)
+    taps.update(nav_taps)
+    add_navigation_masks(taps, nav)
+    return outs
+
+
+def add_navigation_masks(taps: dict[str, Any], nav: Mapping[str, Any]) -> None:
+    """``taps['global.masks']`` / ``taps['local.masks']``: the map-slot and viewpoint-token masks."""
+    taps["global.masks"] = nav["gmap_masks"]
+    taps["local.masks"] = nav["vp_masks"]
+
+
+def compute_task(model: DUETPretrainer, batch: Mapping[str, Any],
+                 taps: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Loss and metrics of one batch of the task named ``batch['task']``.
+
+    With ``taps`` (a dict), the student's distillation taps of every mode it runs are merged into
+    it, with the token masks of every encoder (``<p>.masks``; see :func:`encode_states` and
+    :func:`navigate`).  The loss is the same either way.
+    """
     task = batch["task"]
-    nav = encode_states(model.duet, batch)
+    nav = encode_states(model.duet, batch, taps)
     if task == "mlm":
-        outs, text = model.navigation_with_text(nav)
+        outs, text = model.navigation_with_text(nav, taps)
+        if taps is not None:
+            add_navigation_masks(taps, nav)
         return mlm_loss(model, text, batch["mlm_labels"])
-    outs = model.duet("navigation", nav)
+    outs = navigate(model.duet, nav, taps)
     if task == "sap":
         return sap_loss(outs, batch)
     if task == "mrc":
@@ -214,6 +262,26 @@ def compute_task(model: DUETPretrainer, batch: Mapping[str, Any]) -> tuple[torch
     if task == "og":
         return og_loss(outs, batch)
     raise ValueError(f"unknown pretraining task {task!r}")
+
+
+def navigation_network(model: torch.nn.Module) -> DUET:
+    """The DUET of ``model``: a :class:`DUET` itself, or a :class:`DUETPretrainer`'s ``.duet``."""
+    if isinstance(model, DUETPretrainer):
+        return model.duet
+    if isinstance(model, DUET):
+        return model
+    raise TypeError(f"expected a DUET or a DUETPretrainer, got {type(model).__name__}")
+
+
+def collect_taps(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The distillation taps of ``model`` (a :class:`DUET` or :class:`DUETPretrainer`) on a
+    pretraining batch: 'language', 'panorama' and 'navigation' with taps, merged, plus the token
+    masks ``<p>.masks`` of every encoder.  Gradients follow the caller's grad mode (the teacher
+    path of :meth:`PretrainTask.compute` runs it under ``torch.no_grad()``)."""
+    duet = navigation_network(model)
+    taps: dict[str, Any] = {}
+    navigate(duet, encode_states(duet, batch, taps), taps)
+    return taps
 
 
 # ----------------------------------------------------------------------------------- the task
@@ -273,8 +341,27 @@ class PretrainTask:
         return self.make_batch(task, episodes, rng)
 
     def compute(self, model: torch.nn.Module, batch: Any, teacher: torch.nn.Module | None = None) -> TaskOutput:
-        loss, metrics = compute_task(model, batch)
-        return TaskOutput(loss=loss, metrics=metrics)
+        """The task loss of ``model`` (a :class:`DUETPretrainer`) on ``batch``.
+
+        With a ``teacher`` (a :class:`DUET` or :class:`DUETPretrainer`, frozen by the caller; the
+        :class:`~minivln.training.trainer.Trainer` does it) the student also records its
+        distillation taps, ``outputs['taps']`` (every encoder of the modes it ran, with their
+        ``<p>.masks``), and the teacher runs on the same batch through the same modes under
+        ``torch.no_grad()``, ``teacher_outputs['taps']`` (the MLM language-update branch is not
+        run for it: it records no taps).  Without a teacher nothing is recorded and the cost is
+        unchanged.  The loss is the same either way; stage-1 KD adds its terms on top
+        (:class:`~minivln.distill.stage1.Stage1KD`).
+        """
+        if teacher is None:
+            loss, metrics = compute_task(model, batch)
+            return TaskOutput(loss=loss, metrics=metrics)
+        teacher_net = navigation_network(teacher)  # a clear error before any work
+        taps: dict[str, Any] = {}
+        loss, metrics = compute_task(model, batch, taps)
+        with torch.no_grad():
+            teacher_taps = collect_taps(teacher_net, batch)
+        return TaskOutput(loss=loss, metrics=metrics, outputs={"taps": taps},
+                          teacher_outputs={"taps": teacher_taps})
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # batches are a pure function of (seed, index)
