@@ -44,6 +44,16 @@ viewpoint's objects; no label when the target is not among them), divided by the
 For distillation every rollout keeps its per-step outputs (:attr:`RolloutOutput.steps`: fused logits,
 labels, slot ids, and the navigation inputs when ``keep_inputs=True``), and ``step_hook`` is called
 after every navigation forward pass with ``(t, outputs, navigation batch, labels)``.
+
+Stage-2 distillation (``rollout(..., teacher=duet)``): a frozen teacher DUET runs in lock-step with
+the student under ``torch.no_grad()``: 'language' on the same tokens, then at every step 'panorama'
+on the same panorama inputs and 'navigation' on the same map state.  The teacher keeps its own
+:class:`~minivln.model.agent_inputs.MapNavigator` (a shadow: its node features are the teacher's
+panorama outputs), which receives the same observations and the **student's** actions (and the same
+``stop`` flags), so its graph, slots, step ids and ended flags are the student's at every step (checked
+each step).  The student's text output, the teacher's, both panorama-encoder outputs with their masks,
+and the teacher's fused logits are recorded (:class:`TeacherStep`, :attr:`StepRecord.teacher`,
+:attr:`RolloutOutput.txt_embeds`, ...).  Without a teacher none of this runs or is recorded.
 """
 
 from __future__ import annotations
@@ -61,7 +71,8 @@ from minivln.data.reverie import ReverieGoals
 from minivln.data.tokenizer import PAD_ID, get_tokenizer
 from minivln.env import env as E
 from minivln.model import graph_map as G
-from minivln.model.agent_inputs import MapNavigator, NavigationBatch
+from minivln.model.agent_inputs import MapNavigator, NavigationBatch, PanoramaBatch
+from minivln.model.duet import DUET
 
 Feedback = Literal["teacher", "sample", "argmax"]
 FEEDBACKS = ("teacher", "sample", "argmax")
@@ -197,6 +208,19 @@ def teacher_slot(gmap_vpids: Sequence[Any], current: str, path: Sequence[str]) -
 
 
 @dataclass
+class TeacherStep:
+    """What the stage-2 teacher computed at one step, on the student's state (no gradient)."""
+
+    fused_logits: torch.Tensor  # (B, slots), the same slots (and -inf positions) as the student's
+    pano_embeds: torch.Tensor  # (B, N, H_teacher) panorama-encoder output
+    pano_masks: torch.Tensor  # (B, N) bool, True = real token (equal to the student's)
+    gmap_vpids: list[list[Any]]  # the shadow navigator's slots (equal to the student's)
+    viewpoints: list[str]  # the shadow navigator's current node per sample
+    active: list[bool]  # the shadow navigator's samples still navigating (equal to the student's)
+    obj_logits: torch.Tensor | None = None  # (B, 1+N) with objects, else None
+
+
+@dataclass
 class StepRecord:
     """One navigation step of a rollout (kept for distillation and tests)."""
 
@@ -210,6 +234,11 @@ class StepRecord:
     outputs: dict[str, Any] | None = None  # every navigation output (keep_inputs=True)
     obj_logits: torch.Tensor | None = None  # (B, 1+N) with objects (REVERIE), else None
     obj_labels: torch.Tensor | None = None  # (B,) OG labels (-100: none) in training with objects
+    # recorded only in a rollout with a teacher (stage-2 distillation), else None:
+    pano_embeds: torch.Tensor | None = None  # (B, N, H) the student's panorama-encoder output
+    pano_masks: torch.Tensor | None = None  # (B, N) bool
+    viewpoints: list[str] | None = None  # the current node of each sample
+    teacher: TeacherStep | None = None
 
 
 @dataclass
@@ -221,6 +250,10 @@ class RolloutOutput:
     results: list[dict] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     og_loss: torch.Tensor | None = None  # REVERIE training: OG CE_sum over steps / batch size
+    # recorded only in a rollout with a teacher (stage-2 distillation), else None:
+    txt_embeds: torch.Tensor | None = None  # (B, L, H) the student's text-encoder output
+    txt_masks: torch.Tensor | None = None  # (B, L) bool
+    teacher_txt_embeds: torch.Tensor | None = None  # (B, L, H_teacher)
 
 
 class DUETAgent:
@@ -300,8 +333,14 @@ class DUETAgent:
         step_hook: StepHook | None = None,
         keep_inputs: bool = False,
         generator: torch.Generator | None = None,
+        teacher: nn.Module | None = None,
     ) -> RolloutOutput:
-        """Run one batch (``episodes``, or the environment's next batch) to the end."""
+        """Run one batch (``episodes``, or the environment's next batch) to the end.
+
+        ``teacher``: a :class:`~minivln.model.duet.DUET` run in lock-step on the student's states
+        (stage-2 distillation; see the module docstring).  Its mode (eval) is the caller's business;
+        it runs under ``torch.no_grad()``.  The student's computation is the same with or without it.
+        """
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback must be one of {FEEDBACKS}, got {feedback!r}")
         training = feedback != "argmax"
@@ -334,6 +373,9 @@ class DUETAgent:
         txt_ids, txt_masks = self.encode_instructions([ep.instruction for ep in eps], device)
         txt_embeds = self.model("language", {"txt_ids": txt_ids, "txt_masks": txt_masks})
         txt_kv = self.model.precompute_text_kv(txt_embeds, txt_masks)
+        shadow = None
+        if teacher is not None:
+            shadow = _TeacherShadow(self._check_teacher(teacher, use_objects), nav, txt_ids, txt_masks)
 
         loss = torch.zeros((), device=device)
         og_loss = torch.zeros((), device=device)
@@ -342,7 +384,8 @@ class DUETAgent:
         for t in range(self.max_action_len):
             nav.begin_step(t)
             pano = nav.panorama_inputs(use_objects=True if use_objects else None)
-            pano_embeds, pano_masks = self.model("panorama", move_inputs(pano.model_inputs(), device))
+            pano_in = move_inputs(pano.model_inputs(), device)
+            pano_embeds, pano_masks = self.model("panorama", pano_in)
             nav.absorb_panorama(pano, pano_embeds, pano_masks)
             batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, txt_embeds, txt_masks)
             batch.inputs["txt_kv"] = txt_kv
@@ -355,6 +398,7 @@ class DUETAgent:
                 nav.record_scores(logits)
 
             active = [not bool(e) for e in nav.ended]
+            t_step = shadow.step(t, pano, pano_in, batch, active, use_objects) if shadow is not None else None
             labels = torch.full((batch_size,), IGNORE, dtype=torch.long)
             if training:
                 visited = batch.inputs["gmap_visited_masks"].tolist()
@@ -413,13 +457,21 @@ class DUETAgent:
                 inputs=batch.inputs if keep_inputs else None, outputs=outs if keep_inputs else None,
                 obj_logits=obj_logits, obj_labels=obj_labels,
             ))
+            if shadow is not None:
+                steps[-1].pano_embeds, steps[-1].pano_masks = pano_embeds, pano_masks
+                steps[-1].viewpoints = [ob.viewpoint for ob in nav.obs]
+                steps[-1].teacher = t_step
 
             stop = [nav.obs[i].viewpoint in goal_sets[i] for i in range(batch_size)] if training else None
             nav.act(t, actions, batch, stop=stop)
+            if shadow is not None:
+                shadow.nav.act(t, actions, shadow.batch, stop=stop)
             env_obs = self._move_env(env, nav, synced)
             nav.observe([nav.obs[i] if nav.ended[i] else
                          to_nav_observation(env_obs[i], self.features, objects, max_objects)
                          for i in range(batch_size)])
+            if shadow is not None:
+                shadow.nav.observe(nav.obs)
             if nav.all_ended:
                 break
 
@@ -440,7 +492,24 @@ class DUETAgent:
             for i, entry in enumerate(results):
                 obj = nav.predicted_objects[i]
                 entry["predObjId"] = int(obj) if obj is not None else -1
-        return RolloutOutput(loss=loss, steps=steps, results=results, metrics=metrics, og_loss=og_out)
+        out = RolloutOutput(loss=loss, steps=steps, results=results, metrics=metrics, og_loss=og_out)
+        if shadow is not None:
+            out.txt_embeds, out.txt_masks, out.teacher_txt_embeds = txt_embeds, txt_masks, shadow.txt_embeds
+        return out
+
+    def _check_teacher(self, teacher: nn.Module, use_objects: bool) -> DUET:
+        """The teacher must be a DUET that accepts the student's inputs."""
+        if not isinstance(teacher, DUET):
+            raise TypeError(f"the teacher must be a DUET, got {type(teacher).__name__} "
+                            "(for a DUETPretrainer pass its .duet)")
+        s_cfg, t_cfg = self.model.config, teacher.config
+        if t_cfg.image_feat_size != s_cfg.image_feat_size:
+            raise ValueError(f"the teacher takes {t_cfg.image_feat_size}-d view features, the student "
+                             f"{s_cfg.image_feat_size}-d: both must see the same panoramas")
+        if use_objects and (not t_cfg.use_objects or t_cfg.obj_feat_size != s_cfg.obj_feat_size):
+            raise ValueError(f"the student sees {s_cfg.obj_feat_size}-d object tokens, the teacher takes "
+                             f"{t_cfg.obj_feat_size if t_cfg.use_objects else 'no'} objects")
+        return teacher
 
     @staticmethod
     def _move_env(env: E.NavBatchEnv, nav: MapNavigator, synced: list[int]) -> list[E.Observation]:
@@ -463,6 +532,50 @@ class DUETAgent:
             if nav.ended[i]:
                 agent.done = True  # a final walk back was the last move
         return obs
+
+
+class _TeacherShadow:
+    """The stage-2 teacher's side of a rollout: its text, and a shadow :class:`MapNavigator` that
+    holds the teacher's node features and is stepped with the student's observations and actions."""
+
+    def __init__(self, teacher: DUET, nav: MapNavigator, txt_ids: torch.Tensor, txt_masks: torch.Tensor) -> None:
+        self.teacher = teacher
+        self.nav = MapNavigator(
+            nav.obs, max_action_len=nav.max_action_len, angle_feat_size=teacher.config.angle_feat_size,
+            enc_full_graph=nav.enc_full_graph, act_visited_nodes=nav.act_visited_nodes,
+        )
+        self.same_pano = teacher.config.angle_feat_size == nav.angle_feat_size
+        self.txt_masks = txt_masks
+        with torch.no_grad():
+            self.txt_embeds = teacher("language", {"txt_ids": txt_ids, "txt_masks": txt_masks})
+            self.txt_kv = teacher.precompute_text_kv(self.txt_embeds, txt_masks)
+        self.batch: NavigationBatch | None = None  # the teacher's navigation inputs of this step
+
+    def step(self, t: int, pano: PanoramaBatch, pano_in: dict[str, Any], student_batch: NavigationBatch,
+             student_active: list[bool], use_objects: bool) -> TeacherStep:
+        """The teacher's 'panorama' and 'navigation' at step ``t`` on the student's state."""
+        nav = self.nav
+        nav.begin_step(t)
+        if not self.same_pano:  # another angle-feature size: same tokens, the teacher's encoding
+            pano = nav.panorama_inputs(use_objects=True if use_objects else None)
+            pano_in = move_inputs(pano.model_inputs(), self.txt_masks.device)
+        with torch.no_grad():
+            pano_embeds, pano_masks = self.teacher("panorama", pano_in)
+            nav.absorb_panorama(pano, pano_embeds, pano_masks)
+            batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, self.txt_embeds, self.txt_masks)
+            batch.inputs["txt_kv"] = self.txt_kv
+            outs = self.teacher("navigation", batch.inputs)
+        active = [not bool(e) for e in nav.ended]
+        if (batch.gmap_vpids != student_batch.gmap_vpids or batch.no_vp_left != student_batch.no_vp_left
+                or active != student_active):
+            raise RuntimeError(f"step {t}: the teacher's map differs from the student's (lock-step broken)")
+        logits = outs["fused_logits"]
+        obj_logits = outs.get("obj_logits") if use_objects else None
+        nav.record_scores(logits, obj_logits, pano if use_objects else None)
+        self.batch = batch
+        return TeacherStep(fused_logits=logits, pano_embeds=pano_embeds, pano_masks=pano_masks,
+                           gmap_vpids=batch.gmap_vpids, viewpoints=[ob.viewpoint for ob in nav.obs],
+                           active=active, obj_logits=obj_logits)
 
 
 def move_inputs(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -217,6 +217,12 @@ class FinetuneTask:
     ``feedback="teacher"`` runs the teacher-forced pass alone (loss x ``teacher_weight``; VLN-DUET's
     ``--feedback teacher``: plain imitation learning).
 
+    With a distillation ``teacher`` (a frozen DUET, or a DUETPretrainer whose ``.duet`` is used; stage 2)
+    both rollouts also run it in lock-step on the student's states
+    (:meth:`~minivln.training.agent.DUETAgent.rollout`), and ``outputs['kd']`` /
+    ``teacher_outputs['kd']`` hold one record per rollout (see :func:`kd_records`), what the stage-2
+    loss terms (:mod:`minivln.distill.stage2`) read.  The task loss is the same with or without it.
+
     Under DDP every rank draws the same global batches (same environment seed) and rolls out its own
     contiguous share (``batch_size`` must divide by the number of ranks); each rank's loss is the mean
     over its share, and DDP's gradient average makes it the mean over the global batch.  Sampled
@@ -271,24 +277,39 @@ class FinetuneTask:
         metrics: dict[str, float] = {}
         loss = torch.zeros((), device=next(model.parameters()).device)
         outputs: dict[str, Any] = {}
+        kd_net = None
+        if teacher is not None:
+            from minivln.training.pretrain import navigation_network
+
+            kd_net = navigation_network(teacher)  # a clear error before any work
+            outputs["kd"], teacher_kd = [], []
         weight = self.teacher_weight if self.feedback == "teacher" else self.ml_weight
         if weight:
-            ml = self.agent.rollout(self.env, batch["teacher"], "teacher")
+            ml = self.agent.rollout(self.env, batch["teacher"], "teacher", teacher=kd_net)
             loss = loss + weight * ml.loss
             metrics.update({"loss/teacher": ml.loss.detach(), "acc/teacher": ml.metrics["acc"]})
             if ml.og_loss is not None:
                 metrics.update({"loss/og_teacher": ml.og_loss.detach(), "acc/og_teacher": ml.metrics["og_acc"]})
             outputs["teacher_steps"] = ml.steps
-        if self.feedback == "teacher":
+            if kd_net is not None:
+                s_kd, t_kd = kd_records(ml, "teacher", weight)
+                outputs["kd"].append(s_kd)
+                teacher_kd.append(t_kd)
+        if self.feedback != "teacher":
+            sm = self.agent.rollout(self.env, batch["sample"], "sample", teacher=kd_net)
+            loss = loss + sm.loss
+            metrics.update({"loss/sample": sm.loss.detach(), "acc/sample": sm.metrics["acc"],
+                            "steps/sample": sm.metrics["steps"]})
+            if sm.og_loss is not None:
+                metrics.update({"loss/og_sample": sm.og_loss.detach(), "acc/og_sample": sm.metrics["og_acc"]})
+            outputs["sample_steps"] = sm.steps
+            if kd_net is not None:
+                s_kd, t_kd = kd_records(sm, "sample", 1.0)
+                outputs["kd"].append(s_kd)
+                teacher_kd.append(t_kd)
+        if kd_net is None:
             return TaskOutput(loss=loss, metrics=metrics, outputs=outputs)
-        sm = self.agent.rollout(self.env, batch["sample"], "sample")
-        loss = loss + sm.loss
-        metrics.update({"loss/sample": sm.loss.detach(), "acc/sample": sm.metrics["acc"],
-                        "steps/sample": sm.metrics["steps"]})
-        if sm.og_loss is not None:
-            metrics.update({"loss/og_sample": sm.og_loss.detach(), "acc/og_sample": sm.metrics["og_acc"]})
-        outputs["sample_steps"] = sm.steps
-        return TaskOutput(loss=loss, metrics=metrics, outputs=outputs)
+        return TaskOutput(loss=loss, metrics=metrics, outputs=outputs, teacher_outputs={"kd": teacher_kd})
 
     def state_dict(self) -> dict:
         if not self.random_endpoints:
@@ -300,6 +321,34 @@ class FinetuneTask:
         if "endpoint_rng" in state:
             rng = state["endpoint_rng"]
             self.endpoint_rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+
+
+def kd_records(rollout, name: str, weight: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stage-2 distillation record of one rollout run with a teacher: ``(student, teacher)``.
+
+    Both hold ``text`` (B, L, H) text-encoder output, ``text_masks`` (B, L), and per step (lists, one
+    entry per step, shapes vary with the step) ``pano`` (B, N_t, H) panorama-encoder output,
+    ``pano_masks`` (B, N_t) and ``fused_logits`` (B, S_t); H is each model's width, the masks are
+    equal.  The student's also has ``active`` (per step, (B,) bool: samples still navigating),
+    ``rollout`` (``"teacher"``: teacher-forced, ``"sample"``), ``weight`` (the rollout's action-loss
+    weight) and ``batch_size``."""
+    if rollout.teacher_txt_embeds is None:
+        raise ValueError("this rollout ran without a teacher: nothing to distil")
+    steps = rollout.steps
+    device = rollout.txt_masks.device
+    student = {
+        "rollout": name, "weight": float(weight), "batch_size": int(rollout.txt_masks.size(0)),
+        "text": rollout.txt_embeds, "text_masks": rollout.txt_masks,
+        "pano": [s.pano_embeds for s in steps], "pano_masks": [s.pano_masks for s in steps],
+        "fused_logits": [s.fused_logits for s in steps],
+        "active": [torch.tensor(s.active, dtype=torch.bool, device=device) for s in steps],
+    }
+    teacher = {
+        "text": rollout.teacher_txt_embeds, "text_masks": rollout.txt_masks,
+        "pano": [s.teacher.pano_embeds for s in steps], "pano_masks": [s.teacher.pano_masks for s in steps],
+        "fused_logits": [s.teacher.fused_logits for s in steps],
+    }
+    return student, teacher
 
 
 # ------------------------------------------------------------------------------------ evaluation
