@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from minivln.model.config import DUETConfig
 from minivln.model.duet import DUET
+from minivln.paths import DataError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -44,8 +45,9 @@ PRETRAIN_ONLY_PREFIXES = ("mlm_head.", "image_classifier.")
 IGNORED_KEYS = ("embeddings.position_ids",)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model; the message lists every problem."""
+class CheckpointError(DataError):
+    """A checkpoint is missing or does not fit the model; the message lists every problem (a
+    :class:`~minivln.paths.DataError`, so the command line reports it and exits with 2)."""
 
     def __init__(
         self,

@@ -94,6 +94,9 @@ class FinetuneConfig:
     reverie_goal: str = "random"  # REVERIE training goal rule, one of REVERIE_GOALS (DUET's script: random)
     og_weight: float = 1.0  # REVERIE: OG loss weight within each rollout (upstream: 1, no separate weight)
     max_objects: int = 20  # REVERIE: objects per viewpoint in training rollouts (0 = all; DUET: 20); eval: all
+    teacher: str = ""  # stage-2 distillation: a frozen teacher (run dir, save_pretrained dir or DUET checkpoint)
+    kd_weight: float = 0.1  # KDWeight: each of kd_txt, kd_pano, kd_fuse (the paper's best: 0.1)
+    kd_temperature: float = 1.0  # t of kd_fuse (the paper: 1)
     num_threads: int = 0  # torch CPU threads (0 = torch's default); 1 is fastest on a busy small CPU
     random_seed: int = 0  # the random baseline of metrics.json
     random_stop_prob: float = RANDOM_STOP_PROB
@@ -104,6 +107,8 @@ class FinetuneConfig:
             raise ConfigError(f"task: 'r2r' or 'reverie', got {self.task!r}")
         if self.reverie_goal not in REVERIE_GOALS:
             raise ConfigError(f"reverie_goal: one of {REVERIE_GOALS}, got {self.reverie_goal!r}")
+        if self.kd_weight < 0 or self.kd_temperature <= 0:
+            raise ConfigError("kd_weight must be >= 0 and kd_temperature > 0")
         if self.og_weight < 0 or self.max_objects < 0:
             raise ConfigError("og_weight and max_objects must be >= 0")
         if self.feedback not in ("sample", "teacher"):
@@ -450,6 +455,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     info = D.init_distributed(cfg.train.device)  # before the task, which shards batches by rank
     D.seed_everything(cfg.train.seed)
     model = build_model(cfg)
+    teacher, terms = None, []
+    if cfg.teacher:  # stage 2: distillation while fine-tuning (docs/distillation.md)
+        from minivln.distill.stage2 import stage2_terms
+        from minivln.training.navigate import load_agent_model
+
+        teacher = load_agent_model(cfg.teacher)
+        terms = stage2_terms(model.config, teacher.config, cfg.kd_weight, cfg.kd_temperature)
     if info.world_size > 1 and info.rank != 0:
         torch.distributed.barrier()  # rank 0 builds what is missing (toy world, stand-in features) first
     res = prepare_data(cfg, run_dir, model.config.image_feat_size, model.config.obj_feat_size)
@@ -472,7 +484,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         task = FinetuneTask(agent, train_env, cfg.ml_weight, feedback=cfg.feedback,
                             teacher_weight=cfg.teacher_weight)
     validator = Validator(cfg, res, agent, run_dir)
-    trainer = Trainer(model, task, cfg.train, validate=validator, run_config=cfg)
+    trainer = Trainer(model, task, cfg.train, validate=validator, run_config=cfg, teacher=teacher,
+                      loss_terms=terms)
     validator.trainer = trainer
     try:
         trainer.fit()

@@ -97,6 +97,8 @@ class PretrainConfig:
     sap_stop_prob: float = 0.2
     mix: TaskMix = field(default_factory=TaskMix)
     export: str = ""  # where to save the navigation weights; "" = RUN/pretrained
+    teacher: str = ""  # stage-1 distillation: a frozen teacher (run dir, save_pretrained dir or DUET checkpoint)
+    kd_weight: float = 1.0  # weight of each stage-1 term (kd_emb, kd_att, kd_hid)
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default (1 is fastest on a busy 2-core box)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -574,6 +576,12 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     from minivln.training.trainer import Trainer
 
     init_distributed(cfg.train.device)  # before the task, which shards batches by rank
+    teacher = None
+    if cfg.teacher:  # stage 1: distillation while pretraining (docs/distillation.md)
+        from minivln.distill.stage1 import stage1_terms
+        from minivln.training.navigate import load_agent_model
+
+        teacher = load_agent_model(cfg.teacher)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     mix = resolve_mix(cfg)
@@ -600,7 +608,9 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     active = [t for t in TASKS if mix[t] > 0]
     validate = make_validate(val_ds, active, cfg.batch_size, cfg.val_batches, seed=cfg.train.seed,
                              sap_stop_prob=cfg.sap_stop_prob) if val_ds and cfg.val_batches > 0 else None
-    trainer = Trainer(model, task, cfg.train, validate=validate, run_config=cfg)
+    terms = stage1_terms(model.duet.config, teacher.config, cfg.kd_weight) if teacher is not None else []
+    trainer = Trainer(model, task, cfg.train, validate=validate, run_config=cfg, teacher=teacher,
+                      loss_terms=terms)
     try:
         record = trainer.fit()
     finally:

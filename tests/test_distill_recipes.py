@@ -1,0 +1,83 @@
+"""The two distillation stages from the command line: ``teacher=DIR`` on ``minivln pretrain`` / ``finetune``."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from minivln.cli import main as cli_main
+from minivln.model.checkpoint import save_pretrained
+from minivln.model.registry import create_model
+from minivln.training.logging import read_jsonl
+
+SMALL = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_l_layers": 1,
+         "num_pano_layers": 1, "num_x_layers": 1, "image_feat_size": 16}
+TEACHER = {**SMALL, "hidden_size": 32, "intermediate_size": 64, "num_l_layers": 3, "num_pano_layers": 2,
+           "num_x_layers": 2}
+
+
+def _teacher(tmp_path):
+    torch.manual_seed(1)
+    return save_pretrained(create_model("duet-cpu", **TEACHER), tmp_path / "teacher")
+
+
+def _train_records(run):
+    return [r for r in read_jsonl(run / "log.jsonl") if r.get("kind") == "train"]
+
+
+def test_finetune_with_teacher_is_stage2(small_toy, tmp_path, one_thread):
+    data, feats = small_toy
+    teacher_dir = _teacher(tmp_path)
+    before = load_file(teacher_dir / "model.safetensors")
+    run = tmp_path / "ft"
+    overrides = [
+        "model=duet-cpu", f"model_overrides={json.dumps(SMALL)}", f"data_dir={data}", f"features={feats}",
+        f"teacher={teacher_dir}", "kd_weight=0.5", "batch_size=2", "max_action_len=6", "max_instr_len=40",
+        "val_splits=[val_unseen]", "val_max_episodes=2", "num_threads=1", "train.max_steps=2",
+        "train.log_every=1", "train.progress=false",
+    ]
+    assert cli_main(["finetune", "--out", str(run), *overrides]) == 0
+    recs = _train_records(run)
+    for key in ("loss/kd_txt", "loss/kd_pano", "loss/kd_fuse"):
+        assert all(key in r and r[key] > 0 for r in recs), key
+    terms = load_file(next((run / "latest").glob("**/loss_terms.safetensors")))
+    assert any(k.startswith("kd_txt.") for k in terms) and any(k.startswith("kd_pano.") for k in terms)
+    # the exported student is the student alone, and the teacher's files are untouched
+    student = json.loads((run / "model" / "config.json").read_text())
+    assert student["hidden_size"] == 16
+    after = load_file(teacher_dir / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pretrain_with_teacher_is_stage1(small_toy, tmp_path, one_thread):
+    data, feats = small_toy
+    teacher_dir = _teacher(tmp_path)
+    run = tmp_path / "pt"
+    overrides = [
+        "model=duet-cpu", f"model_overrides={json.dumps(SMALL)}", f"data_dir={data}", f"features={feats}",
+        f"teacher={teacher_dir}", "batch_size=4", "max_instr_len=40", "val_batches=1", "num_threads=1",
+        "train.max_steps=3", "train.log_every=1", "train.progress=false",
+    ]
+    assert cli_main(["pretrain", "--out", str(run), *overrides]) == 0
+    recs = _train_records(run)
+    for key in ("loss/kd_emb", "loss/kd_att", "loss/kd_hid"):
+        assert all(key in r and r[key] > 0 for r in recs), key
+    assert (run / "pretrained" / "config.json").exists()
+
+
+def test_bad_kd_settings_are_config_errors(small_toy, tmp_path, capsys):
+    data, feats = small_toy
+    code = cli_main(["finetune", "--out", str(tmp_path / "x"), f"data_dir={data}", f"features={feats}",
+                     "teacher=somewhere", "kd_temperature=0"])
+    assert code == 2 and "kd_temperature" in capsys.readouterr().err
+
+
+def test_missing_teacher_is_reported_before_any_work(small_toy, tmp_path, capsys):
+    data, feats = small_toy
+    for cmd in ("finetune", "pretrain"):
+        code = cli_main([cmd, "--out", str(tmp_path / cmd), f"data_dir={data}", f"features={feats}",
+                         f"teacher={tmp_path / 'nowhere'}"])
+        assert code == 2 and "not found" in capsys.readouterr().err
+        assert not (tmp_path / cmd / "log.jsonl").exists()
