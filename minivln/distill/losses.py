@@ -44,18 +44,29 @@ def _masked_mean_sq(diff: Tensor, mask: Tensor | None) -> Tensor:
     return (sq * m).sum() / m.sum().clamp_min(1.0)
 
 
+#: starting values of a :class:`ProjectedMSE` projection: ``nn.Linear``'s own, or ``W = I`` (zero-padded
+#: when the widths differ) with bias 0
+PROJECTION_INITS = ("default", "identity")
+
+
 class ProjectedMSE(nn.Module):
     """``MSE(student @ W + b, teacher)`` over real tokens; ``W`` is learnable (identity when the widths
-    match and ``project=False``).
+    match and ``project=False``), initialised as ``init`` says (:data:`PROJECTION_INITS`).
 
     ``student``: (..., D_s); ``teacher``: (..., D_t); ``mask``: the leading shape (True = real).
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, project: bool = True) -> None:
+    def __init__(self, student_dim: int, teacher_dim: int, project: bool = True, init: str = "default") -> None:
         super().__init__()
         if not project and student_dim != teacher_dim:
             raise ValueError(f"widths differ ({student_dim} vs {teacher_dim}): a projection is needed")
+        if init not in PROJECTION_INITS:
+            raise ValueError(f"init: expected one of {PROJECTION_INITS}, got {init!r}")
         self.proj = nn.Linear(student_dim, teacher_dim) if project else nn.Identity()
+        if project and init == "identity":
+            with torch.no_grad():
+                nn.init.eye_(self.proj.weight)
+                nn.init.zeros_(self.proj.bias)
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
         if student.shape[:-1] != teacher.shape[:-1]:
@@ -125,4 +136,4 @@ class SoftTargetCE(nn.Module):
         return ce[rows].mean()
 
 
-__all__ = ["layer_map", "ProjectedMSE", "AttentionMSE", "SoftTargetCE"]
+__all__ = ["layer_map", "PROJECTION_INITS", "ProjectedMSE", "AttentionMSE", "SoftTargetCE"]

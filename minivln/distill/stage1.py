@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from minivln.distill.losses import AttentionMSE, ProjectedMSE, layer_map
+from minivln.distill.losses import PROJECTION_INITS, AttentionMSE, ProjectedMSE, layer_map
 from minivln.model.config import DUETConfig
 from minivln.training.trainer import LossTerm
 
@@ -131,8 +131,8 @@ class Stage1KD(LossTerm):
         unknown = [p for p in parts if p not in PARTS]
         if not parts or unknown:
             raise ValueError(f"parts: expected a non-empty subset of {PARTS}, got {parts}")
-        if init not in ("default", "identity"):
-            raise ValueError(f"init: expected 'default' or 'identity', got {init!r}")
+        if init not in PROJECTION_INITS:  # checked here too: with parts that need no projection
+            raise ValueError(f"init: expected one of {PROJECTION_INITS}, got {init!r}")
         if "attentions" in parts and student_cfg.num_attention_heads != teacher_cfg.num_attention_heads:
             raise ValueError(
                 f"attention distillation needs as many heads in the student as in the teacher: "
@@ -145,15 +145,9 @@ class Stage1KD(LossTerm):
         needs_layers = "attentions" in parts or "hidden" in parts
         self.layer_maps = encoder_layer_maps(student_cfg, teacher_cfg) if needs_layers else {}
         s_width, t_width = student_cfg.hidden_size, teacher_cfg.hidden_size
-        self.embed_loss = ProjectedMSE(s_width, t_width) if "embeddings" in parts else None
-        self.hidden_loss = ProjectedMSE(s_width, t_width) if "hidden" in parts else None
+        self.embed_loss = ProjectedMSE(s_width, t_width, init=init) if "embeddings" in parts else None
+        self.hidden_loss = ProjectedMSE(s_width, t_width, init=init) if "hidden" in parts else None
         self.attention_loss = AttentionMSE()
-        if init == "identity":
-            for loss in (self.embed_loss, self.hidden_loss):
-                if loss is not None:
-                    with torch.no_grad():
-                        nn.init.eye_(loss.proj.weight)
-                        nn.init.zeros_(loss.proj.bias)
 
     def components(
         self, outputs: Mapping[str, Any], teacher_outputs: Mapping[str, Any] | None

@@ -41,14 +41,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from minivln.distill.losses import ProjectedMSE, SoftTargetCE
 from minivln.model.config import DUETConfig
 from minivln.training.trainer import LossTerm
 
 REDUCTIONS = ("action", "mean")
-INITS = ("default", "identity")
 
 
 def _records(outputs: Mapping[str, Any] | None, teacher_outputs: Mapping[str, Any] | None,
@@ -62,13 +61,6 @@ def _records(outputs: Mapping[str, Any] | None, teacher_outputs: Mapping[str, An
     if len(s) != len(t):
         raise ValueError(f"{name}: {len(s)} student rollouts but {len(t)} teacher rollouts")
     return list(zip(s, t))
-
-
-def _identity_(linear: nn.Linear) -> None:
-    """``W = I`` (zero-padded when the widths differ), bias 0."""
-    with torch.no_grad():
-        nn.init.eye_(linear.weight)
-        nn.init.zeros_(linear.bias)
 
 
 class _Stage2Term(LossTerm):
@@ -104,18 +96,22 @@ class _Stage2Term(LossTerm):
         return total
 
 
-class TextKD(_Stage2Term):
+class _ProjectedKD(_Stage2Term):
+    """A stage-2 term that owns one learnable projection student width -> teacher width (``loss.proj``)."""
+
+    def __init__(self, student_cfg: DUETConfig, teacher_cfg: DUETConfig, name: str,
+                 weight: float = 0.1, *, reduction: str = "action", init: str = "default") -> None:
+        super().__init__(name, weight, reduction)
+        self.loss = ProjectedMSE(student_cfg.hidden_size, teacher_cfg.hidden_size, init=init)
+
+
+class TextKD(_ProjectedKD):
     """``kd_txt``: ``MSE(T_S W_l, T_T)`` over the real instruction tokens of each rollout
     (``W_l`` = ``loss.proj``)."""
 
     def __init__(self, student_cfg: DUETConfig, teacher_cfg: DUETConfig, name: str = "kd_txt",
                  weight: float = 0.1, *, reduction: str = "action", init: str = "default") -> None:
-        super().__init__(name, weight, reduction)
-        self.loss = ProjectedMSE(student_cfg.hidden_size, teacher_cfg.hidden_size)
-        if init == "identity":
-            _identity_(self.loss.proj)
-        elif init != "default":
-            raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+        super().__init__(student_cfg, teacher_cfg, name, weight, reduction=reduction, init=init)
 
     def parts(self, student: Mapping[str, Any], teacher: Mapping[str, Any]) -> Iterable[tuple[Tensor, Tensor]]:
         masks = student["text_masks"]
@@ -123,18 +119,13 @@ class TextKD(_Stage2Term):
         yield self.loss(student["text"], teacher["text"], masks), n
 
 
-class PanoKD(_Stage2Term):
+class PanoKD(_ProjectedKD):
     """``kd_pano``: ``MSE(P_S W_r, P_T)`` over the real panorama tokens of the navigating samples at
     every step (``W_r`` = ``loss.proj``)."""
 
     def __init__(self, student_cfg: DUETConfig, teacher_cfg: DUETConfig, name: str = "kd_pano",
                  weight: float = 0.1, *, reduction: str = "action", init: str = "default") -> None:
-        super().__init__(name, weight, reduction)
-        self.loss = ProjectedMSE(student_cfg.hidden_size, teacher_cfg.hidden_size)
-        if init == "identity":
-            _identity_(self.loss.proj)
-        elif init != "default":
-            raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+        super().__init__(student_cfg, teacher_cfg, name, weight, reduction=reduction, init=init)
 
     def parts(self, student: Mapping[str, Any], teacher: Mapping[str, Any]) -> Iterable[tuple[Tensor, Tensor]]:
         for s, t, masks, active in zip(student["pano"], teacher["pano"], student["pano_masks"],
