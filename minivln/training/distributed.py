@@ -155,12 +155,19 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     return s
 
 
-def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = None) -> Sequence[T]:
-    """This rank's contiguous, equal share of a global batch (its length must divide evenly)."""
+def placement(global_batch_size: int, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``, each defaulting to this process's, after checking that a global batch of
+    ``global_batch_size`` splits evenly over the ranks (ValueError otherwise)."""
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
-    if len(items) % world_size:
-        raise ValueError(f"a global batch of {len(items)} does not split evenly over {world_size} ranks")
+    if global_batch_size % world_size:
+        raise ValueError(f"a global batch of {global_batch_size} does not split evenly over {world_size} ranks")
+    return rank, world_size
+
+
+def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = None) -> Sequence[T]:
+    """This rank's contiguous, equal share of a global batch (its length must divide evenly)."""
+    rank, world_size = placement(len(items), rank, world_size)
     n = len(items) // world_size
     return items[rank * n:(rank + 1) * n]
 
@@ -185,10 +192,7 @@ class GlobalBatchSampler:
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        self.rank = get_rank() if rank is None else rank
-        self.world_size = get_world_size() if world_size is None else world_size
-        if global_batch_size % self.world_size:
-            raise ValueError(f"global batch size {global_batch_size} is not divisible by {self.world_size} ranks")
+        self.rank, self.world_size = placement(global_batch_size, rank, world_size)
         if num_items < global_batch_size:
             raise ValueError(f"{num_items} items cannot fill one global batch of {global_batch_size}")
         self.num_items = num_items

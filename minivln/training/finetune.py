@@ -242,16 +242,13 @@ class FinetuneTask:
     def __init__(self, agent, env, ml_weight: float = 0.2, *, goals=None, random_endpoints: bool = False,
                  seed: int = 0, feedback: str = "sample", teacher_weight: float = 1.0,
                  rank: int | None = None, world_size: int | None = None) -> None:
-        from minivln.training.distributed import get_rank, get_world_size
+        from minivln.training.distributed import placement
 
         if random_endpoints and goals is None:
             raise ValueError("random_endpoints needs goals (ReverieGoals)")
         if feedback not in ("sample", "teacher"):
             raise ValueError(f"feedback: 'sample' or 'teacher', got {feedback!r}")
-        self.rank = get_rank() if rank is None else rank
-        self.world_size = get_world_size() if world_size is None else world_size
-        if env.batch_size % self.world_size:
-            raise ValueError(f"batch size {env.batch_size} is not divisible by {self.world_size} ranks")
+        self.rank, self.world_size = placement(env.batch_size, rank, world_size)
         self.feedback = feedback
         self.teacher_weight = teacher_weight
         self.agent = agent

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from minivln.model.agent_inputs import masked_mean
 from minivln.model.duet import DUET
 from minivln.model.pretrain_heads import DUETPretrainer
-from minivln.training.distributed import get_rank, get_world_size, shard
+from minivln.training.distributed import placement, shard
 from minivln.training.pretrain_data import (
     IGNORE_LABEL,
     PrefixDataset,
@@ -298,8 +298,6 @@ class PretrainTask:
         self.batch_size = batch_size
         self.seed = seed
         self.sap_stop_prob = sap_stop_prob
-        self.rank = get_rank() if rank is None else rank
-        self.world_size = get_world_size() if world_size is None else world_size
         self.tasks = [t for t in TASKS if (mix.get(t) or 0.0) > 0]
         if not self.tasks:
             raise ValueError("every task ratio is 0")
@@ -309,8 +307,7 @@ class PretrainTask:
         self.probs = w / w.sum()
         if dataset.num_episodes < batch_size:
             raise ValueError(f"{dataset.num_episodes} episodes cannot fill a batch of {batch_size}")
-        if batch_size % self.world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by {self.world_size} ranks")
+        self.rank, self.world_size = placement(batch_size, rank, world_size)
 
     def task_of(self, index: int) -> str:
         rng = np.random.default_rng([self.seed, index, 0])
