@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
+from conftest import SMALL_TOY_DIM as DIM  # tests/ is on sys.path
 from minivln.cli import main as cli_main
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
-from minivln.data.toyworld import ToyWorldConfig, ensure_toy_world
 from minivln.env.env import NavBatchEnv
-from minivln.features.hdf5 import FeatureStore, FeatureWriter
+from minivln.features.hdf5 import FeatureStore
 from minivln.model.registry import create_model
 from minivln.training.agent import IGNORE, DUETAgent, spl_expert_slot, teacher_slot
 from minivln.training.logging import read_jsonl
 
-DIM = 16
 TINY = {
     "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_l_layers": 1,
     "num_pano_layers": 1, "num_x_layers": 1, "image_feat_size": DIM,
@@ -29,19 +27,9 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft")
-    cfg = ToyWorldConfig(n_houses=3, r2r_train=12, r2r_val_seen=3, r2r_val_unseen=3, r2r_test=2,
-                         reverie_train=3, reverie_val_seen=1, reverie_val_unseen=1, reverie_test=1)
-    data = ensure_toy_world(root / "data", 0, cfg)
-    feats = root / "feats.h5"
-    rng = np.random.default_rng(0)
-    with FeatureWriter(feats, dim=DIM, standin=True, description="random test features", dtype="float32") as w:
-        graphs = Graphs(data)
-        for scan in graphs.scans():
-            for vp in graphs[scan].vp_ids:
-                w.add(scan, vp, rng.standard_normal((36, DIM)).astype(np.float32))
-    return data, feats
+def toy(small_toy):
+    """The shared 3-house toy world with 16-d random features (tests/conftest.py)."""
+    return small_toy
 
 
 def _tiny_agent(seed: int = 0, **kw) -> DUETAgent:

@@ -14,7 +14,6 @@ from minivln.config import ConfigError
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
 from minivln.data.reverie import ReverieGoals
-from minivln.data.tokenizer import CLS_ID, SEP_ID
 from minivln.data.toyworld import ToyWorldConfig, ensure_toy_world
 from minivln.model.checkpoint import load_pretrained
 from minivln.model.config import DUETConfig
@@ -28,16 +27,10 @@ from minivln.training.pretrain import (
     run_pretraining,
 )
 from minivln.training.pretrain_data import PrefixDataset, SyntheticFeatures, SyntheticObjects, collate_states
+from test_pretrain import TINY, _tokenize  # the tiny model and tokenizer (tests/ is on sys.path)
 from tinyworld import SCAN, write_tiny_data
 
-TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_l_layers=1,
-            num_pano_layers=1, num_x_layers=2, image_feat_size=16, hidden_dropout=0.0,
-            attention_dropout=0.0, feat_dropout=0.0)
 OBJ_DIM = 24  # != image_feat_size: the separate object projection is used
-
-
-def _tokenize(text: str) -> list[int]:
-    return [CLS_ID] + [2000 + (sum(map(ord, w)) % 500) for w in text.split()] + [SEP_ID]
 
 
 def _obj(name: str, views: list[int], boxes: list[list[float]]) -> dict:

@@ -81,19 +81,16 @@ def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
 def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
                   max_instr_len: int = 80, max_action_len: int = 15, device: torch.device, seed: int = 0,
                   ) -> Callable[[int], None]:
-    from minivln.training.agent import DUETAgent
     from minivln.training.distributed import seed_everything
-    from minivln.training.finetune import FinetuneConfig, FinetuneTask, build_model, make_env, prepare_data
+    from minivln.training.finetune import FinetuneConfig, build_model, make_task, prepare_data
 
     cfg = FinetuneConfig(model=preset, task=task, data_dir=data_dir, features=features,
                          batch_size=batch_size, max_instr_len=max_instr_len, max_action_len=max_action_len)
+    cfg.train.seed = seed
     seed_everything(seed)
     model = build_model(cfg)
-    res = prepare_data(cfg, Path("."), model.config.image_feat_size)
-    agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
-                      expert=cfg.expert, features=res.features)
-    env = make_env(cfg, res, cfg.train_split, batch_size=batch_size, shuffle=True, seed=seed)
-    return _make_step(model, FinetuneTask(agent, env, cfg.ml_weight), device, lr=cfg.train.optim.lr)
+    res = prepare_data(cfg, Path("."), model.config.image_feat_size, model.config.obj_feat_size)
+    return _make_step(model, make_task(cfg, model, res), device, lr=cfg.train.optim.lr)
 
 
 def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, features: str, *,

@@ -435,12 +435,27 @@ def build_model(cfg: FinetuneConfig):
     return model
 
 
+def make_task(cfg: FinetuneConfig, model, res: Resources) -> FinetuneTask:
+    """The agent (``.agent``), its shuffled training environment and the :class:`FinetuneTask` of a
+    config.  R2R resources carry no objects or goal sets, so the REVERIE arguments are inert there."""
+    from minivln.training.agent import DUETAgent
+
+    reverie = cfg.task == "reverie"
+    agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
+                      expert=cfg.expert, features=res.features, objects=res.objects, goals=res.goals,
+                      og_weight=cfg.og_weight, max_objects=cfg.max_objects or None)
+    train_env = make_env(cfg, res, cfg.train_split, batch_size=cfg.batch_size, shuffle=True,
+                         seed=cfg.train.seed, goal_sets=reverie and cfg.reverie_goal == "nearest")
+    return FinetuneTask(agent, train_env, cfg.ml_weight, goals=res.goals,
+                        random_endpoints=reverie and cfg.reverie_goal == "random", seed=cfg.train.seed,
+                        feedback=cfg.feedback, teacher_weight=cfg.teacher_weight)
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the content of ``RUN/metrics.json``."""
     from minivln.model.checkpoint import save_pretrained
     from minivln.training.checkpoint import find_checkpoint, load_checkpoint
     from minivln.training import distributed as D
-    from minivln.training.agent import DUETAgent
     from minivln.training.trainer import Trainer
 
     cfg.check()
@@ -464,22 +479,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     res = prepare_data(cfg, run_dir, model.config.image_feat_size, model.config.obj_feat_size)
     if info.world_size > 1 and info.rank == 0:
         torch.distributed.barrier()
-    if cfg.task == "reverie":
-        agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
-                          expert=cfg.expert, features=res.features, objects=res.objects, goals=res.goals,
-                          og_weight=cfg.og_weight, max_objects=cfg.max_objects or None)
-        train_env = make_env(cfg, res, cfg.train_split, batch_size=cfg.batch_size, shuffle=True,
-                             seed=cfg.train.seed, goal_sets=cfg.reverie_goal == "nearest")
-        task = FinetuneTask(agent, train_env, cfg.ml_weight, goals=res.goals,
-                            random_endpoints=cfg.reverie_goal == "random", seed=cfg.train.seed,
-                            feedback=cfg.feedback, teacher_weight=cfg.teacher_weight)
-    else:
-        agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
-                          expert=cfg.expert, features=res.features)
-        train_env = make_env(cfg, res, cfg.train_split, batch_size=cfg.batch_size, shuffle=True,
-                             seed=cfg.train.seed)
-        task = FinetuneTask(agent, train_env, cfg.ml_weight, feedback=cfg.feedback,
-                            teacher_weight=cfg.teacher_weight)
+    task = make_task(cfg, model, res)
+    agent = task.agent
     validator = Validator(cfg, res, agent, run_dir)
     trainer = Trainer(model, task, cfg.train, validate=validator, run_config=cfg, teacher=teacher,
                       loss_terms=terms)
