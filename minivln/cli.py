@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError) as exc:
+    except (DataError, ConfigError, FileExistsError) as exc:  # bad input: a message, exit 2, nothing overwritten
         print(f"minivln: error: {exc}", file=sys.stderr)
         return 2
 

@@ -114,6 +114,10 @@ def test_finetune_cli_end_to_end_navigate_eval_resume(toy, tmp_path, capsys):
     ]
     assert cli_main(["finetune", "--out", str(run), *overrides]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
+    # the same run directory again, without --resume: an error (exit 2), nothing overwritten
+    assert cli_main(["finetune", "--out", str(run), *overrides]) == 2
+    assert "resume" in capsys.readouterr().err
+    assert json.loads((run / "metrics.json").read_text()) == metrics
     for key in ("sr", "spl", "nav_error", "oracle_sr", "ndtw", "sdtw", "cls"):
         assert key in metrics and key in metrics["random"]
     assert metrics["features"] == "stand-in" and metrics["best_step"] == 2
