@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("minivln.training.pretrain", "pretrain DUET (MLM, SAP, MRC, REVERIE OG) on ground-truth path prefixes"),
     "finetune": ("minivln.training.finetune", "fine-tune a DUET agent on R2R or REVERIE (DAgger, DUET's recipe)"),
     "navigate": ("minivln.training.navigate", "run a trained agent on a split; write the submission (+ metrics)"),
+    "experiment": ("minivln.experiment", "run a paper table's grid of runs from a recipe (resumable, pinned code)"),
 }
 
 # Modules that define commands, in ``minivln --help`` order.
@@ -72,7 +73,12 @@ def build_parser(argv: list[str] | None = None, *, full: bool = False) -> argpar
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after options land in the command's positional list, if it has one
+        dest = getattr(args, "extra_positionals", None)
+        if dest is None or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, dest, list(getattr(args, dest)) + extra)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -58,6 +58,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):  # dict[str, SomeConfig]
+            return {k: _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value

@@ -34,7 +34,8 @@ def test_finetune_with_teacher_is_stage2(small_toy, tmp_path, one_thread):
     run = tmp_path / "ft"
     overrides = [
         "model=duet-cpu", f"model_overrides={json.dumps(SMALL)}", f"data_dir={data}", f"features={feats}",
-        f"teacher={teacher_dir}", "kd_weight=0.5", "batch_size=2", "max_action_len=6", "max_instr_len=40",
+        f"teacher={teacher_dir}", "kd_weight=0.5", "kd_terms.txt=2", "batch_size=2", "max_action_len=6",
+        "max_instr_len=40",
         "val_splits=[val_unseen]", "val_max_episodes=2", "num_threads=1", "train.max_steps=2",
         "train.log_every=1", "train.progress=false",
     ]
@@ -42,6 +43,10 @@ def test_finetune_with_teacher_is_stage2(small_toy, tmp_path, one_thread):
     recs = _train_records(run)
     for key in ("loss/kd_txt", "loss/kd_pano", "loss/kd_fuse"):
         assert all(key in r and r[key] > 0 for r in recs), key
+    # the total is the action loss + KDWeight x term weight x term: the weights really scale
+    for r in recs:
+        kd = 0.5 * (2 * r["loss/kd_txt"] + r["loss/kd_pano"] + r["loss/kd_fuse"])
+        assert abs(r["loss"] - (r["loss/task"] + kd)) < 1e-4 * r["loss"], r
     terms = load_file(next((run / "latest").glob("**/loss_terms.safetensors")))
     assert any(k.startswith("kd_txt.") for k in terms) and any(k.startswith("kd_pano.") for k in terms)
     # the exported student is the student alone, and the teacher's files are untouched
@@ -58,12 +63,15 @@ def test_pretrain_with_teacher_is_stage1(small_toy, tmp_path, one_thread):
     overrides = [
         "model=duet-cpu", f"model_overrides={json.dumps(SMALL)}", f"data_dir={data}", f"features={feats}",
         f"teacher={teacher_dir}", "batch_size=4", "max_instr_len=40", "val_batches=1", "num_threads=1",
-        "train.max_steps=3", "train.log_every=1", "train.progress=false",
+        "train.max_steps=3", "train.log_every=1", "train.progress=false", "kd_weight=0.5", "kd_terms.hid=3",
     ]
     assert cli_main(["pretrain", "--out", str(run), *overrides]) == 0
     recs = _train_records(run)
     for key in ("loss/kd_emb", "loss/kd_att", "loss/kd_hid"):
         assert all(key in r and r[key] > 0 for r in recs), key
+    for r in recs:  # kd_weight and the term weights scale the loss
+        kd = 0.5 * (r["loss/kd_emb"] + r["loss/kd_att"] + 3 * r["loss/kd_hid"])
+        assert abs(r["loss"] - (r["loss/task"] + kd)) < 1e-4 * r["loss"], r
     assert (run / "pretrained" / "config.json").exists()
 
 
@@ -80,4 +88,34 @@ def test_missing_teacher_is_reported_before_any_work(small_toy, tmp_path, capsys
         code = cli_main([cmd, "--out", str(tmp_path / cmd), f"data_dir={data}", f"features={feats}",
                          f"teacher={tmp_path / 'nowhere'}"])
         assert code == 2 and "not found" in capsys.readouterr().err
+        assert not (tmp_path / cmd / "log.jsonl").exists()
+
+
+def test_term_weight_zero_leaves_the_term_out(small_toy, tmp_path, one_thread):
+    """Table IV's subsets are YAML only: a term of weight 0 is neither computed nor logged."""
+    data, feats = small_toy
+    teacher_dir = _teacher(tmp_path)
+    run = tmp_path / "ft"
+    overrides = [
+        "model=duet-cpu", f"model_overrides={json.dumps(SMALL)}", f"data_dir={data}", f"features={feats}",
+        f"teacher={teacher_dir}", "kd_terms.txt=0", "kd_terms.pano=0", "batch_size=2", "max_action_len=6",
+        "max_instr_len=40", "val_splits=[val_unseen]", "val_max_episodes=2", "num_threads=1",
+        "train.max_steps=1", "train.log_every=1", "train.progress=false",
+    ]
+    assert cli_main(["finetune", "--out", str(run), *overrides]) == 0
+    (rec,) = _train_records(run)
+    assert "loss/kd_fuse" in rec and "loss/kd_txt" not in rec and "loss/kd_pano" not in rec
+    assert abs(rec["loss"] - (rec["loss/task"] + 0.1 * rec["loss/kd_fuse"])) < 1e-4 * rec["loss"]
+
+
+def test_teacher_reading_other_features_is_refused_before_any_work(small_toy, tmp_path, capsys):
+    data, feats = small_toy
+    torch.manual_seed(1)
+    wrong = save_pretrained(create_model("duet-cpu", **{**TEACHER, "image_feat_size": 24}), tmp_path / "wrong")
+    for cmd in ("pretrain", "finetune"):
+        code = cli_main([cmd, "--out", str(tmp_path / cmd), "model=duet-cpu",
+                         f"model_overrides={json.dumps(SMALL)}", f"data_dir={data}", f"features={feats}",
+                         f"teacher={wrong}"])
+        err = capsys.readouterr().err
+        assert code == 2 and "view features 24-d (student 16-d)" in err, err
         assert not (tmp_path / cmd / "log.jsonl").exists()

@@ -41,6 +41,9 @@ STUDENT = DUETConfig(hidden_size=16, intermediate_size=32, num_l_layers=3, num_p
 #: every component of the full stage-1 loss
 ALL_KEYS = ({f"embeddings/{e}" for e in ENCODERS} | {f"attentions/{e}" for e in ENCODERS}
             | {f"hidden/{e}" for e in ENCODERS} | {"cross_attentions/global", "cross_attentions/local"})
+FULL = {"cross_attention": True, "embed_encoders": ENCODERS}  # every option on: ALL_KEYS
+PAPER_KEYS = ({"embeddings/text"} | {f"attentions/{e}" for e in ENCODERS}  # the defaults (Eq. 5, E = text)
+              | {f"hidden/{e}" for e in ENCODERS})
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,7 @@ def test_teacher_copy_of_student_gives_zero_kd_on_every_task(ds, one_thread):
     a real projection or a changed teacher layer makes the matching components > 0."""
     student = _pretrainer(STUDENT, 0).eval()
     teacher = copy.deepcopy(student.duet)  # a bare DUET is accepted as the teacher
-    term = Stage1KD(STUDENT, STUDENT, init="identity")
+    term = Stage1KD(STUDENT, STUDENT, init="identity", **FULL)
     task = _task(ds)
     torch.set_grad_enabled(False)  # the student path needs no graph here
     try:
@@ -107,7 +110,7 @@ def test_teacher_copy_of_student_gives_zero_kd_on_every_task(ds, one_thread):
 def test_real_pair_gradients_reach_student_and_projections_not_teacher(ds, one_thread):
     student = _pretrainer(STUDENT, 0).eval()
     teacher = _pretrainer(TEACHER, 1).eval()  # a DUETPretrainer teacher, deliberately NOT frozen
-    term = Stage1KD(STUDENT, TEACHER)
+    term = Stage1KD(STUDENT, TEACHER, **FULL)
     task = _task(ds)
     batch = _batch(task, "mlm")
     plain = task.compute(student, batch)
@@ -120,6 +123,8 @@ def test_real_pair_gradients_reach_student_and_projections_not_teacher(ds, one_t
     assert not any(v.requires_grad for v in t_taps["text.hidden_states"])
     comps = term.components(out.outputs, out.teacher_outputs)
     assert set(comps) == ALL_KEYS
+    # the paper's defaults: self-attention only, the instruction's embeddings only
+    assert set(Stage1KD(STUDENT, TEACHER).components(out.outputs, out.teacher_outputs)) == PAPER_KEYS
     assert all(math.isfinite(float(v.detach())) and float(v.detach()) > 0 for v in comps.values())
     kd = term(out.outputs, out.teacher_outputs, batch)
     assert torch.allclose(kd, sum(comps.values()))
@@ -169,7 +174,7 @@ def test_layer_map_padding_and_parts_on_synthetic_taps():
             for m, h in enumerate(layer_map(n_s, n_t)):
                 t_list[h - 1] = s_list[m].clone()
             s_taps[f"{enc}.{key}"], t_taps[f"{enc}.{key}"] = s_list, t_list
-    term = Stage1KD(s_cfg, t_cfg, init="identity")
+    term = Stage1KD(s_cfg, t_cfg, init="identity", **FULL)
     assert float(term({"taps": s_taps}, {"taps": t_taps})) == 0.0
     # garbage at padded tokens / pairs of the teacher changes nothing
     for enc in ENCODERS:
@@ -192,7 +197,7 @@ def test_layer_map_padding_and_parts_on_synthetic_taps():
     assert "cross_attentions/global" not in Stage1KD(s_cfg, t_cfg, cross_attention=False).components(
         {"taps": s_taps}, {"taps": t_taps})
     # parts: only the chosen components and projections
-    only_att = Stage1KD(s_cfg, t_cfg, parts=("attentions",))
+    only_att = Stage1KD(s_cfg, t_cfg, parts=("attentions",), cross_attention=True)
     assert only_att.embed_loss is None and only_att.hidden_loss is None
     assert {k.split("/")[0] for k in only_att.components({"taps": s_taps}, {"taps": t_taps})} == {
         "attentions", "cross_attentions"}
@@ -231,7 +236,7 @@ def test_padding_never_enters_the_loss(reverie_ds, one_thread):
     s_cfg, t_cfg = STUDENT.replace(obj_feat_size=16), TEACHER.replace(obj_feat_size=16)
     student = _pretrainer(s_cfg, 0).eval()
     teacher = _pretrainer(t_cfg, 1).eval()
-    term = Stage1KD(s_cfg, t_cfg)
+    term = Stage1KD(s_cfg, t_cfg, **FULL)
     task = PretrainTask(reverie_ds, 3, {"sap": 1, "og": 1}, rank=0, world_size=1)
     # different instruction lengths, map sizes and object counts (hence padding in every encoder)
     states = [reverie_ds.state(0, 3), reverie_ds.state(3, 0), reverie_ds.state(5, 4)]

@@ -15,6 +15,9 @@ All return a scalar; all accept a leading batch dimension and boolean masks with
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -136,4 +139,24 @@ class SoftTargetCE(nn.Module):
         return ce[rows].mean()
 
 
-__all__ = ["layer_map", "PROJECTION_INITS", "ProjectedMSE", "AttentionMSE", "SoftTargetCE"]
+class LossTerm(nn.Module):
+    """An extra loss: ``total = task loss + sum(term.weight * term(outputs, teacher_outputs, batch))``.
+
+    Subclasses implement :meth:`forward` returning an unweighted scalar; they may own parameters
+    (optimised with the model and saved in ``loss_terms.safetensors`` under ``"<name>.<param>"``).
+    Each term is logged as ``loss/<name>`` (unweighted).  The interface lives here, beside the losses,
+    so that the distillation terms need nothing from the training layer (which plugs them in).
+    """
+
+    def __init__(self, name: str, weight: float = 1.0) -> None:
+        super().__init__()
+        self.name = name
+        self.weight = float(weight)
+
+    def forward(
+        self, outputs: Mapping[str, Any], teacher_outputs: Mapping[str, Any] | None, batch: Any
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+__all__ = ["layer_map", "LossTerm", "PROJECTION_INITS", "ProjectedMSE", "AttentionMSE", "SoftTargetCE"]

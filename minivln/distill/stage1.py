@@ -2,13 +2,15 @@
 
 On the pretraining batches (MLM, SAP, MRC, OG), the student learns the teacher's
 
-* **embeddings** (the input of each encoder): ``MSE(E_S W_e, E_T)``, one learnable ``W_e``;
+* **embeddings**: ``MSE(E_S W_e, E_T)`` on the instruction's embedding-layer output (the paper's
+  ``E``), one learnable ``W_e``; the other encoders' inputs (panorama, global and local) are an option
+  (``embed_encoders``);
 * **attention scores**: per-head *pre-softmax* scores of student layer ``m`` against teacher layer
   ``h(m)`` (:func:`~minivln.distill.losses.layer_map`: ``3m`` in the text encoder, ``2m`` in the
   panorama and the two cross-modal encoders for the 9/2/4 -> 3/1/2 pair), the self-attention of
-  every encoder and, by default, the visual -> text cross-attention of the two cross-modal
-  branches (TinyBERT distils every attention matrix; the shapes match because both attend to the
-  same text with the same number of heads);
+  every encoder (the paper's Eq. 5); the visual -> text cross-attention of the two cross-modal
+  branches is an option (``cross_attention=True``: TinyBERT distils every attention matrix; the
+  shapes match because both attend to the same text with the same number of heads);
 * **hidden states**: ``MSE(H_S^m W_h, H_T^{h(m)})``, one learnable ``W_h`` shared by every layer of
   every encoder.
 
@@ -33,15 +35,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from minivln.distill.losses import PROJECTION_INITS, AttentionMSE, ProjectedMSE, layer_map
+from minivln.distill.losses import PROJECTION_INITS, AttentionMSE, LossTerm, ProjectedMSE, layer_map
 from minivln.model.config import DUETConfig
-from minivln.training.trainer import LossTerm
 
 ENCODERS = ("text", "pano", "global", "local")
 """Tap prefixes of the four encoders (``global``/``local``: the two cross-modal branches)."""
 
 PARTS = ("embeddings", "attentions", "hidden")
-"""What stage 1 distils; ``attentions`` includes the cross-attentions unless turned off."""
+"""What stage 1 distils; ``attentions`` is self-attention (plus cross-attention with ``cross_attention``)."""
+
+EMBED_ENCODERS = ("text",)
+"""The paper's default for ``embeddings``: the instruction's embedding-layer output only."""
 
 CROSS_MODAL = ("global", "local")
 
@@ -107,7 +111,9 @@ class Stage1KD(LossTerm):
         parts: any of :data:`PARTS`; only the projections of the chosen parts are built
             (``W_e`` = ``embed_loss.proj``, ``W_h`` = ``hidden_loss.proj``, student -> teacher width).
         cross_attention: also distil the visual -> text cross-attention scores of the global and
-            local branches (with ``attentions``).
+            local branches (with ``attentions``; default off, as the paper's Eq. 5).
+        embed_encoders: whose embedding-layer outputs ``embeddings`` covers (default ``("text",)``,
+            the paper's ``E``; any of :data:`ENCODERS`).
         init: ``"default"`` (``nn.Linear``'s init) or ``"identity"`` (``W = I``, zero-padded when the
             widths differ, bias 0).
 
@@ -123,10 +129,15 @@ class Stage1KD(LossTerm):
         weight: float = 1.0,
         parts: Sequence[str] = PARTS,
         *,
-        cross_attention: bool = True,
+        cross_attention: bool = False,
+        embed_encoders: Sequence[str] = EMBED_ENCODERS,
         init: str = "default",
     ) -> None:
         super().__init__(name, weight)
+        embed_encoders = tuple(dict.fromkeys(embed_encoders))
+        if not embed_encoders or any(e not in ENCODERS for e in embed_encoders):
+            raise ValueError(f"embed_encoders: expected a non-empty subset of {ENCODERS}, got {embed_encoders}")
+        self.embed_encoders = embed_encoders
         parts = tuple(dict.fromkeys(parts))
         unknown = [p for p in parts if p not in PARTS]
         if not parts or unknown:
@@ -159,7 +170,7 @@ class Stage1KD(LossTerm):
         out: dict[str, Tensor] = {}
         for enc in ENCODERS:
             mask = _tap(s_taps, f"{enc}.masks", "student")
-            if self.embed_loss is not None:
+            if self.embed_loss is not None and enc in self.embed_encoders:
                 out[f"embeddings/{enc}"] = self.embed_loss(
                     _tap(s_taps, f"{enc}.embeddings", "student"),
                     _tap(t_taps, f"{enc}.embeddings", "teacher"), mask)
@@ -200,16 +211,33 @@ def stage1_terms(
     teacher_cfg: DUETConfig,
     weight: float = 1.0,
     *,
+    part_weights: Mapping[str, float] | None = None,
     prefix: str = "kd",
-    cross_attention: bool = True,
+    cross_attention: bool = False,
+    embed_encoders: Sequence[str] = EMBED_ENCODERS,
     init: str = "default",
 ) -> list[Stage1KD]:
-    """The stage-1 loss as three terms, one per part, named ``<prefix>_emb``, ``<prefix>_att`` and
+    """The stage-1 loss as one term per part, named ``<prefix>_emb``, ``<prefix>_att`` and
     ``<prefix>_hid``, so that the trainer logs each part (``loss/kd_emb``, ...); together they are
-    :class:`Stage1KD` with every part (``W_e`` lives in the first, ``W_h`` in the last)."""
-    return [Stage1KD(student_cfg, teacher_cfg, name=f"{prefix}_{PART_NAMES[part]}", weight=weight,
-                     parts=(part,), cross_attention=cross_attention, init=init)
-            for part in PARTS]
+    :class:`Stage1KD` with every part (``W_e`` lives in the first, ``W_h`` in the last).
+
+    Each term's weight is ``weight * part_weights[short name]`` (``part_weights`` keyed ``emb``,
+    ``att``, ``hid``; missing = 1); a part whose weight is 0 is not built (no projection, no cost)."""
+    part_weights = dict(part_weights or {})
+    unknown = sorted(set(part_weights) - set(PART_NAMES.values()))
+    if unknown:
+        raise ValueError(f"part_weights: unknown part(s) {unknown}; expected {sorted(PART_NAMES.values())}")
+    terms = []
+    for part in PARTS:
+        w = weight * float(part_weights.get(PART_NAMES[part], 1.0))
+        if w < 0:
+            raise ValueError(f"the weight of {PART_NAMES[part]} must be >= 0, got {w}")
+        if w == 0:
+            continue
+        terms.append(Stage1KD(student_cfg, teacher_cfg, name=f"{prefix}_{PART_NAMES[part]}", weight=w,
+                              parts=(part,), cross_attention=cross_attention,
+                              embed_encoders=embed_encoders, init=init))
+    return terms
 
 
-__all__ = ["ENCODERS", "PARTS", "Stage1KD", "encoder_depths", "encoder_layer_maps", "stage1_terms"]
+__all__ = ["EMBED_ENCODERS", "ENCODERS", "PARTS", "PART_NAMES", "Stage1KD", "encoder_depths", "encoder_layer_maps", "stage1_terms"]

@@ -43,9 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from minivln.distill.losses import ProjectedMSE, SoftTargetCE
+from minivln.distill.losses import LossTerm, ProjectedMSE, SoftTargetCE
 from minivln.model.config import DUETConfig
-from minivln.training.trainer import LossTerm
 
 REDUCTIONS = ("action", "mean")
 
@@ -147,26 +146,44 @@ class FuseKD(_Stage2Term):
             yield self.loss(s, t, active), active.sum().float()
 
 
+TERM_NAMES = ("txt", "pano", "fuse")
+"""The stage-2 terms' short names (``<prefix>_txt``, ...), the keys of ``term_weights``."""
+
+
 def stage2_terms(
     student_cfg: DUETConfig,
     teacher_cfg: DUETConfig,
     kd_weight: float = 0.1,
     temperature: float = 1.0,
     *,
+    term_weights: Mapping[str, float] | None = None,
     reduction: str = "action",
     init: str = "default",
     prefix: str = "kd",
 ) -> list[_Stage2Term]:
     """The stage-2 loss as three terms, ``<prefix>_txt`` (owns ``W_l``), ``<prefix>_pano`` (owns
-    ``W_r``) and ``<prefix>_fuse``, each weighted ``kd_weight`` (the paper's KDWeight, 0.1 best), for
-    ``Trainer(..., teacher=teacher, loss_terms=stage2_terms(...))`` with a
-    :class:`~minivln.training.finetune.FinetuneTask`.  ``init="identity"`` starts ``W_l``/``W_r`` at
-    the identity (zero-padded when the widths differ)."""
-    return [
-        TextKD(student_cfg, teacher_cfg, f"{prefix}_txt", kd_weight, reduction=reduction, init=init),
-        PanoKD(student_cfg, teacher_cfg, f"{prefix}_pano", kd_weight, reduction=reduction, init=init),
-        FuseKD(f"{prefix}_fuse", kd_weight, temperature=temperature, reduction=reduction),
-    ]
+    ``W_r``) and ``<prefix>_fuse``, for ``Trainer(..., teacher=teacher, loss_terms=stage2_terms(...))``
+    with a :class:`~minivln.training.finetune.FinetuneTask`.  Each is weighted
+    ``kd_weight * term_weights[name]`` (the paper's KDWeight, 0.1 best; ``term_weights`` keyed ``txt``,
+    ``pano``, ``fuse``, missing = 1); a term of weight 0 is not built (Table IV's term subsets).
+    ``init="identity"`` starts ``W_l``/``W_r`` at the identity (zero-padded when the widths differ)."""
+    term_weights = dict(term_weights or {})
+    unknown = sorted(set(term_weights) - set(TERM_NAMES))
+    if unknown:
+        raise ValueError(f"term_weights: unknown term(s) {unknown}; expected {list(TERM_NAMES)}")
+    builders = {
+        "txt": lambda w: TextKD(student_cfg, teacher_cfg, f"{prefix}_txt", w, reduction=reduction, init=init),
+        "pano": lambda w: PanoKD(student_cfg, teacher_cfg, f"{prefix}_pano", w, reduction=reduction, init=init),
+        "fuse": lambda w: FuseKD(f"{prefix}_fuse", w, temperature=temperature, reduction=reduction),
+    }
+    terms: list[_Stage2Term] = []
+    for name in TERM_NAMES:
+        w = kd_weight * float(term_weights.get(name, 1.0))
+        if w < 0:
+            raise ValueError(f"the weight of {name} must be >= 0, got {w}")
+        if w > 0:
+            terms.append(builders[name](w))
+    return terms
 
 
-__all__ = ["FuseKD", "PanoKD", "REDUCTIONS", "TextKD", "stage2_terms"]
+__all__ = ["FuseKD", "PanoKD", "REDUCTIONS", "TERM_NAMES", "TextKD", "stage2_terms"]

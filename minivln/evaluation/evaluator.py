@@ -21,6 +21,7 @@ What is checked, and what happens (details in ``docs/metrics.md``):
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import numbers
@@ -107,12 +108,16 @@ class _Entry:
 
 
 def load_submission(path: str | os.PathLike) -> list[Any]:
-    """Read a submission file: a JSON list (items are checked by :meth:`Evaluator.evaluate`)."""
+    """Read a submission file: a JSON list (items are checked by :meth:`Evaluator.evaluate`); a name
+    ending in ``.gz`` is read through gzip."""
     path = Path(path)
     if not path.is_file():
         raise SubmissionError(f"submission file {path} does not exist")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, EOFError) as exc:  # gzip: not a gzip file, truncated
+        raise SubmissionError(f"submission {path} is not a readable gzip file: {exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SubmissionError(f"submission {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, list):

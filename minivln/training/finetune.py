@@ -29,6 +29,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -65,6 +66,15 @@ def _default_train() -> TrainConfig:
 
 
 @dataclass
+class Stage2Weights:
+    """Stage-2 term weights, each multiplied by ``kd_weight`` (0 leaves the term out: Table IV)."""
+
+    txt: float = 1.0  # kd_txt: text-encoder output (W_l)
+    pano: float = 1.0  # kd_pano: panorama-encoder output (W_r)
+    fuse: float = 1.0  # kd_fuse: CE of the fused action distributions
+
+
+@dataclass
 class FinetuneConfig:
     """A fine-tuning run.  Defaults are DUET's R2R script (batch 8, lr 1e-5, 200k iterations); the
     REVERIE-only fields (``objects``, ``reverie_goal``, ``og_weight``, ``max_objects``) default to DUET's
@@ -95,7 +105,8 @@ class FinetuneConfig:
     og_weight: float = 1.0  # REVERIE: OG loss weight within each rollout (upstream: 1, no separate weight)
     max_objects: int = 20  # REVERIE: objects per viewpoint in training rollouts (0 = all; DUET: 20); eval: all
     teacher: str = ""  # stage-2 distillation: a frozen teacher (run dir, save_pretrained dir or DUET checkpoint)
-    kd_weight: float = 0.1  # KDWeight: each of kd_txt, kd_pano, kd_fuse (the paper's best: 0.1)
+    kd_weight: float = 0.1  # KDWeight: multiplies kd_txt, kd_pano, kd_fuse (the paper's best: 0.1)
+    kd_terms: Stage2Weights = field(default_factory=Stage2Weights)  # per-term weights (0 = off)
     kd_temperature: float = 1.0  # t of kd_fuse (the paper: 1)
     num_threads: int = 0  # torch CPU threads (0 = torch's default); 1 is fastest on a busy small CPU
     random_seed: int = 0  # the random baseline of metrics.json
@@ -109,6 +120,8 @@ class FinetuneConfig:
             raise ConfigError(f"reverie_goal: one of {REVERIE_GOALS}, got {self.reverie_goal!r}")
         if self.kd_weight < 0 or self.kd_temperature <= 0:
             raise ConfigError("kd_weight must be >= 0 and kd_temperature > 0")
+        if min(self.kd_terms.txt, self.kd_terms.pano, self.kd_terms.fuse) < 0:
+            raise ConfigError(f"kd_terms: weights must be >= 0, got {self.kd_terms}")
         if self.og_weight < 0 or self.max_objects < 0:
             raise ConfigError("og_weight and max_objects must be >= 0")
         if self.feedback not in ("sample", "teacher"):
@@ -469,11 +482,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model = build_model(cfg)
     teacher, terms = None, []
     if cfg.teacher:  # stage 2: distillation while fine-tuning (docs/distillation.md)
+        from minivln.distill.compat import check_teacher
         from minivln.distill.stage2 import stage2_terms
         from minivln.training.navigate import load_agent_model
 
         teacher = load_agent_model(cfg.teacher)
-        terms = stage2_terms(model.config, teacher.config, cfg.kd_weight, cfg.kd_temperature)
+        check_teacher(model.config, teacher.config, stage=2, source=f"teacher {cfg.teacher}")
+        terms = stage2_terms(model.config, teacher.config, cfg.kd_weight, cfg.kd_temperature,
+                             term_weights=dataclasses.asdict(cfg.kd_terms))
     if info.world_size > 1 and info.rank != 0:
         torch.distributed.barrier()  # rank 0 builds what is missing (toy world, stand-in features) first
     res = prepare_data(cfg, run_dir, model.config.image_feat_size, model.config.obj_feat_size)

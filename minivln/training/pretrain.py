@@ -32,6 +32,7 @@ student's and the frozen teacher's distillation taps on the same batch, which
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -71,6 +72,15 @@ class TaskMix:
 
 
 @dataclass
+class Stage1Weights:
+    """Stage-1 term weights, each multiplied by ``kd_weight`` (0 leaves the term out)."""
+
+    emb: float = 1.0  # kd_emb: embedding-layer output (W_e)
+    att: float = 1.0  # kd_att: per-head pre-softmax self-attention scores
+    hid: float = 1.0  # kd_hid: hidden states of the mapped layers (W_h)
+
+
+@dataclass
 class PretrainConfig:
     """``minivln pretrain`` config (YAML + ``key=value`` overrides)."""
 
@@ -97,8 +107,14 @@ class PretrainConfig:
     sap_stop_prob: float = 0.2
     mix: TaskMix = field(default_factory=TaskMix)
     export: str = ""  # where to save the navigation weights; "" = RUN/pretrained
+    feat_dropout: float = 0.0  # dropout on raw view/object features; DUET pretrains without (and with a
+    #                            teacher, student and teacher then see the same inputs)
     teacher: str = ""  # stage-1 distillation: a frozen teacher (run dir, save_pretrained dir or DUET checkpoint)
-    kd_weight: float = 1.0  # weight of each stage-1 term (kd_emb, kd_att, kd_hid)
+    kd_weight: float = 1.0  # multiplies every stage-1 term weight
+    kd_terms: Stage1Weights = field(default_factory=Stage1Weights)  # per-term weights (0 = off)
+    kd_cross_attention: bool = False  # also distil the cross-modal branches' cross-attention (paper: no)
+    kd_embed_encoders: list[str] = field(default_factory=lambda: ["text"])  # kd_emb covers these
+    #                            encoders' inputs (paper: the instruction's; also pano, global, local)
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default (1 is fastest on a busy 2-core box)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -556,7 +572,7 @@ def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretra
     from minivln.model.checkpoint import load_checkpoint
     from minivln.model.registry import create_model
 
-    duet = create_model(cfg.model, **cfg.model_overrides)
+    duet = create_model(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})
     if cfg.text_init:
         from minivln.model.text_init import init_text
 
@@ -575,10 +591,14 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     init_distributed(cfg.train.device)  # before the task, which shards batches by rank
     teacher = None
     if cfg.teacher:  # stage 1: distillation while pretraining (docs/distillation.md)
+        from minivln.distill.compat import check_teacher
         from minivln.distill.stage1 import stage1_terms
+        from minivln.model.registry import get_config
         from minivln.training.navigate import load_agent_model
 
         teacher = load_agent_model(cfg.teacher)
+        student_cfg = get_config(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})
+        check_teacher(student_cfg, teacher.config, stage=1, source=f"teacher {cfg.teacher}")
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     mix = resolve_mix(cfg)
@@ -605,7 +625,11 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     active = [t for t in TASKS if mix[t] > 0]
     validate = make_validate(val_ds, active, cfg.batch_size, cfg.val_batches, seed=cfg.train.seed,
                              sap_stop_prob=cfg.sap_stop_prob) if val_ds and cfg.val_batches > 0 else None
-    terms = stage1_terms(model.duet.config, teacher.config, cfg.kd_weight) if teacher is not None else []
+    terms = []
+    if teacher is not None:
+        terms = stage1_terms(model.duet.config, teacher.config, cfg.kd_weight,
+                             part_weights=dataclasses.asdict(cfg.kd_terms),
+                             cross_attention=cfg.kd_cross_attention, embed_encoders=cfg.kd_embed_encoders)
     trainer = Trainer(model, task, cfg.train, validate=validate, run_config=cfg, teacher=teacher,
                       loss_terms=terms)
     try:

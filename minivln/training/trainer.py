@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from minivln.config import ConfigError, save_config
+from minivln.distill.losses import LossTerm  # noqa: F401 - re-exported: the trainer's plug-in interface
 from minivln.training import distributed as D
 from minivln.training.checkpoint import (
     capture_rng_state,
@@ -143,25 +144,6 @@ class Task(Protocol):
     def next_batch(self, index: int) -> Any: ...
 
     def compute(self, model: nn.Module, batch: Any, teacher: nn.Module | None = None) -> TaskOutput: ...
-
-
-class LossTerm(nn.Module):
-    """An extra loss: ``total = task loss + sum(term.weight * term(outputs, teacher_outputs, batch))``.
-
-    Subclasses implement :meth:`forward` returning an unweighted scalar; they may own parameters
-    (optimised with the model and saved in ``loss_terms.safetensors`` under ``"<name>.<param>"``).
-    Each term is logged as ``loss/<name>`` (unweighted).
-    """
-
-    def __init__(self, name: str, weight: float = 1.0) -> None:
-        super().__init__()
-        self.name = name
-        self.weight = float(weight)
-
-    def forward(
-        self, outputs: Mapping[str, Any], teacher_outputs: Mapping[str, Any] | None, batch: Any
-    ) -> torch.Tensor:
-        raise NotImplementedError
 
 
 ValidateFn = Callable[[nn.Module], Mapping[str, Any]]

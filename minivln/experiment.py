@@ -1,0 +1,532 @@
+"""``minivln experiment RECIPE --out DIR``: a table of the paper as one resumable command.
+
+A *recipe* (YAML, ``configs/experiments/``) names
+
+* **runs**: ``minivln pretrain`` / ``minivln finetune`` calls (a base config plus overrides), where a
+  fine-tuning run may start from another run's exported weights (``init: RUN``) and either stage may
+  have a frozen ``teacher``;
+* **rows**: what the table reports, each the *last* checkpoint of a fine-tuning run (no selection on
+  the reported split), a given checkpoint (the teacher), or the seeded random walker; every row is
+  scored on the **whole** split.
+
+The runner executes every run and every scoring as a separate process, up to ``--jobs`` at a time
+(one torch thread each), in dependency order, from a **pinned checkout**: the first call records the
+commit (``--commit``, default ``HEAD``; the working tree must be clean) in ``DIR/pin.json`` and makes
+a git worktree of it at ``DIR/code``; later calls use the same code, so commits landing meanwhile
+never mix versions inside a table.  It resumes: a finished run or scoring is skipped (``DIR/done/``),
+an interrupted run continues from its last checkpoint (``--resume``), so a grid can span sittings.
+Several recipes may share one ``DIR``: a run of the same name and the same spec is reused (Tables
+IV and V reuse Table III's two-stage row); the same name with another spec is an error.
+
+When every row is scored, each row's submission is gzipped into the recipe's ``submissions`` folder
+and the table is written to ``results`` (JSON; the layout of ``docs/results/r2r_table3.json``), with
+the metrics re-scored from the gzipped file itself (``minivln eval --preds FILE.json.gz`` gives the
+same numbers) and the standard error of each rate over episodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from minivln.config import ConfigError, load_config, to_dict
+from minivln.paths import DataError, atomic_write_text
+
+COMMANDS = ("pretrain", "finetune")
+PATH_KEYS = ("teacher", "features", "objects", "data_dir", "init_checkpoint", "init")
+"""Override keys holding paths: made absolute (from the repository root) before a run starts."""
+
+
+@dataclass
+class RunSpec:
+    """One training run of a recipe."""
+
+    command: str = "finetune"  # "pretrain" or "finetune"
+    config: str = ""  # base YAML, relative to the (pinned) repository root
+    init: str = ""  # another run of the recipe whose exported weights this one starts from
+    overrides: dict[str, Any] = field(default_factory=dict)  # key=value overrides (nested keys with dots)
+
+
+@dataclass
+class RowSpec:
+    """One row of the table."""
+
+    name: str = ""
+    run: str = ""  # a fine-tuning run: its last checkpoint (RUN/model)
+    checkpoint: str = ""  # or a given checkpoint (e.g. the teacher)
+    random: bool = False  # or the seeded random walker
+    stage1: bool = False  # labels of the row (what the runs did)
+    stage2: bool = False
+    note: str = ""
+
+
+@dataclass
+class Recipe:
+    """A table: runs, rows, where its results land."""
+
+    name: str = ""
+    table: str = ""  # the table's title
+    task: str = "r2r"
+    split: str = "val_unseen"
+    results: str = ""  # the table's JSON, relative to the repository root
+    submissions: str = ""  # folder for the rows' gzipped submissions, relative to the repository root
+    data_dir: str = ""  # "" = $MINIVLN_DATA
+    features: str = ""  # view features (HDF5); required
+    objects: str = ""  # REVERIE object features
+    threads: int = 1  # torch threads per process
+    score_batch_size: int = 30
+    random_seed: int = 0
+    random_stop_prob: float = 1.0 / 6.0
+    max_action_len: int = 15
+    include: list[str] = field(default_factory=list)  # recipes whose runs this one reuses
+    runs: dict[str, RunSpec] = field(default_factory=dict)
+    rows: list[RowSpec] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ recipe
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe by path, or by name from ``configs/experiments/``."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (repo_root() / "configs" / "experiments" / f"{name}.yaml",
+                 repo_root() / "configs" / "experiments" / name):
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in (repo_root() / "configs" / "experiments").glob("*.yaml"))
+    raise ConfigError(f"recipe {name!r} not found (a YAML path, or one of: {', '.join(known)})")
+
+
+def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe and the runs of the recipes it includes (same-named runs must be equal)."""
+    path = find_recipe(name)
+    recipe = load_config(Recipe, path, overrides)
+    runs: dict[str, RunSpec] = {}
+    for inc in recipe.include:
+        inc_path = (path.parent / inc) if not Path(inc).is_absolute() else Path(inc)
+        for run_name, spec in load_recipe(str(inc_path)).runs.items():
+            runs[run_name] = spec
+    for run_name, spec in recipe.runs.items():
+        if run_name in runs and to_dict(runs[run_name]) != to_dict(spec):
+            raise ConfigError(f"{path}: run {run_name!r} differs from the included recipe's run of that name")
+        runs[run_name] = spec
+    recipe.runs = runs
+    check_recipe(recipe, path)
+    return recipe
+
+
+def check_recipe(recipe: Recipe, path: Path) -> None:
+    for run_name, spec in recipe.runs.items():
+        if spec.command not in COMMANDS:
+            raise ConfigError(f"{path}: run {run_name}: command must be one of {COMMANDS}, got {spec.command!r}")
+        if spec.init and spec.init not in recipe.runs:
+            raise ConfigError(f"{path}: run {run_name}: init names no run of the recipe ({spec.init!r})")
+    names = [r.name for r in recipe.rows]
+    if len(set(names)) != len(names) or not all(names):
+        raise ConfigError(f"{path}: every row needs a unique name")
+    for row in recipe.rows:
+        sources = [bool(row.run), bool(row.checkpoint), row.random]
+        if sum(sources) != 1:
+            raise ConfigError(f"{path}: row {row.name!r} needs exactly one of run, checkpoint, random")
+        if row.run and (row.run not in recipe.runs or recipe.runs[row.run].command != "finetune"):
+            raise ConfigError(f"{path}: row {row.name!r}: run {row.run!r} is not a fine-tuning run of the recipe")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def spec_hash(spec: RunSpec, deps: dict[str, str]) -> str:
+    """What makes a run what it is: its spec and the specs of the runs it starts from."""
+    blob = json.dumps({"spec": to_dict(spec), "deps": deps}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ pinning
+
+
+def _git(*args: str, cwd: Path) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise DataError(f"git {' '.join(args)} failed in {cwd}: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def pin_checkout(out: Path, commit: str | None) -> tuple[str, Path]:
+    """The commit and worktree of ``out`` (made on the first call)."""
+    pin_file, code = out / "pin.json", out / "code"
+    if pin_file.exists():
+        pinned = json.loads(pin_file.read_text())["commit"]
+        if commit and not pinned.startswith(commit) and _git("rev-parse", commit, cwd=repo_root()) != pinned:
+            raise ConfigError(f"{out} is pinned to {pinned[:12]}; use another --out for {commit}")
+        if not (code / "minivln").is_dir():
+            _git("worktree", "add", "--force", "--detach", str(code), pinned, cwd=repo_root())
+        return pinned, code
+    root = repo_root()
+    sha = _git("rev-parse", commit or "HEAD", cwd=root)
+    if not commit and _git("status", "--porcelain", "--untracked-files=no", cwd=root):
+        raise ConfigError("the working tree has uncommitted changes: commit them (the runs execute the "
+                          "pinned commit, not the working tree) or pass --commit REF")
+    out.mkdir(parents=True, exist_ok=True)
+    _git("worktree", "add", "--force", "--detach", str(code), sha, cwd=root)
+    atomic_write_text(pin_file, json.dumps({"commit": sha, "pinned_at": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    return sha, code
+
+
+# ------------------------------------------------------------------------------------------ jobs
+
+
+@dataclass
+class Job:
+    name: str  # "train:RUN" or "score:ROW"
+    deps: list[str]
+    argv: list[str]
+    run_dir: Path | None = None  # a training run (resumable)
+    spec: str = ""  # spec hash, recorded when done
+
+
+def _abs(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and value not in ("toy", "synthetic") and not Path(value).is_absolute():
+        return str((base / value).resolve())
+    return value
+
+
+def _override_items(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "model_overrides":
+            items.extend(_override_items(v, key + "."))
+        else:
+            items.append((key, v))
+    return items
+
+
+def _fmt(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (dict, list, bool)) or v is None else str(v)
+
+
+def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
+    """Every job of the recipe, in an order that respects dependencies."""
+    root = repo_root()
+    py = [sys.executable, "-m", "minivln.cli"]
+    jobs: list[Job] = []
+    hashes: dict[str, str] = {}
+
+    def run_hash(name: str) -> str:
+        if name not in hashes:
+            spec = recipe.runs[name]
+            hashes[name] = spec_hash(spec, {spec.init: run_hash(spec.init)} if spec.init else {})
+        return hashes[name]
+
+    needed = {r.run for r in recipe.rows if r.run}
+    stack = list(needed)
+    while stack:  # the runs the rows need, and the runs those start from
+        spec = recipe.runs[stack.pop()]
+        if spec.init and spec.init not in needed:
+            needed.add(spec.init)
+            stack.append(spec.init)
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if recipe.runs[name].init:
+            visit(recipe.runs[name].init)
+        order.append(name)
+
+    # runs with a teacher are the slowest: start them (and what they need) first
+    for name in sorted(needed, key=lambda n: ("teacher" not in recipe.runs[n].overrides, n)):
+        visit(name)
+    for name in order:
+        spec = recipe.runs[name]
+        run_dir = out / "runs" / name
+        items = dict(_override_items(spec.overrides))
+        for key in ("data_dir", "features", "objects"):
+            if getattr(recipe, key) and key not in items:
+                items[key] = getattr(recipe, key)
+        items.setdefault("num_threads", recipe.threads)
+        if spec.init:
+            key = "init_checkpoint" if spec.command == "finetune" else "init"
+            items[key] = str(_init_weights(recipe, out, spec.init))
+        items = {k: (_abs(v, root) if k in PATH_KEYS else v) for k, v in items.items()}
+        argv = [*py, spec.command, "--out", str(run_dir)]
+        if spec.config:
+            argv += ["--config", str(code / spec.config)]
+        argv += [f"{k}={_fmt(v)}" for k, v in items.items()]
+        deps = [f"train:{spec.init}"] if spec.init else []
+        jobs.append(Job(f"train:{name}", deps, argv, run_dir=run_dir, spec=run_hash(name)))
+    for row in recipe.rows:
+        if row.random:
+            continue  # scored in-process when the table is written (seconds)
+        ckpt = out / "runs" / row.run / "model" if row.run else Path(_abs(row.checkpoint, root))
+        argv = [*py, "navigate", "--checkpoint", str(ckpt), "--task", recipe.task, "--split", recipe.split,
+                "--out", str(out / "scores" / slug(row.name)), "--batch-size", str(recipe.score_batch_size),
+                "--threads", str(recipe.threads)]
+        for key in ("data_dir", "features", "objects"):
+            if getattr(recipe, key):
+                argv += [f"--{key.replace('_', '-')}", str(_abs(getattr(recipe, key), root))]
+        spec = hashlib.sha256(json.dumps([to_dict(row), run_hash(row.run) if row.run else ""]).encode()).hexdigest()[:16]
+        jobs.append(Job(f"score:{slug(row.name)}", [f"train:{row.run}"] if row.run else [], argv, spec=spec))
+    return jobs
+
+
+def _init_weights(recipe: Recipe, out: Path, run: str) -> Path:
+    """A run's exported weights: RUN/pretrained for pretraining, RUN/model for fine-tuning."""
+    return out / "runs" / run / ("pretrained" if recipe.runs[run].command == "pretrain" else "model")
+
+
+def _done_file(out: Path, job: Job) -> Path:
+    return out / "done" / f"{job.name.replace(':', '-')}.json"
+
+
+def is_done(out: Path, job: Job) -> bool:
+    f = _done_file(out, job)
+    if not f.exists():
+        return False
+    rec = json.loads(f.read_text())
+    if rec.get("spec") != job.spec:
+        raise ConfigError(f"{job.name} in {out} was made from another spec ({rec.get('spec')} vs {job.spec}): "
+                          "a recipe changed under a finished run; use another --out or remove "
+                          f"{f} and its run directory")
+    return True
+
+
+def _start(job: Job, out: Path, code: Path, threads: int) -> subprocess.Popen:
+    argv = list(job.argv)
+    if job.run_dir is not None and job.run_dir.exists():
+        if (job.run_dir / "latest").exists():
+            argv.insert(argv.index("--out"), "--resume")
+        else:  # crashed before its first checkpoint: nothing to keep
+            shutil.rmtree(job.run_dir)
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log = out / "logs" / f"{job.name.replace(':', '-')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log, "a")
+    fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
+    fh.flush()
+    proc = subprocess.Popen(argv, cwd=code, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc._minivln_log = fh  # type: ignore[attr-defined]
+    proc._minivln_t0 = time.time()  # type: ignore[attr-defined]
+    return proc
+
+
+def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: int, threads: int) -> bool:
+    """Run the pending jobs, up to ``max_jobs`` at a time; True when every job has finished."""
+    pending = [j for j in jobs if not is_done(out, j)]
+    finished = {j.name for j in jobs if j not in pending}
+    running: dict[str, tuple[Job, subprocess.Popen]] = {}
+    failed: set[str] = set()
+    for j in jobs:
+        if j in pending:
+            print(f"pending  {j.name}", flush=True)
+        else:
+            print(f"done     {j.name}", flush=True)
+    while pending or running:
+        for j in list(pending):
+            if len(running) >= max_jobs:
+                break
+            if any(d in failed for d in j.deps):
+                pending.remove(j)
+                failed.add(j.name)
+                print(f"skipped  {j.name}: a run it needs failed", flush=True)
+            elif all(d in finished for d in j.deps):
+                pending.remove(j)
+                running[j.name] = (j, _start(j, out, code, threads))
+                print(f"started  {j.name} ({time.strftime('%H:%M:%S')})", flush=True)
+        time.sleep(2)
+        for name, (j, proc) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            proc._minivln_log.close()  # type: ignore[attr-defined]
+            del running[name]
+            took = time.time() - proc._minivln_t0  # type: ignore[attr-defined]
+            if proc.returncode == 0:
+                finished.add(name)
+                rec = {"job": name, "spec": j.spec, "commit": commit, "seconds": round(took, 1),
+                       "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": j.argv}
+                atomic_write_text(_done_file(out, j), json.dumps(rec, indent=1) + "\n")
+                print(f"finished {name} in {took / 60:.1f} min", flush=True)
+            else:
+                failed.add(name)
+                print(f"FAILED   {name} (exit {proc.returncode}); see {out / 'logs'}", flush=True)
+    return not failed
+
+
+# ------------------------------------------------------------------------------------------ table
+
+
+def _se(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def write_gz(path: Path, entries: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.GzipFile(tmp, "wb", mtime=0) as f:  # mtime 0: the same trajectories give the same bytes
+        f.write(json.dumps(entries).encode())
+    os.replace(tmp, path)
+
+
+def random_submission(recipe: Recipe) -> list[dict]:
+    from minivln.data.datasets import load_episodes
+    from minivln.data.graph import Graphs
+    from minivln.env.env import NavBatchEnv, evaluate_policy, make_random_policy
+    from minivln.paths import resolve_data_dir
+
+    root = resolve_data_dir(recipe.data_dir or None)
+    env = NavBatchEnv(load_episodes(recipe.task, recipe.split, root), Graphs(root), batch_size=64,
+                      max_steps=recipe.max_action_len)
+    return evaluate_policy(env, make_random_policy(recipe.random_seed, recipe.random_stop_prob))
+
+
+def _run_config(out: Path, run: str) -> dict[str, Any]:
+    f = out / "runs" / run / "config.yaml"
+    return yaml.safe_load(f.read_text()) if f.exists() else {}
+
+
+def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
+    """Gzip each scored row's submission, re-score it, and write the table JSON."""
+    from minivln.evaluation.evaluator import Evaluator, load_submission
+    from minivln.paths import resolve_data_dir
+
+    root = repo_root()
+    evaluator = Evaluator(recipe.task, recipe.split, resolve_data_dir(recipe.data_dir or None))
+    sub_dir = root / (recipe.submissions or f"docs/results/{recipe.name}")
+    rows, missing = [], []
+    for row in recipe.rows:
+        gz = sub_dir / f"{slug(row.name)}.json.gz"
+        if row.random:
+            write_gz(gz, random_submission(recipe))
+        else:
+            src = out / "scores" / slug(row.name) / f"submission_{recipe.split}.json"
+            if not src.exists():
+                missing.append(row.name)
+                continue
+            write_gz(gz, json.loads(src.read_text()))
+        summary, per_ep = evaluator.score(load_submission(gz))
+        rec: dict[str, Any] = {"name": row.name, "stage1": row.stage1, "stage2": row.stage2}
+        if row.run:
+            ft = _run_config(out, row.run)
+            init = recipe.runs[row.run].init
+            pre = _run_config(out, init) if init and recipe.runs[init].command == "pretrain" else {}
+            rec.update({
+                "kd_weight": ft.get("kd_weight") if ft.get("teacher") else None,
+                "terms": [k for k, v in (ft.get("kd_terms") or {}).items() if v > 0] if ft.get("teacher") else [],
+                "steps": (ft.get("train") or {}).get("max_steps"),
+                "batch_size": ft.get("batch_size"),
+                "pretrain_steps": (pre.get("train") or {}).get("max_steps"),
+                "pretrain_batch_size": pre.get("batch_size"),
+                "seed": (ft.get("train") or {}).get("seed"),
+                "commit": commit,
+                "run": row.run,
+            })
+        elif row.checkpoint:
+            rec.update({"checkpoint": row.checkpoint, "commit": commit})
+        else:
+            rec.update({"seed": recipe.random_seed,
+                        "agent": f"uniform random neighbour, STOP with p={recipe.random_stop_prob:.4g} before "
+                                 f"each move, at most {recipe.max_action_len} moves"})
+        rec["episodes"] = len(per_ep)
+        rec.update({k: summary[k] for k in evaluator.metric_names})
+        for k in ("sr", "spl"):
+            rec[f"{k}_se"] = _se([float(e[k]) for e in per_ep.values()])
+        rec["submission"] = str(gz.relative_to(root)) if gz.is_relative_to(root) else str(gz)
+        if row.note:
+            rec["note"] = row.note
+        rows.append(rec)
+    table = {"table": recipe.table or recipe.name, "recipe": recipe.name, "features": "stand-in"
+             if _standin(recipe) else "real", "task": recipe.task, "split": recipe.split,
+             "complete": not missing, "pending": missing, "commit": commit,
+             "written": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+    if recipe.results:
+        atomic_write_text(root / recipe.results, json.dumps(table, indent=1) + "\n")
+    atomic_write_text(out / f"{recipe.name}.json", json.dumps(table, indent=1) + "\n")
+    return table
+
+
+def _standin(recipe: Recipe) -> bool:
+    from minivln.features.hdf5 import FeatureStore
+
+    return bool(FeatureStore(_abs(recipe.features, repo_root())).is_standin)
+
+
+def format_table(table: dict[str, Any]) -> str:
+    lines = [f"{table['table']} ({table['features']} features, {table['split']}, all episodes)",
+             f"{'row':<22} {'episodes':>8} {'SR':>14} {'SPL':>14} {'NE':>6}"]
+    for r in table["rows"]:
+        lines.append(f"{r['name']:<22} {r['episodes']:>8} {r['sr']:>7.3f} ±{r['sr_se']:.3f} "
+                     f"{r['spl']:>7.3f} ±{r['spl_se']:.3f} {r.get('nav_error', float('nan')):>6.2f}")
+    if table["pending"]:
+        lines.append(f"pending: {', '.join(table['pending'])}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="run a paper table's grid of runs from a recipe (resumable, pinned code)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", metavar="RECIPE [key=value ...]", nargs="+",
+                   help="recipe YAML, or a name from configs/experiments (e.g. r2r-table3), then recipe "
+                        "overrides such as features=FEATS.hdf5")
+    p.add_argument("--out", required=True, help="experiment directory (shared by recipes that reuse runs)")
+    p.add_argument("--jobs", type=int, default=2, help="processes at a time (one torch thread each by default)")
+    p.add_argument("--commit", default=None, help="code to pin on the first call (default HEAD)")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs and their commands, run nothing")
+    p.add_argument("--table-only", action="store_true", help="write the table from what has finished")
+    p.set_defaults(func=_main, extra_positionals="recipe")  # overrides may also follow the options
+
+
+def _main(args: argparse.Namespace) -> int:
+    name, overrides = args.recipe[0], args.recipe[1:]
+    recipe = load_recipe(name, overrides)
+    if not recipe.features:
+        raise ConfigError("the recipe needs features=FILE (view features, HDF5)")
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
+    out = Path(args.out).resolve()
+    if args.dry_run:
+        commit = json.loads((out / "pin.json").read_text())["commit"] if (out / "pin.json").exists() else "(HEAD)"
+        code = out / "code"
+        for j in plan(recipe, out, code):
+            print(f"{j.name}  after {', '.join(j.deps) or '-'}\n    {' '.join(j.argv)}")
+        print(f"code: {commit} at {code}")
+        return 0
+    commit, code = pin_checkout(out, args.commit)
+    print(f"{recipe.name}: code {commit[:12]} at {code}; runs in {out / 'runs'}", flush=True)
+    ok = True
+    if not args.table_only:
+        ok = execute(plan(recipe, out, code), out, code, commit, max_jobs=args.jobs, threads=recipe.threads)
+    table = write_table(recipe, out, commit)
+    print(format_table(table))
+    if recipe.results:
+        print(f"table: {recipe.results}")
+    return 0 if ok else 1
+
+
+__all__ = ["Recipe", "RowSpec", "RunSpec", "load_recipe", "plan", "write_table"]
