@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,7 +153,13 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    """A file-name form of a row name: ``"fuse + txt"`` -> ``"fuse-txt"``, ``"KDWeight 0.01"`` -> ``"kdweight-0.01"``."""
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.")
+
+
+def score_key(row: RowSpec) -> str:
+    """What a row scores, so that rows of several tables scoring the same run share one scoring."""
+    return row.run if row.run else "ckpt-" + slug(row.checkpoint.rstrip("/").rsplit("/", 1)[-1])
 
 
 def spec_hash(spec: RunSpec, deps: dict[str, str]) -> str:
@@ -171,17 +178,18 @@ def _git(*args: str, cwd: Path) -> str:
     return out.stdout.strip()
 
 
-def pin_checkout(out: Path, commit: str | None) -> tuple[str, Path]:
-    """The commit and worktree of ``out`` (made on the first call)."""
+def pin_checkout(out: Path, commit: str | None, root: Path | None = None) -> tuple[str, Path]:
+    """The commit and worktree of ``out`` (made on the first call, from the repository ``root``)."""
+    root = root or repo_root()
     pin_file, code = out / "pin.json", out / "code"
     if pin_file.exists():
         pinned = json.loads(pin_file.read_text())["commit"]
-        if commit and not pinned.startswith(commit) and _git("rev-parse", commit, cwd=repo_root()) != pinned:
+        if commit and _git("rev-parse", commit, cwd=root) != pinned:
             raise ConfigError(f"{out} is pinned to {pinned[:12]}; use another --out for {commit}")
-        if not (code / "minivln").is_dir():
-            _git("worktree", "add", "--force", "--detach", str(code), pinned, cwd=repo_root())
+        if not code.is_dir():
+            _git("worktree", "prune", cwd=root)
+            _git("worktree", "add", "--force", "--detach", str(code), pinned, cwd=root)
         return pinned, code
-    root = repo_root()
     sha = _git("rev-parse", commit or "HEAD", cwd=root)
     if not commit and _git("status", "--porcelain", "--untracked-files=no", cwd=root):
         raise ConfigError("the working tree has uncommitted changes: commit them (the runs execute the "
@@ -279,14 +287,17 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
         if row.random:
             continue  # scored in-process when the table is written (seconds)
         ckpt = out / "runs" / row.run / "model" if row.run else Path(_abs(row.checkpoint, root))
+        target = score_key(row)
+        if f"score:{target}" in {j.name for j in jobs}:
+            continue
         argv = [*py, "navigate", "--checkpoint", str(ckpt), "--task", recipe.task, "--split", recipe.split,
-                "--out", str(out / "scores" / slug(row.name)), "--batch-size", str(recipe.score_batch_size),
+                "--out", str(out / "scores" / target), "--batch-size", str(recipe.score_batch_size),
                 "--threads", str(recipe.threads)]
         for key in ("data_dir", "features", "objects"):
             if getattr(recipe, key):
                 argv += [f"--{key.replace('_', '-')}", str(_abs(getattr(recipe, key), root))]
-        spec = hashlib.sha256(json.dumps([to_dict(row), run_hash(row.run) if row.run else ""]).encode()).hexdigest()[:16]
-        jobs.append(Job(f"score:{slug(row.name)}", [f"train:{row.run}"] if row.run else [], argv, spec=spec))
+        spec = run_hash(row.run) if row.run else hashlib.sha256(str(ckpt).encode()).hexdigest()[:16]
+        jobs.append(Job(f"score:{target}", [f"train:{row.run}"] if row.run else [], argv, spec=spec))
     return jobs
 
 
@@ -422,7 +433,7 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
         if row.random:
             write_gz(gz, random_submission(recipe))
         else:
-            src = out / "scores" / slug(row.name) / f"submission_{recipe.split}.json"
+            src = out / "scores" / score_key(row) / f"submission_{recipe.split}.json"
             if not src.exists():
                 missing.append(row.name)
                 continue
@@ -517,16 +528,27 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{j.name}  after {', '.join(j.deps) or '-'}\n    {' '.join(j.argv)}")
         print(f"code: {commit} at {code}")
         return 0
-    commit, code = pin_checkout(out, args.commit)
-    print(f"{recipe.name}: code {commit[:12]} at {code}; runs in {out / 'runs'}", flush=True)
-    ok = True
-    if not args.table_only:
-        ok = execute(plan(recipe, out, code), out, code, commit, max_jobs=args.jobs, threads=recipe.threads)
-    table = write_table(recipe, out, commit)
+    ok, table = run_experiment(recipe, out, jobs=args.jobs, commit=args.commit, table_only=args.table_only)
     print(format_table(table))
     if recipe.results:
         print(f"table: {recipe.results}")
     return 0 if ok else 1
 
 
-__all__ = ["Recipe", "RowSpec", "RunSpec", "load_recipe", "plan", "write_table"]
+def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | None = None, pin: bool = True,
+                   table_only: bool = False) -> tuple[bool, dict[str, Any]]:
+    """Pin the code (``pin=False``: run this checkout in place, for tests), run what is pending,
+    write the table; ``(every job finished, table)``."""
+    out = Path(out).resolve()
+    if pin:
+        commit, code = pin_checkout(out, commit)
+    else:
+        commit, code = "unpinned", repo_root()
+    print(f"{recipe.name}: code {commit[:12]} at {code}; runs in {out / 'runs'}", flush=True)
+    ok = True
+    if not table_only:
+        ok = execute(plan(recipe, out, code), out, code, commit, max_jobs=jobs, threads=recipe.threads)
+    return ok, write_table(recipe, out, commit)
+
+
+__all__ = ["Recipe", "RowSpec", "RunSpec", "load_recipe", "pin_checkout", "plan", "run_experiment", "write_table"]

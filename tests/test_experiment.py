@@ -1,0 +1,147 @@
+"""``minivln experiment``: recipes, the pinned checkout, a tiny grid end to end, resume, the table."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+
+import pytest
+import torch
+import yaml
+
+from minivln.cli import main as cli_main
+from minivln.config import ConfigError
+from minivln.experiment import find_recipe, load_recipe, pin_checkout, plan, run_experiment, score_key, slug
+from minivln.model.checkpoint import save_pretrained
+from minivln.model.registry import create_model
+
+SMALL = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_l_layers": 1,
+         "num_pano_layers": 1, "num_x_layers": 1, "image_feat_size": 16}
+TEACHER = {**SMALL, "hidden_size": 32, "intermediate_size": 64, "num_l_layers": 3}
+
+
+@pytest.mark.parametrize("name", ["r2r-table3", "r2r-table4", "r2r-table5"])
+def test_shipped_recipes_load_and_plan(name, tmp_path):
+    recipe = load_recipe(name, ["features=x.hdf5"])
+    jobs = plan(recipe, tmp_path, tmp_path / "code")
+    names = [j.name for j in jobs]
+    assert len(names) == len(set(names))
+    for j in jobs:  # dependencies come first
+        assert all(names.index(d) < names.index(j.name) for d in j.deps), j
+    assert {f"score:{score_key(r)}" for r in recipe.rows if not r.random} <= set(names)
+
+
+def test_tables_4_and_5_reuse_table_3s_two_stage_run(tmp_path):
+    t3, t4, t5 = (load_recipe(n, ["features=x"]) for n in ("r2r-table3", "r2r-table4", "r2r-table5"))
+    spec = {j.name: j.spec for j in plan(t3, tmp_path, tmp_path)}
+    for other in (t4, t5):
+        jobs = {j.name: j.spec for j in plan(other, tmp_path, tmp_path)}
+        assert jobs["train:ft-both"] == spec["train:ft-both"] and jobs["train:pre-kd"] == spec["train:pre-kd"]
+
+
+def test_bad_recipes_are_config_errors(tmp_path):
+    def write(d):
+        p = tmp_path / "r.yaml"
+        p.write_text(yaml.safe_dump(d))
+        return str(p)
+
+    base = {"name": "x", "runs": {"a": {"command": "finetune"}}, "rows": [{"name": "a", "run": "a"}]}
+    load_recipe(write(base))
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_recipe(write({**base, "rnus": {}}))
+    with pytest.raises(ConfigError, match="runs.a"):
+        load_recipe(write({**base, "runs": {"a": {"comand": "finetune"}}}))
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_recipe(write({**base, "rows": [{"name": "a", "run": "a", "random": True}]}))
+    with pytest.raises(ConfigError, match="init names no run"):
+        load_recipe(write({**base, "runs": {"a": {"command": "finetune", "init": "b"}}}))
+    with pytest.raises(ConfigError, match="command must be"):
+        load_recipe(write({**base, "runs": {"a": {"command": "train"}}}))
+    with pytest.raises(ConfigError, match="not found"):
+        find_recipe("no-such-recipe")
+    # an included recipe's run of the same name must be the same run
+    inc = tmp_path / "inc.yaml"
+    inc.write_text(yaml.safe_dump({**base, "runs": {"a": {"command": "finetune", "overrides": {"kd_weight": 1}}}}))
+    with pytest.raises(ConfigError, match="differs from the included"):
+        load_recipe(write({**base, "include": [str(inc)]}))
+
+
+def _git(*args, cwd):
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def test_pin_checkout_freezes_the_code(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "minivln").mkdir(parents=True)
+    (repo / "minivln" / "v.py").write_text("V = 1\n")
+    _git("init", "-q", cwd=repo)
+    _git("add", "-A", cwd=repo)
+    _git("commit", "-qm", "one", cwd=repo)
+    first = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    (repo / "minivln" / "v.py").write_text("V = 2\n")  # uncommitted: refused
+    with pytest.raises(ConfigError, match="uncommitted"):
+        pin_checkout(tmp_path / "exp", None, root=repo)
+    _git("commit", "-qam", "two", cwd=repo)
+    out = tmp_path / "exp"
+    sha, code = pin_checkout(out, first, root=repo)
+    assert sha == first and (code / "minivln" / "v.py").read_text() == "V = 1\n"
+    # later calls keep the pinned commit, whatever lands meanwhile; another commit is refused
+    assert pin_checkout(out, None, root=repo) == (first, code)
+    with pytest.raises(ConfigError, match="pinned to"):
+        pin_checkout(out, "HEAD", root=repo)
+
+
+def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
+    data, feats = small_toy
+    torch.manual_seed(1)
+    teacher = save_pretrained(create_model("duet-cpu", **TEACHER), tmp_path / "teacher")
+    common = {"model": "duet-cpu", "model_overrides": SMALL, "max_instr_len": 40,
+              "train": {"max_steps": 2, "log_every": 1, "ckpt_every": 1, "progress": False}}
+    ft = {**common, "batch_size": 2, "max_action_len": 5, "val_splits": ["val_unseen"], "val_max_episodes": 2,
+          "train": {**common["train"], "best_metric": "", "val_every": 0}}
+    recipe = {
+        "name": "tiny", "table": "tiny grid", "data_dir": str(data), "features": str(feats),
+        "results": str(tmp_path / "table.json"), "submissions": str(tmp_path / "subs"), "max_action_len": 5,
+        "runs": {
+            "pre": {"command": "pretrain", "overrides": {**common, "batch_size": 2, "val_batches": 0}},
+            "plain": {"command": "finetune", "init": "pre", "overrides": ft},
+            "kd": {"command": "finetune", "init": "pre",
+                   "overrides": {**ft, "teacher": str(teacher), "kd_terms": {"txt": 0}}},
+        },
+        "rows": [{"name": "none", "run": "plain"}, {"name": "two stage", "run": "kd", "stage2": True},
+                 {"name": "teacher", "checkpoint": str(teacher)}, {"name": "random", "random": True}],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "exp"
+    ok, table = run_experiment(load_recipe(str(path)), out, jobs=2, pin=False)
+    assert ok and table["complete"] and [r["name"] for r in table["rows"]] == ["none", "two stage", "teacher", "random"]
+    kd_row = table["rows"][1]
+    assert kd_row["terms"] == ["pano", "fuse"] and kd_row["kd_weight"] == 0.1 and kd_row["steps"] == 2
+    for row in table["rows"]:
+        assert row["episodes"] == 9 and 0 <= row["sr"] <= 1 and row["sr_se"] >= 0
+        # every number can be re-scored from the gzipped submission with minivln eval
+        gz = tmp_path / "subs" / f"{slug(row['name'])}.json.gz"
+        assert row["submission"] == str(gz)
+        assert json.loads(gzip.decompress(gz.read_bytes()))
+        scored = tmp_path / "scored.json"
+        assert cli_main(["eval", "--task", "r2r", "--split", "val_unseen", "--data-dir", str(data),
+                         "--preds", str(gz), "--out", str(scored)]) == 0
+        assert json.loads(scored.read_text())["sr"] == pytest.approx(row["sr"])
+        assert json.loads(scored.read_text())["spl"] == pytest.approx(row["spl"])
+    assert json.loads((tmp_path / "table.json").read_text())["rows"] == table["rows"]
+    # resume: an interrupted run (its done mark gone, its checkpoint kept) continues, the rest is skipped
+    (out / "done" / "train-kd.json").unlink()
+    (out / "done" / "score-kd.json").unlink()
+    ok, again = run_experiment(load_recipe(str(path)), out, jobs=2, pin=False)
+    assert ok and again["rows"] == table["rows"]
+    log = (out / "logs" / "train-kd.log").read_text()
+    assert log.count("=== ") == 2 and " --resume --out " in log.split("=== ")[-1]
+    assert (out / "logs" / "train-plain.log").read_text().count("=== ") == 1
+    # a recipe changed under a finished run is refused, not silently mixed
+    recipe["runs"]["plain"]["overrides"]["ml_weight"] = 0.5
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="another spec"):
+        run_experiment(load_recipe(str(path)), out, jobs=2, pin=False)
