@@ -13,6 +13,19 @@ import json
 import time
 from pathlib import Path
 
+from minivln.data.datasets import load_episodes
+from minivln.data.graph import Graphs
+from minivln.data.toyworld import ensure_toy_world
+from minivln.env.env import (
+    NavBatchEnv,
+    evaluate_policy,
+    expert_policy,
+    make_random_policy,
+    write_submission,
+)
+from minivln.evaluation.evaluator import Evaluator
+from minivln.features.hdf5 import FeatureStore
+from minivln.features.standin import build_standin
 from minivln.paths import atomic_write_text
 
 SHOWN = ("sr", "spl", "nav_error", "oracle_sr", "ndtw", "cls", "trajectory_length")
@@ -20,19 +33,6 @@ HEADERS = ("SR", "SPL", "NE (m)", "OSR", "nDTW", "CLS", "TL (m)")
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, split: str = "val_unseen", progress: bool = True) -> dict:
-    from minivln.data.datasets import load_episodes
-    from minivln.data.graph import Graphs
-    from minivln.data.toyworld import ensure_toy_world
-    from minivln.env.env import (
-        NavBatchEnv,
-        evaluate_policy,
-        expert_policy,
-        make_random_policy,
-        write_submission,
-    )
-    from minivln.evaluation.evaluator import Evaluator
-    from minivln.features.hdf5 import FeatureStore
-    from minivln.features.standin import build_standin
 
     out = Path(out)
     t0 = time.perf_counter()

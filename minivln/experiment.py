@@ -44,7 +44,12 @@ from typing import Any
 import yaml
 
 from minivln.config import ConfigError, load_config, to_dict
-from minivln.paths import DataError, atomic_write_text
+from minivln.data.datasets import load_episodes
+from minivln.data.graph import Graphs
+from minivln.env.env import NavBatchEnv, evaluate_policy, make_random_policy
+from minivln.evaluation.evaluator import Evaluator, load_submission
+from minivln.features.hdf5 import FeatureStore
+from minivln.paths import DataError, atomic_write_text, resolve_data_dir
 
 COMMANDS = ("pretrain", "finetune")
 PATH_KEYS = ("teacher", "features", "objects", "data_dir", "init_checkpoint", "init")
@@ -274,8 +279,7 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
                 items[key] = getattr(recipe, key)
         items.setdefault("num_threads", recipe.threads)
         if spec.init:
-            key = "init_checkpoint" if spec.command == "finetune" else "init"
-            items[key] = str(_init_weights(recipe, out, spec.init))
+            items["init_checkpoint"] = str(_init_weights(recipe, out, spec.init))
         items = {k: (_abs(v, root) if k in PATH_KEYS else v) for k, v in items.items()}
         argv = [*py, spec.command, "--out", str(run_dir)]
         if spec.config:
@@ -403,10 +407,6 @@ def write_gz(path: Path, entries: list[dict]) -> None:
 
 
 def random_submission(recipe: Recipe) -> list[dict]:
-    from minivln.data.datasets import load_episodes
-    from minivln.data.graph import Graphs
-    from minivln.env.env import NavBatchEnv, evaluate_policy, make_random_policy
-    from minivln.paths import resolve_data_dir
 
     root = resolve_data_dir(recipe.data_dir or None)
     env = NavBatchEnv(load_episodes(recipe.task, recipe.split, root), Graphs(root), batch_size=64,
@@ -421,8 +421,6 @@ def _run_config(out: Path, run: str) -> dict[str, Any]:
 
 def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
     """Gzip each scored row's submission, re-score it, and write the table JSON."""
-    from minivln.evaluation.evaluator import Evaluator, load_submission
-    from minivln.paths import resolve_data_dir
 
     root = repo_root()
     evaluator = Evaluator(recipe.task, recipe.split, resolve_data_dir(recipe.data_dir or None))
@@ -480,7 +478,6 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
 
 
 def _standin(recipe: Recipe) -> bool:
-    from minivln.features.hdf5 import FeatureStore
 
     return bool(FeatureStore(_abs(recipe.features, repo_root())).is_standin)
 

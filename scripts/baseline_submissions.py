@@ -27,7 +27,7 @@ from pathlib import Path
 
 from minivln.data.datasets import TASKS, Episode, load_episodes
 from minivln.data.graph import House, load_house
-from minivln.env.geometry import direction
+from minivln.geometry import direction
 from minivln.paths import atomic_write_text
 
 

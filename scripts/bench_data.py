@@ -21,7 +21,12 @@ def main() -> None:
 
     from minivln.data import graph
     from minivln.data.datasets import load_episodes
-    from minivln.env.env import NavBatchEnv, evaluate_policy, expert_policy, make_random_policy
+    from minivln.env.env import (
+        NavBatchEnv,
+        evaluate_policy,
+        expert_policy,
+        make_random_policy,
+    )
 
     t = time.perf_counter()
     houses = graph.Graphs(args.data_dir).load_all()

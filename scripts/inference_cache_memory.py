@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
-    from minivln.model.bench import record_episode, run_episode
+    from minivln.bench.model import record_episode, run_episode
     from minivln.model.registry import create_model
 
     torch.set_num_threads(args.threads)

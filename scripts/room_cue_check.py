@@ -29,8 +29,15 @@ def main() -> None:
     args = ap.parse_args()
 
     from minivln.data.graph import list_scans, load_house
-    from minivln.features.standin import (IMAGE_H, IMAGE_W, ROOM_WORDS, Resources, StandinConfig,
-                                          load_house_objects, room_distributions)
+    from minivln.features.standin import (
+        IMAGE_H,
+        IMAGE_W,
+        ROOM_WORDS,
+        Resources,
+        StandinConfig,
+        load_house_objects,
+        room_distributions,
+    )
 
     cfg = StandinConfig()
     res = Resources(args.data_dir)

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from minivln.bench.model import bench_models, make_world, record_episode, run_episode
 from minivln.cli import main
 from minivln.model import duet as duet_module
-from minivln.model.bench import bench_models, make_world, record_episode, run_episode
 from minivln.model.registry import create_model
 
 
@@ -122,9 +122,9 @@ def test_onednn_path_keeps_reference_parity(reference_dir, monkeypatch):
 
 def test_bench_train_times_every_preset_and_phase(small_toy, one_thread, capsys):
     """`minivln bench train` on the toy world: both phases, both presets, the same number of timings."""
+    from minivln.bench.train import bench_train
     from minivln.cli import main
     from minivln.model.registry import get_config, register_preset
-    from minivln.training.bench import bench_train
 
     tiny = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_l_layers=1,
                 num_pano_layers=1, num_x_layers=1, image_feat_size=16)

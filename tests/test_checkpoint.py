@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from minivln.model.checkpoint import (
     CheckpointError,
     infer_config,
-    load_checkpoint,
     load_duet,
     load_pretrained,
+    load_weights,
     navigation_state_dict,
     save_duet_checkpoint,
     save_pretrained,
@@ -22,8 +22,6 @@ from minivln.model.config import DUETConfig
 from minivln.model.duet import DUET
 from minivln.model.fixture import Fixture, run_fixture
 from minivln.model.registry import preset_parameters
-
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # `fixture` comes from conftest.py
 
@@ -103,7 +101,7 @@ def _finetune_dict(state_dict, ddp: bool) -> dict:
 def test_load_duet_finetune_checkpoint(fixture, tmp_path, ddp):
     ckpt = _finetune_dict(fixture.state_dict, ddp)
     model = DUET(fixture.config)
-    assert load_checkpoint(model, ckpt) == "finetune"
+    assert load_weights(model, ckpt) == "finetune"
     _assert_reproduces(model, fixture)
     # From a file too, with the architecture inferred from the shapes.
     torch.save(ckpt, tmp_path / "ckpt.pt")
@@ -134,7 +132,7 @@ def _pretrain_dict(state_dict, cfg) -> dict:
 def test_load_pretraining_checkpoint(fixture):
     ckpt = _pretrain_dict(fixture.state_dict, fixture.config)
     model = DUET(fixture.config)
-    assert load_checkpoint(model, ckpt) == "pretrain"
+    assert load_weights(model, ckpt) == "pretrain"
     _assert_reproduces(model, fixture)
     # DDP-saved pre-training checkpoints carry 'module.' too.
     sd, kind = navigation_state_dict({"module." + k: v for k, v in ckpt.items()})
@@ -148,7 +146,7 @@ def test_wrong_checkpoint_lists_every_problem(fixture):
     sd["lang_encoder.layer.7.output.dense.weight"] = torch.zeros(3)
     model = DUET(fixture.config)
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(model, _finetune_dict(sd, ddp=False))
+        load_weights(model, _finetune_dict(sd, ddp=False))
     err = info.value
     assert err.missing == ["global_encoder.sprel_linear.bias"]
     assert err.unexpected == ["lang_encoder.layer.7.output.dense.weight"]

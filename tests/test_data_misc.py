@@ -1,13 +1,16 @@
-import gzip
-import json
 import shutil
 
 import pytest
 
 from minivln.cli import main
 from minivln.data.download import download, load_manifest, official_url
-from minivln.data.tokenizer import BERT_VOCAB_SIZE, CLS_ID, SEP_ID, Tokenizer, get_tokenizer
-from minivln.paths import DataError
+from minivln.data.tokenizer import (
+    BERT_VOCAB_SIZE,
+    CLS_ID,
+    SEP_ID,
+    Tokenizer,
+    get_tokenizer,
+)
 
 
 def test_tokenizer_is_bert_uncased():

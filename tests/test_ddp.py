@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from test_trainer import (
+    build,  # the toy model, task and loss term (tests/ is on sys.path)
+)
 
-from test_trainer import build  # the toy model, task and loss term (tests/ is on sys.path)
 from minivln.training import distributed as D
 from minivln.training.checkpoint import load_checkpoint
 from minivln.training.logging import read_jsonl

@@ -89,8 +89,8 @@ def test_two_gloo_processes_finetune_like_one(small_toy, tmp_path, one_thread, m
         compared += x.numel()
     assert compared > 0.99 * sum(v.numel() for v in a.values())
     # the weights moved, and the logged loss is the global-batch mean in both runs
-    from minivln.training.finetune import build_model
     from minivln.training.distributed import seed_everything
+    from minivln.training.finetune import build_model
 
     seed_everything(0)
     init = build_model(_cfg(str(data), str(feats), str(tmp_path / "x"))).state_dict()

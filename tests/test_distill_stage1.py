@@ -30,7 +30,7 @@ from minivln.training.pretrain_data import (
     SyntheticObjects,
     collate_states,
 )
-from minivln.training.trainer import Trainer, TrainConfig
+from minivln.training.trainer import TrainConfig, Trainer
 
 COMMON = dict(num_attention_heads=2, image_feat_size=16, hidden_dropout=0.0, attention_dropout=0.0,
               feat_dropout=0.0)

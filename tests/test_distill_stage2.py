@@ -25,7 +25,7 @@ from minivln.training.agent import DUETAgent
 from minivln.training.finetune import FinetuneTask
 from minivln.training.logging import read_jsonl
 from minivln.training.pretrain_data import SyntheticObjects
-from minivln.training.trainer import Trainer, TrainConfig, freeze_teacher
+from minivln.training.trainer import TrainConfig, Trainer, freeze_teacher
 
 COMMON = dict(num_attention_heads=2, image_feat_size=16, hidden_dropout=0.0, attention_dropout=0.0,
               feat_dropout=0.0)

@@ -12,7 +12,15 @@ import yaml
 
 from minivln.cli import main as cli_main
 from minivln.config import ConfigError
-from minivln.experiment import find_recipe, load_recipe, pin_checkout, plan, run_experiment, score_key, slug
+from minivln.experiment import (
+    find_recipe,
+    load_recipe,
+    pin_checkout,
+    plan,
+    run_experiment,
+    score_key,
+    slug,
+)
 from minivln.model.checkpoint import save_pretrained
 from minivln.model.registry import create_model
 

@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import SMALL_TOY_DIM as DIM  # tests/ is on sys.path
+
 from minivln.cli import main as cli_main
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs

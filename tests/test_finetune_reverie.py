@@ -24,7 +24,13 @@ from minivln.data.reverie import ReverieGoals, nearest_goal, with_random_endpoin
 from minivln.data.toyworld import ToyWorldConfig, ensure_toy_world
 from minivln.env.env import NavBatchEnv, candidates_at, evaluate_policy, expert_policy
 from minivln.evaluation.evaluator import Evaluator
-from minivln.features.hdf5 import FeatureStore, FeatureWriter, ObjectFeatures, ObjectFeatureStore, ObjectFeatureWriter
+from minivln.features.hdf5 import (
+    FeatureStore,
+    FeatureWriter,
+    ObjectFeatures,
+    ObjectFeatureStore,
+    ObjectFeatureWriter,
+)
 from minivln.model.registry import create_model
 from minivln.training.agent import IGNORE, DUETAgent, nearest_goal_slot, object_label
 from minivln.training.logging import read_jsonl

@@ -2,13 +2,19 @@ import math
 
 import numpy as np
 import pytest
+from tinyworld import SCAN, write_tiny_data
 
+from minivln import geometry as geo
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs, list_scans, load_house
-from minivln.env import geometry as geo
-from minivln.env.env import NavBatchEnv, candidates_at, evaluate_policy, expert_policy, make_random_policy
+from minivln.env.env import (
+    NavBatchEnv,
+    candidates_at,
+    evaluate_policy,
+    expert_policy,
+    make_random_policy,
+)
 from minivln.paths import DataError
-from tinyworld import SCAN, write_tiny_data
 
 
 @pytest.fixture()

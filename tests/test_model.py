@@ -17,7 +17,12 @@ from minivln.model.fixture import (
     encode_ids,
     outputs_as_dict,
 )
-from minivln.model.registry import create_model, get_config, list_models, preset_parameters
+from minivln.model.registry import (
+    create_model,
+    get_config,
+    list_models,
+    preset_parameters,
+)
 
 CALLS = [f"call{i:02d}" for i in range(9)]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from minivln.env.geometry import direction, nearest_view, view_elevation, view_heading
+from minivln.geometry import direction, nearest_view, view_elevation, view_heading
 from minivln.model import duet as duet_module
 from minivln.model.agent_inputs import MapNavigator, build_panorama_inputs
 from minivln.model.graph_map import (

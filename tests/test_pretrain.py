@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tinyworld import write_tiny_data
 
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
 from minivln.data.tokenizer import CLS_ID, MASK_ID, SEP_ID
-from minivln.model.checkpoint import load_checkpoint, load_pretrained, save_pretrained
+from minivln.model.checkpoint import load_pretrained, load_weights, save_pretrained
 from minivln.model.config import DUETConfig
 from minivln.model.duet import DUET
 from minivln.model.pretrain_heads import DUETPretrainer
@@ -27,7 +28,6 @@ from minivln.training.pretrain_data import (
     collate_states,
     mask_tokens,
 )
-from tinyworld import write_tiny_data
 
 TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_l_layers=1,
             num_pano_layers=1, num_x_layers=2, image_feat_size=16, hidden_dropout=0.0,
@@ -180,7 +180,7 @@ def test_export_loads_into_navigation_model(tiny, tmp_path):
     for k, v in model.duet.state_dict().items():
         assert torch.equal(nav.state_dict()[k], v)
     fresh = DUET(DUETConfig(**TINY))
-    assert load_checkpoint(fresh, out) in ("plain", "pretrain", "finetune")
+    assert load_weights(fresh, out) in ("plain", "pretrain", "finetune")
 
 
 def test_run_pretraining_end_to_end(tiny, tmp_path):

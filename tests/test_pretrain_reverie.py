@@ -9,6 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_pretrain import (  # the tiny model and tokenizer (tests/ is on sys.path)
+    TINY,
+    _tokenize,
+)
+from tinyworld import SCAN, write_tiny_data
 
 from minivln.config import ConfigError
 from minivln.data.datasets import load_episodes
@@ -26,9 +31,12 @@ from minivln.training.pretrain import (
     resolve_mix,
     run_pretraining,
 )
-from minivln.training.pretrain_data import PrefixDataset, SyntheticFeatures, SyntheticObjects, collate_states
-from test_pretrain import TINY, _tokenize  # the tiny model and tokenizer (tests/ is on sys.path)
-from tinyworld import SCAN, write_tiny_data
+from minivln.training.pretrain_data import (
+    PrefixDataset,
+    SyntheticFeatures,
+    SyntheticObjects,
+    collate_states,
+)
 
 OBJ_DIM = 24  # != image_feat_size: the separate object projection is used
 

@@ -5,7 +5,12 @@ import torch
 
 from minivln.data.tokenizer import get_tokenizer
 from minivln.model.registry import create_model
-from minivln.model.text_init import TextInitError, init_text, init_text_from_minilm, minilm_weights_path
+from minivln.model.text_init import (
+    TextInitError,
+    init_text,
+    init_text_from_minilm,
+    minilm_weights_path,
+)
 
 MINILM = dict(hidden_size=384, num_attention_heads=12, intermediate_size=1536)
 

@@ -26,7 +26,7 @@ from minivln.data.toyworld import (
     project_object,
     words,
 )
-from minivln.env.geometry import direction, nearest_view, wrap_angle
+from minivln.geometry import direction, nearest_view, wrap_angle
 
 SMALL = ToyWorldConfig(n_houses=3, r2r_train=20, r2r_val_seen=5, r2r_val_unseen=5, r2r_test=5,
                        reverie_train=20, reverie_val_seen=5, reverie_val_unseen=5, reverie_test=5)

@@ -27,8 +27,8 @@ from minivln.training.trainer import (
     LossTerm,
     OptimConfig,
     TaskOutput,
-    Trainer,
     TrainConfig,
+    Trainer,
     WarmupDecay,
     param_groups,
 )

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from minivln.data.graph import House, build_house
-from minivln.env.geometry import VIEW_ELEVATIONS, VIEW_HEADINGS, direction, wrap_angle
+from minivln.geometry import VIEW_ELEVATIONS, VIEW_HEADINGS, direction, wrap_angle
 
 TOYWORLD_VERSION = 1
 MANIFEST_NAME = "toyworld.json"

@@ -35,7 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from minivln.distill.losses import PROJECTION_INITS, AttentionMSE, LossTerm, ProjectedMSE, layer_map
+from minivln.distill.losses import (
+    PROJECTION_INITS,
+    AttentionMSE,
+    LossTerm,
+    ProjectedMSE,
+    layer_map,
+)
 from minivln.model.config import DUETConfig
 
 ENCODERS = ("text", "pano", "global", "local")

@@ -28,10 +28,10 @@ from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
+from minivln import geometry as geo
 from minivln.data.datasets import Episode
 from minivln.data.graph import Graphs, House
 from minivln.data.reverie import nearest_goal
-from minivln.env import geometry as geo
 from minivln.paths import atomic_write_text
 
 

@@ -28,8 +28,10 @@ import numpy as np
 
 from minivln.data.datasets import Episode, load_episodes
 from minivln.data.graph import House, load_house
-from minivln.env.geometry import direction, nearest_view
 from minivln.features.embed import MODEL_NAME, TextEmbedder, default_embedder
+from minivln.features.hdf5 import FeatureStore
+from minivln.features.standin import text_query
+from minivln.geometry import direction, nearest_view
 from minivln.paths import DataError, resolve_data_dir
 
 STOP_WORDS = frozenset(
@@ -222,8 +224,6 @@ def run_probe(data_dir: str | os.PathLike | None, features: str | os.PathLike | 
     if baselines:
         report.baselines = word_overlap_baselines(steps, episodes, root)
     if features is not None:
-        from minivln.features.hdf5 import FeatureStore
-        from minivln.features.standin import text_query
 
         store = FeatureStore(features, cache_size=8192)
         attrs = store.attrs

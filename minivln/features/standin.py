@@ -9,7 +9,7 @@ HDF5 layout as real features (``minivln.features.hdf5``), marked with the root a
   boxes (a 640x480 image per view);
 * the connectivity graph: camera positions and the ``visible`` relation.
 
-Per viewpoint ``u`` and view ``k`` (36 views, conventions of ``minivln.env.geometry``), in the
+Per viewpoint ``u`` and view ``k`` (36 views, conventions of ``minivln.geometry``), in the
 384-d space of all-MiniLM-L6-v2 (object names embedded once each, ``#`` read as a space):
 
 * **near** = sum over the boxes of view ``k`` at ``u`` of ``area^area_power * idf(name) * E(name)``;
@@ -55,9 +55,14 @@ from typing import Callable, Iterable
 import numpy as np
 
 from minivln.data.graph import House, list_scans, load_house
-from minivln.env.geometry import NUM_VIEWS, VIEW_ELEVATIONS, VIEW_HEADINGS, wrap_angle
 from minivln.features.embed import EMBED_DIM, MODEL_NAME, TextEmbedder, default_embedder
-from minivln.features.hdf5 import NUM_CLASSES, FeatureWriter, ObjectFeatures, ObjectFeatureWriter
+from minivln.features.hdf5 import (
+    NUM_CLASSES,
+    FeatureWriter,
+    ObjectFeatures,
+    ObjectFeatureWriter,
+)
+from minivln.geometry import NUM_VIEWS, VIEW_ELEVATIONS, VIEW_HEADINGS, wrap_angle
 from minivln.paths import DataError, resolve_data_dir
 
 GENERATOR_VERSION = 1

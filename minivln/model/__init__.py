@@ -9,15 +9,20 @@ See ``docs/model.md``.
 
 from minivln.model.checkpoint import (
     CheckpointError,
-    load_checkpoint,
     load_duet,
     load_pretrained,
+    load_weights,
     save_duet_checkpoint,
     save_pretrained,
 )
 from minivln.model.config import DUETConfig
 from minivln.model.duet import DUET, TextKV
-from minivln.model.registry import count_parameters, create_model, get_config, list_models
+from minivln.model.registry import (
+    count_parameters,
+    create_model,
+    get_config,
+    list_models,
+)
 
 __all__ = [
     "DUET",
@@ -28,7 +33,7 @@ __all__ = [
     "get_config",
     "list_models",
     "count_parameters",
-    "load_checkpoint",
+    "load_weights",
     "load_duet",
     "load_pretrained",
     "save_pretrained",

@@ -148,7 +148,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -
     model.load_state_dict(dict(state_dict), strict=True)
 
 
-def load_checkpoint(model: DUET, source: str | os.PathLike | Mapping[str, Any]) -> str:
+def load_weights(model: DUET, source: str | os.PathLike | Mapping[str, Any]) -> str:
     """Load a DUET/ScaleVLN fine-tuning, pre-training or plain checkpoint into ``model``.
 
     ``source`` is a file path, a directory written by :func:`save_pretrained`, or a loaded dict.
@@ -269,3 +269,12 @@ def save_duet_checkpoint(model: DUET, path: str | os.PathLike) -> Path:
     sd = {FINETUNE_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"vln_bert": {"epoch": 0, "state_dict": sd}}, path)
     return path
+
+
+def load_agent_model(checkpoint: str | Path):
+    """The DUET network of a checkpoint (see the module docstring), in eval mode."""
+    path = Path(checkpoint)
+    if (path / "model" / CONFIG_NAME).exists():
+        path = path / "model"
+    model = load_pretrained(path) if (path / CONFIG_NAME).exists() else load_duet(path)
+    return model.eval()

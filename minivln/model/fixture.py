@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from minivln.model.checkpoint import load_state_dict_strict
 from minivln.model.config import DUETConfig
+from minivln.model.duet import DUET
 
 STOP_ID = -1  # encodes the [stop] slot (None upstream)
 PAD_ID = -2  # encodes batch padding
@@ -96,8 +98,6 @@ class Fixture:
 
     def build_model(self) -> "torch.nn.Module":
         """A :class:`~minivln.model.duet.DUET` with the fixture's config and weights, in eval mode."""
-        from minivln.model.checkpoint import load_state_dict_strict
-        from minivln.model.duet import DUET
 
         model = DUET(self.config)
         load_state_dict_strict(model, self.state_dict)

@@ -28,7 +28,7 @@ from typing import Any, Hashable, Iterable, Sequence
 import numpy as np
 import torch
 
-from minivln.env.geometry import HEADINGS_PER_LEVEL
+from minivln.geometry import HEADINGS_PER_LEVEL
 
 NodeId = Hashable
 

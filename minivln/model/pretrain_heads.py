@@ -160,3 +160,12 @@ class DUETPretrainer(nn.Module):
         g_txt = self.global_lang(duet.global_encoder.encoder, txt, txt_masks, g_in, nav_batch["gmap_masks"])
         l_txt = self.local_lang(duet.local_encoder.encoder, txt, txt_masks, l_in, nav_batch["vp_masks"])
         return outs, g_txt + l_txt
+
+
+def navigation_network(model: torch.nn.Module) -> DUET:
+    """The DUET of ``model``: a :class:`DUET` itself, or a :class:`DUETPretrainer`'s ``.duet``."""
+    if isinstance(model, DUETPretrainer):
+        return model.duet
+    if isinstance(model, DUET):
+        return model
+    raise TypeError(f"expected a DUET or a DUETPretrainer, got {type(model).__name__}")

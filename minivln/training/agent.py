@@ -580,3 +580,15 @@ class _TeacherShadow:
 
 def move_inputs(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def run_agent(agent, env, progress: bool = False) -> list[dict]:
+    """Arg-max rollouts over every episode of ``env`` once; leaderboard entries in episode order."""
+    from tqdm import tqdm
+
+    results: list[dict] = []
+    batches = list(env.iter_batches())
+    with torch.no_grad():
+        for episodes in tqdm(batches, disable=not progress, desc="episodes", unit="batch"):
+            results.extend(agent.rollout(env, episodes, "argmax").results)
+    return results

@@ -40,8 +40,31 @@ from typing import Any
 import torch
 
 from minivln.config import ConfigError, load_config
-from minivln.paths import atomic_write_text
-from minivln.training.trainer import OptimConfig, TaskOutput, TrainConfig
+from minivln.data.datasets import load_episodes, split_file
+from minivln.data.graph import Graphs
+from minivln.data.reverie import ReverieGoals, with_random_endpoint
+from minivln.data.toyworld import ensure_toy_world
+from minivln.distill.compat import check_teacher
+from minivln.distill.stage2 import stage2_terms
+from minivln.env.env import (
+    NavBatchEnv,
+    evaluate_policy,
+    make_random_policy,
+    write_submission,
+)
+from minivln.evaluation.evaluator import Evaluator
+from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
+from minivln.features.standin import StandinConfig, build_standin
+from minivln.model.checkpoint import load_agent_model, load_weights, save_pretrained
+from minivln.model.pretrain_heads import navigation_network
+from minivln.model.registry import create_model
+from minivln.model.text_init import init_text
+from minivln.paths import atomic_write_text, resolve_data_dir
+from minivln.training import distributed as D
+from minivln.training.agent import DUETAgent, run_agent
+from minivln.training.checkpoint import find_checkpoint, load_checkpoint
+from minivln.training.distributed import placement, shard
+from minivln.training.trainer import OptimConfig, TaskOutput, TrainConfig, Trainer
 
 RANDOM_STOP_PROB = 1.0 / 6.0
 
@@ -153,9 +176,6 @@ def prepare_data(cfg: FinetuneConfig, run_dir: Path, image_feat_size: int = 768,
 
     REVERIE (``cfg.task == "reverie"``) also opens the object features (``obj_feat_size`` wide; the
     model must use objects) and the goal sets (:class:`~minivln.data.reverie.ReverieGoals`)."""
-    from minivln.data.graph import Graphs
-    from minivln.features.hdf5 import FeatureStore
-    from minivln.paths import resolve_data_dir
 
     reverie = cfg.task == "reverie"
     if reverie and obj_feat_size <= 0:
@@ -163,7 +183,6 @@ def prepare_data(cfg: FinetuneConfig, run_dir: Path, image_feat_size: int = 768,
                           f"model=duet-cpu-reverie; {cfg.model!r} has none")
     objs: Path | None = None
     if cfg.data_dir == "toy":
-        from minivln.data.toyworld import ensure_toy_world
 
         data_dir = ensure_toy_world(run_dir / "toy_data", cfg.toy_seed)
         feats = Path(cfg.features) if cfg.features else run_dir / "toy_features.h5"
@@ -171,7 +190,6 @@ def prepare_data(cfg: FinetuneConfig, run_dir: Path, image_feat_size: int = 768,
             objs = Path(cfg.objects) if cfg.objects else run_dir / "toy_objects.h5"
         need_views, need_objs = not feats.exists(), objs is not None and not objs.exists()
         if need_views or need_objs:
-            from minivln.features.standin import StandinConfig, build_standin
 
             # the builder writes views and objects together; views that exist already are kept
             views_out = feats if need_views else run_dir / ".toy_features_unused.h5"
@@ -194,8 +212,6 @@ def prepare_data(cfg: FinetuneConfig, run_dir: Path, image_feat_size: int = 768,
     graphs = Graphs(data_dir)
     res = Resources(Path(data_dir), store, graphs)
     if objs is not None:
-        from minivln.data.reverie import ReverieGoals
-        from minivln.features.hdf5 import ObjectFeatureStore
 
         res.objects = ObjectFeatureStore(objs, expected_dim=obj_feat_size)
         res.goals = ReverieGoals(data_dir, graphs)
@@ -206,8 +222,6 @@ def make_env(cfg: FinetuneConfig, res: Resources, split: str, *, batch_size: int
              seed: int = 0, max_episodes: int = 0, goal_sets: bool = False):
     """The split's environment; ``goal_sets``: every viewpoint from which a REVERIE target is
     visible is a goal (``reverie_goal: nearest``), else the goal is ``episode.goal``."""
-    from minivln.data.datasets import load_episodes
-    from minivln.env.env import NavBatchEnv
 
     episodes = load_episodes(cfg.task, split, res.data_dir)
     if max_episodes:
@@ -255,7 +269,6 @@ class FinetuneTask:
     def __init__(self, agent, env, ml_weight: float = 0.2, *, goals=None, random_endpoints: bool = False,
                  seed: int = 0, feedback: str = "sample", teacher_weight: float = 1.0,
                  rank: int | None = None, world_size: int | None = None) -> None:
-        from minivln.training.distributed import placement
 
         if random_endpoints and goals is None:
             raise ValueError("random_endpoints needs goals (ReverieGoals)")
@@ -275,13 +288,11 @@ class FinetuneTask:
         episodes = self.env.next_batch()
         if not self.random_endpoints:
             return episodes
-        from minivln.data.reverie import with_random_endpoint
 
         return [with_random_endpoint(ep, self.goals.episode_goals(ep), self.env.house(ep.scan), self.endpoint_rng)
                 for ep in episodes]
 
     def next_batch(self, index: int) -> dict[str, list]:
-        from minivln.training.distributed import shard
 
         if self.feedback == "teacher":
             return {"teacher": list(shard(self._draw(), self.rank, self.world_size))}
@@ -294,7 +305,6 @@ class FinetuneTask:
         outputs: dict[str, Any] = {}
         kd_net = None
         if teacher is not None:
-            from minivln.training.pretrain import navigation_network
 
             kd_net = navigation_network(teacher)  # a clear error before any work
             outputs["kd"], teacher_kd = [], []
@@ -369,25 +379,11 @@ def kd_records(rollout, name: str, weight: float) -> tuple[dict[str, Any], dict[
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def run_agent(agent, env, progress: bool = False) -> list[dict]:
-    """Arg-max rollouts over every episode of ``env`` once; leaderboard entries in episode order."""
-    from tqdm import tqdm
-
-    results: list[dict] = []
-    batches = list(env.iter_batches())
-    with torch.no_grad():
-        for episodes in tqdm(batches, disable=not progress, desc="episodes", unit="batch"):
-            results.extend(agent.rollout(env, episodes, "argmax").results)
-    return results
-
-
 def random_baseline(cfg: FinetuneConfig, res: Resources, split: str = "val_unseen") -> dict[str, float]:
     """A seeded random walker's metrics: a uniformly random neighbour each step, STOP with probability
     ``random_stop_prob`` (1/6: 5 moves expected) before each move, at most ``max_action_len`` moves.
     REVERIE: ``predObjId`` is drawn uniformly (seed ``random_seed``) among the objects of the object
     feature file at the final viewpoint (-1 when there are none)."""
-    from minivln.env.env import evaluate_policy, make_random_policy
-    from minivln.evaluation.evaluator import Evaluator
 
     env = make_env(cfg, res, split, batch_size=64, shuffle=False)
     preds = evaluate_policy(env, make_random_policy(cfg.random_seed, cfg.random_stop_prob))
@@ -405,7 +401,6 @@ class Validator:
     """The Trainer's validate hook: arg-max rollouts, submissions, Evaluator metrics per split."""
 
     def __init__(self, cfg: FinetuneConfig, res: Resources, agent, run_dir: Path) -> None:
-        from minivln.evaluation.evaluator import Evaluator
 
         self.cfg, self.agent, self.run_dir = cfg, agent, run_dir
         self.envs = {s: make_env(cfg, res, s, batch_size=cfg.val_batch_size, shuffle=False,
@@ -414,7 +409,6 @@ class Validator:
         self.trainer = None  # set after the Trainer is built (for the step number)
 
     def __call__(self, model) -> dict[str, dict[str, float]]:
-        from minivln.env.env import write_submission
 
         self.agent.model = model
         step = self.trainer.step if self.trainer is not None else 0
@@ -432,26 +426,22 @@ class Validator:
 
 
 def build_model(cfg: FinetuneConfig):
-    from minivln.model.registry import create_model
 
     overrides = dict(cfg.model_overrides)
     overrides["feat_dropout"] = cfg.feat_dropout
     model = create_model(cfg.model, **overrides)
     if cfg.text_init:
-        from minivln.model.text_init import init_text
 
         init_text(model, cfg.text_init)
     if cfg.init_checkpoint:
-        from minivln.model.checkpoint import load_checkpoint
 
-        load_checkpoint(model, cfg.init_checkpoint)
+        load_weights(model, cfg.init_checkpoint)
     return model
 
 
 def make_task(cfg: FinetuneConfig, model, res: Resources) -> FinetuneTask:
     """The agent (``.agent``), its shuffled training environment and the :class:`FinetuneTask` of a
     config.  R2R resources carry no objects or goal sets, so the REVERIE arguments are inert there."""
-    from minivln.training.agent import DUETAgent
 
     reverie = cfg.task == "reverie"
     agent = DUETAgent(model, max_action_len=cfg.max_action_len, max_instr_len=cfg.max_instr_len,
@@ -466,10 +456,6 @@ def make_task(cfg: FinetuneConfig, model, res: Resources) -> FinetuneTask:
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the content of ``RUN/metrics.json``."""
-    from minivln.model.checkpoint import save_pretrained
-    from minivln.training.checkpoint import find_checkpoint, load_checkpoint
-    from minivln.training import distributed as D
-    from minivln.training.trainer import Trainer
 
     cfg.check()
     if cfg.num_threads > 0:
@@ -482,9 +468,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model = build_model(cfg)
     teacher, terms = None, []
     if cfg.teacher:  # stage 2: distillation while fine-tuning (docs/distillation.md)
-        from minivln.distill.compat import check_teacher
-        from minivln.distill.stage2 import stage2_terms
-        from minivln.training.navigate import load_agent_model
 
         teacher = load_agent_model(cfg.teacher)
         check_teacher(model.config, teacher.config, stage=2, source=f"teacher {cfg.teacher}")
@@ -541,7 +524,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def load_split_names(cfg: FinetuneConfig, res: Resources) -> list[str]:
-    from minivln.data.datasets import split_file
 
     out = []
     for s in ("val_seen", "val_unseen"):

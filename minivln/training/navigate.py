@@ -23,18 +23,14 @@ from typing import Any
 
 import torch
 
-from minivln.paths import DataError, atomic_write_text
-
-
-def load_agent_model(checkpoint: str | Path):
-    """The DUET network of a checkpoint (see the module docstring), in eval mode."""
-    from minivln.model.checkpoint import CONFIG_NAME, load_duet, load_pretrained
-
-    path = Path(checkpoint)
-    if (path / "model" / CONFIG_NAME).exists():
-        path = path / "model"
-    model = load_pretrained(path) if (path / CONFIG_NAME).exists() else load_duet(path)
-    return model.eval()
+from minivln.data.datasets import load_episodes
+from minivln.data.graph import Graphs
+from minivln.env.env import NavBatchEnv, write_submission
+from minivln.evaluation.evaluator import Evaluator
+from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
+from minivln.model.checkpoint import load_agent_model
+from minivln.paths import DataError, atomic_write_text, resolve_data_dir
+from minivln.training.agent import DUETAgent, run_agent
 
 
 def _run_defaults(checkpoint: Path) -> dict[str, Any]:
@@ -64,14 +60,6 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
              max_action_len: int | None = None, max_instr_len: int | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Run the agent over ``split``; returns ``{"submission": path, "metrics": summary or None}``."""
-    from minivln.data.datasets import load_episodes
-    from minivln.data.graph import Graphs
-    from minivln.env.env import NavBatchEnv, write_submission
-    from minivln.evaluation.evaluator import Evaluator
-    from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
-    from minivln.paths import resolve_data_dir
-    from minivln.training.agent import DUETAgent
-    from minivln.training.finetune import run_agent
 
     if task not in ("r2r", "reverie"):
         raise DataError(f"navigate: task must be 'r2r' or 'reverie', got {task!r}")

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from minivln.paths import DataError, atomic_write_bytes
+from minivln.training.logging import read_jsonl
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +45,6 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from minivln.training.logging import read_jsonl
 
     run = Path(run_dir)
     log = run / "log.jsonl"

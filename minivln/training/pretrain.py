@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -43,17 +44,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minivln.config import ConfigError, load_config
+from minivln.data.datasets import load_episodes
+from minivln.data.graph import Graphs
+from minivln.data.reverie import ReverieGoals
+from minivln.data.tokenizer import get_tokenizer
+from minivln.data.toyworld import ensure_toy_world
+from minivln.distill.compat import check_teacher
+from minivln.distill.stage1 import stage1_terms
+from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
+from minivln.features.standin import build_standin
 from minivln.model.agent_inputs import masked_mean
-from minivln.model.duet import DUET
-from minivln.model.pretrain_heads import DUETPretrainer
-from minivln.training.distributed import placement, shard
+from minivln.model.checkpoint import load_agent_model, load_weights, save_pretrained
+from minivln.model.pretrain_heads import DUETPretrainer, navigation_network
+from minivln.model.registry import create_model, get_config
+from minivln.model.text_init import init_text
+from minivln.paths import resolve_data_dir
+from minivln.training.distributed import (
+    init_distributed,
+    placement,
+    seed_everything,
+    shard,
+)
 from minivln.training.pretrain_data import (
     IGNORE_LABEL,
     PrefixDataset,
+    SyntheticFeatures,
+    SyntheticObjects,
     collate_states,
     features_have_classes,
 )
-from minivln.training.trainer import TaskOutput, TrainConfig
+from minivln.training.trainer import TaskOutput, TrainConfig, Trainer, move_to
 
 TASKS = ("mlm", "sap", "mrc", "og")
 
@@ -87,11 +108,10 @@ class PretrainConfig:
     model: str = "duet-cpu"  # preset name (minivln.model.registry)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # DUETConfig fields to replace
     text_init: str = ""  # "minilm": text encoder from the offline all-MiniLM-L6-v2 BERT (hidden 384 only)
-    init: str = ""  # optional weights to start from (save_pretrained dir or DUET checkpoint)
+    init_checkpoint: str = ""  # optional weights to start from (save_pretrained dir or DUET checkpoint)
     task: str = "r2r"  # annotations: "r2r" or "reverie" (nearest-goal SAP labels; objects + OG with
     #                    a model that has obj_feat_size > 0)
-    data_dir: str = ""  # "" = $MINIVLN_DATA (ignored with toy: true)
-    toy: bool = False  # use the toy world (built on first use in toy_dir)
+    data_dir: str = ""  # "" = $MINIVLN_DATA; "toy" = the toy world (built on first use in toy_dir)
     toy_dir: str = "runs/toyworld"
     toy_seed: int = 0
     features: str = ""  # view feature HDF5; "" with toy: stand-in built at TOY_DIR/standin_views.h5;
@@ -117,6 +137,26 @@ class PretrainConfig:
     #                            encoders' inputs (paper: the instruction's; also pano, global, local)
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default (1 is fastest on a busy 2-core box)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # deprecated aliases, still read so that older configs and runs in flight load (finetune's names win)
+    init: str = ""  # = init_checkpoint
+    toy: bool = False  # = data_dir: toy
+
+    def __post_init__(self) -> None:
+        if self.init:
+            if self.init_checkpoint and self.init_checkpoint != self.init:
+                raise ConfigError(f"init ({self.init}) and init_checkpoint ({self.init_checkpoint}) differ: "
+                                  "give init_checkpoint only ('init' is its deprecated alias)")
+            warnings.warn("pretrain: 'init' is deprecated, use 'init_checkpoint' (as finetune does)", FutureWarning,
+                          stacklevel=2)
+            self.init_checkpoint, self.init = self.init, ""
+        if self.toy:
+            warnings.warn("pretrain: 'toy: true' is deprecated, use 'data_dir: toy' (as finetune does)",
+                          FutureWarning, stacklevel=2)
+            self.data_dir, self.toy = "toy", False
+
+    @property
+    def uses_toy(self) -> bool:
+        return self.data_dir == "toy"
 
 
 # ----------------------------------------------------------------------------------- model side
@@ -282,15 +322,6 @@ def compute_task(model: DUETPretrainer, batch: Mapping[str, Any],
     raise ValueError(f"unknown pretraining task {task!r}")
 
 
-def navigation_network(model: torch.nn.Module) -> DUET:
-    """The DUET of ``model``: a :class:`DUET` itself, or a :class:`DUETPretrainer`'s ``.duet``."""
-    if isinstance(model, DUETPretrainer):
-        return model.duet
-    if isinstance(model, DUET):
-        return model
-    raise TypeError(f"expected a DUET or a DUETPretrainer, got {type(model).__name__}")
-
-
 def collect_taps(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     """The distillation taps of ``model`` (a :class:`DUET` or :class:`DUETPretrainer`) on a
     pretraining batch: 'language', 'panorama' and 'navigation' with taps, merged, plus the token
@@ -394,7 +425,6 @@ def make_validate(datasets: Mapping[str, PrefixDataset], tasks: Sequence[str], b
 
     def validate(model: torch.nn.Module) -> dict[str, Any]:
         device = next(model.parameters()).device
-        from minivln.training.trainer import move_to
 
         results: dict[str, Any] = {}
         for split, ds in datasets.items():
@@ -423,29 +453,23 @@ def make_validate(datasets: Mapping[str, PrefixDataset], tasks: Sequence[str], b
 
 def resolve_data(cfg: PretrainConfig) -> tuple[Path, Any]:
     """(data directory, feature store) of a config (builds the toy world / stand-in if needed)."""
-    from minivln.paths import resolve_data_dir
-    from minivln.training.pretrain_data import SyntheticFeatures
 
-    if cfg.toy:
-        from minivln.data.toyworld import ensure_toy_world
+    if cfg.uses_toy:
 
         data_dir = ensure_toy_world(cfg.toy_dir, seed=cfg.toy_seed)
     else:
         data_dir = resolve_data_dir(cfg.data_dir or None)
     if cfg.features == "synthetic":
-        from minivln.model.registry import get_config
 
         dim = get_config(cfg.model, **cfg.model_overrides).image_feat_size
         return data_dir, SyntheticFeatures(dim=dim, seed=cfg.toy_seed)
-    from minivln.features.hdf5 import FeatureStore
 
     path = Path(cfg.features) if cfg.features else None
     if path is None:
-        if not cfg.toy:
+        if not cfg.uses_toy:
             raise ValueError("features: give a view feature HDF5 file (or 'synthetic')")
         path = Path(data_dir) / "standin_views.h5"
         if not path.exists():
-            from minivln.features.standin import build_standin
 
             objs = Path(data_dir) / "standin_objects.h5"
             with_objs = model_uses_objects(cfg)[0] and not cfg.objects and not objs.exists()
@@ -457,7 +481,6 @@ def resolve_data(cfg: PretrainConfig) -> tuple[Path, Any]:
 
 def model_uses_objects(cfg: PretrainConfig) -> tuple[bool, int]:
     """(whether the configured model takes object tokens, its ``obj_feat_size``)."""
-    from minivln.model.registry import get_config
 
     mcfg = get_config(cfg.model, **cfg.model_overrides)
     return bool(mcfg.use_objects), int(mcfg.obj_feat_size)
@@ -466,7 +489,6 @@ def model_uses_objects(cfg: PretrainConfig) -> tuple[bool, int]:
 def resolve_mix(cfg: PretrainConfig) -> dict[str, float]:
     """The task ratios of a config, checked: ``mix.og`` None (default) becomes 1 with task reverie
     and a model with objects, else 0; OG and object models need REVERIE (ConfigError otherwise)."""
-    from minivln.config import ConfigError
 
     if cfg.task not in ("r2r", "reverie"):
         raise ConfigError(f"task: expected 'r2r' or 'reverie', got {cfg.task!r}")
@@ -474,7 +496,7 @@ def resolve_mix(cfg: PretrainConfig) -> dict[str, float]:
     if use_objects and cfg.task != "reverie":
         raise ConfigError(f"model {cfg.model!r} takes object tokens (obj_feat_size={obj_dim}) but task is "
                           f"{cfg.task!r}: objects are REVERIE-only (task: reverie, or a model without objects)")
-    if use_objects and not (cfg.objects or cfg.features == "synthetic" or cfg.toy):
+    if use_objects and not (cfg.objects or cfg.features == "synthetic" or cfg.uses_toy):
         raise ConfigError(
             f"model {cfg.model!r} takes object tokens: give objects: PATH (a REVERIE object HDF5, e.g. "
             "the stand-in from 'minivln features build ... --objects-out') or objects: synthetic")
@@ -500,27 +522,24 @@ def resolve_objects(cfg: PretrainConfig, data_dir: Path) -> Any:
 
     ``objects: PATH`` = an :class:`~minivln.features.hdf5.ObjectFeatureStore`; ``"synthetic"`` (also
     the default with ``features: synthetic``) = :class:`~minivln.training.pretrain_data.SyntheticObjects`;
-    ``""`` with ``toy: true`` = the stand-in object file ``TOY_DIR/standin_objects.h5`` (built on
+    ``""`` with ``data_dir: toy`` = the stand-in object file ``TOY_DIR/standin_objects.h5`` (built on
     first use).  Errors (ConfigError) when objects are needed but none is given, or widths differ.
     """
-    from minivln.config import ConfigError
 
     use_objects, obj_dim = model_uses_objects(cfg)
     if not use_objects:
         return None
     name = cfg.objects or ("synthetic" if cfg.features == "synthetic" else "")
     if name == "synthetic":
-        from minivln.training.pretrain_data import SyntheticObjects
 
         return SyntheticObjects(data_dir, dim=obj_dim, seed=cfg.toy_seed)
-    from minivln.features.hdf5 import ObjectFeatureStore
 
     if name:
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"objects: object feature file {path} does not exist")
     else:
-        if not cfg.toy:
+        if not cfg.uses_toy:
             raise ConfigError(
                 f"model {cfg.model!r} takes object tokens: give objects: PATH (a REVERIE object HDF5, e.g. "
                 "the stand-in from 'minivln features build ... --objects-out') or objects: synthetic")
@@ -528,7 +547,6 @@ def resolve_objects(cfg: PretrainConfig, data_dir: Path) -> Any:
         if not path.exists():
             import tempfile
 
-            from minivln.features.standin import build_standin
 
             print(f"building STAND-IN object features (not from images) for the toy world at {path}", flush=True)
             views = Path(data_dir) / "standin_views.h5"
@@ -547,15 +565,11 @@ def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_clas
                    objects: Any = None) -> tuple[PrefixDataset, dict[str, PrefixDataset]]:
     """Train and validation :class:`PrefixDataset` of a config (REVERIE: nearest-goal labels from
     the BBox goal sets, and object tokens when ``objects`` is given)."""
-    from minivln.data.datasets import load_episodes
-    from minivln.data.graph import Graphs
-    from minivln.data.tokenizer import get_tokenizer
 
     graphs = Graphs(data_dir)
     tok = get_tokenizer()
     goals = None
     if cfg.task == "reverie":
-        from minivln.data.reverie import ReverieGoals
 
         # goal set = the included viewpoints that see the target (the evaluator's success test)
         goals = ReverieGoals(data_dir, graphs).episode_goals
@@ -569,32 +583,22 @@ def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_clas
 
 
 def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretrainer:
-    from minivln.model.checkpoint import load_checkpoint
-    from minivln.model.registry import create_model
 
     duet = create_model(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})
     if cfg.text_init:
-        from minivln.model.text_init import init_text
 
         init_text(duet, cfg.text_init)
-    if cfg.init:
-        load_checkpoint(duet, cfg.init)
+    if cfg.init_checkpoint:
+        load_weights(duet, cfg.init_checkpoint)
     return DUETPretrainer(duet, num_classes=num_classes)
 
 
 def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     """Train, validate, export; returns {'train': last log record, 'val': last validation, 'export': path}."""
-    from minivln.model.checkpoint import save_pretrained
-    from minivln.training.distributed import init_distributed, seed_everything
-    from minivln.training.trainer import Trainer
 
     init_distributed(cfg.train.device)  # before the task, which shards batches by rank
     teacher = None
     if cfg.teacher:  # stage 1: distillation while pretraining (docs/distillation.md)
-        from minivln.distill.compat import check_teacher
-        from minivln.distill.stage1 import stage1_terms
-        from minivln.model.registry import get_config
-        from minivln.training.navigate import load_agent_model
 
         teacher = load_agent_model(cfg.teacher)
         student_cfg = get_config(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})
@@ -612,7 +616,6 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     if has_classes:
         ds0 = None
         try:
-            from minivln.data.datasets import load_episodes
 
             ds0 = load_episodes(cfg.task, cfg.train_split, data_dir)[0]
             num_classes = int(np.asarray(features.classes(ds0.scan, ds0.path[0])).shape[1])
@@ -656,7 +659,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from minivln.config import ConfigError, load_config
 
     overrides = list(args.overrides) + [f"train.run_dir={args.out}"]
     if args.resume:

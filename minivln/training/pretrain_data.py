@@ -43,11 +43,13 @@ from typing import Any, Callable, Collection, Sequence
 import numpy as np
 import torch
 
+from minivln import geometry as geo
 from minivln.data.datasets import Episode
 from minivln.data.graph import Graphs, House
 from minivln.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
-from minivln.env import geometry as geo
 from minivln.env.env import candidates_at
+from minivln.features.hdf5 import ObjectFeatures
+from minivln.features.standin import EMBED_DIM, _object_features, load_house_objects
 from minivln.model.agent_inputs import build_panorama_inputs, pad_tensors, seq_masks
 from minivln.model.graph_map import (
     MAX_DIST,
@@ -121,8 +123,6 @@ class SyntheticObjects:
     def _house(self, scan: str) -> dict[str, Any]:
         hit = self._houses.get(scan)
         if hit is None:
-            from minivln.features.hdf5 import ObjectFeatures
-            from minivln.features.standin import EMBED_DIM, _object_features, load_house_objects
 
             house = self._graphs[scan]
             objs = load_house_objects(house, self.data_dir)

@@ -41,6 +41,7 @@ import torch
 from minivln.model.agent_inputs import MapNavigator
 from minivln.model.duet import DUET
 from minivln.model.graph_map import Candidate, Move, Observation, view_direction
+from minivln.model.registry import UnknownPresetError, create_model, get_preset
 
 DEFAULT_PRESETS = ("duet-r2r", "minivln-r2r")
 TEXT_LEN = 60
@@ -312,7 +313,6 @@ def bench_models(
     with every other one (e.g. teacher / student) at each batch size.  ``model_factory`` builds a
     model from a name (default :func:`~minivln.model.registry.create_model`, random weights).
     """
-    from minivln.model.registry import create_model
 
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
@@ -441,13 +441,8 @@ def format_report(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------ CLI
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmarks: model (forward latency, teacher vs student), train (training iterations/s)",
-        description="Benchmarks.",
-    )
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
+def add_parser(bench_sub: argparse._SubParsersAction) -> None:
+    """``minivln bench model`` (registered by ``minivln bench``)."""
     m = bench_sub.add_parser(
         "model",
         help="per-step / per-episode CPU latency of model presets, interleaved in one run",
@@ -473,15 +468,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--json", metavar="OUT", help="also write the full report as JSON")
     m.add_argument("--quiet", action="store_true", help="no progress lines")
     m.set_defaults(func=_bench_model)
-    from minivln.training.bench import add_parser as add_train_parser
-
-    add_train_parser(bench_sub)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def _bench_model(args: argparse.Namespace) -> int:
-    from minivln.model.registry import UnknownPresetError, get_preset
-
     try:
         for name in args.presets:
             get_preset(name)

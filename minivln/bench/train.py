@@ -28,6 +28,26 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from minivln.paths import atomic_write_text
+from minivln.training.distributed import resolve_device, seed_everything
+from minivln.training.finetune import (
+    FinetuneConfig,
+    build_model,
+    make_task,
+    prepare_data,
+)
+from minivln.training.pretrain import (
+    PretrainConfig,
+    PretrainTask,
+    build_datasets,
+    build_pretrainer,
+    resolve_data,
+    resolve_mix,
+    resolve_objects,
+)
+from minivln.training.pretrain_data import features_have_classes
+from minivln.training.trainer import move_to
+
 DEFAULT_PRESETS = ("duet-r2r", "minivln-r2r")
 PHASES = ("pretrain", "finetune")
 
@@ -40,7 +60,6 @@ def _sync(device: torch.device) -> None:
 def _make_step(model: torch.nn.Module, task: Any, device: torch.device, lr: float = 1e-5,
                grad_clip: float = 40.0) -> Callable[[int], None]:
     """One training iteration of ``model`` on ``task`` batch ``i`` (as the trainer runs it)."""
-    from minivln.training.trainer import move_to
 
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -58,11 +77,6 @@ def _make_step(model: torch.nn.Module, task: Any, device: torch.device, lr: floa
 
 def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
                   max_instr_len: int = 80, device: torch.device, seed: int = 0) -> Callable[[int], None]:
-    from minivln.training.distributed import seed_everything
-    from minivln.training.pretrain import (
-        PretrainConfig, PretrainTask, build_datasets, build_pretrainer, resolve_data, resolve_mix, resolve_objects,
-    )
-    from minivln.training.pretrain_data import features_have_classes
 
     cfg = PretrainConfig(model=preset, task=task, data_dir=data_dir, features=features, val_splits=[],
                          batch_size=batch_size, max_instr_len=max_instr_len)
@@ -81,8 +95,6 @@ def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
 def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
                   max_instr_len: int = 80, max_action_len: int = 15, device: torch.device, seed: int = 0,
                   ) -> Callable[[int], None]:
-    from minivln.training.distributed import seed_everything
-    from minivln.training.finetune import FinetuneConfig, build_model, make_task, prepare_data
 
     cfg = FinetuneConfig(model=preset, task=task, data_dir=data_dir, features=features,
                          batch_size=batch_size, max_instr_len=max_instr_len, max_action_len=max_action_len)
@@ -98,7 +110,6 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
                 max_instr_len: int = 80, max_action_len: int = 15, seed: int = 0, quiet: bool = False,
                 ) -> dict[str, Any]:
     """Time ``iters`` iterations per preset and phase (after ``warmup``); see the module docstring."""
-    from minivln.training.distributed import resolve_device
 
     if iters < 1 or warmup < 0:
         raise ValueError("iters must be >= 1 and warmup >= 0")
@@ -185,7 +196,6 @@ def _main(args: argparse.Namespace) -> int:
                          max_action_len=args.max_action_len, seed=args.seed, quiet=args.quiet)
     print(format_report(report))
     if args.json:
-        from minivln.paths import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")
     return 0
