@@ -119,3 +119,24 @@ def test_teacher_reading_other_features_is_refused_before_any_work(small_toy, tm
         err = capsys.readouterr().err
         assert code == 2 and "view features 24-d (student 16-d)" in err, err
         assert not (tmp_path / cmd / "log.jsonl").exists()
+
+
+def test_teacher_autocast_bf16_returns_fp32_close_to_fp32(one_thread):
+    import pytest
+
+    from minivln.training.trainer import teacher_autocast
+
+    torch.manual_seed(0)
+    teacher = create_model("duet-cpu", **TEACHER).eval()
+    ids = torch.randint(1000, 2000, (2, 7))
+    lang = {"txt_ids": ids, "txt_masks": torch.ones(2, 7, dtype=torch.bool)}
+    with torch.no_grad():
+        ref = teacher("language", lang)
+        assert teacher_autocast(teacher, "fp32") is teacher and torch.equal(teacher("language", lang), ref)
+        teacher_autocast(teacher, "bf16")
+        out = teacher("language", lang)
+    assert out.dtype == torch.float32  # the student and the losses get fp32 back
+    assert not torch.equal(out, ref)  # it did run in bf16 ...
+    assert torch.allclose(out, ref, atol=0.1, rtol=0.05)  # ... and stays close
+    with pytest.raises(ValueError, match="teacher dtype"):
+        teacher_autocast(teacher, "fp8")

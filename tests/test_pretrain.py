@@ -217,3 +217,40 @@ def test_resume_is_exact(tiny, tmp_path):
         resumed = run_pretraining(cfg_for("b", 4, resume=True))
     a, b = load_pretrained(straight["export"]).state_dict(), load_pretrained(resumed["export"]).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gmap_image_embeddings_follow_the_definition_and_batches_grow_linearly(tiny):
+    """Map node features of a pretraining batch: a visited node = the mean of its panorama's
+    outputs, a ghost = the mean of the candidate-view outputs that showed it (revisits: the last
+    panorama).  Checked against that definition directly; and no batch tensor grows faster than
+    the batch (the former dense (B, G, sum V) matrix grew with its square)."""
+    from minivln.model.agent_inputs import masked_mean
+    from minivln.training.pretrain import encode_states
+
+    _, ds = tiny
+    states = [ds[i] for i in (1, 3, 4, 7, 2)]  # several prefixes, different map sizes
+    batch = collate_states(states)
+    duet = _pretrainer().duet.eval()
+    with torch.no_grad():
+        nav = encode_states(duet, batch)
+        pano_embeds, pano_masks = duet("panorama", batch["pano"])
+    got = nav["gmap_img_embeds"]
+    for i, (s, idx) in enumerate(zip(states, batch["node_index"])):
+        last = {ob.viewpoint: f for f, ob in zip(idx, s.obs)}
+        for slot, vp in enumerate(s.gmap_vpids):
+            if vp is None:
+                want = torch.zeros(got.size(-1))
+            elif vp in last:
+                f = last[vp]
+                want = masked_mean(pano_embeds[f:f + 1], pano_masks[f:f + 1])[0]
+            else:
+                rows = [pano_embeds[f, j] for f in idx for j, c in enumerate(batch["pano_cand_vpids"][f]) if c == vp]
+                want = torch.stack(rows).mean(0)
+            assert torch.allclose(got[i, slot], want, atol=1e-5), (i, slot, vp)
+    assert got[1:].abs().sum() > 0  # the check is not vacuous
+
+    def biggest(n: int) -> int:
+        b = collate_states([ds[i % len(ds)] for i in range(n)])
+        return max(v.numel() for v in b.values() if isinstance(v, torch.Tensor))
+
+    assert biggest(32) <= 2.5 * biggest(16)  # linear (dense matrix: 4x)

@@ -64,7 +64,14 @@ from minivln.training import distributed as D
 from minivln.training.agent import DUETAgent, run_agent
 from minivln.training.checkpoint import find_checkpoint, load_checkpoint
 from minivln.training.distributed import placement, shard
-from minivln.training.trainer import OptimConfig, TaskOutput, TrainConfig, Trainer
+from minivln.training.trainer import (
+    TEACHER_DTYPES,
+    OptimConfig,
+    TaskOutput,
+    TrainConfig,
+    Trainer,
+    teacher_autocast,
+)
 
 RANDOM_STOP_PROB = 1.0 / 6.0
 
@@ -130,6 +137,7 @@ class FinetuneConfig:
     teacher: str = ""  # stage-2 distillation: a frozen teacher (run dir, save_pretrained dir or DUET checkpoint)
     kd_weight: float = 0.1  # KDWeight: multiplies kd_txt, kd_pano, kd_fuse (the paper's best: 0.1)
     kd_terms: Stage2Weights = field(default_factory=Stage2Weights)  # per-term weights (0 = off)
+    teacher_dtype: str = "fp32"  # "bf16": the teacher's forward under CPU/GPU autocast (outputs back in fp32)
     kd_temperature: float = 1.0  # t of kd_fuse (the paper: 1)
     num_threads: int = 0  # torch CPU threads (0 = torch's default); 1 is fastest on a busy small CPU
     random_seed: int = 0  # the random baseline of metrics.json
@@ -143,6 +151,8 @@ class FinetuneConfig:
             raise ConfigError(f"reverie_goal: one of {REVERIE_GOALS}, got {self.reverie_goal!r}")
         if self.kd_weight < 0 or self.kd_temperature <= 0:
             raise ConfigError("kd_weight must be >= 0 and kd_temperature > 0")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"teacher_dtype: one of {sorted(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
         if min(self.kd_terms.txt, self.kd_terms.pano, self.kd_terms.fuse) < 0:
             raise ConfigError(f"kd_terms: weights must be >= 0, got {self.kd_terms}")
         if self.og_weight < 0 or self.max_objects < 0:
@@ -471,6 +481,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
         teacher = load_agent_model(cfg.teacher)
         check_teacher(model.config, teacher.config, stage=2, source=f"teacher {cfg.teacher}")
+        teacher_autocast(teacher, cfg.teacher_dtype)
         terms = stage2_terms(model.config, teacher.config, cfg.kd_weight, cfg.kd_temperature,
                              term_weights=dataclasses.asdict(cfg.kd_terms))
     if info.world_size > 1 and info.rank != 0:

@@ -74,7 +74,14 @@ from minivln.training.pretrain_data import (
     collate_states,
     features_have_classes,
 )
-from minivln.training.trainer import TaskOutput, TrainConfig, Trainer, move_to
+from minivln.training.trainer import (
+    TEACHER_DTYPES,
+    TaskOutput,
+    TrainConfig,
+    Trainer,
+    move_to,
+    teacher_autocast,
+)
 
 TASKS = ("mlm", "sap", "mrc", "og")
 
@@ -132,6 +139,7 @@ class PretrainConfig:
     teacher: str = ""  # stage-1 distillation: a frozen teacher (run dir, save_pretrained dir or DUET checkpoint)
     kd_weight: float = 1.0  # multiplies every stage-1 term weight
     kd_terms: Stage1Weights = field(default_factory=Stage1Weights)  # per-term weights (0 = off)
+    teacher_dtype: str = "fp32"  # "bf16": the teacher's forward under autocast (outputs back in fp32)
     kd_cross_attention: bool = False  # also distil the cross-modal branches' cross-attention (paper: no)
     kd_embed_encoders: list[str] = field(default_factory=lambda: ["text"])  # kd_emb covers these
     #                            encoders' inputs (paper: the instruction's; also pano, global, local)
@@ -184,7 +192,10 @@ def encode_states(duet: torch.nn.Module, batch: Mapping[str, Any],
         taps["pano.masks"] = pano_masks
     n_flat, n_tok, hidden = pano_embeds.shape
     sources = torch.cat([masked_mean(pano_embeds, pano_masks), pano_embeds.reshape(n_flat * n_tok, hidden)], 0)
-    gmap_img_embeds = batch["gmap_src_weights"].to(sources.dtype) @ sources  # (B, G, H)
+    b, g = batch["gmap_masks"].shape
+    contrib = sources[batch["gmap_src_rows"]] * batch["gmap_src_weights"].to(sources.dtype)[:, None]
+    gmap_img_embeds = sources.new_zeros(b * g, hidden).index_add_(0, batch["gmap_src_slots"], contrib)
+    gmap_img_embeds = gmap_img_embeds.view(b, g, hidden)  # (B, G, H)
     cur = batch["current_index"]
     cur_embeds, cur_masks = pano_embeds[cur], pano_masks[cur]
     b = cur_embeds.size(0)
@@ -603,6 +614,9 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
         teacher = load_agent_model(cfg.teacher)
         student_cfg = get_config(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})
         check_teacher(student_cfg, teacher.config, stage=1, source=f"teacher {cfg.teacher}")
+        if cfg.teacher_dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"teacher_dtype: one of {sorted(TEACHER_DTYPES)}, got {cfg.teacher_dtype!r}")
+        teacher_autocast(teacher, cfg.teacher_dtype)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     mix = resolve_mix(cfg)

@@ -515,11 +515,12 @@ def collate_states(
     for i, s in enumerate(states):
         n = len(s.gmap_vpids)
         pair[i, :n, :n] = torch.from_numpy(s.gmap_pair_dists)
-    # gmap image embeddings = gmap_src_weights @ [node means (F, H); panorama outputs (F*N, H)]:
-    # a visited node takes its panorama mean, a ghost the mean of the candidate-view outputs that
-    # showed it from visited nodes (as the agent's map does)
+    # gmap image embeddings, as a weighted scatter of source rows of [node means (F, H); panorama
+    # outputs (F*N, H)] into the flat map slots (B*G): a visited node takes its panorama mean, a ghost
+    # the mean of the candidate-view outputs that showed it from visited nodes (as the agent's map
+    # does).  Three 1-D tensors (one entry per contributing source), so a batch grows linearly.
     n_flat, n_tok_all = len(flat_obs), int(pano.loc_fts.size(1))
-    weights = torch.zeros(b, g, n_flat + n_flat * n_tok_all)
+    src_rows, src_slots, src_weights = [], [], []
     for i, (s, idx) in enumerate(zip(states, node_index)):
         flat_of = {}
         for f, ob in zip(idx, s.obs):
@@ -532,12 +533,13 @@ def collate_states(
         for slot, vp in enumerate(s.gmap_vpids):
             if vp is None:
                 continue
-            if vp in flat_of:
-                weights[i, slot, flat_of[vp]] = 1.0
-            else:
-                cols = sources[vp]
-                weights[i, slot, cols] = 1.0 / len(cols)
-    out["gmap_src_weights"] = weights
+            rows = [flat_of[vp]] if vp in flat_of else sources[vp]
+            src_rows.extend(rows)
+            src_slots.extend([i * g + slot] * len(rows))
+            src_weights.extend([1.0 / len(rows)] * len(rows))
+    out["gmap_src_rows"] = torch.tensor(src_rows, dtype=torch.long)
+    out["gmap_src_slots"] = torch.tensor(src_slots, dtype=torch.long)
+    out["gmap_src_weights"] = torch.tensor(src_weights, dtype=torch.float32)
     out.update({
         "gmap_vpids": [list(s.gmap_vpids) for s in states],
         "gmap_step_ids": pad_tensors([torch.tensor(s.gmap_step_ids, dtype=torch.long) for s in states]),

@@ -175,6 +175,49 @@ def freeze_teacher(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
+TEACHER_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def teacher_autocast(teacher: nn.Module, dtype: str = "bf16") -> nn.Module:
+    """Run every call of ``teacher`` under ``torch.autocast`` in ``dtype`` (on the device of its
+    parameters) and hand back float32 tensors, so that the student and the losses see the teacher's
+    outputs in full precision.  ``"fp32"`` leaves the teacher as it is.  On a CPU with AMX
+    (``amx_bf16``) bf16 matrix products are several times faster; check the teacher's action
+    distribution against fp32 before relying on it (``scripts/kd_step_ratio.py`` does both)."""
+    if dtype not in TEACHER_DTYPES:
+        raise ValueError(f"teacher dtype: one of {sorted(TEACHER_DTYPES)}, got {dtype!r}")
+    if TEACHER_DTYPES[dtype] is None or getattr(teacher, "_minivln_autocast", None) == dtype:
+        return teacher
+    contexts: list[contextlib.AbstractContextManager] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        device = next(module.parameters()).device.type
+        ctx = torch.autocast(device_type=device, dtype=TEACHER_DTYPES[dtype])
+        ctx.__enter__()
+        contexts.append(ctx)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> Any:
+        contexts.pop().__exit__(None, None, None)
+        return _to_float32(output)
+
+    teacher.register_forward_pre_hook(enter)
+    teacher.register_forward_hook(leave, always_call=True)
+    teacher._minivln_autocast = dtype  # type: ignore[attr-defined]
+    return teacher
+
+
+def _to_float32(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() and obj.dtype != torch.float32 else obj
+    if isinstance(obj, dict):
+        return {k: _to_float32(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_to_float32(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_float32(v) for v in obj)
+    return obj
+
+
 def move_to(obj: Any, device: torch.device) -> Any:
     """Tensors inside (nested) dicts, lists and tuples moved to ``device``; anything else unchanged."""
     if isinstance(obj, torch.Tensor):
