@@ -1,6 +1,7 @@
 """Shared pytest fixtures.
 
-Real-data tests read ``$MINIVLN_DATA`` or ``../shared/data`` beside the repository root; they are
+Real-data tests read ``$MINIVLN_DATA`` or ``../shared/data`` beside the repository root (the parity
+tests: ``../shared/reference``, or ``reference/`` beside the data directory); they are
 marked ``realdata`` and skipped (with the reason) when neither exists, unless
 ``MINIVLN_REQUIRE_DATA=1`` (set by ``.ci/run``), which turns a missing data or reference directory
 into a failure so that CI can never pass by skipping them.
@@ -25,8 +26,13 @@ def _real_data_dir() -> Path | None:
 
 
 def _reference_dir() -> Path | None:
-    cand = REPO.parent / "shared" / "reference"
-    return cand if cand.is_dir() else None
+    """``../shared/reference``, else ``reference/`` beside the real data directory (the same
+    ``shared/`` layout, e.g. for a git worktree that lives elsewhere)."""
+    cands = [REPO.parent / "shared" / "reference"]
+    data = _real_data_dir()
+    if data is not None:
+        cands.append(data.parent / "reference")
+    return next((c for c in cands if c.is_dir()), None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,6 +9,7 @@ for ``METRICS.md``'s definition, independent of :mod:`minivln.data.reverie`).
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import replace
 
@@ -22,6 +23,7 @@ from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
 from minivln.data.reverie import ReverieGoals, nearest_goal, with_random_endpoint
 from minivln.data.toyworld import ToyWorldConfig, ensure_toy_world
+from minivln.env import env as E
 from minivln.env.env import NavBatchEnv, candidates_at, evaluate_policy, expert_policy
 from minivln.evaluation.evaluator import Evaluator
 from minivln.features.hdf5 import (
@@ -31,8 +33,15 @@ from minivln.features.hdf5 import (
     ObjectFeatureStore,
     ObjectFeatureWriter,
 )
+from minivln.model.agent_inputs import build_panorama_inputs
 from minivln.model.registry import create_model
-from minivln.training.agent import IGNORE, DUETAgent, nearest_goal_slot, object_label
+from minivln.training.agent import (
+    IGNORE,
+    DUETAgent,
+    nearest_goal_slot,
+    object_label,
+    to_nav_observation,
+)
 from minivln.training.logging import read_jsonl
 
 DIM = 16
@@ -146,6 +155,34 @@ def test_og_loss_in_a_rollout_hand_checked(toy):
     out.loss.backward()
     assert agent.model.og_head is not None
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.model.og_head.parameters())
+
+
+def test_agent_observation_objects_as_upstream(toy):
+    """The agent's REVERIE observation has upstream's object fields (``ObjectFeatureDB``): angle
+    features of the directions relative to the agent's actual heading/elevation (not its discretised
+    view), boxes (h/480, w/640, product), ids; the panorama builder appends them after the views."""
+    data, _, objs = toy
+    store, graphs = ObjectFeatureStore(objs), Graphs(data)
+    scan = graphs.scans()[0]
+    vp = next(v for v in graphs[scan].vp_ids if len(store.get(scan, v)) >= 2)
+    heading, elevation = 0.3, 0.1  # between discretised views
+    ob = E.Observation(instr_id="0_0", scan=scan, viewpoint=vp, view_index=12, heading=heading,
+                       elevation=elevation, position=graphs[scan].position(vp), candidates=[],
+                       instruction="find it", step=0, done=False, features=np.zeros((36, DIM), np.float32))
+    nav_ob = to_nav_observation(ob, objects=store)
+    objects = store.get(scan, vp)
+    assert nav_ob.obj_ids == [int(x) for x in objects.obj_ids]
+    np.testing.assert_array_equal(nav_ob.obj_img_fts, objects.fts)
+    (h, e), (w, bh) = objects.directions[0].astype(float), objects.sizes[0].astype(float)
+    expected = [math.sin(h - heading), math.cos(h - heading), math.sin(e - elevation), math.cos(e - elevation)]
+    np.testing.assert_allclose(nav_ob.obj_ang_fts[0], expected, atol=1e-6)
+    np.testing.assert_allclose(nav_ob.obj_box_fts[0], [bh / 480, w / 640, bh * w / 480 / 640], rtol=1e-6)
+    assert to_nav_observation(ob, objects=store, max_objects=1).obj_ids == nav_ob.obj_ids[:1]
+    pano = build_panorama_inputs([nav_ob])
+    n = nav_ob.num_objects
+    assert pano.obj_lens.tolist() == [n] and pano.nav_types[0, 36:].tolist() == [2] * n
+    loc = np.concatenate([nav_ob.obj_ang_fts, nav_ob.obj_box_fts], 1)
+    np.testing.assert_array_equal(pano.loc_fts[0, 36:].numpy(), loc)
 
 
 # ------------------------------------------------------------------------------------ goal rule

@@ -18,10 +18,12 @@ from minivln.model.graph_map import (
     FloydGraph,
     GraphMap,
     Observation,
+    object_location_fts,
 )
 from minivln.model.parity import build_fixture_model, run_parity
 
 FIXTURE = "duet_fixture_r2r.npz"
+REVERIE_FIXTURE = "duet_fixture_reverie.npz"
 
 
 # ------------------------------------------------------------------------------ parity
@@ -120,6 +122,116 @@ def test_cli_exit_codes(fixture_path, capsys):
     # A negative tolerance cannot be met by any float item.
     assert main(["parity", "--fixture", str(fixture_path), "--recorded-outputs", "--tol", "-1"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- REVERIE parity
+#
+# The REVERIE episode: 3 samples, 5 steps, 0-5 objects per viewpoint (none at step 0 sample 1 and
+# at step 3 sample 0), views and objects sharing one image projection, OG logits at every call.
+
+OBJECT_ITEMS = (
+    "integration.panorama.in.obj_img_fts",
+    "integration.panorama.in.obj_lens",
+    "integration.panorama.in.obj_ids",
+    "integration.navigation.in.vp_obj_masks",
+    "integration.navigation.out.obj_logits",
+    "integration.final.pred_objid",
+    "unit.navigation.out.obj_logits",
+)
+
+
+@pytest.fixture(scope="module")
+def reverie_path(reference_dir):
+    path = reference_dir / REVERIE_FIXTURE
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+def edited_fixture(src, dst, edit):
+    """A copy of the fixture at ``dst`` with ``edit(arrays)`` applied to its arrays."""
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    edit(arrays)
+    np.savez(dst, **arrays)
+    return dst
+
+
+def test_reverie_fixture_parity_passes(reverie_path):
+    report = run_parity(reverie_path, 1e-4)
+    assert report.passed, report.format_table()
+    for name in OBJECT_ITEMS + ("integration.panorama.in.loc_fts", "integration.step.avg_pano_embeds"):
+        assert report.items[name].count > 0, name
+
+
+def test_reverie_bookkeeping_alone(reverie_path):
+    """With the recorded outputs fed back, every built input equals the reference's up to float
+    rounding: the reference's view angles come from its simulator's heading arithmetic (ours are
+    recomputed from the view index; they differ by ~1e-15) and its masked mean of the panorama
+    outputs sums them in another memory order (~1e-7); every id, mask and length is exact."""
+    report = run_parity(reverie_path, 1e-6, recorded_outputs=True)
+    assert report.passed, report.format_table()
+    assert report.items["integration.final.pred_objid"].count == 1
+
+
+def test_reverie_perturbed_object_feature_fails(reverie_path, tmp_path):
+    def perturb(arrays):
+        arrays["step2.obs0.obj_img_fts"][1, 3] += 0.05  # one entry of one object's feature
+
+    path = edited_fixture(reverie_path, tmp_path / "perturbed.npz", perturb)
+    failed = {item.name for item in run_parity(path, 1e-4).failures()}
+    assert {
+        "integration.panorama.in.obj_img_fts",
+        "integration.panorama.out.pano_embeds",
+        "integration.step.avg_pano_embeds",
+        "integration.navigation.out.obj_logits",
+    } <= failed
+    assert not any(name.startswith("unit.") for name in failed)  # the recorded calls are untouched
+
+
+def test_reverie_dropped_object_fails(reverie_path, tmp_path):
+    def drop(arrays):  # step 1, sample 0 sees 2 objects: keep the first
+        for key in ("obj_img_fts", "obj_ang_fts", "obj_box_fts", "obj_ids"):
+            arrays[f"step1.obs0.{key}"] = arrays[f"step1.obs0.{key}"][:1]
+
+    path = edited_fixture(reverie_path, tmp_path / "dropped.npz", drop)
+    failed = {item.name for item in run_parity(path, 1e-4, recorded_outputs=True).failures()}
+    assert {
+        "integration.panorama.in.obj_lens",
+        "integration.panorama.in.obj_ids",
+        "integration.panorama.in.nav_types",
+        "integration.navigation.in.vp_masks",
+        "integration.navigation.in.vp_obj_masks",
+    } <= failed
+
+
+def test_reverie_replay_without_objects_fails(reverie_path):
+    """The navigator building view tokens only (the bug this fixture caught) fails the replay."""
+
+    class ViewsOnly(MapNavigator):
+        def panorama_inputs(self, use_objects=None):
+            return super().panorama_inputs(use_objects=False)
+
+    failed = {item.name for item in run_parity(reverie_path, 1e-4, navigator_factory=ViewsOnly).failures()}
+    assert {
+        "integration.panorama.in.obj_img_fts",
+        "integration.navigation.in.vp_obj_masks",
+        "integration.navigation.out.obj_logits",
+        "integration.navigation.out.fused_logits",
+        "integration.final.pred_objid",
+    } <= failed
+    assert not any(name.startswith("unit.") for name in failed)
+
+
+def test_reverie_lost_object_prediction_fails(reverie_path, monkeypatch):
+    original = GraphMap.record_stop
+
+    def without_object(self, vp, stop_prob, object_id=None):
+        original(self, vp, stop_prob, None)
+
+    monkeypatch.setattr(GraphMap, "record_stop", without_object)
+    failed = {item.name for item in run_parity(reverie_path, 1e-4, recorded_outputs=True).failures()}
+    assert failed == {"integration.final.pred_objid"}
 
 
 # ------------------------------------------------------------------------- tiny world
@@ -327,20 +439,41 @@ def test_panorama_tokens_shared_view_and_angles():
     np.testing.assert_array_equal(loc[:37, 4:], 1.0)
 
 
+def test_object_location_features():
+    """Upstream's ObjectFeatureDB: angles relative to the given base, boxes (h/480, w/640, product)."""
+    dirs = np.array([[0.5, 0.1], [-2.0, -0.3]])  # (heading, elevation)
+    sizes = np.array([[64.0, 48.0], [640.0, 480.0]])  # (width, height)
+    ang, box = object_location_fts(dirs, sizes, 0.4, 0.2)
+    assert ang.dtype == box.dtype == np.float32 and ang.shape == (2, 4) and box.shape == (2, 3)
+    np.testing.assert_allclose(ang[0], angles(0.5 - 0.4, 0.1 - 0.2), atol=1e-7)
+    np.testing.assert_allclose(ang[1], angles(-2.4, -0.5), atol=1e-7)
+    np.testing.assert_allclose(box, [[0.1, 0.1, 0.01], [1.0, 1.0, 1.0]], rtol=1e-6)
+    empty_ang, empty_box = object_location_fts(np.zeros((0, 2)), np.zeros((0, 2)), 0.0, 0.0)
+    assert empty_ang.shape == (0, 4) and empty_box.shape == (0, 3)
+
+
 def test_object_tokens_and_masks():
     ob = make_obs("S")
-    ob.obj_features = np.ones((2, 5), dtype=np.float32)
-    ob.obj_rel_headings = np.array([0.1, -0.2])
-    ob.obj_rel_elevations = np.array([0.0, 0.3])
-    ob.obj_sizes = np.array([[64.0, 48.0], [640.0, 480.0]])  # (width, height)
+    ob.obj_img_fts = np.ones((2, 5), dtype=np.float32)
+    ob.obj_ang_fts, ob.obj_box_fts = object_location_fts(
+        np.array([[0.1, 0.0], [-0.2, 0.3]]), np.array([[64.0, 48.0], [640.0, 480.0]]), 0.0, 0.0
+    )
     ob.obj_ids = ["o1", "o2"]
     other = make_obs("A")  # no objects
     pano = build_panorama_inputs([ob, other])
     assert pano.uses_objects and pano.obj_lens.tolist() == [2, 0]
     assert pano.obj_img_fts.shape == (2, 2, 5)
     assert pano.nav_types[0, 36:].tolist() == [2, 2]
-    np.testing.assert_allclose(pano.loc_fts[0, 36, 4:].numpy(), [0.1, 0.1, 0.01], rtol=1e-6)
+    np.testing.assert_allclose(pano.loc_fts[0, 36].numpy(), angles(0.1, 0.0) + [0.1, 0.1, 0.01], rtol=1e-6)
     np.testing.assert_allclose(pano.loc_fts[0, 37, 4:].numpy(), [1.0, 1.0, 1.0])
+    # an 8-d angle feature tiles the 4-d one (upstream's get_angle_fts)
+    wide = build_panorama_inputs([ob, other], angle_feat_size=8)
+    np.testing.assert_array_equal(wide.loc_fts[0, 36, :4], wide.loc_fts[0, 36, 4:8])
+    np.testing.assert_array_equal(wide.loc_fts[0, 36, 8:], pano.loc_fts[0, 36, 4:])
+    # a batch in which no viewpoint shows an object keeps the object feature width
+    other.obj_img_fts = np.zeros((0, 5), dtype=np.float32)
+    none = build_panorama_inputs([other, other])
+    assert none.obj_img_fts.shape == (2, 0, 5) and none.obj_lens.tolist() == [0, 0]
     nav = MapNavigator([ob, other])
     nav.begin_step(0)
     n = pano.loc_fts.shape[1]

@@ -239,8 +239,9 @@ def test_object_hdf5_store(tiny_reverie, tmp_path):
     assert s.obs[-1].obj_ids == [3, 5, 7] and s.og_label == 1
     assert s.obs[1].num_objects == 0  # b: no entry in the file -> no objects
     ref = _dataset(tiny_reverie).state(0, 3).obs[-1]
-    assert np.allclose(s.obs[-1].obj_features, ref.obj_features)
-    assert np.allclose(s.obs[-1].obj_rel_headings, ref.obj_rel_headings)
+    assert np.allclose(s.obs[-1].obj_img_fts, ref.obj_img_fts)
+    assert np.allclose(s.obs[-1].obj_ang_fts, ref.obj_ang_fts)
+    assert np.allclose(s.obs[-1].obj_box_fts, ref.obj_box_fts)
     cfg.model_overrides = {"obj_feat_size": 768}
     with pytest.raises(ConfigError, match="obj_feat_size"):
         resolve_objects(cfg, tiny_reverie)

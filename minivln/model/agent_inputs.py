@@ -42,10 +42,6 @@ from minivln.model.graph_map import (
     view_direction,
 )
 
-#: Image size the object boxes are normalised by (height, width).
-BOX_IMAGE_SIZE = (480.0, 640.0)
-
-
 # ----------------------------------------------------------------------------------- helpers
 
 
@@ -146,46 +142,48 @@ def panorama_tokens(
     return np.stack(img, 0), loc, nav_types, cand_vpids
 
 
-def object_tokens(ob: Observation, angle_feat_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """One sample's object tokens: (features (O, D_obj), loc features (O, A+3)); box =
-    (h/480, w/640, product) from ``obj_sizes`` rows (width, height)."""
+def object_tokens(ob: Observation, angle_feat_size: int = 4) -> np.ndarray:
+    """One sample's object loc features (O, A+3): its angle features (tiled to ``angle_feat_size``
+    as upstream's ``get_angle_fts`` does) ++ its box features, in observation order."""
     n = ob.num_objects
-    loc = np.zeros((n, angle_feat_size + 3), dtype=np.float32)
-    for k in range(n):
-        loc[k, :angle_feat_size] = direction_angle_feature(
-            float(ob.obj_rel_headings[k]), float(ob.obj_rel_elevations[k]), angle_feat_size
-        )
-        w, h = ob.obj_sizes[k]
-        loc[k, angle_feat_size : angle_feat_size + 2] = [h / BOX_IMAGE_SIZE[0], w / BOX_IMAGE_SIZE[1]]
-        loc[k, angle_feat_size + 2] = loc[k, angle_feat_size] * loc[k, angle_feat_size + 1]
-    if n:
-        feats = np.asarray(ob.obj_features, dtype=np.float32)
-    else:  # keep the feature width of an empty (0, D_obj) array, so a batch without objects has it
-        width = ob.obj_features.shape[1] if ob.obj_features is not None and np.ndim(ob.obj_features) == 2 else 0
-        feats = np.zeros((0, width), np.float32)
-    return feats, loc
+    if n == 0:
+        return np.zeros((0, angle_feat_size + 3), dtype=np.float32)
+    ang = np.asarray(ob.obj_ang_fts, dtype=np.float32).reshape(n, 4)
+    box = np.asarray(ob.obj_box_fts, dtype=np.float32).reshape(n, 3)
+    return np.concatenate([np.tile(ang, (1, angle_feat_size // 4)), box], 1)
+
+
+def object_features(obs_list: Sequence[Observation]) -> list[torch.Tensor]:
+    """Each sample's object features (O_i, D_obj); a sample without objects gets a (0, D_obj)
+    tensor, D_obj taken from the batch (0 if no observation carries object features)."""
+    widths = [np.shape(ob.obj_img_fts)[1] for ob in obs_list if ob.obj_img_fts is not None]
+    dim = max(widths, default=0)
+    return [
+        torch.from_numpy(np.asarray(ob.obj_img_fts, dtype=np.float32).reshape(ob.num_objects, -1))
+        if ob.num_objects else torch.zeros((0, dim), dtype=torch.float32)
+        for ob in obs_list
+    ]
 
 
 def build_panorama_inputs(
     obs_list: Sequence[Observation], angle_feat_size: int = 4, use_objects: bool | None = None
 ) -> PanoramaBatch:
-    """Collate the ``'panorama'`` inputs of a batch.
+    """Collate the ``'panorama'`` inputs of a batch (VLN-DUET ``_panorama_feature_variable``).
 
     ``use_objects`` defaults to "some observation carries object features"; with objects every
-    sample's tokens are [views, objects] (``loc_fts``/``nav_types`` concatenated, then padded).
+    sample's tokens are [views, objects] (``loc_fts``/``nav_types`` concatenated, then padded),
+    and ``obj_img_fts`` is padded over the batch separately (a sample may have no object).
     """
     if use_objects is None:
-        use_objects = any(ob.obj_features is not None for ob in obs_list)
-    views, obj_fts, locs, types, cands, view_lens, obj_lens, obj_ids = [], [], [], [], [], [], [], []
+        use_objects = any(ob.obj_img_fts is not None for ob in obs_list)
+    views, locs, types, cands, view_lens, obj_lens = [], [], [], [], [], []
     for ob in obs_list:
         img, loc, nav, cand = panorama_tokens(ob, angle_feat_size)
         if use_objects:
-            o_fts, o_loc = object_tokens(ob, angle_feat_size)
-            loc = np.concatenate([loc, o_loc], 0)
-            nav = nav + [2] * len(o_loc)
-            obj_fts.append(o_fts)
-            obj_lens.append(len(o_loc))
-            obj_ids.append(list(ob.obj_ids))
+            obj_loc = object_tokens(ob, angle_feat_size)
+            loc = np.concatenate([loc, obj_loc], 0)
+            nav = nav + [2] * len(obj_loc)
+            obj_lens.append(len(obj_loc))
         views.append(torch.from_numpy(img))
         locs.append(torch.from_numpy(loc))
         types.append(torch.tensor(nav, dtype=torch.long))
@@ -199,14 +197,9 @@ def build_panorama_inputs(
         cand_vpids=cands,
     )
     if use_objects:
-        dim = max((f.shape[1] for f in obj_fts), default=0)
-        tensors = [
-            torch.from_numpy(f) if f.size else torch.zeros((0, dim), dtype=torch.float32)
-            for f in obj_fts
-        ]
-        batch.obj_img_fts = pad_tensors(tensors)
+        batch.obj_img_fts = pad_tensors(object_features(obs_list))
         batch.obj_lens = torch.tensor(obj_lens, dtype=torch.long)
-        batch.obj_ids = obj_ids
+        batch.obj_ids = [list(ob.obj_ids) for ob in obs_list]
     return batch
 
 

@@ -38,6 +38,8 @@ MAX_DIST = 30.0
 MAX_STEP = 10.0
 #: Distance of a pair the agent's graph has never connected (the reference's default).
 UNKNOWN_DIST = 95959595.0
+#: Image size (height, width) in pixels that object boxes are normalised by.
+BOX_IMAGE_SIZE = (480.0, 640.0)
 
 
 # --------------------------------------------------------------------------------- observations
@@ -77,10 +79,11 @@ class Observation:
     """What the agent sees at one node (one sample, one step).
 
     ``view_features`` holds the image features of the 36 discretised views (no angle part).
-    Objects (REVERIE) are optional: ``obj_features`` (O, D_obj), their direction relative to the
-    agent's discretised view (``obj_rel_headings``/``obj_rel_elevations``), their box size in
-    pixels (``obj_sizes`` rows (width, height), the order upstream reads them in, of a 480x640 image)
-    and ids (``obj_ids``).
+    Objects (REVERIE) are optional and come as VLN-DUET's REVERIE observation has them (its
+    ``ObjectFeatureDB.get_object_feature``; build them with :func:`object_location_fts`):
+    ``obj_img_fts`` (O, D_obj), ``obj_ang_fts`` (O, 4) the angle feature of each object's
+    direction relative to the agent, ``obj_box_fts`` (O, 3) = (h/480, w/640, product) and
+    ``obj_ids`` (O ids).  ``obj_img_fts`` None = no object tokens at all (R2R).
     """
 
     viewpoint: NodeId
@@ -90,15 +93,14 @@ class Observation:
     position: np.ndarray
     view_features: np.ndarray  # (36, D) float32
     candidates: list[Candidate]
-    obj_features: np.ndarray | None = None
-    obj_rel_headings: np.ndarray | None = None
-    obj_rel_elevations: np.ndarray | None = None
-    obj_sizes: np.ndarray | None = None
+    obj_img_fts: np.ndarray | None = None  # (O, D_obj) float32
+    obj_ang_fts: np.ndarray | None = None  # (O, 4) float32 [sin h, cos h, sin e, cos e]
+    obj_box_fts: np.ndarray | None = None  # (O, 3) float32
     obj_ids: list[Any] = field(default_factory=list)
 
     @property
     def num_objects(self) -> int:
-        return 0 if self.obj_features is None else int(len(self.obj_features))
+        return 0 if self.obj_img_fts is None else int(len(self.obj_img_fts))
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -152,6 +154,25 @@ def direction_angle_feature(heading: float, elevation: float, angle_feat_size: i
     used for view and candidate tokens)."""
     base = [math.sin(heading), math.cos(heading), math.sin(elevation), math.cos(elevation)]
     return np.array(base * (angle_feat_size // 4), dtype=np.float32)
+
+
+def object_location_fts(
+    directions: np.ndarray, sizes: np.ndarray, base_heading: float, base_elevation: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Objects' (angle features (O, 4), box features (O, 3)), float32, as VLN-DUET's
+    ``ObjectFeatureDB.get_object_feature`` computes them: the angle feature of each object's
+    (heading, elevation) minus the base direction, computed in float64 then cast; the box feature
+    (h/480, w/640, their product in float32) from ``sizes`` rows (width, height) in pixels."""
+    dirs = np.asarray(directions, dtype=np.float64).reshape(-1, 2)
+    sizes = np.asarray(sizes).reshape(-1, 2)
+    ang = np.zeros((len(dirs), 4), dtype=np.float32)
+    box = np.zeros((len(dirs), 3), dtype=np.float32)
+    for k, (heading, elevation) in enumerate(dirs):
+        ang[k] = direction_angle_feature(heading - base_heading, elevation - base_elevation)
+        width, height = sizes[k]
+        box[k, :2] = [height / BOX_IMAGE_SIZE[0], width / BOX_IMAGE_SIZE[1]]
+        box[k, 2] = box[k, 0] * box[k, 1]
+    return ang, box
 
 
 # ------------------------------------------------------------------------------ shortest paths

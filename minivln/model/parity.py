@@ -2,7 +2,10 @@
 
 The reference fixture (``duet_fixture_r2r.npz`` + ``.json``) records one batched episode of the
 upstream DUET agent: its weights, the raw per-step observations, the prescribed actions, every
-model call's inputs and outputs and the final paths.  :func:`run_parity` rebuilds the network
+model call's inputs and outputs and the final paths.  The REVERIE fixture
+(``duet_fixture_reverie.npz``, upstream's ``reverie/agent_obj.py``) adds each viewpoint's objects
+to the observations, object tokens to the panorama, ``vp_obj_masks``/``obj_logits`` to the
+navigation calls and the predicted object of each episode (``final.pred_objid``).  :func:`run_parity` rebuilds the network
 from the stored config/weights and replays the episode **from the raw observations** through our
 agent-side bookkeeping (:class:`~minivln.model.agent_inputs.MapNavigator`) and our network,
 comparing every intermediate input, every output, the moves and the final paths (the fixture's
@@ -43,8 +46,11 @@ _MASKED_ROWS = {
     "navigation.out.vp_embeds": "navigation.in.vp_masks",
 }
 _ID_ITEMS = {
-    "panorama.in.cand_vpids", "navigation.in.gmap_vpids", "navigation.in.vp_cand_vpids",
+    "panorama.in.cand_vpids", "panorama.in.obj_ids", "navigation.in.gmap_vpids",
+    "navigation.in.vp_cand_vpids",
 }
+#: ``final.pred_objid`` of a sample whose stop node showed no object (None upstream).
+NO_OBJECT_ID = -1
 
 
 # ------------------------------------------------------------------------------------ report
@@ -177,7 +183,9 @@ def encode_ids(lists: Sequence[Sequence[Any]], width: int) -> np.ndarray:
 
 def fixture_observation(data: dict[str, np.ndarray], t: int, i: int, image_feat_size: int) -> Observation:
     """Sample ``i``'s raw observation at step ``t``; the stored features are image ++ angle
-    (the angle part is recomputed by our panorama builder, and compared separately)."""
+    (the angle part is recomputed by our panorama builder, and compared separately).  A REVERIE
+    fixture's observations also carry the viewpoint's objects (``obj_img_fts``, ``obj_ang_fts``,
+    ``obj_box_fts``, ``obj_ids``: upstream's observation fields, taken as they are)."""
     p = f"step{t}.obs{i}."
     cands = [
         Candidate(
@@ -192,7 +200,7 @@ def fixture_observation(data: dict[str, np.ndarray], t: int, i: int, image_feat_
             data[p + "cand_headings"], data[p + "cand_elevations"],
         )
     ]
-    return Observation(
+    ob = Observation(
         viewpoint=int(data[p + "viewpoint"]),
         view_index=int(data[p + "viewIndex"]),
         heading=float(data[p + "heading"]),
@@ -201,6 +209,12 @@ def fixture_observation(data: dict[str, np.ndarray], t: int, i: int, image_feat_
         view_features=np.asarray(data[p + "feature"][:, :image_feat_size], dtype=np.float32),
         candidates=cands,
     )
+    if p + "obj_img_fts" in data:
+        ob.obj_img_fts = np.asarray(data[p + "obj_img_fts"], dtype=np.float32)
+        ob.obj_ang_fts = np.asarray(data[p + "obj_ang_fts"], dtype=np.float32)
+        ob.obj_box_fts = np.asarray(data[p + "obj_box_fts"], dtype=np.float32)
+        ob.obj_ids = [int(x) for x in data[p + "obj_ids"]]
+    return ob
 
 
 def fixture_calls(data: dict[str, np.ndarray]) -> list[tuple[str, str]]:
@@ -328,6 +342,8 @@ def replay(
             pano = nav.panorama_inputs()
             prefix, mode = next(calls)
             pano_in = dict(pano.model_inputs(), cand_vpids=pano.cand_vpids)
+            if pano.uses_objects:
+                pano_in["obj_ids"] = pano.obj_ids
             pano_embeds, pano_masks = model("panorama", pano.model_inputs())
             _compare_call(
                 cmp, data, prefix, mode, pano_in,
@@ -363,6 +379,10 @@ def replay(
         f"{sect}.final.stop_node",
         np.array([-2 if s is None else s for s in nav.stop_nodes]), data["final.stop_node"], exact=True,
     )
+    if "final.pred_objid" in data:
+        pred = [NO_OBJECT_ID if o is None else int(o) for o in nav.predicted_objects]
+        cmp.compare(f"{sect}.final.pred_objid", np.array(pred, dtype=np.int64), data["final.pred_objid"],
+                    exact=True)
     return nav
 
 

@@ -94,9 +94,10 @@ def to_nav_observation(
     angles relative to the agent's discretised view (DUET's candidate angle feature).
 
     With ``objects`` (an :class:`~minivln.features.hdf5.ObjectFeatureStore`) the observation also
-    carries the viewpoint's objects (the first ``max_objects`` if given): features, ids, box sizes
-    (w, h) and directions relative to the agent's heading/elevation (VLN-DUET's
-    ``ObjectFeatureDB.get_object_feature`` subtracts the simulator state's heading/elevation).
+    carries the viewpoint's objects (the first ``max_objects`` if given) as VLN-DUET's
+    ``ObjectFeatureDB.get_object_feature`` gives them: features, ids, box features and angle
+    features of the directions relative to the simulator state's heading/elevation
+    (:func:`~minivln.model.graph_map.object_location_fts`).
     """
     feats = ob.features
     if feats is None:
@@ -128,11 +129,10 @@ def to_nav_observation(
     if objects is not None:
         objs = objects.get(ob.scan, ob.viewpoint)
         k = len(objs) if max_objects is None else min(len(objs), int(max_objects))
-        dirs = np.asarray(objs.directions, dtype=np.float64)[:k].reshape(k, 2)
-        nav_ob.obj_features = np.asarray(objs.fts, dtype=np.float32)[:k]
-        nav_ob.obj_rel_headings = dirs[:, 0] - float(ob.heading)
-        nav_ob.obj_rel_elevations = dirs[:, 1] - float(ob.elevation)
-        nav_ob.obj_sizes = np.asarray(objs.sizes, dtype=np.float32)[:k].reshape(k, 2)
+        nav_ob.obj_img_fts = np.asarray(objs.fts, dtype=np.float32)[:k]
+        nav_ob.obj_ang_fts, nav_ob.obj_box_fts = G.object_location_fts(
+            np.asarray(objs.directions)[:k], np.asarray(objs.sizes)[:k], float(ob.heading), float(ob.elevation)
+        )
         nav_ob.obj_ids = [int(x) for x in np.asarray(objs.obj_ids)[:k]]
     return nav_ob
 

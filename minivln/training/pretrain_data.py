@@ -57,6 +57,7 @@ from minivln.model.graph_map import (
     Candidate,
     Observation,
     angle_features,
+    object_location_fts,
     relative_direction,
     view_direction,
 )
@@ -153,13 +154,11 @@ class SyntheticObjects:
 
 def attach_objects(ob: Observation, objects: Any) -> Observation:
     """Fill the object fields of ``ob`` from an ``ObjectFeatures`` (the agent's REVERIE
-    observation): directions relative to the discretised current view, sizes (w, h), ids."""
+    observation): features, ids, and angle/box features with directions taken relative to the
+    discretised current view."""
     base_h, base_e = view_direction(ob.view_index)
-    dirs = np.asarray(objects.directions, dtype=np.float64).reshape(-1, 2)
-    ob.obj_features = np.asarray(objects.fts, dtype=np.float32)
-    ob.obj_rel_headings = dirs[:, 0] - base_h
-    ob.obj_rel_elevations = dirs[:, 1] - base_e
-    ob.obj_sizes = np.asarray(objects.sizes, dtype=np.float32).reshape(-1, 2)
+    ob.obj_img_fts = np.asarray(objects.fts, dtype=np.float32)
+    ob.obj_ang_fts, ob.obj_box_fts = object_location_fts(objects.directions, objects.sizes, base_h, base_e)
     ob.obj_ids = [int(x) for x in np.asarray(objects.obj_ids).tolist()]
     return ob
 
@@ -487,11 +486,6 @@ def collate_states(
         flat_obs.extend(s.obs)
     use_objects = any(s.uses_objects for s in states)
     pano = build_panorama_inputs(flat_obs, angle_feat_size, use_objects=use_objects)
-    if use_objects and pano.obj_img_fts is not None and pano.obj_img_fts.size(-1) == 0:
-        # no object anywhere in the batch: keep the feature width for the model's projection
-        dim = max((ob.obj_features.shape[1] for ob in flat_obs
-                   if ob.obj_features is not None and ob.obj_features.ndim == 2), default=0)
-        pano.obj_img_fts = torch.zeros(*pano.obj_img_fts.shape[:2], dim)
     if mrc_rng is not None:
         rows_b, targets_b = [], []
         for s, idx in zip(states, node_index):
