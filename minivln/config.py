@@ -116,13 +116,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The YAML presets shipped with the package (``configs/`` in a checkout links here)."""
+
+
+def resolve_config(path: str | os.PathLike, subdir: str = "") -> Path:
+    """A config file by path, or by the name of a shipped preset (``toy-teacher`` or
+    ``toy-teacher.yaml`` -> ``minivln/configs/toy-teacher.yaml``); ConfigError lists the presets."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    folder = CONFIG_DIR / subdir if subdir else CONFIG_DIR
+    if len(p.parts) == 1:
+        for cand in (folder / p.name, folder / f"{p.name}.yaml"):
+            if cand.is_file():
+                return cand
+    known = ", ".join(sorted(q.stem for q in folder.glob("*.yaml")))
+    raise ConfigError(f"config file {p} does not exist (nor a shipped preset of that name: {known})")
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults <- YAML file <- overrides, type-checked."""
+    """Defaults <- YAML file (a path or a shipped preset's name) <- overrides, type-checked."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+        p = resolve_config(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:

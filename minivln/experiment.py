@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from minivln.config import ConfigError, load_config, to_dict
+from minivln.config import CONFIG_DIR, ConfigError, load_config, resolve_config, to_dict
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
 from minivln.env.env import NavBatchEnv, evaluate_policy, make_random_policy
@@ -110,16 +110,12 @@ def repo_root() -> Path:
 
 
 def find_recipe(name: str) -> Path:
-    """A recipe by path, or by name from ``configs/experiments/``."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    for cand in (repo_root() / "configs" / "experiments" / f"{name}.yaml",
-                 repo_root() / "configs" / "experiments" / name):
-        if cand.is_file():
-            return cand
-    known = sorted(q.stem for q in (repo_root() / "configs" / "experiments").glob("*.yaml"))
-    raise ConfigError(f"recipe {name!r} not found (a YAML path, or one of: {', '.join(known)})")
+    """A recipe by path, or by name from the shipped ``configs/experiments/``."""
+    try:
+        return resolve_config(name, "experiments")
+    except ConfigError:
+        known = sorted(q.stem for q in (CONFIG_DIR / "experiments").glob("*.yaml"))
+        raise ConfigError(f"recipe {name!r} not found (a YAML path, or one of: {', '.join(known)})") from None
 
 
 def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:

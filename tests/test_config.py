@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,24 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(Run, bad)
+
+
+def test_configs_ship_in_the_wheel_and_load_by_name(tmp_path):
+    """A user who pip-installs the package finds every preset and recipe by name."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from minivln.config import CONFIG_DIR, resolve_config
+
+    assert resolve_config("toy-teacher") == CONFIG_DIR / "toy-teacher.yaml"
+    assert resolve_config("r2r-table3.yaml", "experiments") == CONFIG_DIR / "experiments" / "r2r-table3.yaml"
+    with pytest.raises(ConfigError, match="toy-teacher"):  # the message lists the presets
+        resolve_config("toy-teacherr")
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(repo)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("minivln-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {str(p.relative_to(repo)) for p in CONFIG_DIR.rglob("*.yaml")}
+    assert shipped and shipped <= names, sorted(shipped - names)
