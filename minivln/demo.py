@@ -33,7 +33,6 @@ HEADERS = ("SR", "SPL", "NE (m)", "OSR", "nDTW", "CLS", "TL (m)")
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, split: str = "val_unseen", progress: bool = True) -> dict:
-
     out = Path(out)
     t0 = time.perf_counter()
     data_dir = ensure_toy_world(out / "toyworld", seed=seed)

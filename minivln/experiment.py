@@ -403,7 +403,6 @@ def write_gz(path: Path, entries: list[dict]) -> None:
 
 
 def random_submission(recipe: Recipe) -> list[dict]:
-
     root = resolve_data_dir(recipe.data_dir or None)
     env = NavBatchEnv(load_episodes(recipe.task, recipe.split, root), Graphs(root), batch_size=64,
                       max_steps=recipe.max_action_len)
@@ -474,7 +473,6 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
 
 
 def _standin(recipe: Recipe) -> bool:
-
     return bool(FeatureStore(_abs(recipe.features, repo_root())).is_standin)
 
 

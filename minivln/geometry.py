@@ -60,10 +60,3 @@ def discretised_view(heading: float, elevation: float = 0.0) -> int:
     h = int(round((heading % (2 * math.pi)) / VIEW_STEP)) % HEADINGS_PER_LEVEL
     level = min(2, max(0, int(round(elevation / VIEW_STEP)) + 1))
     return level * HEADINGS_PER_LEVEL + h
-
-
-def angle_feature(heading: float, elevation: float, size: int = 4) -> np.ndarray:
-    """DUET's angle feature [sin h, cos h, sin e, cos e], tiled ``size // 4`` times."""
-    base = np.array([math.sin(heading), math.cos(heading), math.sin(elevation), math.cos(elevation)],
-                    dtype=np.float32)
-    return np.tile(base, size // 4)

@@ -17,7 +17,7 @@ from minivln.model.graph_map import (
     Candidate,
     FloydGraph,
     GraphMap,
-    Observation,
+    NodeObservation,
     object_location_fts,
 )
 from minivln.model.parity import build_fixture_model, run_parity
@@ -250,8 +250,8 @@ ADJ = {"S": ["A", "C", "D"], "A": ["S", "B", "D"], "B": ["A"], "C": ["S"], "D": 
 FEAT = 8
 
 
-def make_obs(vp: str, view_index: int = 12, seed: int = 0) -> Observation:
-    """Observation at ``vp`` facing discretised view ``view_index``; absolute candidate angles."""
+def make_obs(vp: str, view_index: int = 12, seed: int = 0) -> NodeObservation:
+    """NodeObservation at ``vp`` facing discretised view ``view_index``; absolute candidate angles."""
     cands = []
     for n in ADJ[vp]:
         h, e, dist = direction(np.array(POS[vp]), np.array(POS[n]))
@@ -259,7 +259,7 @@ def make_obs(vp: str, view_index: int = 12, seed: int = 0) -> Observation:
             Candidate(n, nearest_view(h, e), np.array(POS[n]), heading=h, elevation=e, distance=dist)
         )
     rng = np.random.default_rng(seed)
-    return Observation(
+    return NodeObservation(
         viewpoint=vp,
         view_index=view_index,
         heading=view_heading(view_index),

@@ -6,7 +6,7 @@ Protocol (the reference point of the MiniVLN issue): a 60-token instruction and 
 ``'panorama'`` and ``'navigation'`` once per step.
 
 The per-step inputs are built by the real agent-side code: a seeded synthetic world (a corridor of
-nodes with side branches and loops, random 36-view features, :class:`Observation` objects) is walked
+nodes with side branches and loops, random 36-view features, :class:`NodeObservation` objects) is walked
 by :class:`~minivln.model.agent_inputs.MapNavigator` with prescribed moves, and the panorama and
 navigation batches it builds are recorded once per model.  The walk gives 36-40 panorama tokens per
 step and a global map of 4, 6, ..., 16 slots over the 7 steps.  The timed part replays those
@@ -40,7 +40,7 @@ import torch
 
 from minivln.model.agent_inputs import MapNavigator
 from minivln.model.duet import DUET
-from minivln.model.graph_map import Candidate, Move, Observation, view_direction
+from minivln.model.graph_map import Candidate, Move, NodeObservation, view_direction
 from minivln.model.registry import UnknownPresetError, create_model, get_preset
 
 DEFAULT_PRESETS = ("duet-r2r", "minivln-r2r")
@@ -68,7 +68,7 @@ class SyntheticWorld:
     neighbours: dict[Any, list[Any]]
     views: dict[Any, dict[Any, int]]  # node -> neighbour -> view index it is seen in
 
-    def observe(self, node: Any, view_index: int, heading: float, elevation: float) -> Observation:
+    def observe(self, node: Any, view_index: int, heading: float, elevation: float) -> NodeObservation:
         cands = []
         for nb in self.neighbours[node]:
             point = self.views[node][nb]
@@ -76,15 +76,15 @@ class SyntheticWorld:
             cands.append(
                 Candidate(nb, point, self.positions[nb], heading=h + 0.1, elevation=e - 0.05)
             )
-        return Observation(
+        return NodeObservation(
             viewpoint=node, view_index=view_index, heading=heading, elevation=elevation,
             position=self.positions[node], view_features=self.features[node], candidates=cands,
         )
 
-    def start(self) -> Observation:
+    def start(self) -> NodeObservation:
         return self.observe(("n", 0), 12, 0.0, 0.0)
 
-    def move(self, move: Move) -> Observation:
+    def move(self, move: Move) -> NodeObservation:
         return self.observe(move.target, move.view_index, move.heading, move.elevation)
 
 

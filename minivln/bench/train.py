@@ -196,6 +196,5 @@ def _main(args: argparse.Namespace) -> int:
                          max_action_len=args.max_action_len, seed=args.seed, quiet=args.quiet)
     print(format_report(report))
     if args.json:
-
         atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")
     return 0

@@ -94,7 +94,3 @@ def load_episodes(task: str, split: str, data_dir: str | os.PathLike | None = No
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
     return _episodes_from_items(task, items, str(path))
-
-
-def episodes_by_id(episodes: list[Episode]) -> dict[str, Episode]:
-    return {e.instr_id: e for e in episodes}

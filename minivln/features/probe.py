@@ -224,7 +224,6 @@ def run_probe(data_dir: str | os.PathLike | None, features: str | os.PathLike | 
     if baselines:
         report.baselines = word_overlap_baselines(steps, episodes, root)
     if features is not None:
-
         store = FeatureStore(features, cache_size=8192)
         attrs = store.attrs
         if attrs.get("embedding_space") != MODEL_NAME:

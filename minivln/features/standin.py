@@ -114,7 +114,7 @@ class StandinConfig:
 
 # -- annotations ---------------------------------------------------------------------------------
 @dataclass
-class Observation:
+class BoxSighting:
     """One box of one object in one view of one viewpoint."""
 
     vp: int  # index into House.vp_ids
@@ -130,7 +130,7 @@ class HouseObjects:
     scan: str
     obj_ids: list[int]
     names: list[str]
-    observations: list[Observation]
+    observations: list[BoxSighting]
     per_vp: list[dict[int, list[tuple[int, tuple[float, float, float, float]]]]] = field(default_factory=list)
 
     def vp_names(self, i: int) -> list[str]:
@@ -154,7 +154,7 @@ def load_house_objects(house: House, data_dir: str | os.PathLike | None = None) 
         raise DataError(f"no BBox annotations: {bdir} is missing (the stand-in is built from them)")
     obj_index: dict[int, int] = {}
     names: list[str] = []
-    obs: list[Observation] = []
+    obs: list[BoxSighting] = []
     per_vp: list[dict] = []
     for i, vp in enumerate(house.vp_ids):
         path = bbox_file(root, house.scan, vp)
@@ -183,7 +183,7 @@ def load_house_objects(house: House, data_dir: str | os.PathLike | None = None) 
                         raise ValueError(f"object {oid}: bad view {v} or box {b}")
                     box = (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
                     lst.append((v, box))
-                    obs.append(Observation(i, j, v, box))
+                    obs.append(BoxSighting(i, j, v, box))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"{path} is malformed: {exc}") from exc
     obj_ids = [0] * len(names)

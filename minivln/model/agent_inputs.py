@@ -1,7 +1,7 @@
 """Building the DUET network's per-step inputs from observations and the agent's maps.
 
 This is the agent side of DUET (``map_nav_src/r2r/agent.py`` and its REVERIE twin): it turns
-:class:`~minivln.model.graph_map.Observation` objects into the exact batch dicts of the
+:class:`~minivln.model.graph_map.NodeObservation` objects into the exact batch dicts of the
 network's ``'panorama'`` and ``'navigation'`` modes, and :class:`MapNavigator` runs the per-step
 bookkeeping of a batch of episodes in the reference's order (step ids → panorama → node
 features → navigation inputs → STOP probabilities → action → teleport → new observations).
@@ -37,7 +37,7 @@ from minivln.model.graph_map import (
     GraphMap,
     Move,
     NodeId,
-    Observation,
+    NodeObservation,
     direction_angle_feature,
     view_direction,
 )
@@ -115,7 +115,7 @@ class PanoramaBatch:
 
 
 def panorama_tokens(
-    ob: Observation, angle_feat_size: int = 4
+    ob: NodeObservation, angle_feat_size: int = 4
 ) -> tuple[np.ndarray, np.ndarray, list[int], list[NodeId]]:
     """One sample's view tokens: (image features (V, D), loc features (V, A+3), nav types,
     candidate ids).  Candidates first in candidate order (a view showing two candidates is used
@@ -142,7 +142,7 @@ def panorama_tokens(
     return np.stack(img, 0), loc, nav_types, cand_vpids
 
 
-def object_tokens(ob: Observation, angle_feat_size: int = 4) -> np.ndarray:
+def object_tokens(ob: NodeObservation, angle_feat_size: int = 4) -> np.ndarray:
     """One sample's object loc features (O, A+3): its angle features (tiled to ``angle_feat_size``
     as upstream's ``get_angle_fts`` does) ++ its box features, in observation order."""
     n = ob.num_objects
@@ -153,7 +153,7 @@ def object_tokens(ob: Observation, angle_feat_size: int = 4) -> np.ndarray:
     return np.concatenate([np.tile(ang, (1, angle_feat_size // 4)), box], 1)
 
 
-def object_features(obs_list: Sequence[Observation]) -> list[torch.Tensor]:
+def object_features(obs_list: Sequence[NodeObservation]) -> list[torch.Tensor]:
     """Each sample's object features (O_i, D_obj); a sample without objects gets a (0, D_obj)
     tensor, D_obj taken from the batch (0 if no observation carries object features)."""
     widths = [np.shape(ob.obj_img_fts)[1] for ob in obs_list if ob.obj_img_fts is not None]
@@ -166,7 +166,7 @@ def object_features(obs_list: Sequence[Observation]) -> list[torch.Tensor]:
 
 
 def build_panorama_inputs(
-    obs_list: Sequence[Observation], angle_feat_size: int = 4, use_objects: bool | None = None
+    obs_list: Sequence[NodeObservation], angle_feat_size: int = 4, use_objects: bool | None = None
 ) -> PanoramaBatch:
     """Collate the ``'panorama'`` inputs of a batch (VLN-DUET ``_panorama_feature_variable``).
 
@@ -226,7 +226,7 @@ class NavigationBatch:
 
 def build_gmap_inputs(
     maps: Sequence[GraphMap],
-    obs_list: Sequence[Observation],
+    obs_list: Sequence[NodeObservation],
     *,
     angle_feat_size: int = 4,
     enc_full_graph: bool = True,
@@ -276,7 +276,7 @@ def build_gmap_inputs(
 
 def build_vp_inputs(
     maps: Sequence[GraphMap],
-    obs_list: Sequence[Observation],
+    obs_list: Sequence[NodeObservation],
     pano: PanoramaBatch,
     pano_embeds: torch.Tensor,
     pano_masks: torch.Tensor | None = None,
@@ -317,7 +317,7 @@ def build_vp_inputs(
 
 def build_navigation_inputs(
     maps: Sequence[GraphMap],
-    obs_list: Sequence[Observation],
+    obs_list: Sequence[NodeObservation],
     pano: PanoramaBatch,
     pano_embeds: torch.Tensor,
     pano_masks: torch.Tensor | None,
@@ -355,7 +355,7 @@ class MapNavigator:
 
     def __init__(
         self,
-        start_obs: Sequence[Observation],
+        start_obs: Sequence[NodeObservation],
         *,
         max_action_len: int = 15,
         angle_feat_size: int = 4,
@@ -366,7 +366,7 @@ class MapNavigator:
         self.angle_feat_size = angle_feat_size
         self.enc_full_graph = enc_full_graph
         self.act_visited_nodes = act_visited_nodes
-        self.obs: list[Observation] = list(start_obs)
+        self.obs: list[NodeObservation] = list(start_obs)
         self.maps = [GraphMap(ob.viewpoint) for ob in self.obs]
         for gmap, ob in zip(self.maps, self.obs):
             gmap.update_graph(ob)
@@ -494,7 +494,7 @@ class MapNavigator:
         record = gmap.stop_records.get(self.stop_nodes[i])
         self.predicted_objects[i] = record.object_id if record is not None else None
 
-    def observe(self, obs_list: Sequence[Observation]) -> None:
+    def observe(self, obs_list: Sequence[NodeObservation]) -> None:
         """New observations after the moves: the samples that acted in the last :meth:`act` add
         their new node's edges and relax through it (for those that just stopped this is a
         no-op on an unchanged observation, as in the reference)."""

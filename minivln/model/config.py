@@ -135,10 +135,6 @@ class DUETConfig:
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    @classmethod
-    def from_json(cls, path: str | Path) -> "DUETConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
     def replace(self, **changes: Any) -> "DUETConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -217,9 +217,3 @@ def run_fixture(
                 result = result[0]
             report[call.name] = compare_outputs(call, result, atol)
     return report
-
-
-def config_from_fixture_json(config_json: str | Mapping[str, Any]) -> DUETConfig:
-    """DUETConfig from the fixture's ``config_json`` (a JSON string or an already parsed dict)."""
-    d = json.loads(config_json) if isinstance(config_json, str) else config_json
-    return DUETConfig.from_dict(d)

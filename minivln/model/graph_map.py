@@ -75,7 +75,7 @@ class Candidate:
 
 
 @dataclass
-class Observation:
+class NodeObservation:
     """What the agent sees at one node (one sample, one step).
 
     ``view_features`` holds the image features of the 36 discretised views (no angle part).
@@ -276,7 +276,7 @@ class GraphMap:
 
     # ---------------------------------------------------------------- building
 
-    def update_graph(self, obs: Observation) -> None:
+    def update_graph(self, obs: NodeObservation) -> None:
         """Add the current node, its candidates and their edges; relax through the current node."""
         vp = obs.viewpoint
         self.positions[vp] = np.asarray(obs.position, dtype=np.float64)

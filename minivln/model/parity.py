@@ -32,7 +32,7 @@ from torch import nn
 
 from minivln.model import fixture as fixture_ids
 from minivln.model.agent_inputs import MapNavigator, PanoramaBatch
-from minivln.model.graph_map import Candidate, Observation
+from minivln.model.graph_map import Candidate, NodeObservation
 from minivln.paths import DataError
 
 # Per-call items whose rows are compared only where a mask is True: item -> mask item.
@@ -181,7 +181,7 @@ def encode_ids(lists: Sequence[Sequence[Any]], width: int) -> np.ndarray:
     return fixture_ids.encode_ids([list(r) for r in lists], max([width] + [len(r) for r in lists]))
 
 
-def fixture_observation(data: dict[str, np.ndarray], t: int, i: int, image_feat_size: int) -> Observation:
+def fixture_observation(data: dict[str, np.ndarray], t: int, i: int, image_feat_size: int) -> NodeObservation:
     """Sample ``i``'s raw observation at step ``t``; the stored features are image ++ angle
     (the angle part is recomputed by our panorama builder, and compared separately).  A REVERIE
     fixture's observations also carry the viewpoint's objects (``obj_img_fts``, ``obj_ang_fts``,
@@ -200,7 +200,7 @@ def fixture_observation(data: dict[str, np.ndarray], t: int, i: int, image_feat_
             data[p + "cand_headings"], data[p + "cand_elevations"],
         )
     ]
-    ob = Observation(
+    ob = NodeObservation(
         viewpoint=int(data[p + "viewpoint"]),
         view_index=int(data[p + "viewIndex"]),
         heading=float(data[p + "heading"]),
@@ -318,7 +318,7 @@ def replay(
     calls = iter(fixture_calls(data))
     sect = "integration"
 
-    def obs_at(t: int) -> list[Observation]:
+    def obs_at(t: int) -> list[NodeObservation]:
         return [fixture_observation(data, t, i, image_feat_size) for i in range(batch_size)]
 
     nav = navigator_factory(
@@ -388,9 +388,9 @@ def replay(
 
 def _compare_moves(
     cmp: _Comparator,
-    obs: Sequence[Observation],
+    obs: Sequence[NodeObservation],
     moves: Sequence[Any],
-    next_obs: Sequence[Observation],
+    next_obs: Sequence[NodeObservation],
     sect: str,
 ) -> None:
     """Where each sample ends up (node, heading, elevation, view) vs the next observation."""

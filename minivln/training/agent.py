@@ -86,8 +86,8 @@ def to_nav_observation(
     features: Any | None = None,
     objects: Any | None = None,
     max_objects: int | None = None,
-) -> G.Observation:
-    """An environment observation as the navigator's :class:`~minivln.model.graph_map.Observation`.
+) -> G.NodeObservation:
+    """An environment observation as the navigator's :class:`~minivln.model.graph_map.NodeObservation`.
 
     View features come from ``ob.features`` (the environment's feature store) or, if it has none,
     from ``features.get(scan, viewpoint)``.  Candidates keep the environment's view index and its
@@ -117,7 +117,7 @@ def to_nav_observation(
         )
         for c in ob.candidates
     ]
-    nav_ob = G.Observation(
+    nav_ob = G.NodeObservation(
         viewpoint=ob.viewpoint,
         view_index=int(ob.view_index),
         heading=float(ob.heading),

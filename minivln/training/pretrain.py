@@ -83,7 +83,7 @@ from minivln.training.trainer import (
     teacher_autocast,
 )
 
-TASKS = ("mlm", "sap", "mrc", "og")
+PRETRAIN_TASKS = ("mlm", "sap", "mrc", "og")
 
 
 # ----------------------------------------------------------------------------------- config
@@ -356,7 +356,7 @@ class PretrainTask:
         self.batch_size = batch_size
         self.seed = seed
         self.sap_stop_prob = sap_stop_prob
-        self.tasks = [t for t in TASKS if (mix.get(t) or 0.0) > 0]
+        self.tasks = [t for t in PRETRAIN_TASKS if (mix.get(t) or 0.0) > 0]
         if not self.tasks:
             raise ValueError("every task ratio is 0")
         if "og" in self.tasks and getattr(dataset, "objects", None) is None:
@@ -446,7 +446,7 @@ def make_validate(datasets: Mapping[str, PrefixDataset], tasks: Sequence[str], b
             counts: dict[str, int] = {}
             for task in tasks:
                 for k in range(n_batches):
-                    rng = np.random.default_rng([seed, k, 3, TASKS.index(task)])
+                    rng = np.random.default_rng([seed, k, 3, PRETRAIN_TASKS.index(task)])
                     batch = move_to(helper.make_batch(task, helper.episodes_of(k), rng), device)
                     loss, metrics = compute_task(model, batch)
                     for key, v in {**metrics, f"loss/{task}": loss}.items():
@@ -466,12 +466,10 @@ def resolve_data(cfg: PretrainConfig) -> tuple[Path, Any]:
     """(data directory, feature store) of a config (builds the toy world / stand-in if needed)."""
 
     if cfg.uses_toy:
-
         data_dir = ensure_toy_world(cfg.toy_dir, seed=cfg.toy_seed)
     else:
         data_dir = resolve_data_dir(cfg.data_dir or None)
     if cfg.features == "synthetic":
-
         dim = get_config(cfg.model, **cfg.model_overrides).image_feat_size
         return data_dir, SyntheticFeatures(dim=dim, seed=cfg.toy_seed)
 
@@ -481,7 +479,6 @@ def resolve_data(cfg: PretrainConfig) -> tuple[Path, Any]:
             raise ValueError("features: give a view feature HDF5 file (or 'synthetic')")
         path = Path(data_dir) / "standin_views.h5"
         if not path.exists():
-
             objs = Path(data_dir) / "standin_objects.h5"
             with_objs = model_uses_objects(cfg)[0] and not cfg.objects and not objs.exists()
             what = "view and object features" if with_objs else "features"
@@ -542,7 +539,6 @@ def resolve_objects(cfg: PretrainConfig, data_dir: Path) -> Any:
         return None
     name = cfg.objects or ("synthetic" if cfg.features == "synthetic" else "")
     if name == "synthetic":
-
         return SyntheticObjects(data_dir, dim=obj_dim, seed=cfg.toy_seed)
 
     if name:
@@ -581,7 +577,6 @@ def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_clas
     tok = get_tokenizer()
     goals = None
     if cfg.task == "reverie":
-
         # goal set = the included viewpoints that see the target (the evaluator's success test)
         goals = ReverieGoals(data_dir, graphs).episode_goals
 
@@ -594,10 +589,8 @@ def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_clas
 
 
 def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretrainer:
-
     duet = create_model(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})
     if cfg.text_init:
-
         init_text(duet, cfg.text_init)
     if cfg.init_checkpoint:
         load_weights(duet, cfg.init_checkpoint)
@@ -627,19 +620,14 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
         print(f"MRC skipped: {getattr(features, 'path', features)} stores no class distributions", flush=True)
         mix["mrc"] = 0.0
     num_classes = 1000
-    if has_classes:
-        ds0 = None
-        try:
-
-            ds0 = load_episodes(cfg.task, cfg.train_split, data_dir)[0]
-            num_classes = int(np.asarray(features.classes(ds0.scan, ds0.path[0])).shape[1])
-        except Exception:  # noqa: BLE001 - keep the default
-            pass
+    if has_classes:  # the width of the stored class distributions (1000 for ImageNet)
+        ep0 = load_episodes(cfg.task, cfg.train_split, data_dir)[0]
+        num_classes = int(np.asarray(features.classes(ep0.scan, ep0.path[0])).shape[1])
     train_ds, val_ds = build_datasets(cfg, data_dir, features, with_classes=mix["mrc"] > 0, objects=objects)
     seed_everything(cfg.train.seed)
     model = build_pretrainer(cfg, num_classes=num_classes)
     task = PretrainTask(train_ds, cfg.batch_size, mix, seed=cfg.train.seed, sap_stop_prob=cfg.sap_stop_prob)
-    active = [t for t in TASKS if mix[t] > 0]
+    active = [t for t in PRETRAIN_TASKS if mix[t] > 0]
     validate = make_validate(val_ds, active, cfg.batch_size, cfg.val_batches, seed=cfg.train.seed,
                              sap_stop_prob=cfg.sap_stop_prob) if val_ds and cfg.val_batches > 0 else None
     terms = []
@@ -673,7 +661,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-
     overrides = list(args.overrides) + [f"train.run_dir={args.out}"]
     if args.resume:
         overrides.append("train.resume=true")

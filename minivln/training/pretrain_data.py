@@ -55,7 +55,7 @@ from minivln.model.graph_map import (
     MAX_DIST,
     MAX_STEP,
     Candidate,
-    Observation,
+    NodeObservation,
     angle_features,
     object_location_fts,
     relative_direction,
@@ -124,7 +124,6 @@ class SyntheticObjects:
     def _house(self, scan: str) -> dict[str, Any]:
         hit = self._houses.get(scan)
         if hit is None:
-
             house = self._graphs[scan]
             objs = load_house_objects(house, self.data_dir)
             hit = {}
@@ -152,7 +151,7 @@ class SyntheticObjects:
         return objs
 
 
-def attach_objects(ob: Observation, objects: Any) -> Observation:
+def attach_objects(ob: NodeObservation, objects: Any) -> NodeObservation:
     """Fill the object fields of ``ob`` from an ``ObjectFeatures`` (the agent's REVERIE
     observation): features, ids, and angle/box features with directions taken relative to the
     discretised current view."""
@@ -178,7 +177,7 @@ class PrefixState:
     episode: Episode
     t: int
     txt_ids: list[int]
-    obs: list[Observation]  # one per visited node, path order (last = current node)
+    obs: list[NodeObservation]  # one per visited node, path order (last = current node)
     gmap_vpids: list[str | None]  # [None] + visited + ghosts
     gmap_visited: list[bool]
     gmap_step_ids: list[int]
@@ -210,7 +209,7 @@ def _to_map_candidates(house: House, vp: str, heading: float, elevation: float) 
     ]
 
 
-def token_view_indices(ob: Observation) -> list[int]:
+def token_view_indices(ob: NodeObservation) -> list[int]:
     """The view index behind each panorama token, in ``panorama_tokens`` order (candidates first,
     then every other view in increasing index)."""
     views = [int(c.point_id) for c in ob.candidates]
@@ -261,7 +260,7 @@ def build_state(
     if not 0 <= t < len(path):
         raise IndexError(f"prefix end {t} outside path of length {len(path)}")
     # poses along the prefix: start heading, then the view in which each node was seen
-    obs: list[Observation] = []
+    obs: list[NodeObservation] = []
     heading, elevation = float(episode.heading), 0.0
     for k in range(t + 1):
         vp = path[k]
@@ -273,7 +272,7 @@ def build_state(
             heading, elevation = view_direction(seen.point_id)
         view_index = geo.discretised_view(heading, elevation)
         cands = _to_map_candidates(house, vp, heading, elevation)
-        ob = Observation(
+        ob = NodeObservation(
             viewpoint=vp, view_index=view_index, heading=heading, elevation=elevation,
             position=house.position(vp), view_features=features.get(episode.scan, vp), candidates=cands,
         )
@@ -479,7 +478,7 @@ def collate_states(
         "mlm_labels": pad_tensors(labels, pad=-100),
     }
     # panoramas of all visited nodes
-    flat_obs: list[Observation] = []
+    flat_obs: list[NodeObservation] = []
     node_index: list[list[int]] = []
     for s in states:
         node_index.append(list(range(len(flat_obs), len(flat_obs) + len(s.obs))))
