@@ -254,3 +254,22 @@ def test_gmap_image_embeddings_follow_the_definition_and_batches_grow_linearly(t
         return max(v.numel() for v in b.values() if isinstance(v, torch.Tensor))
 
     assert biggest(32) <= 2.5 * biggest(16)  # linear (dense matrix: 4x)
+
+
+def test_worker_processes_build_the_same_batches(tiny):
+    """num_workers > 0 builds batches ahead in other processes: the same batches, also after a jump
+    (a resume restarts the workers at the asked index)."""
+    _, ds = tiny
+    mix = {"mlm": 1, "sap": 1, "mrc": 1}
+    plain = PretrainTask(ds, 2, mix, seed=3, rank=0, world_size=1)
+    ahead = PretrainTask(ds, 2, mix, seed=3, rank=0, world_size=1, num_workers=2, prefetch=2)
+    for index in (0, 1, 2, 3, 7, 8):  # 3 -> 7: out of sequence
+        a, b = plain.next_batch(index), ahead.next_batch(index)
+        assert a["task"] == b["task"] and a.keys() == b.keys()
+        for k, v in a.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, b[k]), (index, k)
+        assert torch.equal(a["pano"]["view_img_fts"], b["pano"]["view_img_fts"])
+    assert ahead.data_wait_s > 0
+    with pytest.raises(ValueError, match="num_workers"):
+        PretrainTask(ds, 2, mix, num_workers=-1)

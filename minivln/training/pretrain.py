@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import math
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from minivln.config import ConfigError, load_config
 from minivln.data.datasets import load_episodes
@@ -144,6 +146,7 @@ class PretrainConfig:
     kd_embed_encoders: list[str] = field(default_factory=lambda: ["text"])  # kd_emb covers these
     #                            encoders' inputs (paper: the instruction's; also pano, global, local)
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default (1 is fastest on a busy 2-core box)
+    num_workers: int = 0  # processes building training batches ahead (same batches); 0 = in the loop
     train: TrainConfig = field(default_factory=TrainConfig)
     # deprecated aliases, still read so that older configs and runs in flight load (finetune's names win)
     init: str = ""  # = init_checkpoint
@@ -347,11 +350,40 @@ def collect_taps(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, 
 # ----------------------------------------------------------------------------------- the task
 
 
+class _BatchIndices(Dataset):
+    """Batch indices ``start, start + 1, ...`` of a task, for a DataLoader that builds them ahead."""
+
+    def __init__(self, task: "PretrainTask", start: int) -> None:
+        self.task, self.start = task, start
+
+    def __len__(self) -> int:
+        return 2**62  # open-ended: the trainer stops asking
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.task.build_batch(self.start + i)
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)
+
+
 class PretrainTask:
-    """The Trainer task: ``next_batch(index)`` is a pure function of (seed, index)."""
+    """The Trainer task: ``next_batch(index)`` is a pure function of (seed, index).
+
+    With ``num_workers > 0`` the batches are built ahead in that many worker processes (a
+    DataLoader over consecutive indices, ``prefetch`` batches each); they are the same batches.  An
+    index out of sequence (a resume) restarts the workers there.  ``data_wait_s`` adds up the time
+    ``next_batch`` waited."""
 
     def __init__(self, dataset: PrefixDataset, batch_size: int, mix: Mapping[str, float], seed: int = 0,
-                 sap_stop_prob: float = 0.2, rank: int | None = None, world_size: int | None = None) -> None:
+                 sap_stop_prob: float = 0.2, rank: int | None = None, world_size: int | None = None,
+                 num_workers: int = 0, prefetch: int = 4) -> None:
+        if num_workers < 0 or prefetch < 1:
+            raise ValueError("num_workers must be >= 0 and prefetch >= 1")
+        self.num_workers, self.prefetch = num_workers, prefetch
+        self._batches: Any = None  # the workers' iterator
+        self._expect = -1  # the index it yields next
+        self.data_wait_s = 0.0
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
@@ -392,6 +424,24 @@ class PretrainTask:
         return batch
 
     def next_batch(self, index: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if self.num_workers == 0:
+            batch = self.build_batch(index)
+        else:
+            if self._batches is None or index != self._expect:
+                loader = DataLoader(_BatchIndices(self, index), batch_size=None, num_workers=self.num_workers,
+                                    prefetch_factor=self.prefetch, worker_init_fn=_one_thread)
+                self._batches, self._expect = iter(loader), index
+            batch = next(self._batches)
+            self._expect += 1
+        self.data_wait_s += time.perf_counter() - t0
+        return batch
+
+    def __getstate__(self) -> dict[str, Any]:  # workers get the task without the workers' iterator
+        return {**self.__dict__, "_batches": None}
+
+    def build_batch(self, index: int) -> dict[str, Any]:
+        """Batch ``index``, built here (what the workers run)."""
         task = self.task_of(index)
         episodes = list(shard(self.episodes_of(index), self.rank, self.world_size))
         rng = np.random.default_rng([self.seed, index, 2, self.rank])
@@ -626,7 +676,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     train_ds, val_ds = build_datasets(cfg, data_dir, features, with_classes=mix["mrc"] > 0, objects=objects)
     seed_everything(cfg.train.seed)
     model = build_pretrainer(cfg, num_classes=num_classes)
-    task = PretrainTask(train_ds, cfg.batch_size, mix, seed=cfg.train.seed, sap_stop_prob=cfg.sap_stop_prob)
+    task = PretrainTask(train_ds, cfg.batch_size, mix, seed=cfg.train.seed, sap_stop_prob=cfg.sap_stop_prob,
+                        num_workers=cfg.num_workers)
     active = [t for t in PRETRAIN_TASKS if mix[t] > 0]
     validate = make_validate(val_ds, active, cfg.batch_size, cfg.val_batches, seed=cfg.train.seed,
                              sap_stop_prob=cfg.sap_stop_prob) if val_ds and cfg.val_batches > 0 else None
@@ -645,7 +696,10 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     if trainer.dist.is_main:
         save_pretrained(model.duet, export, metadata={"source": "minivln pretrain"})
         print(f"exported navigation weights to {export} (fine-tune with init_checkpoint: {export})", flush=True)
-    return {"train": record, "val": trainer.last_val, "export": str(export)}
+    if cfg.num_workers:
+        print(f"data: {cfg.num_workers} workers; the training loop waited {task.data_wait_s:.1f} s for batches",
+              flush=True)
+    return {"train": record, "val": trainer.last_val, "export": str(export), "data_wait_s": task.data_wait_s}
 
 
 # ----------------------------------------------------------------------------------- CLI
