@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -42,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from minivln.config import CONFIG_DIR, ConfigError, load_config, resolve_config, to_dict
 from minivln.data.datasets import load_episodes
@@ -49,7 +52,8 @@ from minivln.data.graph import Graphs
 from minivln.env.env import NavBatchEnv, evaluate_policy, make_random_policy
 from minivln.evaluation.evaluator import Evaluator, load_submission
 from minivln.features.hdf5 import FeatureStore
-from minivln.paths import DataError, atomic_write_text, resolve_data_dir
+from minivln.paths import DataError, atomic_write_bytes, atomic_write_text, resolve_data_dir
+from minivln.training.logging import read_jsonl
 
 COMMANDS = ("pretrain", "finetune")
 PATH_KEYS = ("teacher", "features", "objects", "data_dir", "init_checkpoint", "init")
@@ -88,6 +92,7 @@ class Recipe:
     task: str = "r2r"
     split: str = "val_unseen"
     results: str = ""  # the table's JSON, relative to the repository root
+    plots: str = ""  # prefix of the table's pictures (PREFIX_bars.png, PREFIX_curves.png), relative to the root
     submissions: str = ""  # folder for the rows' gzipped submissions, relative to the repository root
     data_dir: str = ""  # "" = $MINIVLN_DATA
     features: str = ""  # view features (HDF5); required
@@ -469,7 +474,71 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
     if recipe.results:
         atomic_write_text(root / recipe.results, json.dumps(table, indent=1) + "\n")
     atomic_write_text(out / f"{recipe.name}.json", json.dumps(table, indent=1) + "\n")
+    if recipe.plots and rows:
+        prefix = root / recipe.plots
+        plot_bars(table, prefix.with_name(prefix.name + "_bars.png"))
+        plot_curves(recipe, out, prefix.with_name(prefix.name + "_curves.png"))
     return table
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_bars(table: dict[str, Any], path: Path) -> None:
+    """SR and SPL of every row with +-1 standard error bars (over episodes)."""
+    rows = table["rows"]
+    fig = _figure(1.6 + 1.1 * len(rows), 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    x = list(range(len(rows)))
+    for off, key, label in ((-0.2, "sr", "SR (success rate)"), (0.2, "spl", "SPL (success weighted by path length)")):
+        vals = [100 * r[key] for r in rows]
+        errs = [100 * r[f"{key}_se"] for r in rows]
+        bars = ax.bar([i + off for i in x], vals, 0.38, yerr=errs, capsize=3, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.set_xticks(x, [r["name"] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel("% of episodes (+-1 s.e.)")
+    ax.set_title(f"{table['table']}\n{table['split']}, {rows[0]['episodes']} episodes, {table['features']} features",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def plot_curves(recipe: Recipe, out: Path, path: Path) -> None:
+    """Per row trained here: its run's validation SR and SPL over fine-tuning steps (the subset the
+    run validated on), and its training loss."""
+    fig = _figure(13, 3.8)
+    axes = [fig.add_subplot(1, 3, k + 1) for k in range(3)]
+    for row in recipe.rows:
+        if not row.run:
+            continue
+        records = read_jsonl(out / "runs" / row.run / "log.jsonl")
+        val = [r for r in records if r.get("kind") == "val" and "val_unseen.sr" in r]
+        train = [r for r in records if r.get("kind") == "train" and "loss/task" in r]
+        for ax, key in zip(axes[:2], ("val_unseen.sr", "val_unseen.spl")):
+            ax.plot([r["step"] for r in val], [100 * r[key] for r in val], marker="o", label=row.name)
+        if train:  # a running mean over 10 records: the raw loss is noisy
+            ys = [r["loss/task"] for r in train]
+            smooth = [sum(ys[max(0, i - 9):i + 1]) / len(ys[max(0, i - 9):i + 1]) for i in range(len(ys))]
+            axes[2].plot([r["step"] for r in train], smooth, label=row.name)
+    titles = ("validation SR (%)", "validation SPL (%)", "training action loss (running mean of 10 logs)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{recipe.table}: validation on the runs' own subset of {recipe.split}", fontsize=9)
+    _save(fig, path)
 
 
 def _standin(recipe: Recipe) -> bool:

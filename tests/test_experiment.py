@@ -112,6 +112,7 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
     recipe = {
         "name": "tiny", "table": "tiny grid", "data_dir": str(data), "features": str(feats),
         "results": str(tmp_path / "table.json"), "submissions": str(tmp_path / "subs"), "max_action_len": 5,
+        "plots": str(tmp_path / "img" / "tiny"),
         "runs": {
             "pre": {"command": "pretrain", "overrides": {**common, "batch_size": 2, "val_batches": 0}},
             "plain": {"command": "finetune", "init": "pre", "overrides": ft},
@@ -140,6 +141,8 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
         assert json.loads(scored.read_text())["sr"] == pytest.approx(row["sr"])
         assert json.loads(scored.read_text())["spl"] == pytest.approx(row["spl"])
     assert json.loads((tmp_path / "table.json").read_text())["rows"] == table["rows"]
+    for pic in ("tiny_bars.png", "tiny_curves.png"):
+        assert (tmp_path / "img" / pic).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resume: an interrupted run (its done mark gone, its checkpoint kept) continues, the rest is skipped
     (out / "done" / "train-kd.json").unlink()
     (out / "done" / "score-kd.json").unlink()
