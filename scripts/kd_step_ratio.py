@@ -1,14 +1,14 @@
 """Cost of stage-2 KD per fine-tuning iteration, and whether a bf16 teacher is faithful enough.
 
-Times DAgger iterations (teacher-forced + sampled rollout, backward, AdamW) of one student config
-in three variants, interleaved (for each iteration index each variant runs once, the order
-alternating) so that load from other jobs hits them alike:
+Times the forward and backward of DAgger iterations (teacher-forced + sampled rollout) of one
+student, on the same batches and the same weights (no optimizer step, the torch RNG re-seeded before
+each variant, so every variant rolls out exactly the same episodes), in three variants, interleaved
+(for each batch each variant runs once, the order alternating) so that load from other jobs hits them
+alike:
 
 * ``plain``: the student alone;
 * ``kd-fp32``: + the stage-2 teacher in lock-step and the three KD terms;
-* ``kd-bf16``: the same with the teacher's forward under bf16 autocast (``teacher_dtype: bf16``).
-
-Each variant has its own copy of the student and task, seeded alike.  Then, on the same states
+* ``kd-bf16``: the same with the teacher's forward under bf16 autocast (``teacher_dtype: bf16``).  Then, on the same states
 (teacher-forced rollouts, so the student's path does not depend on the teacher), it compares the
 teacher's fused action distribution in bf16 with fp32: arg-max agreement, max |p_bf16 - p_fp32|
 and the mean KL(p_fp32 || p_bf16) over every navigating sample and step.
@@ -43,28 +43,16 @@ from minivln.training.finetune import (
 from minivln.training.trainer import freeze_teacher, teacher_autocast
 
 
-def make_variant(cfg: FinetuneConfig, teacher, dtype: str | None):
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg)
-    res = prepare_data(cfg, Path("."), model.config.image_feat_size, model.config.obj_feat_size)
-    task = make_task(cfg, model, res)
-    terms = []
-    if teacher is not None:
-        teacher = teacher_autocast(teacher, dtype)
-        terms = stage2_terms(model.config, teacher.config, cfg.kd_weight)
-    params = [p for p in model.parameters()] + [p for t in terms for p in t.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.train.optim.lr)
-
+def make_variant(model, task, teacher, terms):
     def step(i: int) -> None:
         batch = task.next_batch(i)
-        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(i)  # the same sampled actions in every variant
+        model.zero_grad(set_to_none=True)
         out = task.compute(model, batch, teacher)
         loss = out.loss + sum(t.weight * t(out.outputs, out.teacher_outputs, batch) for t in terms)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 40.0)
-        opt.step()
 
-    return step, task, model
+    return step
 
 
 def compare_precisions(task, model, teacher_fp32, teacher_bf16, batches: int) -> dict[str, float]:
@@ -79,7 +67,7 @@ def compare_precisions(task, model, teacher_fp32, teacher_bf16, batches: int) ->
                 task.agent.model = model
                 recs.append(task.agent.rollout(task.env, eps, "teacher", teacher=teacher).steps)
             for s32, s16 in zip(*recs, strict=True):
-                active = s32.active
+                active = torch.as_tensor(s32.active, dtype=torch.bool)
                 z32, z16 = s32.teacher.fused_logits[active], s16.teacher.fused_logits[active]
                 p32, p16 = F.softmax(z32, 1), F.softmax(z16, 1)
                 agree += int((z32.argmax(1) == z16.argmax(1)).sum())
@@ -112,24 +100,28 @@ def main() -> None:
                                                     f"init_checkpoint={args.student_init}"])
     t32 = freeze_teacher(load_agent_model(args.teacher))
     t16 = freeze_teacher(teacher_autocast(copy.deepcopy(t32), "bf16"))
-    variants = {"plain": make_variant(cfg, None, None), "kd-fp32": make_variant(cfg, t32, "fp32"),
-                "kd-bf16": make_variant(cfg, t16, "bf16")}
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg)
+    res = prepare_data(cfg, Path("."), model.config.image_feat_size, model.config.obj_feat_size)
+    task = make_task(cfg, model, res)
+    terms = stage2_terms(model.config, t32.config, cfg.kd_weight)
+    variants = {"plain": make_variant(model, task, None, []), "kd-fp32": make_variant(model, task, t32, terms),
+                "kd-bf16": make_variant(model, task, t16, terms)}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for i in range(args.warmup + args.iters):
         order = list(variants) if i % 2 == 0 else list(reversed(variants))
         for name in order:
             t0 = time.perf_counter()
-            variants[name][0](i)
+            variants[name](i)
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 times[name].append(dt)
             print(f"iteration {i} {name}: {dt:.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    _, task, model = variants["plain"]
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor()}".strip(), "torch": torch.__version__,
-        "threads": 1, "student_init": args.student_init, "teacher": args.teacher, "config": args.config,
+        "threads": 1, "measures": "forward + backward, same weights and episodes", "student_init": args.student_init, "teacher": args.teacher, "config": args.config,
         "iters": args.iters, "s_per_it": med, "all_s": times,
         "ratio_kd_fp32": med["kd-fp32"] / med["plain"], "ratio_kd_bf16": med["kd-bf16"] / med["plain"],
         "bf16_vs_fp32": compare_precisions(task, model, t32, t16, args.compare_batches),
