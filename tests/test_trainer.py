@@ -6,6 +6,7 @@ in a fresh process, SIGKILLing itself when asked to fetch micro-batch KILL_AT: t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -359,3 +360,21 @@ def test_wall_time_budget_stops_validates_and_saves(tmp_path, monkeypatch):
         {"kind": "stop", "step": step, "reason": "max_minutes", "max_minutes": 2.0}]
     assert seen == [1] and [r["step"] for r in recs if r["kind"] == "val"] == [step]
     assert recs[-1]["kind"] in ("val", "train")
+
+
+def test_plot_draws_one_panel_per_logged_metric_even_with_one_validation(tmp_path):
+    from minivln.training.logging import read_jsonl
+    from minivln.training.plot import plot_run, validation_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"kind": "train", "step": s, "loss": 3.0 / s, "loss/task": 2.0 / s} for s in range(1, 6)]
+    recs.append({"kind": "val", "step": 5, "val_unseen.sr": 0.25, "val_unseen.spl": 0.2,
+                 "val_seen.sr": 0.3, "val_unseen.nav_error": 7.5})
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    val = [r for r in read_jsonl(run / "log.jsonl") if r["kind"] == "val"]
+    assert validation_metrics(val) == ["sr", "spl", "nav_error"]
+    assert validation_metrics([{"step": 1, "val_seen.sap_fused_acc": 0.5, "val_seen.mlm_acc": 0.1}]) == [
+        "sap_fused_acc", "mlm_acc"]
+    out = plot_run(run)
+    assert out == run / "curves.png" and out.read_bytes()[:4] == b"\x89PNG"
