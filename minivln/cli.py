@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("minivln.training.pretrain", "pretrain DUET (MLM, SAP, MRC, REVERIE OG) on ground-truth path prefixes"),
     "finetune": ("minivln.training.finetune", "fine-tune a DUET agent on R2R or REVERIE (DAgger, DUET's recipe)"),
     "navigate": ("minivln.training.navigate", "run a trained agent on a split; write the submission (+ metrics)"),
+    "show": ("minivln.show", "draw one episode top-down (graph, ground truth, agent's path) to a PNG"),
     "experiment": ("minivln.experiment", "run a paper table's grid of runs from a recipe (resumable, pinned code)"),
 }
 

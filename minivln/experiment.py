@@ -52,7 +52,12 @@ from minivln.data.graph import Graphs
 from minivln.env.env import NavBatchEnv, evaluate_policy, make_random_policy
 from minivln.evaluation.evaluator import Evaluator, load_submission
 from minivln.features.hdf5 import FeatureStore
-from minivln.paths import DataError, atomic_write_bytes, atomic_write_text, resolve_data_dir
+from minivln.paths import (
+    DataError,
+    atomic_write_bytes,
+    atomic_write_text,
+    resolve_data_dir,
+)
 from minivln.training.logging import read_jsonl
 
 COMMANDS = ("pretrain", "finetune")

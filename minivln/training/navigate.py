@@ -58,8 +58,9 @@ def _run_defaults(checkpoint: Path) -> dict[str, Any]:
 def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, data_dir: str | None = None,
              features: str | None = None, objects: str | None = None, batch_size: int = 16,
              max_action_len: int | None = None, max_instr_len: int | None = None,
-             progress: bool = False) -> dict[str, Any]:
-    """Run the agent over ``split``; returns ``{"submission": path, "metrics": summary or None}``."""
+             progress: bool = False, instr_ids: list[str] | None = None) -> dict[str, Any]:
+    """Run the agent over ``split`` (or only its ``instr_ids``); returns ``{"submission": path,
+    "metrics": summary or None}``."""
 
     if task not in ("r2r", "reverie"):
         raise DataError(f"navigate: task must be 'r2r' or 'reverie', got {task!r}")
@@ -83,6 +84,12 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
         obj_store = ObjectFeatureStore(objects, expected_dim=model.config.obj_feat_size)
     store = FeatureStore(features, expected_dim=model.config.image_feat_size)
     episodes = load_episodes(task, split, root)
+    if instr_ids is not None:
+        wanted = set(instr_ids)
+        episodes = [e for e in episodes if e.instr_id in wanted]
+        missing = wanted - {e.instr_id for e in episodes}
+        if missing:
+            raise DataError(f"navigate: {task} {split} has no instruction {sorted(missing)[0]!r}")
     env = NavBatchEnv(episodes, Graphs(root), batch_size=batch_size, features=store, max_steps=max_action_len)
     agent = DUETAgent(model, max_action_len=max_action_len, max_instr_len=max_instr_len, features=store,
                       objects=obj_store)
