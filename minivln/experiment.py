@@ -72,6 +72,7 @@ class RunSpec:
     command: str = "finetune"  # "pretrain" or "finetune"
     config: str = ""  # base YAML, relative to the (pinned) repository root
     init: str = ""  # another run of the recipe whose exported weights this one starts from
+    teacher_run: str = ""  # another (fine-tuning) run of the recipe whose model is this run's frozen teacher
     overrides: dict[str, Any] = field(default_factory=dict)  # key=value overrides (nested keys with dots)
 
 
@@ -152,6 +153,12 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             raise ConfigError(f"{path}: run {run_name}: command must be one of {COMMANDS}, got {spec.command!r}")
         if spec.init and spec.init not in recipe.runs:
             raise ConfigError(f"{path}: run {run_name}: init names no run of the recipe ({spec.init!r})")
+        if spec.teacher_run and (spec.teacher_run not in recipe.runs
+                                 or recipe.runs[spec.teacher_run].command != "finetune"):
+            raise ConfigError(f"{path}: run {run_name}: teacher_run names no fine-tuning run of the recipe "
+                              f"({spec.teacher_run!r})")
+        if spec.teacher_run and "teacher" in spec.overrides:
+            raise ConfigError(f"{path}: run {run_name}: give teacher_run or overrides.teacher, not both")
     names = [r.name for r in recipe.rows]
     if len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"{path}: every row needs a unique name")
@@ -173,9 +180,15 @@ def score_key(row: RowSpec) -> str:
     return row.run if row.run else "ckpt-" + slug(row.checkpoint.rstrip("/").rsplit("/", 1)[-1])
 
 
+#: RunSpec fields added after runs were made: left out of the hash at their default, so that the
+#: runs of an existing experiment directory keep their identity
+_LATER_FIELDS = {"teacher_run": ""}
+
+
 def spec_hash(spec: RunSpec, deps: dict[str, str]) -> str:
-    """What makes a run what it is: its spec and the specs of the runs it starts from."""
-    blob = json.dumps({"spec": to_dict(spec), "deps": deps}, sort_keys=True)
+    """What makes a run what it is: its spec and the specs of the runs it starts from or learns from."""
+    fields = {k: v for k, v in to_dict(spec).items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    blob = json.dumps({"spec": fields, "deps": deps}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -251,30 +264,38 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
     jobs: list[Job] = []
     hashes: dict[str, str] = {}
 
+    def upstream(name: str) -> list[str]:
+        spec = recipe.runs[name]
+        return [r for r in (spec.init, spec.teacher_run) if r]
+
     def run_hash(name: str) -> str:
         if name not in hashes:
-            spec = recipe.runs[name]
-            hashes[name] = spec_hash(spec, {spec.init: run_hash(spec.init)} if spec.init else {})
+            hashes[name] = spec_hash(recipe.runs[name], {r: run_hash(r) for r in upstream(name)})
         return hashes[name]
 
     needed = {r.run for r in recipe.rows if r.run}
     stack = list(needed)
-    while stack:  # the runs the rows need, and the runs those start from
-        spec = recipe.runs[stack.pop()]
-        if spec.init and spec.init not in needed:
-            needed.add(spec.init)
-            stack.append(spec.init)
+    while stack:  # the runs the rows need, and the runs those start from or learn from
+        for up in upstream(stack.pop()):
+            if up not in needed:
+                needed.add(up)
+                stack.append(up)
     order: list[str] = []
 
-    def visit(name: str) -> None:
+    def visit(name: str, seen: tuple[str, ...] = ()) -> None:
+        if name in seen:
+            raise ConfigError(f"recipe {recipe.name}: runs depend on each other in a circle ({' -> '.join(seen)})")
         if name in order:
             return
-        if recipe.runs[name].init:
-            visit(recipe.runs[name].init)
+        for up in upstream(name):
+            visit(up, (*seen, name))
         order.append(name)
 
+    def with_teacher(name: str) -> bool:
+        return "teacher" in recipe.runs[name].overrides or bool(recipe.runs[name].teacher_run)
+
     # runs with a teacher are the slowest: start them (and what they need) first
-    for name in sorted(needed, key=lambda n: ("teacher" not in recipe.runs[n].overrides, n)):
+    for name in sorted(needed, key=lambda n: (not with_teacher(n), n)):
         visit(name)
     for name in order:
         spec = recipe.runs[name]
@@ -286,12 +307,14 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
         items.setdefault("num_threads", recipe.threads)
         if spec.init:
             items["init_checkpoint"] = str(_init_weights(recipe, out, spec.init))
+        if spec.teacher_run:
+            items["teacher"] = str(out / "runs" / spec.teacher_run / "model")
         items = {k: (_abs(v, root) if k in PATH_KEYS else v) for k, v in items.items()}
         argv = [*py, spec.command, "--out", str(run_dir)]
         if spec.config:
             argv += ["--config", str(code / spec.config)]
         argv += [f"{k}={_fmt(v)}" for k, v in items.items()]
-        deps = [f"train:{spec.init}"] if spec.init else []
+        deps = [f"train:{up}" for up in upstream(name)]
         jobs.append(Job(f"train:{name}", deps, argv, run_dir=run_dir, spec=run_hash(name)))
     for row in recipe.rows:
         if row.random:
@@ -448,6 +471,7 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
             init = recipe.runs[row.run].init
             pre = _run_config(out, init) if init and recipe.runs[init].command == "pretrain" else {}
             rec.update({
+                "teacher": ft.get("teacher") or None,
                 "kd_weight": ft.get("kd_weight") if ft.get("teacher") else None,
                 "terms": [k for k, v in (ft.get("kd_terms") or {}).items() if v > 0] if ft.get("teacher") else [],
                 "steps": (ft.get("train") or {}).get("max_steps"),
@@ -466,8 +490,9 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
                                  f"each move, at most {recipe.max_action_len} moves"})
         rec["episodes"] = len(per_ep)
         rec.update({k: summary[k] for k in evaluator.metric_names})
-        for k in ("sr", "spl"):
-            rec[f"{k}_se"] = _se([float(e[k]) for e in per_ep.values()])
+        for k in ("sr", "spl", "rgs", "rgspl"):
+            if k in evaluator.metric_names:
+                rec[f"{k}_se"] = _se([float(e[k]) for e in per_ep.values()])
         rec["submission"] = str(gz.relative_to(root)) if gz.is_relative_to(root) else str(gz)
         if row.note:
             rec["note"] = row.note
@@ -551,11 +576,12 @@ def _standin(recipe: Recipe) -> bool:
 
 
 def format_table(table: dict[str, Any]) -> str:
+    rates = [k for k in ("sr", "spl", "rgs", "rgspl") if table["rows"] and k in table["rows"][0]]
     lines = [f"{table['table']} ({table['features']} features, {table['split']}, all episodes)",
-             f"{'row':<22} {'episodes':>8} {'SR':>14} {'SPL':>14} {'NE':>6}"]
+             f"{'row':<22} {'episodes':>8} " + " ".join(f"{k.upper():>14}" for k in rates)]
     for r in table["rows"]:
-        lines.append(f"{r['name']:<22} {r['episodes']:>8} {r['sr']:>7.3f} ±{r['sr_se']:.3f} "
-                     f"{r['spl']:>7.3f} ±{r['spl_se']:.3f} {r.get('nav_error', float('nan')):>6.2f}")
+        lines.append(f"{r['name']:<22} {r['episodes']:>8} "
+                     + " ".join(f"{r[k]:>7.3f} ±{r[k + '_se']:.3f}" for k in rates))
     if table["pending"]:
         lines.append(f"pending: {', '.join(table['pending'])}")
     return "\n".join(lines)

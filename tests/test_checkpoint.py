@@ -174,3 +174,23 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_duet(tmp_path / "nope.pt")
     with pytest.raises(CheckpointError, match="missing"):
         load_pretrained(tmp_path)
+
+
+def test_reverie_model_from_r2r_weights_with_fresh_og_head(tmp_path):
+    from minivln.model.registry import create_model
+
+    torch.manual_seed(0)
+    r2r = create_model("duet-cpu", hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                       num_l_layers=1, num_pano_layers=1, num_x_layers=1, image_feat_size=16)
+    src = save_pretrained(r2r, tmp_path / "r2r")
+    rev = create_model("duet-cpu", hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                       num_l_layers=1, num_pano_layers=1, num_x_layers=1, image_feat_size=16, obj_feat_size=16)
+    with pytest.raises(CheckpointError, match="og_head"):  # strict by default
+        load_weights(rev, src)
+    before = {k: v.clone() for k, v in rev.state_dict().items()}
+    fresh: list[str] = []
+    load_weights(rev, src, fresh=["og_head"], report=fresh)
+    assert fresh and all(k.startswith("og_head.") for k in fresh)
+    state = rev.state_dict()
+    assert all(torch.equal(state[k], before[k]) for k in fresh)  # kept their own init
+    assert torch.equal(state["embeddings.word_embeddings.weight"], r2r.state_dict()["embeddings.word_embeddings.weight"])

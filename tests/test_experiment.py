@@ -29,7 +29,7 @@ SMALL = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "
 TEACHER = {**SMALL, "hidden_size": 32, "intermediate_size": 64, "num_l_layers": 3}
 
 
-@pytest.mark.parametrize("name", ["r2r-table3", "r2r-table4", "r2r-table5"])
+@pytest.mark.parametrize("name", ["r2r-table3", "r2r-table4", "r2r-table5", "reverie-table3"])
 def test_shipped_recipes_load_and_plan(name, tmp_path):
     recipe = load_recipe(name, ["features=x.hdf5"])
     jobs = plan(recipe, tmp_path, tmp_path / "code")
@@ -38,6 +38,13 @@ def test_shipped_recipes_load_and_plan(name, tmp_path):
     for j in jobs:  # dependencies come first
         assert all(names.index(d) < names.index(j.name) for d in j.deps), j
     assert {f"score:{score_key(r)}" for r in recipe.rows if not r.random} <= set(names)
+
+
+def test_a_teacher_run_is_trained_before_its_students(tmp_path):
+    jobs = {j.name: j for j in plan(load_recipe("reverie-table3", ["features=x"]), tmp_path, tmp_path)}
+    assert jobs["train:rev-s2"].deps == ["train:pre-plain", "train:rev-teacher"]
+    assert f"teacher={tmp_path / 'runs' / 'rev-teacher' / 'model'}" in jobs["train:rev-s2"].argv
+    assert "init_fresh=[\"og_head\"]" in jobs["train:rev-none"].argv
 
 
 def test_tables_4_and_5_reuse_table_3s_two_stage_run(tmp_path):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -148,14 +148,25 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -
     model.load_state_dict(dict(state_dict), strict=True)
 
 
-def load_weights(model: DUET, source: str | os.PathLike | Mapping[str, Any]) -> str:
+def load_weights(model: DUET, source: str | os.PathLike | Mapping[str, Any], fresh: Sequence[str] = (),
+                 report: list[str] | None = None) -> str:
     """Load a DUET/ScaleVLN fine-tuning, pre-training or plain checkpoint into ``model``.
 
     ``source`` is a file path, a directory written by :func:`save_pretrained`, or a loaded dict.
-    Returns the detected kind (``'finetune'``, ``'pretrain'``, ``'plain'``).
+    Returns the detected kind (``'finetune'``, ``'pretrain'``, ``'plain'``).  Loading is strict,
+    except that parameters whose names start with one of ``fresh`` (e.g. ``"og_head"`` when a
+    REVERIE model starts from R2R weights) may be missing from the checkpoint: they keep ``model``'s
+    own initialisation, and their names are appended to ``report``.
     """
     ckpt = source if isinstance(source, Mapping) else read_checkpoint(source)
     state_dict, kind = navigation_state_dict(ckpt)
+    if fresh:
+        state_dict = dict(state_dict)
+        for name, value in model.state_dict().items():
+            if name not in state_dict and name.startswith(tuple(fresh)):
+                state_dict[name] = value
+                if report is not None:
+                    report.append(name)
     load_state_dict_strict(model, state_dict)
     return kind
 

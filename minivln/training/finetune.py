@@ -113,6 +113,8 @@ class FinetuneConfig:
     model: str = "duet-r2r"  # registry preset (minivln.model.registry); REVERIE: one with objects
     model_overrides: dict = field(default_factory=dict)  # DUETConfig fields replaced in the preset
     init_checkpoint: str = ""  # pre-trained / fine-tuned weights to start from ("" = from scratch)
+    init_fresh: list[str] = field(default_factory=list)  # parameter prefixes that may be missing from
+    #                     init_checkpoint and start fresh (e.g. [og_head]: a REVERIE model from R2R weights)
     text_init: str = ""  # "minilm": text encoder from the offline all-MiniLM-L6-v2 BERT (hidden 384 only)
     task: str = "r2r"  # "r2r" or "reverie"
     data_dir: str = ""  # "" = $MINIVLN_DATA; "toy" = a toy world built under RUN/toy_data
@@ -435,7 +437,11 @@ def build_model(cfg: FinetuneConfig):
     if cfg.text_init:
         init_text(model, cfg.text_init)
     if cfg.init_checkpoint:
-        load_weights(model, cfg.init_checkpoint)
+        fresh: list[str] = []
+        load_weights(model, cfg.init_checkpoint, fresh=cfg.init_fresh, report=fresh)
+        if fresh:
+            print(f"init_checkpoint {cfg.init_checkpoint}: {len(fresh)} tensors start fresh "
+                  f"({', '.join(fresh)})", flush=True)
     return model
 
 
