@@ -25,8 +25,12 @@ def _real_data_dir() -> Path | None:
 
 
 def _reference_dir() -> Path | None:
-    cand = REPO.parent / "shared" / "reference"
-    return cand if cand.is_dir() else None
+    """``../shared/reference``, else ``reference`` beside ``$MINIVLN_DATA`` (e.g. in a worktree)."""
+    env = os.environ.get("MINIVLN_DATA")
+    for cand in [REPO.parent / "shared" / "reference"] + ([Path(env).parent / "reference"] if env else []):
+        if cand.is_dir():
+            return cand
+    return None
 
 
 @pytest.fixture(scope="session", autouse=True)
