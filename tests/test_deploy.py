@@ -163,6 +163,23 @@ def test_navigate_backends_give_the_same_episodes(tiny, small_toy, tmp_path):
     assert [e["instr_id"] for e in sub] == [e["instr_id"] for e in ref]
 
 
+def test_navigate_compare_and_max_episodes(tiny, small_toy, tmp_path, capsys):
+    _, root = tiny
+    data, feats = small_toy
+    common = ["navigate", "--checkpoint", str(root / "export"), "--split", "val_unseen", "--data-dir", str(data),
+              "--features", str(feats), "--threads", "1", "--max-episodes", "4", "--compare"]
+    assert cli_main([*common, "--backend", "onnxruntime", "--out", str(tmp_path / "fp32")]) == 0
+    report = json.loads((tmp_path / "fp32" / "compare_val_unseen.json").read_text())
+    assert report["within_tolerance"] and report["max"] < TOL and report["calls"]["language"] >= 1
+    assert len(report["max_abs_diff"]) == 1 + 2 + 6 and report["calls"]["navigation"] == report["calls"]["panorama"]
+    assert json.loads((tmp_path / "fp32" / "metrics_val_unseen.json").read_text())["instructions"] == 4
+    assert cli_main([*common, "--backend", "onnxruntime-int8", "--out", str(tmp_path / "int8")]) == 0
+    assert not json.loads((tmp_path / "int8" / "compare_val_unseen.json").read_text())["within_tolerance"]
+    capsys.readouterr()
+    assert cli_main([*common, "--backend", "torch", "--out", str(tmp_path / "torch")]) == 2
+    assert capsys.readouterr().err.startswith("minivln: error: navigate: --compare")
+
+
 def test_objects_and_bad_input_are_one_line_errors(tiny, tmp_path, capsys):
     _, root = tiny
     with pytest.raises(UnsupportedModelError, match="object tokens"):
@@ -183,3 +200,19 @@ def test_objects_and_bad_input_are_one_line_errors(tiny, tmp_path, capsys):
     (root / "export-bad" / "export.json").write_text('{"format_version": 0}')
     with pytest.raises(Exception, match="export format"):
         load_backend("onnxruntime", root / "export-bad")
+
+
+def test_bench_model_backends(tmp_path):
+    from minivln.bench.model import bench_models
+
+    report = bench_models(["tiny"], [2], repeats=1, warmup=0, threads=1, steps=2,
+                          model_factory=lambda name: create_model("duet-cpu", **SMALL),
+                          backends=["torch", "onnxruntime", "onnxruntime-int8"])
+    rows = report["results"]
+    assert [r["label"] for r in rows] == ["tiny", "tiny:onnxruntime", "tiny:onnxruntime-int8"]
+    assert all(r["episode_ms"] > 0 and r["navigation_ms"] > 0 for r in rows)
+    assert rows[1]["gflop_per_episode"] == rows[0]["gflop_per_episode"] > 0
+    assert [(q["numerator"], q["denominator"]) for q in report["ratios"]] == [
+        ("tiny", "tiny:onnxruntime"), ("tiny", "tiny:onnxruntime-int8")]
+    assert report["settings"]["backends"] == ["torch", "onnxruntime", "onnxruntime-int8"]
+    assert cli_main(["bench", "model", "--backend", "onnxruntime", "--dtype", "bf16", "--quiet"]) == 2

@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "export directory's graphs; any other checkpoint is exported first, to a temporary "
                         "directory)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of torch / ONNX Runtime (0 = default)")
+    p.add_argument("--max-episodes", type=int, default=0,
+                   help="only the split's first N instructions (0 = all); the metrics are theirs")
+    p.add_argument("--compare", action="store_true",
+                   help="also run eager PyTorch on every call with the same inputs (the agent follows it) and "
+                        "write the largest differences to OUT/compare_<split>.json")
     p.set_defaults(func=_navigate_main)
 
 
@@ -67,19 +72,36 @@ def _export_main(args: argparse.Namespace) -> int:
 def _navigate_main(args: argparse.Namespace) -> int:
     import torch
 
+    from minivln.config import ConfigError
     from minivln.deploy.backends import load_backend
+    from minivln.deploy.compare import CompareModel
+    from minivln.model.checkpoint import load_agent_model
+    from minivln.paths import atomic_write_text
     from minivln.training.navigate import navigate
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.compare and args.backend == "torch":
+        raise ConfigError("navigate: --compare compares an ONNX Runtime backend with torch; choose one with --backend")
     backend = load_backend(args.backend, args.checkpoint, threads=args.threads)
+    model = backend.model
+    if args.compare:
+        model = CompareModel(load_agent_model(args.checkpoint), backend.model)
     try:
         res = navigate(args.checkpoint, args.task, args.split, args.out, data_dir=args.data_dir,
                        features=args.features, objects=args.objects, batch_size=args.batch_size, progress=True,
-                       model=backend.model, backend=args.backend, defaults_from=backend.source)
+                       model=model, backend=args.backend, defaults_from=backend.source,
+                       max_episodes=args.max_episodes)
     finally:
         backend.close()
     print(f"submission: {res['submission']}")
     if res["metrics"] is not None:
         print(json.dumps(res["metrics"]))
+    if args.compare:
+        report = {"reference": "torch", "candidate": args.backend, "checkpoint": str(args.checkpoint),
+                  "split": args.split, **model.report()}
+        path = Path(args.out) / f"compare_{args.split}.json"
+        atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+        print(f"max |{args.backend} - torch| over {sum(report['calls'].values())} calls: {report['max']:.3g} "
+              f"(written to {path})")
     return 0

@@ -59,13 +59,14 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
              features: str | None = None, objects: str | None = None, batch_size: int = 16,
              max_action_len: int | None = None, max_instr_len: int | None = None,
              progress: bool = False, model: Any | None = None, backend: str | None = None,
-             defaults_from: str | Path | None = None) -> dict[str, Any]:
+             defaults_from: str | Path | None = None, max_episodes: int = 0) -> dict[str, Any]:
     """Run the agent over ``split``; returns ``{"submission": path, "metrics": summary or None}``.
 
     ``model``: the network to run, already loaded (anything the agent drives like a DUET, e.g. an
     ONNX Runtime session wrapper); default: :func:`load_agent_model` of ``checkpoint``.  ``backend``
     is recorded in the metrics file when given.  ``defaults_from``: the checkpoint whose run holds
     the defaults of the data directory, features and lengths (default: ``checkpoint``).
+    ``max_episodes``: only the split's first N instructions (0 = all; the metrics are then theirs).
     """
 
     if task not in ("r2r", "reverie"):
@@ -91,6 +92,8 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
         obj_store = ObjectFeatureStore(objects, expected_dim=model.config.obj_feat_size)
     store = FeatureStore(features, expected_dim=model.config.image_feat_size)
     episodes = load_episodes(task, split, root)
+    if max_episodes > 0:
+        episodes = episodes[:max_episodes]
     env = NavBatchEnv(episodes, Graphs(root), batch_size=batch_size, features=store, max_steps=max_action_len)
     agent = DUETAgent(model, max_action_len=max_action_len, max_instr_len=max_instr_len, features=store,
                       objects=obj_store)
@@ -103,7 +106,7 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
     if split != "test" and any(len(e.path) > 1 for e in episodes):
         summary, _ = Evaluator(task, split, root).score(preds)
         record = {**summary, "features": "stand-in" if store.is_standin else "real",
-                  "checkpoint": str(checkpoint), "split": split}
+                  "checkpoint": str(checkpoint), "split": split, "instructions": len(episodes)}
         if backend is not None:
             record["backend"] = backend
         if obj_store is not None:
