@@ -31,7 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("minivln.bench.cli", "benchmarks: model (forward latency, teacher vs student), train (training iterations/s)"),
     "pretrain": ("minivln.training.pretrain", "pretrain DUET (MLM, SAP, MRC, REVERIE OG) on ground-truth path prefixes"),
     "finetune": ("minivln.training.finetune", "fine-tune a DUET agent on R2R or REVERIE (DAgger, DUET's recipe)"),
-    "navigate": ("minivln.training.navigate", "run a trained agent on a split; write the submission (+ metrics)"),
+    "navigate": ("minivln.deploy.cli", "run a trained agent on a split; write the submission (+ metrics)"),
+    "export": ("minivln.deploy.cli", "export a checkpoint's network to ONNX (fp32 + int8 graphs) for ONNX Runtime"),
     "show": ("minivln.show", "draw one episode top-down (graph, ground truth, agent's path) to a PNG"),
     "experiment": ("minivln.experiment", "run a paper table's grid of runs from a recipe (resumable, pinned code)"),
 }

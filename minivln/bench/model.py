@@ -13,6 +13,10 @@ step and a global map of 4, 6, ..., 16 slots over the 7 steps.  The timed part r
 recorded inputs through the network only (forward latency; the Python bookkeeping of the agent is
 not timed, its cost is reported separately as ``agent_ms`` from one untimed-run measurement).
 
+``--backend torch onnxruntime onnxruntime-int8`` times each preset on several runtimes (the ONNX
+Runtime ones run the preset's network exported by :mod:`minivln.deploy`, to a temporary directory);
+every (preset, backend) pair is one model of the interleaving, on the same recorded inputs.
+
 All models are timed in one process and interleaved (for every repeat, every batch size, each model
 runs one episode, the model order alternating between repeats), so that load from other jobs on a
 shared machine affects them alike.  Numbers are medians over the repeats after warm-up episodes.
@@ -267,6 +271,11 @@ class _Entry:
     episode: EpisodeInputs
     times: list[dict[str, float]] = field(default_factory=list)
     flops: float = 0.0
+    backend: str = "torch"
+
+    @property
+    def label(self) -> str:
+        return self.preset if self.backend == "torch" else f"{self.preset}:{self.backend}"
 
 
 def count_flops(model: DUET, ep: EpisodeInputs, text_cache: bool = True) -> float:
@@ -305,17 +314,26 @@ def bench_models(
     text_cache: bool = True,
     log: Callable[[str], None] | None = None,
     model_factory: Callable[[str], DUET] | None = None,
+    backends: Sequence[str] = ("torch",),
 ) -> dict[str, Any]:
-    """Time one episode per (preset, batch size), interleaved; returns a JSON-able dict.
+    """Time one episode per (preset, backend, batch size), interleaved; returns a JSON-able dict.
 
     ``results`` rows hold medians (ms) of the episode, of one step (panorama + navigation, the
-    episode minus language over ``steps``), and of each part; ``ratios`` compare the first preset
-    with every other one (e.g. teacher / student) at each batch size.  ``model_factory`` builds a
-    model from a name (default :func:`~minivln.model.registry.create_model`, random weights).
+    episode minus language over ``steps``), and of each part; ``ratios`` compare the first model
+    (first preset on the first backend) with every other one (e.g. teacher / student, torch /
+    onnxruntime) at each batch size.  ``model_factory`` builds a model from a name (default
+    :func:`~minivln.model.registry.create_model`, random weights).  ``backends``: 'torch',
+    'onnxruntime', 'onnxruntime-int8' (see :mod:`minivln.deploy.backends`; the FLOP count of an
+    ONNX Runtime row is its torch network's).
     """
 
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
+    backends = list(dict.fromkeys(backends)) or ["torch"]
+    onnx_backends = [b for b in backends if b != "torch"]
+    if onnx_backends and dtype != "fp32":
+        raise ValueError("bf16 autocast applies to the torch backend only")
+    exports: list[Any] = []
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -327,15 +345,24 @@ def bench_models(
     try:
         torch.manual_seed(seed)
         factory = model_factory or create_model
-        models = {name: factory(name).eval() for name in presets}
+        models = {name: factory(name).eval() for name in dict.fromkeys(presets)}
+        runtimes: dict[tuple[str, str], Any] = {}
+        for name in models:
+            for backend in backends:
+                runtimes[(name, backend)] = models[name] if backend == "torch" else None
+            if onnx_backends:
+                say(f"exporting {name} to ONNX")
+                exports.append(_onnx_runtimes(models[name], onnx_backends, threads or 0))
+                runtimes.update({(name, b): m for b, m in exports[-1][1].items()})
         entries = []
         for bs in batch_sizes:
             for name in presets:
                 say(f"recording the {steps}-step episode of {name} at batch {bs}")
                 with autocast():
                     ep = record_episode(models[name], bs, steps, txt_len, seed)
-                entries.append(_Entry(name, bs, models[name], ep))
-                entries[-1].flops = count_flops(models[name], ep, text_cache)
+                flops = count_flops(models[name], ep, text_cache)
+                for backend in backends:
+                    entries.append(_Entry(name, bs, runtimes[(name, backend)], ep, flops=flops, backend=backend))
 
         with torch.inference_mode(), autocast():
             for w in range(warmup):
@@ -346,17 +373,21 @@ def bench_models(
                 for e in order:
                     e.times.append(run_episode(e.model, e.episode, text_cache))
                 say(f"repeat {r + 1}/{repeats}: " + ", ".join(
-                    f"{e.preset}@{e.batch_size} {e.times[-1]['episode'] * 1e3:.1f} ms"
+                    f"{e.label}@{e.batch_size} {e.times[-1]['episode'] * 1e3:.1f} ms"
                     for e in entries
                 ))
     finally:
         torch.set_num_threads(old_threads)
+        for tmp, _ in exports:
+            tmp.cleanup()
 
     results = []
     for e in entries:
         steps_ms = [(t["episode"] - t["language"]) / steps for t in e.times]
         results.append({
             "preset": e.preset,
+            "backend": e.backend,
+            "label": e.label,
             "batch_size": e.batch_size,
             "episode_ms": _median_ms([t["episode"] for t in e.times]),
             "step_ms": _median_ms(steps_ms),
@@ -375,10 +406,11 @@ def bench_models(
             "slots_per_step": e.episode.slots_per_step,
         })
     ratios = []
-    by_key = {(r["preset"], r["batch_size"]): r for r in results}
-    first = presets[0]
+    by_key = {(r["label"], r["batch_size"]): r for r in results}
+    labels = [e.label for e in entries if e.batch_size == batch_sizes[0]]  # model order (repeats kept)
+    first = labels[0]
     for bs in batch_sizes:
-        for other in presets[1:]:
+        for other in labels[1:]:
             a, b = by_key[(first, bs)], by_key[(other, bs)]
             ratios.append({
                 "batch_size": bs,
@@ -395,6 +427,7 @@ def bench_models(
     return {
         "date": datetime.date.today().isoformat(),
         "machine": {**cpu_info(), "threads": threads or old_threads, "torch": torch.__version__,
+                    **_onnxruntime_version(onnx_backends),
                     "python": platform.python_version(),
                     # 1-minute load average before/after: > threads means other jobs were running
                     "loadavg_before": load_before, "loadavg_after": _loadavg()},
@@ -402,27 +435,57 @@ def bench_models(
             "presets": list(presets), "batch_sizes": list(batch_sizes), "repeats": repeats,
             "warmup": warmup, "dtype": dtype, "steps": steps, "txt_len": txt_len, "seed": seed,
             "text_cache": text_cache, "weights": "random", "mode": "eval + inference_mode",
+            "backends": backends,
         },
         "results": results,
         "ratios": ratios,
     }
 
 
+def _onnx_runtimes(model: DUET, backends: Sequence[str], threads: int) -> tuple[Any, dict[str, Any]]:
+    """``model`` exported to a temporary directory and loaded on each ONNX Runtime backend:
+    ``(the TemporaryDirectory, {backend: model})``."""
+    import tempfile
+
+    from minivln.deploy.backends import ONNX_VARIANTS
+    from minivln.deploy.export import export_model
+    from minivln.deploy.runtime import OnnxRuntimeDUET
+
+    tmp = tempfile.TemporaryDirectory(prefix="minivln-bench-")
+    try:
+        export_model(model, tmp.name, int8="onnxruntime-int8" in backends, check=False)
+        runtimes = {b: OnnxRuntimeDUET(tmp.name, ONNX_VARIANTS[b], threads=threads) for b in backends}
+    except BaseException:
+        tmp.cleanup()
+        raise
+    return tmp, runtimes
+
+
+def _onnxruntime_version(onnx_backends: Sequence[str]) -> dict[str, str]:
+    if not onnx_backends:
+        return {}
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__}
+
+
 def format_report(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
+    w = max([14] + [len(r.get("label", r["preset"])) for r in report["results"]])
     lines = [
         f"CPU {m['model_name']} ({m['logical_cpus']} logical CPUs), {m['threads']} threads, "
-        f"torch {m['torch']}; avx512_bf16={m['avx512_bf16']} amx_bf16={m['amx_bf16']}; "
+        f"torch {m['torch']}" + (f", onnxruntime {m['onnxruntime']}" if "onnxruntime" in m else "")
+        + f"; avx512_bf16={m['avx512_bf16']} amx_bf16={m['amx_bf16']}; "
         f"load average {m['loadavg_before']} before, {m['loadavg_after']} after",
         f"{s['dtype']}, {s['txt_len']}-token instruction, {s['steps']}-step episode, "
         f"median of {s['repeats']} repeats after {s['warmup']} warm-up"
         + ("" if s["text_cache"] else ", NO text cache"),
-        f"{'preset':<14} {'batch':>5} {'episode ms':>11} {'(min)':>8} {'step ms':>9} {'lang ms':>8} "
+        f"{'model':<{w}} {'batch':>5} {'episode ms':>11} {'(min)':>8} {'step ms':>9} {'lang ms':>8} "
         f"{'pano ms':>8} {'nav ms':>8} {'GFLOP':>6} {'GFLOP/s':>7}  views/step, slots/step",
     ]
     for r in report["results"]:
         lines.append(
-            f"{r['preset']:<14} {r['batch_size']:>5} {r['episode_ms']:>11.1f} "
+            f"{r.get('label', r['preset']):<{w}} {r['batch_size']:>5} {r['episode_ms']:>11.1f} "
             f"{r['episode_ms_min']:>8.1f} {r['step_ms']:>9.2f} "
             f"{r['language_ms']:>8.2f} {r['panorama_ms']:>8.2f} {r['navigation_ms']:>8.2f} "
             f"{r['gflop_per_episode']:>6.2f} {r['gflop_per_s']:>7.1f}  "
@@ -465,6 +528,10 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--no-text-cache", action="store_true",
                    help="re-project the text keys/values at every step (as the reference does)")
+    m.add_argument("--backend", "--backends", dest="backends", nargs="+", default=["torch"],
+                   choices=["torch", "onnxruntime", "onnxruntime-int8"],
+                   help="runtimes to time each preset on (ONNX Runtime: the preset exported to ONNX, fp32 "
+                        "or int8; needs the deploy extra); default torch")
     m.add_argument("--json", metavar="OUT", help="also write the full report as JSON")
     m.add_argument("--quiet", action="store_true", help="no progress lines")
     m.set_defaults(func=_bench_model)
@@ -481,11 +548,22 @@ def _bench_model(args: argparse.Namespace) -> int:
         print("minivln bench model: error: repeats, steps and batch sizes must be >= 1",
               file=sys.stderr)
         return 2
+    if args.dtype != "fp32" and any(b != "torch" for b in args.backends):
+        print("minivln bench model: error: --dtype bf16 applies to the torch backend only", file=sys.stderr)
+        return 2
+    if any(b != "torch" for b in args.backends):
+        from minivln.deploy.export import ExportError, require_onnx
+
+        try:
+            require_onnx()
+        except ExportError as exc:
+            print(f"minivln bench model: error: {exc}", file=sys.stderr)
+            return 2
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     report = bench_models(
         args.presets, args.batch_sizes, repeats=args.repeats, warmup=args.warmup,
         threads=args.threads or None, dtype=args.dtype, steps=args.steps, txt_len=args.txt_len,
-        seed=args.seed, text_cache=not args.no_text_cache, log=log,
+        seed=args.seed, text_cache=not args.no_text_cache, log=log, backends=args.backends,
     )
     print(format_report(report))
     if args.json:

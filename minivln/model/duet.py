@@ -39,8 +39,9 @@ how they were measured: ``docs/model.md`` (Speed) and ``minivln bench model``.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,22 @@ _ONEDNN_LINEAR = (
 Taps = dict[str, Any]
 """Recorder for distillation taps: a plain dict, keys listed in :meth:`DUET.forward`."""
 
+_PLAIN_OPS = False  # set by plain_ops(): no inference fast path, attention masks always applied
+
+
+@contextmanager
+def plain_ops() -> Iterator[None]:
+    """Run the network with its reference operators only, for tracing and export: no packed or
+    oneDNN projections (no cached weight copies, no private operators) and additive attention masks
+    always applied (no data-dependent skip when nothing is padded).  Same results (within float
+    rounding).  See :mod:`minivln.model.tensor_modes`."""
+    global _PLAIN_OPS
+    old, _PLAIN_OPS = _PLAIN_OPS, True
+    try:
+        yield
+    finally:
+        _PLAIN_OPS = old
+
 
 def additive_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """(B, L) bool key mask -> (B, 1, 1, L) additive mask: 0 for real keys, -10000 for padding."""
@@ -76,14 +93,17 @@ def key_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor | None:
     """:func:`additive_mask`, or None when no key is padded (checked on CPU tensors only, where it
     costs no device sync).  Adding a zero mask changes nothing, and attention without a mask runs
     a faster kernel."""
-    if mask.device.type == "cpu" and bool(mask.all()):
+    if not _PLAIN_OPS and mask.device.type == "cpu" and bool(mask.all()):
         return None
     return additive_mask(mask, dtype)
 
 
 def inference_only(*modules: nn.Module) -> bool:
     """True when no gradient can flow into the parameters of ``modules`` (grad mode off, or all
-    frozen): the inference fast paths (packed weights) are then safe to use."""
+    frozen): the inference fast paths (packed weights) are then safe to use.  False inside
+    :func:`plain_ops`."""
+    if _PLAIN_OPS:
+        return False
     if not torch.is_grad_enabled():
         return True
     return not any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
@@ -643,8 +663,22 @@ def fuse_local_into_global(
     Visited and padded slots keep their ``-inf``.  ``gmap_vpids``/``vp_cand_vpids`` are lists of node ids
     per sample (entries past each list's length are padding and receive nothing).
     """
-    b, g = global_logits.shape
-    n = local_logits.size(1)
+    return fuse_with_indices(
+        global_logits,
+        local_logits,
+        *fusion_indices(gmap_vpids, gmap_visited_masks, vp_cand_vpids, local_logits.size(1)),
+    )
+
+
+def fusion_indices(
+    gmap_vpids: NodeIds, gmap_visited_masks: Tensor, vp_cand_vpids: NodeIds, num_local: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The node-id bookkeeping of :func:`fuse_local_into_global` as tensors (the ids are Python
+    objects): ``cand_row`` (B, G) int64, the local row showing slot j (0 = none); ``backtrack``
+    (B, G) bool, slot j receives the "go back" score; ``bw_rows`` (B, N) bool, candidate rows
+    already visited (N = ``num_local``).  On ``gmap_visited_masks``' device."""
+    b, g = gmap_visited_masks.shape
+    n = num_local
     # Built as Python lists (the ids are Python objects) and turned into tensors once.
     cand_row = [[0] * g for _ in range(b)]  # local row that shows slot j (0 = none)
     backtrack = [[False] * g for _ in range(b)]  # slot j receives bw
@@ -667,18 +701,25 @@ def fuse_local_into_global(
                 cand_row[i][j] = row_of[vp]
             else:
                 backtrack[i][j] = True
-    device = local_logits.device
-    cand_row = torch.tensor(cand_row, dtype=torch.long, device=device)
-    backtrack = torch.tensor(backtrack, dtype=torch.bool, device=device)
-    bw_rows = torch.tensor(bw_rows, dtype=torch.bool, device=device)
+    device = gmap_visited_masks.device
+    return (
+        torch.tensor(cand_row, dtype=torch.long, device=device),
+        torch.tensor(backtrack, dtype=torch.bool, device=device),
+        torch.tensor(bw_rows, dtype=torch.bool, device=device),
+    )
 
+
+def fuse_with_indices(
+    global_logits: Tensor, local_logits: Tensor, cand_row: Tensor, backtrack: Tensor, bw_rows: Tensor
+) -> Tensor:
+    """The tensor part of :func:`fuse_local_into_global`, given :func:`fusion_indices`."""
     bw = local_logits.masked_fill(~bw_rows, 0.0).sum(dim=1, keepdim=True)  # (B, 1)
     added = torch.where(
         cand_row > 0,
         local_logits.gather(1, cand_row),
         torch.where(backtrack, bw, torch.zeros_like(bw)),
     )
-    added[:, 0] = local_logits[:, 0]  # STOP
+    added = torch.cat([local_logits[:, :1], added[:, 1:]], dim=1)  # slot 0: STOP
     return global_logits + added
 
 
@@ -907,8 +948,12 @@ class DUET(nn.Module):
         vp_cand_vpids: NodeIds,
         vp_obj_masks: Tensor | None = None,
         taps: Taps | None = None,
+        fusion_idx: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor | None]:
-        """Both cross-modal branches, the scoring heads and the local -> global fusion."""
+        """Both cross-modal branches, the scoring heads and the local -> global fusion.
+
+        ``fusion_idx``: the :func:`fusion_indices` of the batch, computed beforehand (the node-id
+        lists are then not read; tensor-only entry points, :mod:`minivln.model.tensor_modes`)."""
         gmap_embeds = self.global_encoder(
             gmap_img_embeds, gmap_step_ids, gmap_pos_fts, gmap_masks, gmap_pair_dists, text, taps
         )
@@ -927,9 +972,12 @@ class DUET(nn.Module):
         global_logits = global_logits.masked_fill(gmap_visited_masks | ~gmap_masks, neg_inf)
         local_logits = self.local_sap_head(vp_embeds).squeeze(2) * (1 - fuse_weights)
         local_logits = local_logits.masked_fill(~vp_nav_masks, neg_inf)
-        fused_logits = fuse_local_into_global(
-            global_logits, local_logits, gmap_vpids, gmap_visited_masks, vp_cand_vpids
-        )
+        if fusion_idx is not None:
+            fused_logits = fuse_with_indices(global_logits, local_logits, *fusion_idx)
+        else:
+            fused_logits = fuse_local_into_global(
+                global_logits, local_logits, gmap_vpids, gmap_visited_masks, vp_cand_vpids
+            )
 
         obj_logits = None
         if self.og_head is not None and vp_obj_masks is not None:

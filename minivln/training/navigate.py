@@ -12,16 +12,16 @@ reads.  Writes ``DIR/submission_<split>.json`` (leaderboard format) and, when th
 ``DIR/metrics_<split>.json`` (the metrics of ``minivln eval``).  REVERIE needs a model with objects
 and an object feature file (``--objects``; default: the run's); each submission entry carries
 ``predObjId``, the arg-max object recorded at the final viewpoint (-1 when it shows none).
+
+The command line (with ``--backend torch|onnxruntime|onnxruntime-int8``) lives in
+:mod:`minivln.deploy.cli`, which passes the chosen runtime's network as ``model``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
@@ -58,13 +58,22 @@ def _run_defaults(checkpoint: Path) -> dict[str, Any]:
 def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, data_dir: str | None = None,
              features: str | None = None, objects: str | None = None, batch_size: int = 16,
              max_action_len: int | None = None, max_instr_len: int | None = None,
-             progress: bool = False, instr_ids: list[str] | None = None) -> dict[str, Any]:
-    """Run the agent over ``split`` (or only its ``instr_ids``); returns ``{"submission": path,
-    "metrics": summary or None}``."""
+             progress: bool = False, model: Any | None = None, backend: str | None = None,
+             defaults_from: str | Path | None = None, max_episodes: int = 0,
+             instr_ids: list[str] | None = None) -> dict[str, Any]:
+    """Run the agent over ``split``; returns ``{"submission": path, "metrics": summary or None}``.
+
+    ``model``: the network to run, already loaded (anything the agent drives like a DUET, e.g. an
+    ONNX Runtime session wrapper); default: :func:`load_agent_model` of ``checkpoint``.  ``backend``
+    is recorded in the metrics file when given.  ``defaults_from``: the checkpoint whose run holds
+    the defaults of the data directory, features and lengths (default: ``checkpoint``).
+    ``max_episodes``: only the split's first N instructions (0 = all; the metrics are then theirs);
+    ``instr_ids``: only these instructions.
+    """
 
     if task not in ("r2r", "reverie"):
         raise DataError(f"navigate: task must be 'r2r' or 'reverie', got {task!r}")
-    defaults = _run_defaults(Path(checkpoint))
+    defaults = _run_defaults(Path(defaults_from or checkpoint))
     data_dir = data_dir or defaults.get("data_dir")
     features = features or defaults.get("features")
     if not features:
@@ -72,7 +81,8 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
     max_action_len = max_action_len or int(defaults.get("max_action_len", 15))
     max_instr_len = max_instr_len or int(defaults.get("max_instr_len", 200))
     root = resolve_data_dir(data_dir)
-    model = load_agent_model(checkpoint)
+    if model is None:
+        model = load_agent_model(checkpoint)
     obj_store = None
     if task == "reverie":
         if not model.config.use_objects:
@@ -90,6 +100,8 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
         missing = wanted - {e.instr_id for e in episodes}
         if missing:
             raise DataError(f"navigate: {task} {split} has no instruction {sorted(missing)[0]!r}")
+    if max_episodes > 0:
+        episodes = episodes[:max_episodes]
     env = NavBatchEnv(episodes, Graphs(root), batch_size=batch_size, features=store, max_steps=max_action_len)
     agent = DUETAgent(model, max_action_len=max_action_len, max_instr_len=max_instr_len, features=store,
                       objects=obj_store)
@@ -102,34 +114,11 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
     if split != "test" and any(len(e.path) > 1 for e in episodes):
         summary, _ = Evaluator(task, split, root).score(preds)
         record = {**summary, "features": "stand-in" if store.is_standin else "real",
-                  "checkpoint": str(checkpoint), "split": split}
+                  "checkpoint": str(checkpoint), "split": split, "instructions": len(episodes)}
+        if backend is not None:
+            record["backend"] = backend
         if obj_store is not None:
             record.update({"task": task, "object_features": "stand-in" if obj_store.is_standin else "real"})
         atomic_write_text(out / f"metrics_{split}.json", json.dumps(record, indent=2) + "\n")
     return {"submission": str(sub_path), "metrics": summary}
 
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("navigate", help="run a trained agent on a split; write the submission (+ metrics)",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="RUN/model, a finetune run dir, or a DUET checkpoint")
-    p.add_argument("--task", default="r2r", choices=("r2r", "reverie"))
-    p.add_argument("--split", required=True)
-    p.add_argument("--data-dir", default=None, help="data directory (default: the run's, else $MINIVLN_DATA)")
-    p.add_argument("--features", default=None, help="view features HDF5 (default: the run's)")
-    p.add_argument("--objects", default=None, help="REVERIE object features HDF5 (default: the run's)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    res = navigate(args.checkpoint, args.task, args.split, args.out, data_dir=args.data_dir,
-                   features=args.features, objects=args.objects, batch_size=args.batch_size, progress=True)
-    print(f"submission: {res['submission']}")
-    if res["metrics"] is not None:
-        print(json.dumps(res["metrics"]))
-    return 0

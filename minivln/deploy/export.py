@@ -1,0 +1,302 @@
+"""ONNX export of a DUET network: ``minivln export CHECKPOINT --out DIR``.
+
+Writes the four tensor-only entry points of :mod:`minivln.model.tensor_modes` (``language``,
+``text_kv`` -- the per-episode text key/value cache --, ``panorama``, ``navigation``) as ONNX graphs
+with dynamic batch and sequence axes, an int8 variant of each (ONNX Runtime's dynamic quantization
+of the linear layers' matrix products: int8 weights, activations quantized per call), and::
+
+    DIR/config.json, DIR/model.safetensors   the exported weights (save_pretrained: DIR is also a
+                                             checkpoint for the torch backend)
+    DIR/fp32/<mode>.onnx, DIR/int8/<mode>.onnx
+    DIR/export.json                          manifest: graphs, inputs/outputs and their dynamic axes,
+                                             opset, exporter, versions, source, and the check below
+
+After writing, every graph is run with ONNX Runtime on seeded inputs of two shapes (neither the
+traced one) and compared with eager PyTorch (:func:`check_export`); the largest absolute
+differences are recorded in the manifest (``check``).
+
+Exporter: the TorchScript-based one (``torch.onnx.export(..., dynamo=False)``, opset 17).  In
+torch 2.13 the default is the ``torch.export``-based exporter (``dynamo=True``); it needs the extra
+package ``onnxscript``, took 2-10 s per graph instead of 0.03-0.4 s, and failed on the navigation
+graph (a view of the attention output under symbolic shapes, in its decomposition step); the
+numbers are in docs/deploy.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minivln import __version__
+from minivln.model.checkpoint import save_pretrained
+from minivln.model.duet import DUET
+from minivln.model.tensor_modes import (
+    DYNAMIC_AXES,
+    INPUTS,
+    MODES,
+    OUTPUTS,
+    check_tensor_modes,
+    navigation_tensors,
+    tensor_modes,
+    text_layers,
+)
+from minivln.paths import DataError, atomic_write_text
+
+MANIFEST = "export.json"
+FORMAT_VERSION = 1
+OPSET = 17
+VARIANTS = ("fp32", "int8")
+# Shapes (batch, text tokens, panorama tokens, map slots) of the traced inputs and of the checks.
+TRACE_SHAPE = (2, 9, 13, 6)
+CHECK_SHAPES = ((3, 14, 17, 8), (1, 5, 11, 3))
+
+
+class ExportError(DataError):
+    """An export directory is missing, incomplete or of another format version (exit 2 on the CLI)."""
+
+
+def require_onnx() -> None:
+    """Raise :class:`ExportError` with the install hint when onnx / onnxruntime are missing."""
+    missing = []
+    for name in ("onnx", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportError(f"{' and '.join(missing)} not installed: pip install -e '.[deploy]'")
+
+
+# ------------------------------------------------------------------------------ example inputs
+
+
+def example_batches(model: DUET, batch: int, text: int, pano: int, slots: int, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Seeded batch dicts of the network's three modes, as the agent builds them (node-id lists
+    included) and chained through the eager model as the agent chains them (the navigation batch
+    holds the language and panorama outputs), with padding in every sample after the first.
+
+    ``pano`` panorama tokens (views only, as R2R), ``slots`` global map slots ([stop] included)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+
+    def lens(n: int, low: int) -> torch.Tensor:
+        return torch.tensor([n] + [int(torch.randint(low, n + 1, (1,), generator=g)) for _ in range(batch - 1)])
+
+    def masks(lengths: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.arange(n)[None] < lengths[:, None]
+
+    txt_masks = masks(lens(text, 2), text)
+    txt_ids = torch.randint(1, cfg.vocab_size, (batch, text), generator=g).masked_fill(~txt_masks, 0)
+    view_lens = lens(pano, 1)
+    view_masks = masks(view_lens, pano)
+    slot_lens = lens(slots, 2)
+    # node ids: slot j > 0 shows node j, slot 1 is the current node (visited); candidate row r > 0
+    # (navigable) shows node r, so visited candidates, adjacent and non-adjacent ghosts all occur.
+    gmap_vpids = [[None] + list(range(1, int(n))) for n in slot_lens]
+    vp_cand_vpids = [[None] + list(range(1, min(int(n), int(v)) + 1)) for n, v in zip(slot_lens, view_lens)]
+    n_cands = torch.tensor([len(c) - 1 for c in vp_cand_vpids])
+    nav_types = (torch.arange(pano)[None] < n_cands[:, None]).long()
+    language = {"txt_ids": txt_ids, "txt_masks": txt_masks}
+    panorama = {
+        "view_img_fts": torch.randn(batch, pano, cfg.image_feat_size, generator=g) * view_masks[..., None],
+        "loc_fts": torch.randn(batch, pano, cfg.angle_feat_size + cfg.obj_loc_size, generator=g),
+        "nav_types": nav_types,
+        "view_lens": view_lens,
+    }
+    with torch.no_grad():
+        txt_embeds = model("language", language)
+        pano_embeds, pano_masks = model("panorama", panorama)
+
+    gmap_masks = masks(slot_lens, slots)
+    pos = cfg.angle_feat_size + 3
+    visited = torch.zeros(batch, slots, dtype=torch.bool)
+    visited[:, 1] = True
+    if slots > 3:
+        visited[:, 2] = torch.rand(batch, generator=g) < 0.5
+    visited &= gmap_masks
+    dists = torch.rand(batch, slots, slots, generator=g) * 10
+    navigation = {
+        "txt_embeds": txt_embeds,
+        "txt_masks": txt_masks,
+        "gmap_vpids": gmap_vpids,
+        "gmap_img_embeds": torch.randn(batch, slots, cfg.hidden_size, generator=g) * gmap_masks[..., None],
+        "gmap_step_ids": torch.randint(0, 8, (batch, slots), generator=g).masked_fill(~gmap_masks, 0),
+        "gmap_pos_fts": torch.randn(batch, slots, pos, generator=g),
+        "gmap_masks": gmap_masks,
+        "gmap_pair_dists": (dists + dists.transpose(1, 2)) * (gmap_masks[:, None] & gmap_masks[:, :, None]),
+        "gmap_visited_masks": visited,
+        "vp_img_embeds": torch.cat([torch.zeros_like(pano_embeds[:, :1]), pano_embeds], 1),
+        "vp_pos_fts": torch.randn(batch, pano + 1, 2 * pos, generator=g),
+        "vp_masks": torch.cat([torch.ones(batch, 1, dtype=torch.bool), pano_masks], 1),
+        "vp_nav_masks": torch.cat([torch.ones(batch, 1, dtype=torch.bool), nav_types == 1], 1),
+        "vp_cand_vpids": vp_cand_vpids,
+    }
+    return {"language": language, "panorama": panorama, "navigation": navigation}
+
+
+def entry_inputs(model: DUET, batches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensor-only entry points' inputs (by mode, in :data:`INPUTS` order) for
+    :func:`example_batches`' batches; the text cache comes from the eager ``text_kv`` entry point."""
+    nav = batches["navigation"]
+    with torch.no_grad():
+        txt_kv = tensor_modes(model)["text_kv"](nav["txt_embeds"])
+    out = {
+        "language": dict(batches["language"]),
+        "text_kv": {"txt_embeds": nav["txt_embeds"]},
+        "panorama": dict(batches["panorama"]),
+        "navigation": navigation_tensors(nav, txt_kv, nav["txt_masks"]),
+    }
+    for mode in MODES:
+        assert tuple(out[mode]) == INPUTS[mode], mode
+    return out
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def _export_graph(module: torch.nn.Module, mode: str, args: tuple, path: Path) -> None:
+    names_in, names_out = list(INPUTS[mode]), list(OUTPUTS[mode])
+    axes = {n: DYNAMIC_AXES[n] for n in names_in + names_out}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer notes
+        torch.onnx.export(module, args, str(path), dynamo=False, input_names=names_in, output_names=names_out,
+                          dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True)
+
+
+def quantize_int8(src: Path, dst: Path, per_channel: bool = False) -> None:
+    """ONNX Runtime dynamic quantization of the matrix products with constant weights (the linear
+    layers; attention's activation x activation products stay fp32): int8 weights, uint8 activations
+    quantized per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process the graph: no change here (measured)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:  # the quantizer writes helper files beside its output
+            out = Path(tmp) / dst.name
+            quantize_dynamic(src, out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
+                             weight_type=QuantType.QInt8)
+            shutil.move(str(out), dst)
+    finally:
+        root.setLevel(level)
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: dict[str, Any]
+
+
+def export_model(
+    model: DUET,
+    out: str | Path,
+    *,
+    source: str | None = None,
+    int8: bool = True,
+    per_channel: bool = False,
+    check: bool = True,
+) -> ExportResult:
+    """Export ``model`` into the directory ``out`` (see the module docstring); returns its manifest."""
+    require_onnx()
+    import onnx
+    import onnxruntime
+
+    check_tensor_modes(model)
+    model = model.eval()
+    out = Path(out)
+    variants = VARIANTS if int8 else VARIANTS[:1]
+    for v in variants:
+        (out / v).mkdir(parents=True, exist_ok=True)
+    save_pretrained(model, out, metadata={"exported_from": str(source or "")})
+    started = time.perf_counter()
+    modes = tensor_modes(model)
+    trace = entry_inputs(model, example_batches(model, *TRACE_SHAPE, seed=0))
+    graphs: dict[str, dict[str, str]] = {v: {} for v in variants}
+    for mode in MODES:
+        path = out / "fp32" / f"{mode}.onnx"
+        _export_graph(modes[mode], mode, tuple(trace[mode].values()), path)
+        onnx.checker.check_model(str(path))
+        graphs["fp32"][mode] = path.relative_to(out).as_posix()
+        if int8:
+            qpath = out / "int8" / f"{mode}.onnx"
+            quantize_int8(path, qpath, per_channel=per_channel)
+            graphs["int8"][mode] = qpath.relative_to(out).as_posix()
+    n_global, n_local = text_layers(model)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model_type": "duet",
+        "source": str(source) if source is not None else None,
+        "minivln_version": __version__,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": onnxruntime.__version__,
+        "exporter": "torch.onnx.export(dynamo=False)",
+        "opset": OPSET,
+        "export_seconds": round(time.perf_counter() - started, 2),
+        "graphs": graphs,
+        "inputs": {m: list(INPUTS[m]) for m in MODES},
+        "outputs": {m: list(OUTPUTS[m]) for m in MODES},
+        "dynamic_axes": {n: {str(k): v for k, v in axes.items()} for n, axes in DYNAMIC_AXES.items()},
+        "text_kv_layers": {"global": n_global, "local": n_local},
+        "quantization": {"method": "onnxruntime.quantization.quantize_dynamic", "op_types": ["MatMul", "Gemm"],
+                         "weight_type": "QInt8", "per_channel": per_channel} if int8 else None,
+    }
+    if check:
+        manifest["check"] = check_export(model, out, graphs)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return ExportResult(out, manifest)
+
+
+def check_export(model: DUET, directory: Path, graphs: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Largest |ONNX Runtime - eager| over every output of every graph, on the inputs of
+    :data:`CHECK_SHAPES` (-inf positions must coincide: else the difference is inf)."""
+    from minivln.deploy.runtime import make_session
+
+    modes = tensor_modes(model.eval())
+    inputs = [entry_inputs(model, example_batches(model, *shape, seed=1 + k))
+              for k, shape in enumerate(CHECK_SHAPES)]
+    report: dict[str, Any] = {"shapes": [list(s) for s in CHECK_SHAPES], "max_abs_diff": {}}
+    for variant, files in graphs.items():
+        diffs: dict[str, float] = {}
+        for mode, rel in files.items():
+            sess = make_session(directory / rel, threads=1)
+            worst = 0.0
+            for batch in inputs:
+                with torch.no_grad():
+                    ref = modes[mode](*batch[mode].values())
+                ref = ref if isinstance(ref, tuple) else (ref,)
+                got = sess.run(None, {k: v.numpy() for k, v in batch[mode].items()})
+                for r, o in zip(ref, got):
+                    worst = max(worst, max_abs_diff(r.numpy(), o))
+            diffs[mode] = worst
+        report["max_abs_diff"][variant] = diffs
+    return report
+
+
+def max_abs_diff(expected: np.ndarray, got: np.ndarray) -> float:
+    """max |expected - got| over finite positions; inf when shapes or infinite positions differ."""
+    expected, got = np.asarray(expected), np.asarray(got)
+    if expected.shape != got.shape:
+        return float("inf")
+    if expected.dtype == bool or got.dtype == bool:
+        return 0.0 if np.array_equal(expected, got) else float("inf")
+    expected, got = expected.astype(np.float64), got.astype(np.float64)
+    if not np.array_equal(np.isposinf(expected), np.isposinf(got)) or not np.array_equal(
+        np.isneginf(expected), np.isneginf(got)
+    ):
+        return float("inf")
+    if np.isnan(got).any():
+        return float("inf")
+    finite = np.isfinite(expected)
+    return float(np.abs(expected[finite] - got[finite]).max()) if finite.any() else 0.0

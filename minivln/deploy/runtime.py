@@ -1,0 +1,153 @@
+"""The exported network on ONNX Runtime, behind :class:`~minivln.model.duet.DUET`'s calling convention.
+
+:class:`OnnxRuntimeDUET` is a drop-in for the torch model in
+:class:`~minivln.training.agent.DUETAgent` and :func:`~minivln.training.agent.run_agent`: the same
+``model(mode, batch)`` calls with the same batch dicts (node-id lists included) give the same
+outputs (torch tensors on the CPU), and ``precompute_text_kv`` gives the per-episode text cache
+(:class:`OnnxTextKV`, accepted as ``batch['txt_kv']``).  Inference only: no taps, no gradient, no
+object tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from minivln.deploy.export import FORMAT_VERSION, MANIFEST, ExportError, require_onnx
+from minivln.model.checkpoint import CONFIG_NAME
+from minivln.model.config import DUETConfig
+from minivln.model.tensor_modes import (
+    MODES,
+    NAVIGATION_OUTPUTS,
+    UnsupportedModelError,
+    navigation_tensors,
+)
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
+
+def make_session(path: str | Path, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session for one graph; ``threads`` intra-op threads (0: ORT's default)."""
+    require_onnx()
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = max(0, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by :func:`~minivln.deploy.export.export_model`."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of an export directory; :class:`ExportError` when it is not one."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"not an export directory (no {MANIFEST}): {directory}; run `minivln export` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: export format {manifest.get('format_version')!r}, this code reads "
+                          f"{FORMAT_VERSION}; export again")
+    return manifest
+
+
+@dataclass
+class OnnxTextKV:
+    """The per-episode text cache of :class:`OnnxRuntimeDUET` (pass it as ``batch['txt_kv']``)."""
+
+    txt_kv: torch.Tensor  # (2X, B, heads, L, head size), see minivln.model.tensor_modes
+    txt_masks: torch.Tensor  # (B, L) bool
+
+
+class OnnxRuntimeDUET:
+    """An exported DUET (``variant`` 'fp32' or 'int8') run by ONNX Runtime; see the module docstring."""
+
+    training = False
+
+    def __init__(self, directory: str | Path, variant: str = "fp32", threads: int = 0) -> None:
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        graphs = manifest.get("graphs", {})
+        if variant not in graphs:
+            raise ExportError(f"{directory} has no {variant!r} graphs (it has: {', '.join(graphs) or 'none'})")
+        cfg_path = directory / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise ExportError(f"incomplete export directory, missing {cfg_path}")
+        self.directory = directory
+        self.variant = variant
+        self.manifest = manifest
+        self.config = DUETConfig.from_dict(json.loads(cfg_path.read_text()))
+        self.sessions: dict[str, Any] = {}
+        for mode in MODES:
+            path = directory / graphs[variant].get(mode, "")
+            if not path.is_file():
+                raise ExportError(f"incomplete export directory, missing the {variant} {mode} graph ({path})")
+            self.sessions[mode] = make_session(path, threads)
+        self._types = {
+            mode: {i.name: _NUMPY_TYPES[i.type] for i in sess.get_inputs()} for mode, sess in self.sessions.items()
+        }
+
+    # the parts of nn.Module the agent and the commands use
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return iter(())
+
+    def eval(self) -> "OnnxRuntimeDUET":
+        return self
+
+    def train(self, mode: bool = True) -> "OnnxRuntimeDUET":
+        if mode:
+            raise RuntimeError("an ONNX Runtime model runs inference only")
+        return self
+
+    def run(self, mode: str, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Run one graph on its named inputs (tensors or arrays); outputs as CPU tensors, in order."""
+        feed = {}
+        for name, dtype in self._types[mode].items():
+            value = inputs[name]
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            feed[name] = np.ascontiguousarray(value, dtype=dtype)
+        return [torch.from_numpy(x) for x in self.sessions[mode].run(None, feed)]
+
+    def precompute_text_kv(self, txt_embeds: torch.Tensor, txt_masks: torch.Tensor) -> OnnxTextKV:
+        (txt_kv,) = self.run("text_kv", {"txt_embeds": txt_embeds})
+        return OnnxTextKV(txt_kv, txt_masks)
+
+    def __call__(self, mode: str, batch: Mapping[str, Any], taps: bool = False) -> Any:
+        if taps:
+            raise RuntimeError("an ONNX Runtime model has no distillation taps")
+        if mode == "language":
+            return self.run("language", batch)[0]
+        if mode == "panorama":
+            if batch.get("obj_img_fts") is not None:
+                raise UnsupportedModelError("the exported panorama graph takes no object tokens")
+            pano_embeds, pano_masks = self.run("panorama", batch)
+            return pano_embeds, pano_masks
+        if mode == "navigation":
+            text = batch.get("txt_kv")
+            if text is None:
+                text = self.precompute_text_kv(batch["txt_embeds"], batch["txt_masks"])
+            if not isinstance(text, OnnxTextKV):
+                raise TypeError(f"batch['txt_kv'] must come from this model's precompute_text_kv, "
+                                f"got {type(text).__name__}")
+            outs = dict(zip(NAVIGATION_OUTPUTS, self.run("navigation", navigation_tensors(batch, text.txt_kv, text.txt_masks))))
+            outs["obj_logits"] = None
+            return outs
+        raise ValueError(f"unknown mode {mode!r} (expected language, panorama or navigation)")
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeDUET({str(self.directory)!r}, variant={self.variant!r})"

@@ -1,0 +1,196 @@
+"""Tensor-only entry points of the DUET network, for tracing and export (ONNX, see ``minivln.deploy``).
+
+``model(mode, batch)`` dispatches on a string and reads a dict that also holds Python lists of node
+ids; the modules here take and return tensors only, with fixed input/output names and orders, and
+run inside :func:`~minivln.model.duet.plain_ops` (no packed/oneDNN fast path, attention masks always
+applied: no data-dependent branch, no private operator).  They wrap a :class:`~minivln.model.duet.DUET`
+(sharing its parameters) and compute the same outputs as its modes:
+
+=============  ===============================================  ====================================
+entry point    inputs                                           outputs
+=============  ===============================================  ====================================
+``language``   txt_ids (B, L) int64, txt_masks (B, L) bool      txt_embeds (B, L, H)
+``text_kv``    txt_embeds (B, L, H)                             txt_kv (2X, B, heads, L, H/heads)
+``panorama``   view_img_fts (B, N, D), loc_fts (B, N, A+3),     pano_embeds (B, N, H),
+               nav_types (B, N) int64, view_lens (B,) int64     pano_masks (B, N) bool
+``navigation`` txt_kv, txt_masks, the ``gmap_*`` and ``vp_*``   gmap_embeds, vp_embeds,
+               tensors of the batch, and the fusion indices     global_logits, local_logits,
+               cand_row, backtrack, bw_rows (see                fused_logits, fuse_weights
+               :func:`~minivln.model.duet.fusion_indices`)
+=============  ===============================================  ====================================
+
+``text_kv`` is the per-episode text key/value cache (:meth:`DUET.precompute_text_kv`) as one tensor:
+keys then values of every cross-modal layer, the global branch's layers first (X = both branches'
+layers).  :func:`navigation_tensors` turns a navigation batch dict (with its id lists) into the
+navigation inputs, in :data:`NAVIGATION_INPUTS` order.
+
+Models with object tokens (REVERIE) are not supported yet: :func:`check_tensor_modes` raises
+:class:`UnsupportedModelError` for them (their panorama packs views and objects per sample).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from minivln.model.duet import DUET, TextKV, additive_mask, fusion_indices, plain_ops
+from minivln.paths import DataError
+
+MODES = ("language", "text_kv", "panorama", "navigation")
+
+LANGUAGE_INPUTS = ("txt_ids", "txt_masks")
+LANGUAGE_OUTPUTS = ("txt_embeds",)
+TEXT_KV_INPUTS = ("txt_embeds",)
+TEXT_KV_OUTPUTS = ("txt_kv",)
+PANORAMA_INPUTS = ("view_img_fts", "loc_fts", "nav_types", "view_lens")
+PANORAMA_OUTPUTS = ("pano_embeds", "pano_masks")
+NAVIGATION_INPUTS = (
+    "txt_kv", "txt_masks",
+    "gmap_img_embeds", "gmap_step_ids", "gmap_pos_fts", "gmap_masks", "gmap_pair_dists",
+    "gmap_visited_masks",
+    "vp_img_embeds", "vp_pos_fts", "vp_masks", "vp_nav_masks",
+    "cand_row", "backtrack", "bw_rows",
+)  # fmt: skip
+NAVIGATION_OUTPUTS = (
+    "gmap_embeds", "vp_embeds", "global_logits", "local_logits", "fused_logits", "fuse_weights",
+)  # fmt: skip
+
+INPUTS = {"language": LANGUAGE_INPUTS, "text_kv": TEXT_KV_INPUTS, "panorama": PANORAMA_INPUTS,
+          "navigation": NAVIGATION_INPUTS}
+OUTPUTS = {"language": LANGUAGE_OUTPUTS, "text_kv": TEXT_KV_OUTPUTS, "panorama": PANORAMA_OUTPUTS,
+           "navigation": NAVIGATION_OUTPUTS}
+
+# Variable axes of every input and output (axis -> name); the other axes are fixed by the config.
+# B: batch, L: instruction tokens, N: panorama tokens, G: global map slots, M: local tokens (N + 1).
+DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    "txt_ids": {0: "B", 1: "L"}, "txt_masks": {0: "B", 1: "L"}, "txt_embeds": {0: "B", 1: "L"},
+    "txt_kv": {1: "B", 3: "L"},
+    "view_img_fts": {0: "B", 1: "N"}, "loc_fts": {0: "B", 1: "N"}, "nav_types": {0: "B", 1: "N"},
+    "view_lens": {0: "B"}, "pano_embeds": {0: "B", 1: "N"}, "pano_masks": {0: "B", 1: "N"},
+    "gmap_img_embeds": {0: "B", 1: "G"}, "gmap_step_ids": {0: "B", 1: "G"},
+    "gmap_pos_fts": {0: "B", 1: "G"}, "gmap_masks": {0: "B", 1: "G"},
+    "gmap_pair_dists": {0: "B", 1: "G", 2: "G"}, "gmap_visited_masks": {0: "B", 1: "G"},
+    "vp_img_embeds": {0: "B", 1: "M"}, "vp_pos_fts": {0: "B", 1: "M"}, "vp_masks": {0: "B", 1: "M"},
+    "vp_nav_masks": {0: "B", 1: "M"},
+    "cand_row": {0: "B", 1: "G"}, "backtrack": {0: "B", 1: "G"}, "bw_rows": {0: "B", 1: "M"},
+    "gmap_embeds": {0: "B", 1: "G"}, "vp_embeds": {0: "B", 1: "M"},
+    "global_logits": {0: "B", 1: "G"}, "local_logits": {0: "B", 1: "M"},
+    "fused_logits": {0: "B", 1: "G"}, "fuse_weights": {0: "B"},
+}  # fmt: skip
+
+
+class UnsupportedModelError(DataError):
+    """The model cannot run through the tensor-only entry points (a :class:`DataError`: the command
+    line reports it in one line and exits with 2)."""
+
+
+def check_tensor_modes(model: DUET) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` can run through these entry points."""
+    if not isinstance(model, DUET):
+        raise UnsupportedModelError(f"expected a DUET network, got {type(model).__name__}")
+    if model.config.use_objects:
+        raise UnsupportedModelError(
+            f"models with object tokens (REVERIE, obj_feat_size={model.config.obj_feat_size}) have no "
+            "tensor-only entry points yet; only models without objects (R2R) can be exported"
+        )
+
+
+def text_layers(model: DUET) -> tuple[int, int]:
+    """Cross-modal layers of the global and the local branch (the text cache holds 2 per layer)."""
+    return len(model.global_encoder.encoder.x_layers), len(model.local_encoder.encoder.x_layers)
+
+
+class _Mode(nn.Module):
+    def __init__(self, model: DUET) -> None:
+        super().__init__()
+        check_tensor_modes(model)
+        self.model = model
+        self.train(model.training)  # a wrapper's train()/eval() sets the model's, so start alike
+
+
+class LanguageMode(_Mode):
+    """``'language'``: (txt_ids, txt_masks) -> txt_embeds."""
+
+    def forward(self, txt_ids: Tensor, txt_masks: Tensor) -> Tensor:
+        with plain_ops():
+            return self.model.forward_language(txt_ids, txt_masks)
+
+
+class TextKVMode(_Mode):
+    """The per-episode text cache: txt_embeds -> txt_kv (2X, B, heads, L, head size)."""
+
+    def forward(self, txt_embeds: Tensor) -> Tensor:
+        m = self.model
+        with plain_ops():
+            kv = m.global_encoder.encoder.text_kv(txt_embeds) + m.local_encoder.encoder.text_kv(txt_embeds)
+        return torch.stack([t for pair in kv for t in pair])
+
+
+def unstack_text_kv(model: DUET, txt_kv: Tensor, txt_masks: Tensor) -> TextKV:
+    """:class:`TextKV` from the stacked cache of :class:`TextKVMode` (mask always applied)."""
+    n_global, n_local = text_layers(model)
+    pairs = [(txt_kv[2 * i], txt_kv[2 * i + 1]) for i in range(n_global + n_local)]
+    return TextKV(txt_masks, additive_mask(txt_masks, txt_kv.dtype), pairs[:n_global], pairs[n_global:])
+
+
+class PanoramaMode(_Mode):
+    """``'panorama'`` (views only): (view_img_fts, loc_fts, nav_types, view_lens) -> (pano_embeds, pano_masks)."""
+
+    def forward(self, view_img_fts: Tensor, loc_fts: Tensor, nav_types: Tensor, view_lens: Tensor) -> tuple[Tensor, Tensor]:
+        with plain_ops():
+            return self.model.forward_panorama(view_img_fts, loc_fts, nav_types, view_lens)
+
+
+class NavigationMode(_Mode):
+    """``'navigation'`` on the text cache, the map tensors and the fusion indices; outputs in
+    :data:`NAVIGATION_OUTPUTS` order."""
+
+    def forward(
+        self,
+        txt_kv: Tensor,
+        txt_masks: Tensor,
+        gmap_img_embeds: Tensor,
+        gmap_step_ids: Tensor,
+        gmap_pos_fts: Tensor,
+        gmap_masks: Tensor,
+        gmap_pair_dists: Tensor,
+        gmap_visited_masks: Tensor,
+        vp_img_embeds: Tensor,
+        vp_pos_fts: Tensor,
+        vp_masks: Tensor,
+        vp_nav_masks: Tensor,
+        cand_row: Tensor,
+        backtrack: Tensor,
+        bw_rows: Tensor,
+    ) -> tuple[Tensor, ...]:
+        m = self.model
+        with plain_ops():
+            out = m.forward_navigation(
+                unstack_text_kv(m, txt_kv, txt_masks),
+                gmap_img_embeds=gmap_img_embeds, gmap_step_ids=gmap_step_ids, gmap_pos_fts=gmap_pos_fts,
+                gmap_masks=gmap_masks, gmap_pair_dists=gmap_pair_dists,
+                gmap_visited_masks=gmap_visited_masks, gmap_vpids=[],
+                vp_img_embeds=vp_img_embeds, vp_pos_fts=vp_pos_fts, vp_masks=vp_masks,
+                vp_nav_masks=vp_nav_masks, vp_cand_vpids=[], fusion_idx=(cand_row, backtrack, bw_rows),
+            )
+        return tuple(out[name] for name in NAVIGATION_OUTPUTS)
+
+
+def tensor_modes(model: DUET) -> dict[str, nn.Module]:
+    """The four entry points of ``model``, by name (see :data:`MODES`)."""
+    return {"language": LanguageMode(model), "text_kv": TextKVMode(model),
+            "panorama": PanoramaMode(model), "navigation": NavigationMode(model)}
+
+
+def navigation_tensors(batch: Mapping[str, Any], txt_kv: Tensor, txt_masks: Tensor) -> dict[str, Tensor]:
+    """The navigation entry point's inputs (:data:`NAVIGATION_INPUTS` order) from a navigation batch
+    dict (the agent's or the fixture's, with its node-id lists), the stacked text cache and its
+    mask: the id lists become the fusion indices (:func:`~minivln.model.duet.fusion_indices`)."""
+    cand_row, backtrack, bw_rows = fusion_indices(
+        batch["gmap_vpids"], batch["gmap_visited_masks"], batch["vp_cand_vpids"], batch["vp_masks"].size(1)
+    )
+    given = {"txt_kv": txt_kv, "txt_masks": txt_masks, "cand_row": cand_row, "backtrack": backtrack,
+             "bw_rows": bw_rows}
+    return {name: given[name] if name in given else batch[name] for name in NAVIGATION_INPUTS}
