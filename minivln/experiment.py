@@ -72,7 +72,7 @@ class RunSpec:
     command: str = "finetune"  # "pretrain" or "finetune"
     config: str = ""  # base YAML, relative to the (pinned) repository root
     init: str = ""  # another run of the recipe whose exported weights this one starts from
-    teacher_run: str = ""  # another (fine-tuning) run of the recipe whose model is this run's frozen teacher
+    teacher_run: str = ""  # another run of the recipe whose exported weights are this run's frozen teacher
     overrides: dict[str, Any] = field(default_factory=dict)  # key=value overrides (nested keys with dots)
 
 
@@ -153,10 +153,8 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             raise ConfigError(f"{path}: run {run_name}: command must be one of {COMMANDS}, got {spec.command!r}")
         if spec.init and spec.init not in recipe.runs:
             raise ConfigError(f"{path}: run {run_name}: init names no run of the recipe ({spec.init!r})")
-        if spec.teacher_run and (spec.teacher_run not in recipe.runs
-                                 or recipe.runs[spec.teacher_run].command != "finetune"):
-            raise ConfigError(f"{path}: run {run_name}: teacher_run names no fine-tuning run of the recipe "
-                              f"({spec.teacher_run!r})")
+        if spec.teacher_run and spec.teacher_run not in recipe.runs:
+            raise ConfigError(f"{path}: run {run_name}: teacher_run names no run of the recipe ({spec.teacher_run!r})")
         if spec.teacher_run and "teacher" in spec.overrides:
             raise ConfigError(f"{path}: run {run_name}: give teacher_run or overrides.teacher, not both")
     names = [r.name for r in recipe.rows]
@@ -308,7 +306,7 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
         if spec.init:
             items["init_checkpoint"] = str(_init_weights(recipe, out, spec.init))
         if spec.teacher_run:
-            items["teacher"] = str(out / "runs" / spec.teacher_run / "model")
+            items["teacher"] = str(_init_weights(recipe, out, spec.teacher_run))
         items = {k: (_abs(v, root) if k in PATH_KEYS else v) for k, v in items.items()}
         argv = [*py, spec.command, "--out", str(run_dir)]
         if spec.config:
