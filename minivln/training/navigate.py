@@ -25,23 +25,25 @@ import torch
 
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
-from minivln.env.env import NavBatchEnv, write_submission
+from minivln.config import read_yaml
+from minivln.env.env import NavBatchEnv, check_split_features, write_submission
 from minivln.evaluation.evaluator import Evaluator
+from minivln.evaluation.metrics import R2R_METRICS, REVERIE_METRICS, format_metrics, metrics_legend
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.model.checkpoint import load_agent_model
-from minivln.paths import DataError, atomic_write_text, resolve_data_dir
+from minivln.paths import DataError, atomic_write_text, check_writable_dir, resolve_data_dir
 from minivln.training.agent import DUETAgent, run_agent
 
 
 def _run_defaults(checkpoint: Path) -> dict[str, Any]:
     """data_dir / features / lengths recorded in a fine-tuning run's config.yaml, if any."""
-    import yaml
-
     run = checkpoint.parent if checkpoint.name == "model" else checkpoint
     cfg_file = run / "config.yaml"
     if not cfg_file.exists():
         return {}
-    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    cfg = read_yaml(cfg_file, "the run's config") or {}
+    if not isinstance(cfg, dict):
+        raise DataError(f"{cfg_file}: the top level must be a mapping (a run's saved config)")
     out: dict[str, Any] = {k: cfg[k] for k in ("max_action_len", "max_instr_len") if k in cfg}
     if cfg.get("data_dir") == "toy":
         out["data_dir"] = str(run / "toy_data")
@@ -59,10 +61,12 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
              features: str | None = None, objects: str | None = None, batch_size: int = 16,
              max_action_len: int | None = None, max_instr_len: int | None = None,
              progress: bool = False) -> dict[str, Any]:
-    """Run the agent over ``split``; returns ``{"submission": path, "metrics": summary or None}``."""
+    """Run the agent over ``split``; returns ``{"submission": path, "metrics": summary or None,
+    "episodes": count, "features": "stand-in" or "real"}`` (REVERIE: also ``"object_features"``)."""
 
     if task not in ("r2r", "reverie"):
         raise DataError(f"navigate: task must be 'r2r' or 'reverie', got {task!r}")
+    out = check_writable_dir(out, "output directory")  # before loading anything
     defaults = _run_defaults(Path(checkpoint))
     data_dir = data_dir or defaults.get("data_dir")
     features = features or defaults.get("features")
@@ -83,12 +87,12 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
         obj_store = ObjectFeatureStore(objects, expected_dim=model.config.obj_feat_size)
     store = FeatureStore(features, expected_dim=model.config.image_feat_size)
     episodes = load_episodes(task, split, root)
-    env = NavBatchEnv(episodes, Graphs(root), batch_size=batch_size, features=store, max_steps=max_action_len)
+    graphs = Graphs(root)
+    check_split_features(store, episodes, graphs, f"the {task} {split} split")
+    env = NavBatchEnv(episodes, graphs, batch_size=batch_size, features=store, max_steps=max_action_len)
     agent = DUETAgent(model, max_action_len=max_action_len, max_instr_len=max_instr_len, features=store,
                       objects=obj_store)
     preds = run_agent(agent, env, progress=progress)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sub_path = out / f"submission_{split}.json"
     write_submission(sub_path, preds)
     summary = None
@@ -99,7 +103,11 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
         if obj_store is not None:
             record.update({"task": task, "object_features": "stand-in" if obj_store.is_standin else "real"})
         atomic_write_text(out / f"metrics_{split}.json", json.dumps(record, indent=2) + "\n")
-    return {"submission": str(sub_path), "metrics": summary}
+    res = {"submission": str(sub_path), "metrics": summary, "episodes": len(episodes),
+           "features": "stand-in" if store.is_standin else "real"}
+    if obj_store is not None:
+        res["object_features"] = "stand-in" if obj_store.is_standin else "real"
+    return res
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -124,5 +132,11 @@ def _main(args: argparse.Namespace) -> int:
                    features=args.features, objects=args.objects, batch_size=args.batch_size, progress=True)
     print(f"submission: {res['submission']}")
     if res["metrics"] is not None:
-        print(json.dumps(res["metrics"]))
+        names = R2R_METRICS if args.task == "r2r" else REVERIE_METRICS
+        features = "STAND-IN features" if res["features"] == "stand-in" else "real features"
+        if "object_features" in res:
+            features += ", STAND-IN objects" if res["object_features"] == "stand-in" else ", real objects"
+        print(f"{args.split} ({res['episodes']:,} episodes, {features}): {format_metrics(res['metrics'], names)}")
+        print(f"({metrics_legend(names)})")
+        print(f"metrics: {Path(args.out) / f'metrics_{args.split}.json'}")
     return 0
