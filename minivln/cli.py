@@ -7,12 +7,18 @@ its parser and sets ``func`` (a callable taking the parsed args and returning an
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+import warnings
 
 from minivln import __version__
 from minivln.config import ConfigError
-from minivln.paths import DataError
+from minivln.paths import DataError, describe_os_error, error_number
+
+#: what the environment, not the code, gets wrong: reported as one line like bad input (exit 2)
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
+                      errno.EISDIR, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 # command -> (module whose ``register`` defines it, the one-line help ``minivln --help`` shows).
 # Only the module of the command being run is imported, so ``minivln --help`` and light commands
@@ -84,11 +90,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return int(args.func(args) or 0)
     except (DataError, ConfigError, FileExistsError) as exc:  # bad input: a message, exit 2, nothing overwritten
         print(f"minivln: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only or full disk, a missing file: the same one line
+        if error_number(exc) not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"minivln: error: {where}{describe_os_error(exc, exc.filename)}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.formatwarning = format_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line, like errors (Python's default adds the file, line and source)."""
+    return f"minivln: warning: {message}\n"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the resolved config next to a run so that it can be re-run exactly.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -24,6 +25,46 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override does not fit the config's fields; the message names the key."""
+
+
+def _yaml_cause(exc: yaml.YAMLError) -> str:
+    """What a YAML error says, in one line (without where)."""
+    problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    context = getattr(exc, "context", None)
+    return problem + (f" ({context})" if context else "")
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: ``"line 3, column 7: mapping values are not allowed here"``."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + _yaml_cause(exc)
+
+
+def read_yaml(path: str | os.PathLike, what: str = "") -> Any:
+    """Parse a YAML file; a missing, unreadable or invalid file is a one-line :class:`ConfigError`
+    naming the file, the line and the column."""
+    p = Path(path)
+    label = f"{what} {p}" if what else str(p)
+    if not p.is_file():
+        raise ConfigError(f"{label} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label} cannot be read: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: invalid YAML: {_yaml_cause(exc)}") from None
+
+
+def _yaml_value(raw: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: {raw!r} is not a valid YAML value ({yaml_problem(exc)})") from None
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -49,7 +90,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return _from_dict(tp, value, prefix=f"{key}.")
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, key)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         inner = args[0] if args else Any
@@ -81,13 +122,32 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _unknown_keys_error(cls: type, unknown: list[str], prefix: str) -> ConfigError:
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    shown = []
+    for k in unknown:
+        near = difflib.get_close_matches(k, names, n=1)
+        shown.append(prefix + k + (f" (did you mean {prefix + near[0]}?)" if near else ""))
+    return ConfigError(f"unknown config key(s) {', '.join(shown)}; {cls.__name__} has {', '.join(names)}")
+
+
+def _check_keys(cls: type, data: dict, prefix: str = "") -> None:
+    """Unknown keys of ``data`` (nested mappings of nested configs included) are a ConfigError."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise _unknown_keys_error(cls, unknown, prefix)
+    for k, v in data.items():
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            _check_keys(hints[k], v, f"{prefix}{k}.")
+
+
 def _from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                          f"{cls.__name__} has {', '.join(sorted(names))}")
+        raise _unknown_keys_error(cls, unknown, prefix)
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
     base = cls()  # defaults for everything not given
     return dataclasses.replace(base, **kwargs)
@@ -104,7 +164,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_value(raw, key.strip()) if raw != "" else ""
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -140,12 +200,13 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     data: dict = {}
     if path is not None:
         p = resolve_config(path)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        loaded = read_yaml(p, "config file") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
+        try:
+            _check_keys(cls, loaded)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
         data = loaded
     # nested dataclass defaults must merge with partial YAML mappings
     merged = _merge(to_dict(cls()), apply_overrides(data, overrides or []))
@@ -165,3 +226,85 @@ def _merge(base: dict, new: dict) -> dict:
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+#: Keys of a run's config that name the run rather than what it computes (never "changes" on resume).
+RUN_KEYS = ("train.run_dir", "train.resume")
+RUN_CONFIG = "config.yaml"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"optim": {"lr": 1}}}`` -> ``{"train.optim.lr": 1}`` (lists are values)."""
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = to_dict(data)
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: Any, new: Any, ignore: tuple[str, ...] = RUN_KEYS) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old value, new value)}`` for every (dotted) key whose value differs."""
+    a, b = flatten(old), flatten(new)
+    missing = object()
+    return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if k not in ignore and a.get(k, missing) != b.get(k, missing)}
+
+
+def _shown(value: Any) -> str:
+    return "(unset)" if not isinstance(value, (str, int, float, bool, list, tuple, dict, type(None))) else repr(value)
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    return [item.split("=", 1)[0].strip() for item in overrides if "=" in item]
+
+
+def load_run_config(cls: type[T], run_dir: str | os.PathLike, path: str | os.PathLike | None = None,
+                    overrides: list[str] | None = None, *, resume: bool = False) -> tuple[T, str]:
+    """The config of a training run started or resumed from the command line, and a one-line note
+    ("" when there is nothing to say).
+
+    A new run: ``path`` <- ``overrides`` (as :func:`load_config`), with ``train.run_dir = run_dir``.
+
+    A resumed run (``resume``) needs only its directory: its saved ``RUN/config.yaml`` is the base and
+    ``overrides`` apply on top; the note names every value they change (e.g. a larger
+    ``train.max_steps`` to extend the run).  ``path`` may be given again with the same overrides (the
+    experiment runner does): values equal to the saved ones are no change.  A value of ``path`` that
+    differs from the saved config and is not an override is a :class:`ConfigError` rather than a
+    silent change of the run.
+    """
+    overrides = list(overrides or [])
+    run = Path(run_dir)
+    fixed = [f"train.run_dir={run}"] + (["train.resume=true"] if resume else [])
+    saved_file = run / RUN_CONFIG
+    if not resume or not saved_file.is_file():
+        if resume and path is None:
+            raise ConfigError(f"cannot resume {run}: {saved_file} does not exist (not a run directory, or one "
+                              "that never started); start the run with --config/overrides, without --resume")
+        return load_config(cls, path, overrides + fixed), ""
+    saved = load_config(cls, saved_file, fixed)
+    if path is None:
+        cfg = load_config(cls, saved_file, overrides + fixed)
+    else:
+        cfg = load_config(cls, path, overrides + fixed)
+        given = override_keys(overrides)
+        stray = {k: v for k, v in config_changes(saved, cfg).items()
+                 if not any(k == g or k.startswith(g + ".") for g in given)}
+        if stray:
+            shown = ", ".join(f"{k}: {_shown(a)} in the run, {_shown(b)} in {path}"
+                              for k, (a, b) in list(stray.items())[:4])
+            more = f" (+{len(stray) - 4} more)" if len(stray) > 4 else ""
+            raise ConfigError(
+                f"cannot resume {run}: --config {path} differs from the run's saved {saved_file}: {shown}{more}; "
+                "resume with the run directory alone (no --config), or give the values to change as key=value")
+    changes = config_changes(saved, cfg)
+    if not changes:
+        return cfg, ""
+    shown = ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in changes.items())
+    return cfg, f"resuming {run} with changes to its saved config {saved_file}: {shown}"

@@ -42,11 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from minivln.config import CONFIG_DIR, ConfigError, load_config, resolve_config, to_dict
+from minivln.config import (
+    CONFIG_DIR,
+    ConfigError,
+    load_config,
+    read_yaml,
+    resolve_config,
+    to_dict,
+)
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
 from minivln.env.env import NavBatchEnv, evaluate_policy, make_random_policy
@@ -56,6 +62,7 @@ from minivln.paths import (
     DataError,
     atomic_write_bytes,
     atomic_write_text,
+    check_writable_dir,
     resolve_data_dir,
 )
 from minivln.training.logging import read_jsonl
@@ -190,6 +197,13 @@ def spec_hash(spec: RunSpec, deps: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} {path} is truncated or corrupt (not valid JSON: {exc})") from None
+
+
 # ------------------------------------------------------------------------------------------ pinning
 
 
@@ -205,7 +219,7 @@ def pin_checkout(out: Path, commit: str | None, root: Path | None = None) -> tup
     root = root or repo_root()
     pin_file, code = out / "pin.json", out / "code"
     if pin_file.exists():
-        pinned = json.loads(pin_file.read_text())["commit"]
+        pinned = _read_json(pin_file, "the pin file").get("commit", "")
         if commit and _git("rev-parse", commit, cwd=root) != pinned:
             raise ConfigError(f"{out} is pinned to {pinned[:12]}; use another --out for {commit}")
         if not code.is_dir():
@@ -345,7 +359,7 @@ def is_done(out: Path, job: Job) -> bool:
     f = _done_file(out, job)
     if not f.exists():
         return False
-    rec = json.loads(f.read_text())
+    rec = _read_json(f, "the done mark")
     if rec.get("spec") != job.spec:
         raise ConfigError(f"{job.name} in {out} was made from another spec ({rec.get('spec')} vs {job.spec}): "
                           "a recipe changed under a finished run; use another --out or remove "
@@ -442,7 +456,7 @@ def random_submission(recipe: Recipe) -> list[dict]:
 
 def _run_config(out: Path, run: str) -> dict[str, Any]:
     f = out / "runs" / run / "config.yaml"
-    return yaml.safe_load(f.read_text()) if f.exists() else {}
+    return (read_yaml(f, "the run's config") or {}) if f.exists() else {}
 
 
 def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
@@ -611,7 +625,8 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError("--jobs must be >= 1")
     out = Path(args.out).resolve()
     if args.dry_run:
-        commit = json.loads((out / "pin.json").read_text())["commit"] if (out / "pin.json").exists() else "(HEAD)"
+        pin = out / "pin.json"
+        commit = _read_json(pin, "the pin file").get("commit", "?") if pin.exists() else "(HEAD)"
         code = out / "code"
         for j in plan(recipe, out, code):
             print(f"{j.name}  after {', '.join(j.deps) or '-'}\n    {' '.join(j.argv)}")
@@ -629,6 +644,12 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     """Pin the code (``pin=False``: run this checkout in place, for tests), run what is pending,
     write the table; ``(every job finished, table)``."""
     out = Path(out).resolve()
+    # before any work: the experiment directory and where the table and submissions go must take files
+    check_writable_dir(out, "experiment directory")
+    root = repo_root()
+    if recipe.results:
+        check_writable_dir((root / recipe.results).parent, "results directory")
+    check_writable_dir(root / (recipe.submissions or f"docs/results/{recipe.name}"), "submissions directory")
     if pin:
         commit, code = pin_checkout(out, commit)
     else:

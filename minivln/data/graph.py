@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +25,13 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
-from minivln.paths import DataError, atomic_write_bytes, cache_dir, resolve_data_dir
+from minivln.paths import (
+    DataError,
+    WriteError,
+    atomic_write_bytes,
+    cache_dir,
+    resolve_data_dir,
+)
 
 _CACHE_VERSION = 1
 
@@ -178,11 +185,28 @@ def load_house(scan: str, data_dir: str | os.PathLike | None = None, *, use_cach
     return _load_house_cached(str(root.resolve()), scan, use_cache)
 
 
+_cache_warned = False
+
+
+def _cache_unavailable(exc: WriteError) -> None:
+    """The graph cache is an optimisation: a read-only or full cache directory is noted once (one
+    line) and the graphs are built from the connectivity files each time."""
+    global _cache_warned
+    if not _cache_warned:
+        _cache_warned = True
+        print(f"minivln: note: graph cache disabled: {exc}", file=sys.stderr)
+
+
 @lru_cache(maxsize=None)
 def _load_house_cached(root: str, scan: str, use_cache: bool) -> House:
     src = connectivity_file(Path(root), scan)
-    cached = cache_dir("graphs") / f"{scan}-{_cache_key(src)}.npz"
-    if use_cache and cached.is_file():
+    cached = None
+    if use_cache:
+        try:
+            cached = cache_dir("graphs") / f"{scan}-{_cache_key(src)}.npz"
+        except WriteError as exc:
+            _cache_unavailable(exc)
+    if cached is not None and cached.is_file():
         try:
             return _load(scan, cached)
         except (OSError, ValueError, KeyError):
@@ -192,8 +216,11 @@ def _load_house_cached(root: str, scan: str, use_cache: bool) -> House:
     except json.JSONDecodeError as exc:
         raise DataError(f"{src} is not valid JSON: {exc}") from exc
     house = build_house(scan, entries)
-    if use_cache:
-        _save(house, cached)
+    if cached is not None:
+        try:
+            _save(house, cached)
+        except WriteError as exc:
+            _cache_unavailable(exc)
     return house
 
 

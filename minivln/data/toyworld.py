@@ -39,6 +39,7 @@ import numpy as np
 
 from minivln.data.graph import House, build_house
 from minivln.geometry import VIEW_ELEVATIONS, VIEW_HEADINGS, direction, wrap_angle
+from minivln.paths import check_writable_dir, write_error
 
 TOYWORLD_VERSION = 1
 MANIFEST_NAME = "toyworld.json"
@@ -1096,9 +1097,12 @@ def build_toy_world(out_dir: str | os.PathLike, seed: int = 0, n_houses: int | N
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --force to replace it)")
+    check_writable_dir(out.parent, "output directory")
     world = generate_toy_world(seed, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise write_error(exc, out) from exc
     try:
         write_toy_world(world, tmp)
         os.chmod(tmp, 0o755)
@@ -1109,6 +1113,9 @@ def build_toy_world(out_dir: str | os.PathLike, seed: int = 0, n_houses: int | N
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as exc:  # a full or read-only disk: one line naming the directory, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(exc, out) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -75,6 +75,12 @@ def _navigate_main(args: argparse.Namespace) -> int:
     from minivln.config import ConfigError
     from minivln.deploy.backends import load_backend
     from minivln.deploy.compare import CompareModel
+    from minivln.evaluation.metrics import (
+        R2R_METRICS,
+        REVERIE_METRICS,
+        format_metrics,
+        metrics_legend,
+    )
     from minivln.model.checkpoint import load_agent_model
     from minivln.paths import atomic_write_text
     from minivln.training.navigate import navigate
@@ -96,7 +102,15 @@ def _navigate_main(args: argparse.Namespace) -> int:
         backend.close()
     print(f"submission: {res['submission']}")
     if res["metrics"] is not None:
-        print(json.dumps(res["metrics"]))
+        names = R2R_METRICS if args.task == "r2r" else REVERIE_METRICS
+        features = "STAND-IN features" if res["features"] == "stand-in" else "real features"
+        if "object_features" in res:
+            features += ", STAND-IN objects" if res["object_features"] == "stand-in" else ", real objects"
+        backend = "" if args.backend == "torch" else f", backend {args.backend}"
+        print(f"{args.split} ({res['episodes']:,} episodes, {features}{backend}): "
+              f"{format_metrics(res['metrics'], names)}")
+        print(f"({metrics_legend(names)})")
+        print(f"metrics: {Path(args.out) / f'metrics_{args.split}.json'}")
     if args.compare:
         report = {"reference": "torch", "candidate": args.backend, "checkpoint": str(args.checkpoint),
                   "split": args.split, **model.report()}

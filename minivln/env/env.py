@@ -367,6 +367,18 @@ def make_random_policy(seed: int = 0, stop_prob: float | str | None = None) -> P
     return policy
 
 
+def check_split_features(features, episodes: Sequence[Episode], graphs: Graphs, what: str) -> None:
+    """Fail before any work when ``features`` lacks a viewpoint that ``episodes`` may visit (every
+    viewpoint of their houses): the count and the first few missing keys (a store without
+    ``require``, e.g. synthetic features, is not checked)."""
+    require = getattr(features, "require", None)
+    if require is None:
+        return
+    scans = sorted({e.scan for e in episodes})
+    keys = [f"{scan}_{vp}" for scan in scans for vp in graphs[scan].vp_ids]
+    require(keys, f"{what} ({len(scans)} house{'s' if len(scans) != 1 else ''})")
+
+
 def write_submission(path: str | os.PathLike, entries: list[dict]) -> None:
     """Write leaderboard entries as JSON, atomically."""
     atomic_write_text(path, json.dumps(entries))

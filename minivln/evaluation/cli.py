@@ -19,6 +19,11 @@ import sys
 from pathlib import Path
 
 from minivln.data.datasets import TASKS
+from minivln.paths import (
+    atomic_write_text,
+    check_writable_dir,
+    refuse_overwriting_inputs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,8 +83,11 @@ def format_table(summary: dict[str, float], n_scored: int, title: str) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     from minivln.evaluation.evaluator import Evaluator, load_submission
-    from minivln.paths import atomic_write_text
 
+    if args.out:  # before any work: an output that is the input, or that cannot be written
+        refuse_overwriting_inputs(args.out, {"--preds": args.preds}, "--out")
+        refuse_overwriting_inputs(per_episode_path(args.out), {"--preds": args.preds}, "the per-episode file of --out")
+        check_writable_dir(Path(args.out).parent, "output directory")
     preds = load_submission(args.preds)
     evaluator = Evaluator(
         args.task,

@@ -47,6 +47,38 @@ REVERIE_METRICS = ("sr", "oracle_sr", "spl", "rgs", "rgspl", "trajectory_length"
 RATE_METRICS = frozenset({"sr", "oracle_sr", "spl", "ndtw", "sdtw", "cls", "rgs", "rgspl"})
 """Metrics that are fractions in [0, 1] (the others are metres)."""
 
+METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "sr": ("SR", "success rate"),
+    "spl": ("SPL", "success weighted by path length"),
+    "nav_error": ("NE", "navigation error"),
+    "oracle_nav_error": ("ONE", "oracle navigation error"),
+    "oracle_sr": ("OSR", "oracle success rate"),
+    "trajectory_length": ("TL", "trajectory length"),
+    "ndtw": ("nDTW", "normalized dynamic time warping"),
+    "sdtw": ("SDTW", "success weighted by nDTW"),
+    "cls": ("CLS", "coverage weighted by length score"),
+    "rgs": ("RGS", "remote grounding success"),
+    "rgspl": ("RGSPL", "RGS weighted by path length"),
+}
+"""Metric name -> (short label, what it is), for summaries printed to people."""
+
+
+def format_metrics(summary: dict[str, float], names: Sequence[str] | None = None) -> str:
+    """``"SR 0.400  SPL 0.307  NE 5.12 m"``: rates as fractions with 3 decimals, distances in metres."""
+    out = []
+    for name in names if names is not None else list(summary):
+        if name not in summary or summary[name] is None:
+            continue
+        label = METRIC_LABELS.get(name, (name, ""))[0]
+        value = float(summary[name])
+        out.append(f"{label} {value:.3f}" if name in RATE_METRICS else f"{label} {value:.2f} m")
+    return "  ".join(out)
+
+
+def metrics_legend(names: Sequence[str]) -> str:
+    """``"SR = success rate, SPL = success weighted by path length, ..."``: each label spelled out once."""
+    return ", ".join(f"{METRIC_LABELS[n][0]} = {METRIC_LABELS[n][1]}" for n in names if n in METRIC_LABELS)
+
 
 # -- path helpers ------------------------------------------------------------------------------
 def collapse_repeats(path: Sequence[str]) -> list[str]:

@@ -20,22 +20,36 @@ Object features (VLN-DUET REVERIE layout)::
     ``bboxes``, ``view_ids``.  A viewpoint without objects may have no entry.
 
 Readers open the file on first use (and again in a forked worker), read one key at a time and
-keep at most ``cache_size`` decoded entries (least recently used first out).  Writers write to a
-temporary file beside the target and rename it into place only when everything was written.
+keep at most ``cache_size`` decoded entries (least recently used first out); ``FeatureStore.require``
+checks, from the key list alone, that a file holds every viewpoint a split needs.  Writers write to a
+temporary file beside the target and rename it into place only when everything was written; a write
+that fails (a full disk) stops the writer with one :class:`~minivln.paths.WriteError` naming the file
+and the space needed and left, and removes the temporary file (the target stays as it was).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import h5py
 import numpy as np
 
-from minivln.paths import DataError
+from minivln.paths import (
+    DataError,
+    WriteError,
+    describe_os_error,
+    error_number,
+    format_bytes,
+    free_bytes,
+    write_error,
+)
 
 NUM_VIEWS = 36
 NUM_CLASSES = 1000
@@ -169,6 +183,7 @@ class FeatureStore(_StoreMetadata):
         self._f = _LazyH5(path, cache_size)
         self.expected_dim = expected_dim
         self._layout: tuple[int, int, str] | None = None  # (dim, stored width, class layout)
+        self._names: frozenset[str] | None = None
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -252,6 +267,24 @@ class FeatureStore(_StoreMetadata):
 
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
+
+    def root_names(self) -> frozenset[str]:
+        """Every name at the file's root (the key list only: no data is read), cached."""
+        if self._names is None:
+            self._names = frozenset(self._f.file().keys())
+        return self._names
+
+    def require(self, keys: Iterable[str], what: str) -> None:
+        """Raise a :class:`MissingFeatureError` now, naming the count and the first few, when some of
+        ``keys`` (``{scan}_{viewpoint}``) are not in the file (``what`` needs them, e.g. ``"the r2r
+        val_unseen split (11 houses)"``), instead of failing several batches into a run."""
+        keys = list(keys)
+        names = self.root_names()
+        missing = [k for k in keys if k not in names]
+        if missing:
+            raise MissingFeatureError(
+                f"{self.path} lacks features for {len(missing):,} of the {len(keys):,} viewpoints that {what} needs "
+                f"(first missing: {', '.join(missing[:3])}); a feature file of other houses, or an incomplete build?")
 
     def _read(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
         hit = self._f.cached(key)
@@ -453,17 +486,108 @@ class ObjectFeatureStore(_StoreMetadata):
 
 
 # -- writers ---------------------------------------------------------------------------------------
-class _AtomicH5Writer:
-    """Writes an HDF5 file beside ``path`` and renames it into place on a clean ``close()``."""
+class _GuardedFile(io.RawIOBase):
+    """The file an HDF5 writer writes through (h5py's file-object driver).
 
-    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any]):
+    HDF5 copes badly with a failed write (a full disk): the errors surface in deallocators, where
+    Python can only print them (thousands of lines of tracebacks), writing goes on, and closing the
+    file can crash the process.  So the first failed write is recorded in :attr:`error`, it and every
+    later write are reported to HDF5 as done (nothing more is written), and the writer checks
+    :attr:`error` after each entry and stops with one clean error.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._f = open(path, "w+b", buffering=0)
+        self.error: OSError | None = None
+        self.size = 0  # bytes in the file (the highest offset written)
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self._f.readinto(buffer)
+
+    def write(self, data) -> int:
+        n = len(memoryview(data).cast("B"))
+        if self.error is None:
+            try:
+                pos = self._f.tell()
+                written = 0
+                while written < n:  # a raw write may be short
+                    written += self._f.write(memoryview(data).cast("B")[written:])
+                self.size = max(self.size, pos + n)
+            except OSError as exc:
+                self.error = exc
+        return n
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._f.tell() if size is None else size
+        if self.error is None:
+            try:
+                self._f.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self) -> None:
+        return None  # unbuffered; sync() makes the data durable
+
+    def sync(self) -> None:
+        if self.error is None:
+            try:
+                os.fsync(self._f.fileno())
+            except OSError as exc:
+                self.error = exc
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        super().close()
+
+
+class _AtomicH5Writer:
+    """Writes an HDF5 file beside ``path`` and renames it into place on a clean ``close()``.
+
+    A failed write (disk full, read-only file system) stops the writer with one
+    :class:`~minivln.paths.WriteError` naming ``path``, the cause and, when the disk is full, the space
+    needed (``expected_bytes``, when the caller knows it) and left; the temporary file is removed and
+    an existing ``path`` stays as it was.
+    """
+
+    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any], expected_bytes: int | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        self.h5 = h5py.File(self.tmp, "w")
-        for k, v in attrs.items():
-            if v is not None:
-                self.h5.attrs[k] = v
+        self.expected_bytes = expected_bytes
+        if self.path.is_dir():
+            raise WriteError(f"cannot write {self.path}: it is a directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._raw = _GuardedFile(self.tmp)
+        except OSError as exc:
+            raise write_error(exc, self.path) from exc
+        self.h5: h5py.File | None = None
+        try:
+            with self._writing():
+                self.h5 = h5py.File(self._raw, "w")
+                for k, v in attrs.items():
+                    if v is not None:
+                        self.h5.attrs[k] = v
+        except BaseException:
+            self.abort()
+            raise
         self.count = 0
 
     def __enter__(self):
@@ -475,18 +599,56 @@ class _AtomicH5Writer:
         else:
             self.abort()
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around every write: a failed write becomes one :class:`WriteError` (the file is dropped)."""
+        try:
+            yield
+        except (OSError, RuntimeError):
+            if self._raw.error is None:  # not a write that failed: a real error, reported as it is
+                raise
+        if self._raw.error is not None:
+            raise self._failed()
+
+    def _failed(self) -> WriteError:
+        exc = self._raw.error
+        written = self._raw.size
+        self.abort()  # frees the space before it is measured
+        code = error_number(exc)
+        if code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)):
+            free = free_bytes(self.path.parent)
+            need = (f"it needs about {format_bytes(self.expected_bytes)}" if self.expected_bytes
+                    else f"it had written {format_bytes(written)}")
+            left = f", {format_bytes(free)} left" if free is not None else ""
+            cause = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
+            message = f"cannot write {self.path}: {cause} ({need}{left}); the temporary file was removed"
+        else:
+            message = f"cannot write {self.path}: {describe_os_error(exc, self.path.parent)}"
+        return WriteError(message, code)
+
     def close(self) -> None:
         """Finish: flush, close and rename the temporary file to the target."""
         if self.h5:
-            self.h5.close()
-            os.replace(self.tmp, self.path)
+            with self._writing():
+                self.h5.close()
+                self._raw.sync()
+            self._raw.close()
+            try:
+                os.replace(self.tmp, self.path)
+            except OSError as exc:
+                self.tmp.unlink(missing_ok=True)
+                raise write_error(exc, self.path) from exc
 
     def abort(self) -> None:
         """Drop everything written: the target is left as it was."""
         try:
             if self.h5:
-                self.h5.close()
+                try:
+                    self.h5.close()  # after a failed write the guard swallows what closing writes
+                except (OSError, RuntimeError, ValueError):
+                    self.h5 = None  # the file is being discarded: nothing of it is kept
         finally:
+            self._raw.close()
             self.tmp.unlink(missing_ok=True)
 
 
@@ -500,7 +662,7 @@ class FeatureWriter(_AtomicH5Writer):
 
     def __init__(self, path: str | os.PathLike, *, dim: int, standin: bool, description: str,
                  class_layout: str = "none", class_names: list[str] | None = None,
-                 dtype: str = "float16", attrs: dict[str, Any] | None = None):
+                 dtype: str = "float16", attrs: dict[str, Any] | None = None, expected_bytes: int | None = None):
         if class_layout not in CLASS_LAYOUTS:
             raise ValueError(f"class_layout must be one of {CLASS_LAYOUTS}, got {class_layout!r}")
         if class_layout == "concat" and class_names is not None and len(class_names) != NUM_CLASSES:
@@ -518,8 +680,11 @@ class FeatureWriter(_AtomicH5Writer):
             "num_classes": self.num_classes if class_layout != "none" else 0,
             "class_names": np.array(class_names, dtype=h5py.string_dtype()) if class_names else None,
         }
-        super().__init__(path, {**base, **(attrs or {})})
-        self._classes = self.h5.create_group(CLASS_GROUP) if class_layout == "separate" else None
+        super().__init__(path, {**base, **(attrs or {})}, expected_bytes)
+        self._classes = None
+        if class_layout == "separate":
+            with self._writing():
+                self._classes = self.h5.create_group(CLASS_GROUP)
 
     def add(self, scan: str, vp: str, fts: np.ndarray, class_probs: np.ndarray | None = None) -> None:
         key = feature_key(scan, vp)
@@ -533,37 +698,48 @@ class FeatureWriter(_AtomicH5Writer):
                 got = None if class_probs is None else class_probs.shape
                 raise DataError(f"class distribution for {key} has shape {got}; "
                                 f"expected ({NUM_VIEWS}, {self.num_classes})")
-        if self.class_layout == "concat":
-            data = np.concatenate([fts.astype(np.float32), probs_to_logits(class_probs)], axis=1)
-            self.h5.create_dataset(key, data=data.astype(self.dtype))
-        else:
-            self.h5.create_dataset(key, data=fts.astype(self.dtype))
-        if self._classes is not None:
-            self._classes.create_dataset(key, data=np.asarray(class_probs, np.float16), compression="lzf")
+        with self._writing():
+            if self.class_layout == "concat":
+                data = np.concatenate([fts.astype(np.float32), probs_to_logits(class_probs)], axis=1)
+                self.h5.create_dataset(key, data=data.astype(self.dtype))
+            else:
+                self.h5.create_dataset(key, data=fts.astype(self.dtype))
+            if self._classes is not None:
+                self._classes.create_dataset(key, data=np.asarray(class_probs, np.float16), compression="lzf")
         self.count += 1
+
+    @staticmethod
+    def estimate_bytes(viewpoints: int, dim: int, class_layout: str = "separate", dtype: str = "float16") -> int:
+        """About how large a file of ``viewpoints`` entries will be: the features exactly, the
+        (compressed) class distributions and HDF5's own records estimated (about 5 KB per viewpoint
+        with ``separate``; 4.7 KB in the real stand-in file)."""
+        width = dim + (NUM_CLASSES if class_layout == "concat" else 0)
+        per_vp = NUM_VIEWS * width * np.dtype(dtype).itemsize + 512 + (4608 if class_layout == "separate" else 0)
+        return viewpoints * per_vp + 2**20
 
 
 class ObjectFeatureWriter(_AtomicH5Writer):
     """Write per-viewpoint object features in the VLN-DUET REVERIE layout, atomically."""
 
     def __init__(self, path: str | os.PathLike, *, dim: int, standin: bool, description: str,
-                 dtype: str = "float16", attrs: dict[str, Any] | None = None):
+                 dtype: str = "float16", attrs: dict[str, Any] | None = None, expected_bytes: int | None = None):
         self.dim = int(dim)
         self.dtype = np.dtype(dtype)
         base = {"standin": bool(standin), "description": description, "feature_dim": self.dim}
-        super().__init__(path, {**base, **(attrs or {})})
+        super().__init__(path, {**base, **(attrs or {})}, expected_bytes)
 
     def add(self, scan: str, vp: str, objs: ObjectFeatures) -> None:
         key = feature_key(scan, vp)
         k = len(objs.obj_ids)
         if objs.fts.shape != (k, self.dim):
             raise DataError(f"object features for {key} have shape {objs.fts.shape}; expected ({k}, {self.dim})")
-        ds = self.h5.create_dataset(key, data=np.asarray(objs.fts).astype(self.dtype))
-        ds.attrs["obj_ids"] = np.asarray(objs.obj_ids, np.int64)
-        ds.attrs["directions"] = np.asarray(objs.directions, np.float32).reshape(k, 2)
-        ds.attrs["sizes"] = np.asarray(objs.sizes, np.float32).reshape(k, 2)
-        ds.attrs["bboxes"] = np.asarray(objs.bboxes, np.float32).reshape(k, 4)
-        ds.attrs["view_ids"] = np.asarray(objs.view_ids, np.int64)
-        if objs.names is not None:
-            ds.attrs["names"] = np.array(objs.names, dtype=h5py.string_dtype())
+        with self._writing():
+            ds = self.h5.create_dataset(key, data=np.asarray(objs.fts).astype(self.dtype))
+            ds.attrs["obj_ids"] = np.asarray(objs.obj_ids, np.int64)
+            ds.attrs["directions"] = np.asarray(objs.directions, np.float32).reshape(k, 2)
+            ds.attrs["sizes"] = np.asarray(objs.sizes, np.float32).reshape(k, 2)
+            ds.attrs["bboxes"] = np.asarray(objs.bboxes, np.float32).reshape(k, 4)
+            ds.attrs["view_ids"] = np.asarray(objs.view_ids, np.int64)
+            if objs.names is not None:
+                ds.attrs["names"] = np.array(objs.names, dtype=h5py.string_dtype())
         self.count += 1

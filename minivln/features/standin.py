@@ -63,7 +63,14 @@ from minivln.features.hdf5 import (
     ObjectFeatureWriter,
 )
 from minivln.geometry import NUM_VIEWS, VIEW_ELEVATIONS, VIEW_HEADINGS, wrap_angle
-from minivln.paths import DataError, resolve_data_dir
+from minivln.paths import (
+    DataError,
+    WriteError,
+    check_free_space,
+    check_writable_dir,
+    resolve_data_dir,
+    same_file,
+)
 
 GENERATOR_VERSION = 1
 IMAGE_W, IMAGE_H = 640, 480
@@ -702,6 +709,20 @@ def build_standin(data_dir: str | os.PathLike | None, out: str | os.PathLike, *,
     """
     t0 = time.perf_counter()
     root = resolve_data_dir(data_dir)
+    out = Path(out)
+    if objects_out is not None and same_file(objects_out, out):
+        raise DataError(f"the object features and the view features would both go to {out}: give each its own file")
+    # before any work: the output folder must take files, and the view file (whose size is known from
+    # the number of viewpoints) must fit beside whatever it replaces
+    for target in [out] + ([Path(objects_out)] if objects_out is not None else []):
+        if target.is_dir():
+            raise WriteError(f"cannot write {target}: it is a directory")
+        check_writable_dir(target.parent, "output directory")
+    scans = scans if scans is not None else list_scans(root)
+    n_views = sum(len(load_house(s, root)) for s in scans)
+    expected = FeatureWriter.estimate_bytes(n_views, cfg.dim, class_layout, dtype)
+    check_free_space(out, expected, f"stand-in features for {n_views:,} viewpoints ({class_layout} "
+                                           f"class layout, {dtype})")
     res = res or Resources(root)
     layout = layout_name(cfg.dim)
     desc = STANDIN_DESCRIPTION.format(version=f"standin v{GENERATOR_VERSION}", layout=layout)
@@ -715,7 +736,7 @@ def build_standin(data_dir: str | os.PathLike | None, out: str | os.PathLike, *,
         "created_unix": int(time.time()),
     }
     writer = FeatureWriter(out, dim=cfg.dim, standin=True, description=desc, class_layout=class_layout,
-                           class_names=res.class_names, dtype=dtype, attrs=attrs)
+                           class_names=res.class_names, dtype=dtype, attrs=attrs, expected_bytes=expected)
     obj_writer = None
     n_vp = n_house = n_obj = 0
     try:

@@ -21,15 +21,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from minivln import __version__
 from minivln.model.config import DUETConfig
 from minivln.model.duet import DUET
-from minivln.paths import DataError
+from minivln.paths import DataError, atomic_write_text, write_error
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -46,8 +51,15 @@ IGNORED_KEYS = ("embeddings.position_ids",)
 
 
 class CheckpointError(DataError):
-    """A checkpoint is missing or does not fit the model; the message lists every problem (a
-    :class:`~minivln.paths.DataError`, so the command line reports it and exits with 2)."""
+    """A checkpoint is missing, unreadable or does not fit the model (a
+    :class:`~minivln.paths.DataError`, so the command line reports it in one line and exits with 2).
+
+    For a checkpoint that does not fit, ``missing``, ``unexpected`` and ``mismatched`` hold every
+    problem; the message summarises them: the counts, the first few keys of each kind and, where the
+    shapes tell it, the likely cause (e.g. ``hidden 256 vs 128``); :meth:`details` lists them all.
+    """
+
+    SHOWN = 3  # keys of each kind named in the message
 
     def __init__(
         self,
@@ -55,26 +67,92 @@ class CheckpointError(DataError):
         unexpected: list[str] = (),  # type: ignore[assignment]
         mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),  # type: ignore[assignment]
         message: str | None = None,
+        *,
+        source: str | os.PathLike | None = None,
+        cause: str = "",
     ) -> None:
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
+        self.source = str(source) if source is not None else None
+        self.cause = cause
         if message is None:
-            lines = [
-                f"checkpoint does not match the model: {len(self.missing)} missing, "
-                f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"
-            ]
-            lines += [f"  missing key: {k}" for k in self.missing]
-            lines += [f"  unexpected key: {k}" for k in self.unexpected]
-            lines += [
-                f"  shape mismatch: {k}: checkpoint {list(c)} vs model {list(m)}"
-                for k, c, m in self.mismatched
-            ]
-            message = "\n".join(lines)
+            message = self._summary()
         super().__init__(message)
+
+    def _summary(self) -> str:
+        what = f"checkpoint {self.source}" if self.source else "checkpoint"
+        parts = [f"{what} does not match the model: {len(self.missing)} missing, {len(self.unexpected)} "
+                 f"unexpected, {len(self.mismatched)} shape mismatches"
+                 + (f" (likely cause, checkpoint vs model: {self.cause})" if self.cause else "")]
+
+        def first(items: list[str]) -> str:
+            more = f" (+{len(items) - self.SHOWN} more)" if len(items) > self.SHOWN else ""
+            return ", ".join(items[: self.SHOWN]) + more
+
+        if self.missing:
+            parts.append(f"missing keys: {first(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected keys: {first(self.unexpected)}")
+        if self.mismatched:
+            parts.append("shape mismatches: " + first(
+                [f"{k} checkpoint {list(c)} vs model {list(m)}" for k, c, m in self.mismatched]))
+        return "; ".join(parts)
+
+    def details(self) -> str:
+        """Every problem, one per line."""
+        lines = [f"missing key: {k}" for k in self.missing]
+        lines += [f"unexpected key: {k}" for k in self.unexpected]
+        lines += [f"shape mismatch: {k}: checkpoint {list(c)} vs model {list(m)}" for k, c, m in self.mismatched]
+        return "\n".join(lines)
 
 
 # ============================================================================ reading files
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of an error's message, cut after its first sentence when that is long."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    if len(first) > 120 and ". " in first:
+        first = first.split(". ", 1)[0]
+    return first
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file; a missing, truncated or garbage file is a one-line
+    :class:`CheckpointError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(message=f"checkpoint not found: {path}")
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as exc:
+        raise CheckpointError(message=f"{path} is not a valid safetensors file (truncated or corrupt?): "
+                                      f"{_cause(exc)}") from None
+    except OSError as exc:
+        raise CheckpointError(message=f"cannot read {path}: {exc.strerror or _cause(exc)}") from None
+
+
+#: what a damaged torch pickle raises while loading (truncated zip, garbage, cut-off pickle stream)
+TORCH_LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def read_torch(path: str | os.PathLike, *, weights_only: bool = True) -> Any:
+    """``torch.load`` on CPU; a truncated or garbage file is a one-line :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(message=f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if weights_only and str(exc).startswith("Weights only load failed"):
+            raise CheckpointError(message=f"{path} is not a torch checkpoint of tensors (garbage, or a pickle "
+                                          "of other objects)") from None
+        raise CheckpointError(message=f"{path} is truncated or corrupt: {_cause(exc)}") from None
+    except TORCH_LOAD_ERRORS as exc:
+        cause = _cause(exc) or "unexpected end of file"
+        raise CheckpointError(message=f"{path} is truncated or corrupt (cannot be loaded: {cause})") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
@@ -85,10 +163,11 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
     if not path.exists():
         raise CheckpointError(message=f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors(path)
+    ckpt = read_torch(path)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(message=f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint dict")
+    return ckpt
 
 
 def _strip(key: str, prefix: str) -> str:
@@ -128,8 +207,55 @@ def navigation_state_dict(ckpt: Mapping[str, Any]) -> tuple[dict[str, Tensor], s
     return out, kind
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Raise one :class:`CheckpointError` listing every missing/unexpected key and shape mismatch."""
+def _architecture(sd: Mapping[str, Tensor]) -> dict[str, Any]:
+    """What the shapes and names of a (normalised) DUET state dict tell of its architecture."""
+
+    def dim(key: str, axis: int) -> int | None:
+        t = sd.get(key)
+        return int(t.shape[axis]) if t is not None and t.dim() > axis else None
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    return {
+        "hidden": dim("embeddings.word_embeddings.weight", 1),
+        "vocabulary": dim("embeddings.word_embeddings.weight", 0),
+        "FFN": dim("lang_encoder.layer.0.intermediate.dense.weight", 0),
+        "view features": dim("img_embeddings.img_linear.weight", 1),
+        "object features": dim("img_embeddings.obj_linear.weight", 1),
+        "text layers": count("lang_encoder.layer."),
+        "panorama layers": count("img_embeddings.pano_encoder.layers."),
+        "cross-modal layers": count("global_encoder.encoder.x_layers."),
+        "object head": "og_head.net.0.weight" in sd,
+    }
+
+
+def likely_cause(checkpoint: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str:
+    """``"hidden 256 vs 128, text layers 9 vs 3"`` (checkpoint vs model), or, when the known
+    architecture fields agree, the most common pair of differing sizes among the shape mismatches."""
+    a, b = _architecture(checkpoint), _architecture(expected)
+    shown = {True: "yes", False: "no"}
+    diffs = [f"{k} {shown.get(a[k], a[k]) if isinstance(a[k], bool) else a[k]} vs "
+             f"{shown.get(b[k], b[k]) if isinstance(b[k], bool) else b[k]}"
+             for k in a if a[k] != b[k] and a[k] is not None and b[k] is not None]
+    if diffs:
+        return ", ".join(diffs)
+    pairs: dict[tuple[int, int], int] = {}
+    for k, t in checkpoint.items():
+        if k in expected and tuple(t.shape) != tuple(expected[k].shape) and t.dim() == expected[k].dim():
+            for x, y in zip(t.shape, expected[k].shape):
+                if x != y:
+                    pairs[(int(x), int(y))] = pairs.get((int(x), int(y)), 0) + 1
+    if pairs:
+        (x, y), n = max(pairs.items(), key=lambda kv: kv[1])
+        return f"a size {x} vs {y} in {n} tensors"
+    return ""
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
+                     source: str | os.PathLike | None = None) -> None:
+    """Raise one :class:`CheckpointError` summarising every missing/unexpected key and shape mismatch
+    (``source`` names the checkpoint in the message)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = sorted(k for k in state_dict if k not in expected)
@@ -139,12 +265,14 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None
         if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or mismatched:
-        raise CheckpointError(missing, unexpected, mismatched)
+        raise CheckpointError(missing, unexpected, mismatched, source=source,
+                              cause=likely_cause(state_dict, expected))
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor],
+                           source: str | os.PathLike | None = None) -> None:
     """:func:`check_state_dict`, then copy the tensors into ``model`` (cast to its dtypes)."""
-    check_state_dict(model, state_dict)
+    check_state_dict(model, state_dict, source)
     model.load_state_dict(dict(state_dict), strict=True)
 
 
@@ -167,7 +295,7 @@ def load_weights(model: DUET, source: str | os.PathLike | Mapping[str, Any], fre
                 state_dict[name] = value
                 if report is not None:
                     report.append(name)
-    load_state_dict_strict(model, state_dict)
+    load_state_dict_strict(model, state_dict, None if isinstance(source, Mapping) else source)
     return kind
 
 
@@ -223,13 +351,18 @@ def load_duet(
 ) -> DUET:
     """Build a DUET for a checkpoint (config inferred from its shapes unless given) and load it."""
     ckpt = source if isinstance(source, Mapping) else read_checkpoint(source)
+    name = None if isinstance(source, Mapping) else source
     state_dict, _ = navigation_state_dict(ckpt)
     if config is None:
-        config = infer_config(state_dict, **overrides)
+        try:
+            config = infer_config(state_dict, **overrides)
+        except KeyError as exc:
+            raise CheckpointError(message=f"{name or 'checkpoint'} is not a DUET checkpoint: it has no "
+                                          f"{exc.args[0]} ({len(state_dict)} tensors)") from None
     elif overrides:
         config = config.replace(**overrides)
     model = DUET(config)
-    load_state_dict_strict(model, state_dict)
+    load_state_dict_strict(model, state_dict, name)
     return model
 
 
@@ -239,34 +372,45 @@ def load_duet(
 def save_pretrained(
     model: DUET, directory: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
-    """Write ``model.safetensors`` (DUET parameter names) and ``config.json`` into ``directory``."""
-    from safetensors.torch import save_file
+    """Write ``model.safetensors`` (DUET parameter names) and ``config.json`` into ``directory``.
 
-    from minivln import __version__
-
+    Each file is written beside its target and renamed into place; a failed write (read-only, disk
+    full) is a one-line :class:`~minivln.paths.WriteError` and leaves the previous files as they were."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "model_type": "duet", "minivln_version": __version__}
     meta.update(metadata or {})
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata=meta)
+    weights = directory / WEIGHTS_NAME
+    tmp = directory / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, weights)
+    except (OSError, SafetensorError) as exc:
+        raise write_error(exc, weights) from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     config = {"model_type": "duet", "minivln_version": __version__, **model.config.to_dict()}
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return directory
 
 
 def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> DUET:
     """Inverse of :func:`save_pretrained`: rebuild the model from ``config.json`` and load weights."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for p in (cfg_path, weights_path):
         if not p.exists():
             raise CheckpointError(message=f"not a saved model directory, missing {p}")
-    config = DUETConfig.from_dict(json.loads(cfg_path.read_text()))
+    try:
+        config = DUETConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(message=f"{cfg_path} is not valid JSON (truncated or corrupt?): {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(message=f"{cfg_path} is not a DUET config: {_cause(exc)}") from None
     model = DUET(config)
-    load_state_dict_strict(model, load_file(str(weights_path), device=str(map_location)))
+    load_state_dict_strict(model, read_safetensors(weights_path, device=str(map_location)), weights_path)
     return model.to(map_location)
 
 
@@ -276,9 +420,12 @@ def save_duet_checkpoint(model: DUET, path: str | os.PathLike) -> Path:
     The upstream DUET/ScaleVLN code can resume from it (its optimizer state is absent).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {FINETUNE_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"vln_bert": {"epoch": 0, "state_dict": sd}}, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"vln_bert": {"epoch": 0, "state_dict": sd}}, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as a RuntimeError
+        raise write_error(exc, path) from exc
     return path
 
 

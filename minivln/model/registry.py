@@ -7,12 +7,15 @@ DUET teachers (180,489,221 for R2R, 181,082,118 for REVERIE).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from minivln.config import ConfigError
 from minivln.model.config import DUETConfig
 from minivln.model.duet import DUET
 
@@ -36,20 +39,28 @@ def register_preset(name: str, config: DUETConfig, description: str) -> Preset:
     return preset
 
 
-class UnknownPresetError(KeyError):
-    """Raised for a name that is not in the registry; the message lists the available ones."""
+class UnknownPresetError(KeyError, ConfigError):
+    """Raised for a name that is not in the registry; the message suggests the nearest names and lists
+    the available ones.  A :class:`~minivln.config.ConfigError` too: the command line reports a preset
+    named in a config or override as one line (exit 2)."""
 
     def __str__(self) -> str:  # KeyError would print the repr of its argument
         return str(self.args[0])
 
 
+def unknown_preset_message(name: str) -> str:
+    names = {n.lower(): n for n in list_models()}
+    near = [names[n] for n in difflib.get_close_matches(str(name).lower(), list(names), n=3, cutoff=0.5)]
+    shown = [repr(n) for n in near]
+    hint = f"did you mean {', '.join(shown[:-1]) + ' or ' if len(shown) > 1 else ''}{shown[-1]}? " if near else ""
+    return f"unknown model preset {name!r}; {hint}available: {', '.join(list_models())}"
+
+
 def get_preset(name: str) -> Preset:
     try:
         return _PRESETS[name]
-    except KeyError:
-        raise UnknownPresetError(
-            f"unknown model preset {name!r}; available: {', '.join(list_models())}"
-        ) from None
+    except (KeyError, TypeError):
+        raise UnknownPresetError(unknown_preset_message(name)) from None
 
 
 def list_models() -> list[str]:
@@ -58,8 +69,21 @@ def list_models() -> list[str]:
 
 
 def get_config(name: str, **overrides: Any) -> DUETConfig:
-    """The preset's config with some fields replaced (e.g. ``hidden_dropout=0.0``)."""
-    return get_preset(name).config.replace(**overrides)
+    """The preset's config with some fields replaced (e.g. ``hidden_dropout=0.0``); an unknown field or
+    an invalid value is a :class:`~minivln.config.ConfigError` naming it."""
+    base = get_preset(name).config
+    fields = [f.name for f in dataclasses.fields(base)]
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        near = {k: difflib.get_close_matches(k, fields, n=2) for k in unknown}
+        shown = ", ".join(f"{k!r}" + (f" (did you mean {' or '.join(repr(n) for n in near[k])}?)" if near[k] else "")
+                          for k in unknown)
+        raise ConfigError(f"model_overrides: {shown} not a DUETConfig field of {name!r}; "
+                          f"fields: {', '.join(fields)}")
+    try:
+        return base.replace(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model {name!r} with model_overrides {overrides}: {exc}") from None
 
 
 def create_model(name: str, device: str | torch.device | None = None, **overrides: Any) -> DUET:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from minivln.config import ConfigError
+from minivln.model.checkpoint import read_safetensors
 
 
 class TextInitError(ConfigError):
@@ -38,8 +39,6 @@ def init_text_from_minilm(model: torch.nn.Module, layers: list[int] | None = Non
     ``num_l_layers`` MiniLM layers, or evenly spaced ones when DUET has fewer layers — TinyBERT's
     uniform mapping — e.g. 3 layers take MiniLM layers 1, 3, 5).
     """
-    from safetensors.torch import load_file
-
     cfg = model.config
     wrong = {k: (getattr(cfg, k), v) for k, v in MINILM_SHAPE.items() if getattr(cfg, k) != v}
     if wrong:
@@ -53,7 +52,7 @@ def init_text_from_minilm(model: torch.nn.Module, layers: list[int] | None = Non
         layers = [step * (i + 1) - 1 for i in range(n)]
     if len(layers) != n or any(not 0 <= j < MINILM_LAYERS for j in layers):
         raise TextInitError(f"layers {layers} must give one MiniLM layer (0..5) per text layer ({n})")
-    src = load_file(str(minilm_weights_path()))
+    src = read_safetensors(minilm_weights_path())  # a damaged file: one line naming it
     mapping = {k: k for k in src if k.startswith("embeddings.") and not k.endswith("position_ids")}
     for i, j in enumerate(layers):
         prefix = f"encoder.layer.{j}."

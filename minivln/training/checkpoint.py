@@ -30,7 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from minivln.model.checkpoint import CheckpointError, read_safetensors, read_torch
+from minivln.paths import WriteError, describe_os_error, error_number
 
 MODEL_FILE = "model.safetensors"
 LOSS_TERMS_FILE = "loss_terms.safetensors"
@@ -139,10 +143,36 @@ def save_checkpoint(
     """Write a checkpoint directory at ``path`` atomically (replacing any previous one).
 
     ``meta`` must be JSON-serialisable and should contain ``step``; ``format`` and ``time`` are added.
+    A failed write (read-only file system, disk full, ...) is a one-line
+    :class:`~minivln.paths.WriteError` naming ``path``, the cause and the previous checkpoint, which is
+    kept; the staging directory is removed.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f".{final.name}.tmp")
+    try:
+        _write_checkpoint(final, staging, model_state, meta, loss_terms_state, trainer_state)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a failed write as a RuntimeError
+        if isinstance(exc, RuntimeError) and not _is_write_failure(exc):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = find_checkpoint(final, repair=False)
+        kept = (f"the previous checkpoint (step {read_meta(previous).get('step')}) is kept"
+                if previous is not None else "no previous checkpoint")
+        raise WriteError(f"cannot write checkpoint {final}: {describe_os_error(exc, final.parent)}; {kept}",
+                         error_number(exc)) from exc
+    return final
+
+
+def _is_write_failure(exc: RuntimeError) -> bool:
+    """Whether torch's RuntimeError reports a failed write (its stream writer's messages)."""
+    text = str(exc)
+    return "file write failed" in text or "PytorchStreamWriter" in text or "unexpected pos" in text
+
+
+def _write_checkpoint(final: Path, staging: Path, model_state: dict[str, torch.Tensor], meta: dict[str, Any],
+                      loss_terms_state: dict[str, torch.Tensor] | None,
+                      trainer_state: dict[str, Any] | None) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
     if staging.exists():
         shutil.rmtree(staging)  # left over from a crash
     staging.mkdir()
@@ -161,7 +191,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return final
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -192,18 +221,32 @@ def find_checkpoint(path: str | os.PathLike, *, repair: bool = True) -> Path | N
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(path) / META_FILE).read_text())
+    """A checkpoint's ``meta.json``; a truncated or garbage one is a :class:`CheckpointError`."""
+    f = Path(path) / META_FILE
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(message=f"{f} is truncated or corrupt (not valid JSON: {exc})") from None
+    except OSError as exc:
+        raise CheckpointError(message=f"cannot read {f}: {exc.strerror or exc}") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(message=f"{f} is not a checkpoint's meta.json (no step)")
+    return meta
 
 
 def load_checkpoint(path: str | os.PathLike, *, with_trainer: bool = True) -> Checkpoint:
-    """Read a checkpoint directory written by :func:`save_checkpoint` (tensors on CPU)."""
+    """Read a checkpoint directory written by :func:`save_checkpoint` (tensors on CPU).  An incomplete
+    directory or a truncated or garbage file is a one-line :class:`CheckpointError` naming the file."""
     p = Path(path)
     if not _complete(p):
-        raise FileNotFoundError(f"{p} is not a complete checkpoint (no {META_FILE} or {MODEL_FILE})")
-    loss_terms = load_file(str(p / LOSS_TERMS_FILE)) if (p / LOSS_TERMS_FILE).is_file() else {}
+        raise CheckpointError(message=f"{p} is not a complete checkpoint (no {META_FILE} or {MODEL_FILE})")
+    meta = read_meta(p)
+    loss_terms = read_safetensors(p / LOSS_TERMS_FILE) if (p / LOSS_TERMS_FILE).is_file() else {}
     trainer = None
     if with_trainer and (p / TRAINER_FILE).is_file():
         # our own pickle: it holds NumPy RNG arrays and arbitrary task state, so not weights_only
-        trainer = torch.load(p / TRAINER_FILE, map_location="cpu", weights_only=False)
-    return Checkpoint(path=p, meta=read_meta(p), model=load_file(str(p / MODEL_FILE)),
-                      loss_terms=loss_terms, trainer=trainer)
+        trainer = read_torch(p / TRAINER_FILE, weights_only=False)
+        if not isinstance(trainer, dict) or "step" not in trainer:
+            raise CheckpointError(message=f"{p / TRAINER_FILE} is not a trainer state (no step)")
+    return Checkpoint(path=p, meta=meta, model=read_safetensors(p / MODEL_FILE), loss_terms=loss_terms,
+                      trainer=trainer)

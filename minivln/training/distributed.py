@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minivln.config import ConfigError
+
 T = TypeVar("T")
 
 
@@ -54,7 +56,7 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={device!r} was asked for but CUDA is not available")
+            raise ConfigError(f"train.device={device!r} was asked for but CUDA is not available (use auto or cpu)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     return dev

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from minivln.config import ConfigError, load_config
+from minivln.config import ConfigError, load_run_config
 from minivln.data.datasets import load_episodes, split_file
 from minivln.data.graph import Graphs
 from minivln.data.reverie import ReverieGoals, with_random_endpoint
@@ -48,18 +48,30 @@ from minivln.distill.compat import check_teacher
 from minivln.distill.stage2 import stage2_terms
 from minivln.env.env import (
     NavBatchEnv,
+    check_split_features,
     evaluate_policy,
     make_random_policy,
     write_submission,
 )
 from minivln.evaluation.evaluator import Evaluator
+from minivln.evaluation.metrics import (
+    R2R_METRICS,
+    REVERIE_METRICS,
+    format_metrics,
+    metrics_legend,
+)
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.features.standin import StandinConfig, build_standin
 from minivln.model.checkpoint import load_agent_model, load_weights, save_pretrained
 from minivln.model.pretrain_heads import navigation_network
-from minivln.model.registry import create_model
+from minivln.model.registry import create_model, get_config
 from minivln.model.text_init import init_text
-from minivln.paths import DataError, atomic_write_text, resolve_data_dir
+from minivln.paths import (
+    DataError,
+    atomic_write_text,
+    check_writable_dir,
+    resolve_data_dir,
+)
 from minivln.training import distributed as D
 from minivln.training.agent import DUETAgent, run_agent
 from minivln.training.checkpoint import find_checkpoint, load_checkpoint
@@ -167,7 +179,12 @@ class FinetuneConfig:
             raise ConfigError("batch_size, val_batch_size, max_action_len must be >= 1, max_instr_len >= 3")
         if self.train.best_metric and not self.train.best_metric.split(".")[0] in self.val_splits:
             raise ConfigError(f"train.best_metric {self.train.best_metric!r} names a split not in val_splits")
+        names = R2R_METRICS if self.task == "r2r" else REVERIE_METRICS
+        if self.train.best_metric and self.train.best_metric.split(".", 1)[-1] not in names:
+            raise ConfigError(f"train.best_metric {self.train.best_metric!r}: the metric after the split must be "
+                              f"one of {', '.join(names)}")
         self.train.check()
+        get_config(self.model, **{**self.model_overrides, "feat_dropout": self.feat_dropout})  # a known preset
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -235,6 +252,7 @@ def make_env(cfg: FinetuneConfig, res: Resources, split: str, *, batch_size: int
     episodes = load_episodes(cfg.task, split, res.data_dir)
     if max_episodes:
         episodes = episodes[:max_episodes]
+    check_split_features(res.features, episodes, res.graphs, f"the {cfg.task} {split} split")
     if goal_sets:
         return NavBatchEnv(episodes, res.graphs, batch_size=batch_size, features=res.features,
                            max_steps=cfg.max_action_len, shuffle=shuffle, seed=seed,
@@ -468,7 +486,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.num_threads)
     t0 = time.perf_counter()
     run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(run_dir, "run directory")  # before any work: checkpoints and results go there
     info = D.init_distributed(cfg.train.device)  # before the task, which shards batches by rank
     D.seed_everything(cfg.train.seed)
     model = build_model(cfg)
@@ -509,8 +527,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     val_file = run_dir / "val" / f"step{best_step}.json"
     val = json.loads(val_file.read_text()) if val_file.exists() else {}
     metrics: dict[str, Any] = dict(val.get("val_unseen", {}))
+    if "val_unseen" in validator.envs:
+        metrics["episodes"] = len(validator.envs["val_unseen"])
     if "val_unseen" in load_split_names(cfg, res):
         metrics["random"] = random_baseline(cfg, res, "val_unseen")
+        metrics["random_episodes"] = len(load_episodes(cfg.task, "val_unseen", res.data_dir))
     if cfg.task == "reverie":
         metrics.update({"task": "reverie", "reverie_goal": cfg.reverie_goal,
                         "object_features": "stand-in" if res.objects.is_standin else "real"})
@@ -535,7 +556,7 @@ def load_split_names(cfg: FinetuneConfig, res: Resources) -> list[str]:
     for s in ("val_seen", "val_unseen"):
         try:
             split_file(res.data_dir, cfg.task, s)
-        except DataError:  # a data directory without that split (e.g. a test-only release)
+        except DataError:  # the data directory has no such split (e.g. a test-only release)
             continue
         out.append(s)
     return out
@@ -556,16 +577,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + [f"train.run_dir={args.out}"]
-    if args.resume:
-        overrides.append("train.resume=true")
-    cfg = load_config(FinetuneConfig, args.config, overrides)
+    cfg, note = load_run_config(FinetuneConfig, args.out, args.config, list(args.overrides), resume=args.resume)
+    if note:
+        print(note, flush=True)
     metrics = finetune(cfg)
     if not metrics:  # a DDP rank other than 0
         return 0
-    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    keys = ("sr", "spl") if cfg.task == "r2r" else ("sr", "spl", "rgs", "rgspl")
-    print(json.dumps({"val_unseen": {k: shown[k] for k in keys if k in shown},
-                      "random": {k: metrics.get("random", {}).get(k) for k in keys}}))
+    print(summary_lines(metrics, cfg.task))
     print(f"metrics: {Path(cfg.train.run_dir) / 'metrics.json'}")
     return 0
+
+
+def summary_lines(metrics: dict[str, Any], task: str) -> str:
+    """What ``minivln finetune`` prints: the best checkpoint's val_unseen metrics and the random
+    walker's, labelled with the episode counts and the kind of features, and a legend."""
+    names = R2R_METRICS if task == "r2r" else REVERIE_METRICS
+    features = "STAND-IN features" if metrics.get("features") == "stand-in" else "real features"
+    if task == "reverie":
+        features += ", STAND-IN objects" if metrics.get("object_features") == "stand-in" else ", real objects"
+    lines = []
+    if any(n in metrics for n in names):
+        episodes = f"{metrics['episodes']:,} episodes, " if "episodes" in metrics else ""
+        which = f"best checkpoint by {metrics['best_metric']}" if metrics.get("best_metric") else "last checkpoint"
+        lines.append(f"val_unseen ({episodes}{features}), {which} (step {metrics.get('best_step')}): "
+                     f"{format_metrics(metrics, names)}")
+    else:
+        lines.append(f"val_unseen: not validated (val_splits has no val_unseen; {features})")
+    if metrics.get("random"):
+        episodes = f"{metrics['random_episodes']:,} episodes" if "random_episodes" in metrics else "all episodes"
+        lines.append(f"random walker (val_unseen, {episodes}): {format_metrics(metrics['random'], names)}")
+    lines.append(f"({metrics_legend(names)})")
+    return "\n".join(lines)

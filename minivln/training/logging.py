@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from minivln.paths import write_error
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
@@ -58,18 +60,24 @@ class JsonlLogger:
         self._file = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [] if resume_step is None else [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-        with open(self.path, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
-        self._file = open(self.path, "a", buffering=1)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "w") as f:
+                for r in kept:
+                    f.write(json.dumps(r) + "\n")
+            self._file = open(self.path, "a", buffering=1)
+        except OSError as exc:  # read-only or full: one line naming the file
+            raise write_error(exc, self.path) from exc
 
     def log(self, record: Mapping[str, Any]) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise write_error(exc, self.path) from exc
 
     def close(self) -> None:
         if self._file is not None:

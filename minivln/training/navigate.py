@@ -23,25 +23,31 @@ import json
 from pathlib import Path
 from typing import Any
 
+from minivln.config import read_yaml
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
-from minivln.env.env import NavBatchEnv, write_submission
+from minivln.env.env import NavBatchEnv, check_split_features, write_submission
 from minivln.evaluation.evaluator import Evaluator
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.model.checkpoint import load_agent_model
-from minivln.paths import DataError, atomic_write_text, resolve_data_dir
+from minivln.paths import (
+    DataError,
+    atomic_write_text,
+    check_writable_dir,
+    resolve_data_dir,
+)
 from minivln.training.agent import DUETAgent, run_agent
 
 
 def _run_defaults(checkpoint: Path) -> dict[str, Any]:
     """data_dir / features / lengths recorded in a fine-tuning run's config.yaml, if any."""
-    import yaml
-
     run = checkpoint.parent if checkpoint.name == "model" else checkpoint
     cfg_file = run / "config.yaml"
     if not cfg_file.exists():
         return {}
-    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    cfg = read_yaml(cfg_file, "the run's config") or {}
+    if not isinstance(cfg, dict):
+        raise DataError(f"{cfg_file}: the top level must be a mapping (a run's saved config)")
     out: dict[str, Any] = {k: cfg[k] for k in ("max_action_len", "max_instr_len") if k in cfg}
     if cfg.get("data_dir") == "toy":
         out["data_dir"] = str(run / "toy_data")
@@ -73,6 +79,7 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
 
     if task not in ("r2r", "reverie"):
         raise DataError(f"navigate: task must be 'r2r' or 'reverie', got {task!r}")
+    out = check_writable_dir(out, "output directory")  # before loading anything
     defaults = _run_defaults(Path(defaults_from or checkpoint))
     data_dir = data_dir or defaults.get("data_dir")
     features = features or defaults.get("features")
@@ -102,12 +109,12 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
             raise DataError(f"navigate: {task} {split} has no instruction {sorted(missing)[0]!r}")
     if max_episodes > 0:
         episodes = episodes[:max_episodes]
-    env = NavBatchEnv(episodes, Graphs(root), batch_size=batch_size, features=store, max_steps=max_action_len)
+    graphs = Graphs(root)
+    check_split_features(store, episodes, graphs, f"the {task} {split} split")
+    env = NavBatchEnv(episodes, graphs, batch_size=batch_size, features=store, max_steps=max_action_len)
     agent = DUETAgent(model, max_action_len=max_action_len, max_instr_len=max_instr_len, features=store,
                       objects=obj_store)
     preds = run_agent(agent, env, progress=progress)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sub_path = out / f"submission_{split}.json"
     write_submission(sub_path, preds)
     summary = None
@@ -120,5 +127,9 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
         if obj_store is not None:
             record.update({"task": task, "object_features": "stand-in" if obj_store.is_standin else "real"})
         atomic_write_text(out / f"metrics_{split}.json", json.dumps(record, indent=2) + "\n")
-    return {"submission": str(sub_path), "metrics": summary}
+    res = {"submission": str(sub_path), "metrics": summary, "episodes": len(episodes),
+           "features": "stand-in" if store.is_standin else "real"}
+    if obj_store is not None:
+        res["object_features"] = "stand-in" if obj_store.is_standin else "real"
+    return res
 

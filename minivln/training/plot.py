@@ -16,7 +16,12 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from minivln.paths import DataError, atomic_write_bytes
+from minivln.paths import (
+    DataError,
+    atomic_write_bytes,
+    check_writable_dir,
+    refuse_overwriting_inputs,
+)
 from minivln.training.logging import read_jsonl
 
 
@@ -68,9 +73,12 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     0-based axis, so that a run that validated once or twice still reads."""
     run = Path(run_dir)
     log = run / "log.jsonl"
+    target = Path(out) if out is not None else run / "curves.png"
+    refuse_overwriting_inputs(target, {"the run's log": log})
     records = read_jsonl(log)
     if not records:
         raise DataError(f"{log} does not exist or holds no records")
+    check_writable_dir(target.parent, "output directory")
     train = [r for r in records if r.get("kind", "train") == "train" and "step" in r]
     val = [r for r in records if r.get("kind") == "val" and "step" in r]
     losses = _series(train, lambda k: k.startswith("loss"))
@@ -118,6 +126,5 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    target = Path(out) if out is not None else run / "curves.png"
     atomic_write_bytes(target, buf.getvalue())
     return target

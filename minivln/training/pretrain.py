@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from minivln.config import ConfigError, load_config
+from minivln.config import ConfigError, load_run_config
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
 from minivln.data.reverie import ReverieGoals
@@ -54,6 +53,7 @@ from minivln.data.tokenizer import get_tokenizer
 from minivln.data.toyworld import ensure_toy_world
 from minivln.distill.compat import check_teacher
 from minivln.distill.stage1 import stage1_terms
+from minivln.env.env import check_split_features
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.features.standin import build_standin
 from minivln.model.agent_inputs import masked_mean
@@ -61,7 +61,7 @@ from minivln.model.checkpoint import load_agent_model, load_weights, save_pretra
 from minivln.model.pretrain_heads import DUETPretrainer, navigation_network
 from minivln.model.registry import create_model, get_config
 from minivln.model.text_init import init_text
-from minivln.paths import resolve_data_dir
+from minivln.paths import DataError, check_writable_dir, resolve_data_dir
 from minivln.training.distributed import (
     init_distributed,
     placement,
@@ -390,13 +390,13 @@ class PretrainTask:
         self.sap_stop_prob = sap_stop_prob
         self.tasks = [t for t in PRETRAIN_TASKS if (mix.get(t) or 0.0) > 0]
         if not self.tasks:
-            raise ValueError("every task ratio is 0")
+            raise ConfigError("mix: every task ratio is 0 (give mlm, sap, mrc or og a ratio > 0)")
         if "og" in self.tasks and getattr(dataset, "objects", None) is None:
             raise ValueError("the OG task needs object tokens: a REVERIE dataset built with an object store")
         w = np.array([mix[t] for t in self.tasks], dtype=np.float64)
         self.probs = w / w.sum()
         if dataset.num_episodes < batch_size:
-            raise ValueError(f"{dataset.num_episodes} episodes cannot fill a batch of {batch_size}")
+            raise ConfigError(f"batch_size: {dataset.num_episodes} episodes cannot fill a batch of {batch_size}")
         self.rank, self.world_size = placement(batch_size, rank, world_size)
 
     def task_of(self, index: int) -> str:
@@ -526,7 +526,7 @@ def resolve_data(cfg: PretrainConfig) -> tuple[Path, Any]:
     path = Path(cfg.features) if cfg.features else None
     if path is None:
         if not cfg.uses_toy:
-            raise ValueError("features: give a view feature HDF5 file (or 'synthetic')")
+            raise ConfigError("features: give a view feature HDF5 file (or 'synthetic'), or use data_dir: toy")
         path = Path(data_dir) / "standin_views.h5"
         if not path.exists():
             objs = Path(data_dir) / "standin_objects.h5"
@@ -632,6 +632,7 @@ def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_clas
 
     def make(split: str) -> PrefixDataset:
         eps = load_episodes(cfg.task, split, data_dir)
+        check_split_features(features, eps, graphs, f"the {cfg.task} {split} split")
         return PrefixDataset(eps, graphs, features, tok.encode, max_instr_len=cfg.max_instr_len,
                              angle_feat_size=4, with_classes=with_classes, objects=objects, goals=goals)
 
@@ -650,7 +651,12 @@ def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretra
 def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     """Train, validate, export; returns {'train': last log record, 'val': last validation, 'export': path}."""
 
-    init_distributed(cfg.train.device)  # before the task, which shards batches by rank
+    get_config(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})  # a known preset, first
+    dist = init_distributed(cfg.train.device)  # before the task, which shards batches by rank
+    if dist.is_main:  # before any work: checkpoints and the exported weights go there
+        check_writable_dir(cfg.train.run_dir, "run directory")
+        if cfg.export:
+            check_writable_dir(Path(cfg.export).parent, "export directory")
     teacher = None
     if cfg.teacher:  # stage 1: distillation while pretraining (docs/distillation.md)
 
@@ -670,9 +676,12 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
         print(f"MRC skipped: {getattr(features, 'path', features)} stores no class distributions", flush=True)
         mix["mrc"] = 0.0
     num_classes = 1000
-    if has_classes:  # the width of the stored class distributions (1000 for ImageNet)
-        ep0 = load_episodes(cfg.task, cfg.train_split, data_dir)[0]
-        num_classes = int(np.asarray(features.classes(ep0.scan, ep0.path[0])).shape[1])
+    if has_classes:
+        try:
+            ds0 = load_episodes(cfg.task, cfg.train_split, data_dir)[0]
+            num_classes = int(np.asarray(features.classes(ds0.scan, ds0.path[0])).shape[1])
+        except (DataError, IndexError):  # no episode, or no class distribution there: keep the default
+            num_classes = 1000
     train_ds, val_ds = build_datasets(cfg, data_dir, features, with_classes=mix["mrc"] > 0, objects=objects)
     seed_everything(cfg.train.seed)
     model = build_pretrainer(cfg, num_classes=num_classes)
@@ -715,19 +724,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + [f"train.run_dir={args.out}"]
-    if args.resume:
-        overrides.append("train.resume=true")
-    try:
-        cfg = load_config(PretrainConfig, args.config, overrides)
-    except ConfigError as exc:
-        print(f"minivln pretrain: {exc}", file=sys.stderr)
-        return 2
-    try:
-        out = run_pretraining(cfg)
-    except ConfigError as exc:
-        print(f"minivln pretrain: {exc}", file=sys.stderr)
-        return 2
+
+    cfg, note = load_run_config(PretrainConfig, args.out, args.config, list(args.overrides), resume=args.resume)
+    if note:
+        print(note, flush=True)
+    out = run_pretraining(cfg)
     val = out["val"]
     if val:
         print("validation: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(val.items())

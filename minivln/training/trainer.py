@@ -36,8 +36,11 @@ from tqdm import tqdm
 
 from minivln.config import ConfigError, save_config
 from minivln.distill.losses import LossTerm  # noqa: F401 - re-exported: the trainer's plug-in interface
+from minivln.model.checkpoint import CheckpointError
+from minivln.paths import check_free_space, check_writable_dir, format_bytes
 from minivln.training import distributed as D
 from minivln.training.checkpoint import (
+    TRAINER_FILE,
     capture_rng_state,
     find_checkpoint,
     load_checkpoint,
@@ -434,12 +437,16 @@ class Trainer:
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"}
         self.last_val: dict[str, float] = {}
 
+        if self.dist.is_main:  # before any work: a run that cannot save its checkpoints fails now
+            check_writable_dir(self.run_dir, "run directory")
         resumed = self._resume() if cfg.resume else False
         if not resumed and find_checkpoint(self.run_dir / "latest", repair=False):
             raise FileExistsError(
                 f"{self.run_dir} already holds a checkpoint: pass resume=true to continue it, "
                 "or choose another run_dir"
             )
+        if self.dist.is_main:
+            self._check_free_space()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(run_config if run_config is not None else cfg, self.run_dir / "config.yaml")
@@ -625,6 +632,27 @@ class Trainer:
         D.barrier()
         return path
 
+    def checkpoint_bytes(self) -> tuple[int, int]:
+        """(bytes of the weights, bytes of a ``latest/`` checkpoint: weights, loss terms and AdamW's two
+        moments of every trainable parameter), as saved (fp32 moments)."""
+        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        weights += sum(t.numel() * t.element_size() for t in self._loss_terms_state().values())
+        moments = sum(2 * p.numel() * 4 for g in self.optimizer.param_groups for p in g["params"])
+        return weights, weights + moments
+
+    def _check_free_space(self) -> None:
+        """Refuse to start a run whose checkpoints will not fit: ``latest/`` twice (the new one is
+        written before the old one goes), ``best/`` twice, and the exported weights, less what the run
+        directory already holds of them."""
+        weights, latest = self.checkpoint_bytes()
+        need = 2 * latest + (2 * weights if self.cfg.best_metric else 0) + weights
+        for sub in ("latest", "best", "model", "pretrained"):
+            d = self.run_dir / sub
+            if d.is_dir():
+                need -= sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        check_free_space(self.run_dir, need, f"the checkpoints ({format_bytes(latest)} for latest/, written "
+                                             "twice during a save, plus best/ and the exported weights)")
+
     def _resume(self) -> bool:
         """Load ``RUN/latest`` if there is one; returns whether it did."""
         path = self.run_dir / "latest"
@@ -636,10 +664,14 @@ class Trainer:
             if self.dist.is_main:
                 warnings.warn(f"resume: no checkpoint in {self.run_dir}; starting from step 0", stacklevel=3)
             return False
-        ckpt = load_checkpoint(found)
+        try:
+            ckpt = load_checkpoint(found)
+        except CheckpointError as exc:
+            raise CheckpointError(message=f"cannot resume {self.run_dir}: {exc}") from None
         state = ckpt.trainer
         if state is None:
-            raise FileNotFoundError(f"{found} has no trainer state (a weights-only checkpoint cannot be resumed)")
+            raise CheckpointError(message=f"cannot resume {self.run_dir}: {found} has no {TRAINER_FILE} "
+                                          "(a weights-only checkpoint cannot be resumed)")
         self.step = int(state["step"])
         self._warn_if_trajectory_changed(state.get("config") or {})
         self.model.load_state_dict(ckpt.model)
