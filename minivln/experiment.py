@@ -566,11 +566,11 @@ def plot_curves(recipe: Recipe, out: Path, path: Path) -> None:
             continue
         records = read_jsonl(out / "runs" / row.run / "log.jsonl")
         val = [r for r in records if r.get("kind") == "val" and "val_unseen.sr" in r]
-        train = [r for r in records if r.get("kind") == "train" and "loss/task" in r]
+        train = [r for r in records if r.get("kind") == "train" and "loss" in r]
         for ax, key in zip(axes[:2], ("val_unseen.sr", "val_unseen.spl")):
             ax.plot([r["step"] for r in val], [100 * r[key] for r in val], marker="o", label=row.name)
         if train:  # a running mean over 10 records: the raw loss is noisy
-            ys = [r["loss/task"] for r in train]
+            ys = [r.get("loss/task", r["loss"]) for r in train]  # the action loss, without KD terms
             smooth = [sum(ys[max(0, i - 9):i + 1]) / len(ys[max(0, i - 9):i + 1]) for i in range(len(ys))]
             axes[2].plot([r["step"] for r in train], smooth, label=row.name)
     titles = ("validation SR (%)", "validation SPL (%)", "training action loss (running mean of 10 logs)")
