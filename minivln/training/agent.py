@@ -256,6 +256,37 @@ class RolloutOutput:
     teacher_txt_embeds: torch.Tensor | None = None  # (B, L, H_teacher)
 
 
+@dataclass
+class _Rollout:
+    """The state of one rollout while it runs (see :meth:`DUETAgent.rollout`)."""
+
+    feedback: Feedback
+    training: bool
+    generator: torch.Generator | None
+    device: torch.device
+    eps: list[Episode]
+    houses: list[Any]
+    goal_sets: list[Collection[str]]
+    use_objects: bool
+    objects: Any | None
+    max_objects: int | None
+    nav: MapNavigator
+    synced: list[int]  # nodes of nav.paths[i] the environment has walked
+    txt_embeds: torch.Tensor
+    txt_masks: torch.Tensor
+    txt_kv: Any
+    shadow: _TeacherShadow | None
+    loss: torch.Tensor  # the summed action cross-entropy so far
+    og_loss: torch.Tensor  # the summed object-grounding cross-entropy so far
+    n_labels: int = 0
+    n_correct: int = 0
+    n_og: int = 0
+    n_og_correct: int = 0
+    steps: list[StepRecord] = field(default_factory=list)
+    pano_embeds: torch.Tensor | None = None  # this step's panorama-encoder output and masks
+    pano_masks: torch.Tensor | None = None
+
+
 class DUETAgent:
     """Runs batches of episodes with a DUET network (see the module docstring).
 
@@ -340,7 +371,45 @@ class DUETAgent:
         ``teacher``: a :class:`~minivln.model.duet.DUET` run in lock-step on the student's states
         (stage-2 distillation; see the module docstring).  Its mode (eval) is the caller's business;
         it runs under ``torch.no_grad()``.  The student's computation is the same with or without it.
+
+        Each step: the network scores the map (:meth:`_score`), the teacher follows (stage 2), the
+        expert labels the state and the action loss grows (:meth:`_action_labels`), the object
+        grounding likewise (:meth:`_object_labels`, REVERIE), the feedback picks the actions
+        (:meth:`_choose`), the step is recorded, and the map and the environment move (:meth:`_advance`).
         """
+        run = self._start(env, episodes, feedback, generator, teacher)
+        for t in range(self.max_action_len):
+            pano, pano_in, batch, outs = self._score(run, t)
+            logits = outs["fused_logits"]
+            obj_logits = outs.get("obj_logits") if run.use_objects else None
+            active = [not bool(e) for e in run.nav.ended]
+            t_step = run.shadow.step(t, pano, pano_in, batch, active, run.use_objects) if run.shadow else None
+            labels = self._action_labels(run, batch, logits, active)
+            obj_labels = self._object_labels(run, pano, obj_logits, active)
+            actions = self._choose(run, logits, labels)
+            if step_hook is not None:
+                step_hook(t, outs, batch, labels)
+            run.steps.append(StepRecord(
+                t=t, fused_logits=logits, labels=labels, gmap_vpids=batch.gmap_vpids, active=active,
+                actions=[int(a) for a in actions],
+                inputs=batch.inputs if keep_inputs else None, outputs=outs if keep_inputs else None,
+                obj_logits=obj_logits, obj_labels=obj_labels,
+            ))
+            if run.shadow is not None:
+                record = run.steps[-1]
+                record.pano_embeds, record.pano_masks = run.pano_embeds, run.pano_masks
+                record.viewpoints = [ob.viewpoint for ob in run.nav.obs]
+                record.teacher = t_step
+            self._advance(run, env, t, actions, batch)
+            if run.nav.all_ended:
+                break
+        return self._finish(run, env)
+
+    # ---------------------------------------------------------------------------------- its steps
+
+    def _start(self, env: E.NavBatchEnv, episodes: Sequence[Episode] | None, feedback: Feedback,
+               generator: torch.Generator | None, teacher: nn.Module | None) -> _Rollout:
+        """Check the request, reset the environment, build the map and encode the instructions."""
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback must be one of {FEEDBACKS}, got {feedback!r}")
         training = feedback != "argmax"
@@ -360,141 +429,143 @@ class DUETAgent:
             raise ValueError("training a model with objects needs `goals` (ReverieGoals) for the OG labels")
         objects = self.objects if use_objects else None
         max_objects = self.max_objects if training else None
-        houses = [env.house(ep.scan) for ep in eps]
-        batch_size = len(eps)
-        goal_sets = [env.goal_viewpoints(i) for i in range(batch_size)]
         nav = MapNavigator(
             [to_nav_observation(o, self.features, objects, max_objects) for o in env_obs],
             max_action_len=self.max_action_len,
             angle_feat_size=getattr(getattr(self.model, "config", None), "angle_feat_size", 4),
         )
-        synced = [1] * batch_size  # nodes of nav.paths[i] the environment has walked
-
         txt_ids, txt_masks = self.encode_instructions([ep.instruction for ep in eps], device)
         txt_embeds = self.model("language", {"txt_ids": txt_ids, "txt_masks": txt_masks})
         txt_kv = self.model.precompute_text_kv(txt_embeds, txt_masks)
         shadow = None
         if teacher is not None:
             shadow = _TeacherShadow(self._check_teacher(teacher, use_objects), nav, txt_ids, txt_masks)
+        return _Rollout(
+            feedback=feedback, training=training, generator=generator, device=device, eps=eps,
+            houses=[env.house(ep.scan) for ep in eps], goal_sets=[env.goal_viewpoints(i) for i in range(len(eps))],
+            use_objects=use_objects, objects=objects, max_objects=max_objects, nav=nav, synced=[1] * len(eps),
+            txt_embeds=txt_embeds, txt_masks=txt_masks,
+            txt_kv=txt_kv, shadow=shadow,
+            loss=torch.zeros((), device=device), og_loss=torch.zeros((), device=device),
+        )
 
-        loss = torch.zeros((), device=device)
-        og_loss = torch.zeros((), device=device)
-        steps: list[StepRecord] = []
-        n_labels = n_correct = n_og = n_og_correct = 0
-        for t in range(self.max_action_len):
-            nav.begin_step(t)
-            pano = nav.panorama_inputs(use_objects=True if use_objects else None)
-            pano_in = move_inputs(pano.model_inputs(), device)
-            pano_embeds, pano_masks = self.model("panorama", pano_in)
-            nav.absorb_panorama(pano, pano_embeds, pano_masks)
-            batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, txt_embeds, txt_masks)
-            batch.inputs["txt_kv"] = txt_kv
-            outs = self.model("navigation", batch.inputs)
-            logits = outs["fused_logits"]
-            obj_logits = outs.get("obj_logits") if use_objects else None
-            if use_objects:
-                nav.record_scores(logits, obj_logits, pano)
-            else:
-                nav.record_scores(logits)
+    def _score(self, run: _Rollout, t: int) -> tuple[PanoramaBatch, dict[str, Any], NavigationBatch, dict[str, Any]]:
+        """'panorama' on the current nodes, the map updated, 'navigation' on it; scores recorded."""
+        nav = run.nav
+        nav.begin_step(t)
+        pano = nav.panorama_inputs(use_objects=True if run.use_objects else None)
+        pano_in = move_inputs(pano.model_inputs(), run.device)
+        run.pano_embeds, run.pano_masks = self.model("panorama", pano_in)
+        nav.absorb_panorama(pano, run.pano_embeds, run.pano_masks)
+        batch = nav.navigation_inputs(pano, run.pano_embeds, run.pano_masks, run.txt_embeds, run.txt_masks)
+        batch.inputs["txt_kv"] = run.txt_kv
+        outs = self.model("navigation", batch.inputs)
+        if run.use_objects:
+            nav.record_scores(outs["fused_logits"], outs.get("obj_logits"), pano)
+        else:
+            nav.record_scores(outs["fused_logits"])
+        return pano, pano_in, batch, outs
 
-            active = [not bool(e) for e in nav.ended]
-            t_step = shadow.step(t, pano, pano_in, batch, active, use_objects) if shadow is not None else None
-            labels = torch.full((batch_size,), IGNORE, dtype=torch.long)
-            if training:
-                visited = batch.inputs["gmap_visited_masks"].tolist()
-                for i in range(batch_size):
-                    if not active[i]:
-                        continue
-                    cur, vpids = nav.obs[i].viewpoint, batch.gmap_vpids[i]
-                    follow_path = feedback == "teacher" and eps[i].task == "r2r"
-                    label = teacher_slot(vpids, cur, eps[i].path) if follow_path else None
-                    if label is None:
-                        if len(goal_sets[i]) == 1:
-                            goal = next(iter(goal_sets[i]))
-                            label = spl_expert_slot(vpids, visited[i], cur, goal, houses[i].distance)
-                        else:
-                            label = nearest_goal_slot(vpids, visited[i], cur, goal_sets[i], houses[i].distance)
-                    labels[i] = label
-                labels = labels.to(device)
-                ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-                if bool((labels != IGNORE).any()):
-                    loss = loss + ce
+    def _action_labels(self, run: _Rollout, batch: NavigationBatch, logits: torch.Tensor,
+                       active: list[bool]) -> torch.Tensor:
+        """The expert's slot for every navigating sample (``IGNORE`` otherwise, and in 'argmax'),
+        and the step's summed cross-entropy added to the action loss."""
+        batch_size = len(run.eps)
+        labels = torch.full((batch_size,), IGNORE, dtype=torch.long)
+        if not run.training:
+            return labels
+        visited = batch.inputs["gmap_visited_masks"].tolist()
+        for i in range(batch_size):
+            if not active[i]:
+                continue
+            cur, vpids, ep, goals = run.nav.obs[i].viewpoint, batch.gmap_vpids[i], run.eps[i], run.goal_sets[i]
+            follow_path = run.feedback == "teacher" and ep.task == "r2r"
+            label = teacher_slot(vpids, cur, ep.path) if follow_path else None
+            if label is None:
+                if len(goals) == 1:
+                    label = spl_expert_slot(vpids, visited[i], cur, next(iter(goals)), run.houses[i].distance)
+                else:
+                    label = nearest_goal_slot(vpids, visited[i], cur, goals, run.houses[i].distance)
+            labels[i] = label
+        labels = labels.to(run.device)
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+        valid = labels != IGNORE
+        if bool(valid.any()):
+            run.loss = run.loss + ce
+        run.n_labels += int(valid.sum())
+        run.n_correct += int(((logits.detach().argmax(1) == labels) & valid).sum())
+        return labels
 
-            obj_labels = None
-            if training and use_objects:
-                assert obj_logits is not None and self.goals is not None
-                obj_labels = torch.full((batch_size,), IGNORE, dtype=torch.long)
-                for i in range(batch_size):
-                    if active[i]:
-                        at_goal = self.goals.is_goal(eps[i], nav.obs[i].viewpoint)
-                        obj_labels[i] = object_label(pano.obj_ids[i], eps[i].obj_id, at_goal,
-                                                     int(pano.view_lens[i]))
-                obj_labels = obj_labels.to(device)
-                sel = obj_labels != IGNORE
-                if bool(sel.any()):
-                    og_loss = og_loss + F.cross_entropy(obj_logits[sel].float(), obj_labels[sel], reduction="sum")
-                    n_og += int(sel.sum())
-                    n_og_correct += int((obj_logits.detach()[sel].argmax(1) == obj_labels[sel]).sum())
+    def _object_labels(self, run: _Rollout, pano: PanoramaBatch, obj_logits: torch.Tensor | None,
+                       active: list[bool]) -> torch.Tensor | None:
+        """REVERIE training: the target object's row where it is visible (``IGNORE`` elsewhere), and
+        the step's summed OG cross-entropy added to the OG loss; None otherwise."""
+        if not (run.training and run.use_objects):
+            return None
+        assert obj_logits is not None and self.goals is not None
+        obj_labels = torch.full((len(run.eps),), IGNORE, dtype=torch.long)
+        for i, ep in enumerate(run.eps):
+            if active[i]:
+                at_goal = self.goals.is_goal(ep, run.nav.obs[i].viewpoint)
+                obj_labels[i] = object_label(pano.obj_ids[i], ep.obj_id, at_goal, int(pano.view_lens[i]))
+        obj_labels = obj_labels.to(run.device)
+        sel = obj_labels != IGNORE
+        if bool(sel.any()):
+            run.og_loss = run.og_loss + F.cross_entropy(obj_logits[sel].float(), obj_labels[sel], reduction="sum")
+            run.n_og += int(sel.sum())
+            run.n_og_correct += int((obj_logits.detach()[sel].argmax(1) == obj_labels[sel]).sum())
+        return obj_labels
 
-            if feedback == "teacher":
-                actions = [int(x) if x != IGNORE else 0 for x in labels.tolist()]
-            elif feedback == "sample":
-                probs = torch.softmax(logits.detach().float(), 1)
-                actions = torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()
-            else:
-                actions = logits.detach().argmax(1).tolist()
-            if training:
-                valid = labels != IGNORE
-                n_labels += int(valid.sum())
-                pred = logits.detach().argmax(1)
-                n_correct += int(((pred == labels) & valid).sum())
+    @staticmethod
+    def _choose(run: _Rollout, logits: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """The feedback: the labels ('teacher'), a sample of the fused distribution ('sample') or its
+        arg-max ('argmax')."""
+        if run.feedback == "teacher":
+            return [int(x) if x != IGNORE else 0 for x in labels.tolist()]
+        if run.feedback == "sample":
+            probs = torch.softmax(logits.detach().float(), 1)
+            return torch.multinomial(probs, 1, generator=run.generator).squeeze(1).tolist()
+        return logits.detach().argmax(1).tolist()
 
-            if step_hook is not None:
-                step_hook(t, outs, batch, labels)
-            steps.append(StepRecord(
-                t=t, fused_logits=logits, labels=labels, gmap_vpids=batch.gmap_vpids, active=active,
-                actions=[int(a) for a in actions],
-                inputs=batch.inputs if keep_inputs else None, outputs=outs if keep_inputs else None,
-                obj_logits=obj_logits, obj_labels=obj_labels,
-            ))
-            if shadow is not None:
-                steps[-1].pano_embeds, steps[-1].pano_masks = pano_embeds, pano_masks
-                steps[-1].viewpoints = [ob.viewpoint for ob in nav.obs]
-                steps[-1].teacher = t_step
+    def _advance(self, run: _Rollout, env: E.NavBatchEnv, t: int, actions: list[int], batch: NavigationBatch) -> None:
+        """Apply the actions on the map (and the teacher's shadow map), walk the environment there and
+        observe the new nodes.  In training a sample stops where it stands on a goal."""
+        nav, batch_size = run.nav, len(run.eps)
+        stop = [nav.obs[i].viewpoint in run.goal_sets[i] for i in range(batch_size)] if run.training else None
+        nav.act(t, actions, batch, stop=stop)
+        if run.shadow is not None:
+            run.shadow.nav.act(t, actions, run.shadow.batch, stop=stop)
+        env_obs = self._move_env(env, nav, run.synced)
+        nav.observe([nav.obs[i] if nav.ended[i] else
+                     to_nav_observation(env_obs[i], self.features, run.objects, run.max_objects)
+                     for i in range(batch_size)])
+        if run.shadow is not None:
+            run.shadow.nav.observe(nav.obs)
 
-            stop = [nav.obs[i].viewpoint in goal_sets[i] for i in range(batch_size)] if training else None
-            nav.act(t, actions, batch, stop=stop)
-            if shadow is not None:
-                shadow.nav.act(t, actions, shadow.batch, stop=stop)
-            env_obs = self._move_env(env, nav, synced)
-            nav.observe([nav.obs[i] if nav.ended[i] else
-                         to_nav_observation(env_obs[i], self.features, objects, max_objects)
-                         for i in range(batch_size)])
-            if shadow is not None:
-                shadow.nav.observe(nav.obs)
-            if nav.all_ended:
-                break
-
+    def _finish(self, run: _Rollout, env: E.NavBatchEnv) -> RolloutOutput:
+        """Walk the environment to where the map ended each sample; losses per sample, metrics,
+        leaderboard entries (REVERIE: with ``predObjId``)."""
         # samples still going after the last step were ended by the navigator (walk back included)
-        self._move_env(env, nav, synced)
-        metrics: dict[str, float] = {"steps": float(len(steps))}
-        og_out = None
-        if training:
+        self._move_env(env, run.nav, run.synced)
+        batch_size = len(run.eps)
+        metrics: dict[str, float] = {"steps": float(len(run.steps))}
+        loss, og_out = run.loss, None
+        if run.training:
             loss = loss / batch_size
-            metrics["acc"] = n_correct / max(1, n_labels)
-            if use_objects:
-                og_out = og_loss / batch_size
+            metrics["acc"] = run.n_correct / max(1, run.n_labels)
+            if run.use_objects:
+                og_out = run.og_loss / batch_size
                 loss = loss + self.og_weight * og_out
-                metrics.update({"og_loss": float(og_out.detach()), "og_acc": n_og_correct / max(1, n_og),
-                                "og_labels": float(n_og)})
+                metrics.update({"og_loss": float(og_out.detach()), "og_acc": run.n_og_correct / max(1, run.n_og),
+                                "og_labels": float(run.n_og)})
         results = env.results()
-        if use_objects:
+        if run.use_objects:
             for i, entry in enumerate(results):
-                obj = nav.predicted_objects[i]
+                obj = run.nav.predicted_objects[i]
                 entry["predObjId"] = int(obj) if obj is not None else -1
-        out = RolloutOutput(loss=loss, steps=steps, results=results, metrics=metrics, og_loss=og_out)
-        if shadow is not None:
-            out.txt_embeds, out.txt_masks, out.teacher_txt_embeds = txt_embeds, txt_masks, shadow.txt_embeds
+        out = RolloutOutput(loss=loss, steps=run.steps, results=results, metrics=metrics, og_loss=og_out)
+        if run.shadow is not None:
+            out.txt_embeds, out.txt_masks, out.teacher_txt_embeds = run.txt_embeds, run.txt_masks, run.shadow.txt_embeds
         return out
 
     def _check_teacher(self, teacher: nn.Module, use_objects: bool) -> DUET:
