@@ -42,6 +42,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from minivln.deploy.backends import ONNX_VARIANTS
+from minivln.deploy.export import ExportError, export_model, require_onnx
+from minivln.deploy.runtime import OnnxRuntimeDUET
 from minivln.model.agent_inputs import MapNavigator
 from minivln.model.duet import DUET
 from minivln.model.graph_map import Candidate, Move, NodeObservation, view_direction
@@ -447,9 +450,6 @@ def _onnx_runtimes(model: DUET, backends: Sequence[str], threads: int) -> tuple[
     ``(the TemporaryDirectory, {backend: model})``."""
     import tempfile
 
-    from minivln.deploy.backends import ONNX_VARIANTS
-    from minivln.deploy.export import export_model
-    from minivln.deploy.runtime import OnnxRuntimeDUET
 
     tmp = tempfile.TemporaryDirectory(prefix="minivln-bench-")
     try:
@@ -552,7 +552,6 @@ def _bench_model(args: argparse.Namespace) -> int:
         print("minivln bench model: error: --dtype bf16 applies to the torch backend only", file=sys.stderr)
         return 2
     if any(b != "torch" for b in args.backends):
-        from minivln.deploy.export import ExportError, require_onnx
 
         try:
             require_onnx()

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from minivln.deploy.export import max_abs_diff as _diff
 from minivln.model.fixture import outputs_as_dict
 
 
@@ -69,7 +70,6 @@ class CompareModel:
 
 def max_abs_diff(expected: torch.Tensor, got: torch.Tensor | None) -> float:
     """max |expected - got| (see :func:`minivln.deploy.export.max_abs_diff`); inf when missing."""
-    from minivln.deploy.export import max_abs_diff as _diff
 
     if got is None:
         return float("inf")
