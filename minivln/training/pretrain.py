@@ -166,6 +166,11 @@ class PretrainConfig:
             self.data_dir, self.toy = "toy", False
 
     @property
+    def network_overrides(self) -> dict[str, Any]:
+        """The DUETConfig fields this run replaces in its preset (``feat_dropout`` included)."""
+        return {**self.model_overrides, "feat_dropout": self.feat_dropout}
+
+    @property
     def uses_toy(self) -> bool:
         return self.data_dir == "toy"
 
@@ -640,7 +645,7 @@ def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_clas
 
 
 def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretrainer:
-    duet = create_model(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})
+    duet = create_model(cfg.model, **cfg.network_overrides)
     if cfg.text_init:
         init_text(duet, cfg.text_init)
     if cfg.init_checkpoint:
@@ -651,7 +656,7 @@ def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretra
 def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     """Train, validate, export; returns {'train': last log record, 'val': last validation, 'export': path}."""
 
-    get_config(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})  # a known preset, first
+    student_cfg = get_config(cfg.model, **cfg.network_overrides)  # a known preset, first
     dist = init_distributed(cfg.train.device)  # before the task, which shards batches by rank
     if dist.is_main:  # before any work: checkpoints and the exported weights go there
         check_writable_dir(cfg.train.run_dir, "run directory")
@@ -659,9 +664,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
             check_writable_dir(Path(cfg.export).parent, "export directory")
     teacher = None
     if cfg.teacher:  # stage 1: distillation while pretraining (docs/distillation.md)
-
         teacher = load_agent_model(cfg.teacher)
-        student_cfg = get_config(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})
         check_teacher(student_cfg, teacher.config, stage=1, source=f"teacher {cfg.teacher}")
         if cfg.teacher_dtype not in TEACHER_DTYPES:
             raise ConfigError(f"teacher_dtype: one of {sorted(TEACHER_DTYPES)}, got {cfg.teacher_dtype!r}")
