@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import io
 import json
 import math
 import os
@@ -41,9 +40,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from minivln.config import (
     CONFIG_DIR,
@@ -60,12 +56,12 @@ from minivln.evaluation.evaluator import Evaluator, load_submission
 from minivln.features.hdf5 import FeatureStore
 from minivln.paths import (
     DataError,
-    atomic_write_bytes,
     atomic_write_text,
     check_writable_dir,
     resolve_data_dir,
 )
 from minivln.training.logging import read_jsonl
+from minivln.training.plot import new_figure, save_png
 
 COMMANDS = ("pretrain", "finetune")
 PATH_KEYS = ("teacher", "features", "objects", "data_dir", "init_checkpoint", "init")
@@ -523,23 +519,10 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
     return table
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_bars(table: dict[str, Any], path: Path) -> None:
     """SR and SPL of every row with +-1 standard error bars (over episodes)."""
     rows = table["rows"]
-    fig = _figure(1.6 + 1.1 * len(rows), 3.8)
+    fig = new_figure(1.6 + 1.1 * len(rows), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(rows)))
     for off, key, label in ((-0.2, "sr", "SR (success rate)"), (0.2, "spl", "SPL (success weighted by path length)")):
@@ -553,13 +536,13 @@ def plot_bars(table: dict[str, Any], path: Path) -> None:
                  fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def plot_curves(recipe: Recipe, out: Path, path: Path) -> None:
     """Per row trained here: its run's validation SR and SPL over fine-tuning steps (the subset the
     run validated on), and its training loss."""
-    fig = _figure(13, 3.8)
+    fig = new_figure(13, 3.8)
     axes = [fig.add_subplot(1, 3, k + 1) for k in range(3)]
     for row in recipe.rows:
         if not row.run:
@@ -580,7 +563,7 @@ def plot_curves(recipe: Recipe, out: Path, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{recipe.table}: validation on the runs' own subset of {recipe.split}", fontsize=9)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def _standin(recipe: Recipe) -> bool:

@@ -13,13 +13,11 @@ on that one instruction first (arg-max, as ``minivln navigate``).
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
@@ -27,8 +25,9 @@ from minivln.data.datasets import Episode, load_episodes
 from minivln.data.graph import Graphs, House
 from minivln.evaluation.evaluator import Evaluator, load_submission
 from minivln.evaluation.metrics import SUCCESS_DISTANCE
-from minivln.paths import DataError, atomic_write_bytes, resolve_data_dir
+from minivln.paths import DataError, resolve_data_dir
 from minivln.training.navigate import navigate
+from minivln.training.plot import new_figure, save_png
 
 FLOOR_GAP = 1.5  # metres: viewpoints more than this above/below every path node are on another floor
 
@@ -48,8 +47,7 @@ def draw_episode(house: House, episode: Episode, trajectory: list[str], metrics:
     on_path = [house.idx(v) for v in (*episode.path, *trajectory)]
     z = pos[on_path, 2]
     same_floor = np.any(np.abs(pos[:, 2][:, None] - z[None, :]) < FLOOR_GAP, axis=1)
-    fig = Figure(figsize=(7.5, 7.5), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = new_figure(7.5, 7.5)
     ax = fig.add_subplot(1, 1, 1)
     ii, jj = np.nonzero(np.triu(house.adjacency))
     for i, j in zip(ii, jj):
@@ -105,11 +103,7 @@ def show(task: str, split: str, instr_id: str, out: str | Path, *, preds: str | 
     trajectory = episode_trajectory(entries, instr_id)
     metrics = Evaluator(task, split, root).score_episode(instr_id, trajectory)
     fig = draw_episode(Graphs(root)[episode.scan], episode, trajectory, metrics)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    out = Path(out)
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    return save_png(fig, out, tight=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -59,6 +59,23 @@ NAMES = {"sr": "SR (success rate)", "spl": "SPL (success weighted by path length
 RATES = {"sr", "spl", "oracle_sr", "ndtw", "rgs", "rgspl", "sap_fused_acc", "mlm_acc", "mrc_acc", "og_acc"}
 
 
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib figure on the Agg canvas (no display needed), at the project's 110 dpi."""
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Figure, path: str | os.PathLike, *, tight: bool = False) -> Path:
+    """Write ``fig`` as a PNG, atomically (the folder is made if missing); ``tight`` trims the margins."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight" if tight else None)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def validation_metrics(val_records: list[dict]) -> list[str]:
     """The :data:`VAL_METRICS` that some validation record logs (``<split>.<metric>`` keys), in order."""
     logged = {k.split(".", 1)[1] for r in val_records for k in r if "." in k}
@@ -86,8 +103,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     n = 1 + max(1, len(metrics))
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = new_figure(4.2 * cols, 3.4 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     ax_loss = axes[0]
     for k, (xs, ys) in sorted(losses.items()):
@@ -123,8 +139,4 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         ax.set_visible(False)
     fig.suptitle(run.resolve().name)
     fig.tight_layout()
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(target, buf.getvalue())
-    return target
+    return save_png(fig, target)
