@@ -91,6 +91,10 @@ def fixture(reference_dir):
 #: width of the random view features of :func:`small_toy` (tiny test models use image_feat_size=16)
 SMALL_TOY_DIM = 16
 
+#: ``model_overrides`` of the tiny ``duet-cpu`` network the command-line tests train on :func:`small_toy`
+SMALL_DUET = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_l_layers": 1,
+              "num_pano_layers": 1, "num_x_layers": 1, "image_feat_size": SMALL_TOY_DIM}
+
 
 @pytest.fixture(scope="session")
 def small_toy(tmp_path_factory):

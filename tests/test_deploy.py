@@ -14,6 +14,8 @@ import torch
 pytest.importorskip("onnx", reason="onnx not installed (optional extra: pip install -e '.[deploy]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (optional extra: pip install -e '.[deploy]')")
 
+from conftest import SMALL_DUET as SMALL
+
 from minivln.cli import main as cli_main  # noqa: E402
 from minivln.deploy.backends import load_backend  # noqa: E402
 from minivln.deploy.export import (  # noqa: E402
@@ -28,8 +30,6 @@ from minivln.model.fixture import outputs_as_dict, run_fixture  # noqa: E402
 from minivln.model.registry import create_model  # noqa: E402
 from minivln.model.tensor_modes import UnsupportedModelError, tensor_modes  # noqa: E402
 
-SMALL = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_l_layers": 1,
-         "num_pano_layers": 1, "num_x_layers": 1, "image_feat_size": 16}
 # (batch, text tokens, panorama tokens, map slots): neither is the traced shape, one has batch 1
 SHAPES = ((3, 12, 15, 7), (1, 4, 10, 3))
 TOL = 1e-4

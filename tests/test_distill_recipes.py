@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import SMALL_DUET as SMALL
 from safetensors.torch import load_file
 
 from minivln.cli import main as cli_main
@@ -12,8 +13,6 @@ from minivln.model.checkpoint import save_pretrained
 from minivln.model.registry import create_model
 from minivln.training.logging import read_jsonl
 
-SMALL = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_l_layers": 1,
-         "num_pano_layers": 1, "num_x_layers": 1, "image_feat_size": 16}
 TEACHER = {**SMALL, "hidden_size": 32, "intermediate_size": 64, "num_l_layers": 3, "num_pano_layers": 2,
            "num_x_layers": 2}
 

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 import yaml
+from conftest import SMALL_DUET as SMALL
 
 from minivln.cli import main as cli_main
 from minivln.config import ConfigError
@@ -24,8 +25,6 @@ from minivln.experiment import (
 from minivln.model.checkpoint import save_pretrained
 from minivln.model.registry import create_model
 
-SMALL = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_l_layers": 1,
-         "num_pano_layers": 1, "num_x_layers": 1, "image_feat_size": 16}
 TEACHER = {**SMALL, "hidden_size": 32, "intermediate_size": 64, "num_l_layers": 3}
 
 

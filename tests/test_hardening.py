@@ -28,6 +28,7 @@ import h5py
 import pytest
 import torch
 import yaml
+from conftest import SMALL_DUET as SMALL
 from safetensors.torch import load_file
 
 import minivln
@@ -41,9 +42,6 @@ from minivln.model.checkpoint import CheckpointError, load_weights, save_pretrai
 from minivln.model.registry import create_model
 from minivln.training.finetune import FinetuneConfig
 from minivln.training.logging import read_jsonl
-
-SMALL = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_l_layers": 1,
-         "num_pano_layers": 1, "num_x_layers": 1, "image_feat_size": 16}
 
 
 def _finetune_args(data, feats, steps: int = 2) -> list[str]:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import SMALL_DUET as SMALL
 
 from minivln.cli import main as cli_main
 from minivln.data.datasets import load_episodes
@@ -13,9 +14,6 @@ from minivln.model.checkpoint import save_pretrained
 from minivln.model.registry import create_model
 from minivln.paths import DataError
 from minivln.show import episode_trajectory, show
-
-SMALL = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_l_layers": 1,
-         "num_pano_layers": 1, "num_x_layers": 1, "image_feat_size": 16}
 
 
 def test_trajectory_of_an_instruction():
