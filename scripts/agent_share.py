@@ -12,6 +12,7 @@ environment moves, feature reads and expert labels.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import json
 import platform
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--init", default="", help="initial weights (e.g. a pretraining run's pretrained/)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--json", default="")
+    ap.add_argument("--profile", default="", help="write a cProfile of the timed iterations' forward parts here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(FinetuneConfig, args.config, [f"features={args.features}", f"init_checkpoint={args.init}"])
@@ -45,11 +47,17 @@ def main() -> None:
     model.register_forward_pre_hook(lambda m, a: starts.append(time.perf_counter()))
     model.register_forward_hook(lambda m, a, o: clock.__setitem__("net", clock["net"] + time.perf_counter() - starts.pop()))
     rows = []
+    prof = cProfile.Profile() if args.profile else None
     for i in range(args.iters + 1):  # the first one warms up
         clock["net"] = 0.0
+        batch = task.next_batch(i)
+        if prof is not None and i:
+            prof.enable()
         t0 = time.perf_counter()
-        out = task.compute(model, task.next_batch(i))
+        out = task.compute(model, batch)
         t1 = time.perf_counter()
+        if prof is not None:
+            prof.disable()
         out.loss.backward()
         t2 = time.perf_counter()
         model.zero_grad(set_to_none=True)
@@ -63,6 +71,8 @@ def main() -> None:
               "config": args.config, "init": args.init, "iters": args.iters, "median_s": med,
               "agent_share": share, "all": rows}
     print(json.dumps({"median_s": med, "agent_share": share}, indent=1))
+    if prof is not None:
+        prof.dump_stats(args.profile)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 
