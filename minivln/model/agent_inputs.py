@@ -104,7 +104,7 @@ class PanoramaBatch:
         return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def view_angle_table(view_index: int, n_views: int, angle_feat_size: int = 4) -> np.ndarray:
     """(n_views, angle_feat_size) angle features of every discretised view relative to view
     ``view_index`` (static geometry, computed once per argument triple; read-only)."""
