@@ -244,70 +244,50 @@ def gmap_embeds(maps: Sequence[GraphMap], slots: Sequence[Sequence[NodeId | None
 
 def build_gmap_inputs(
     maps: Sequence[GraphMap],
-    obs_list: Sequence[NodeObservation],
-    *,
-    angle_feat_size: int = 4,
-    enc_full_graph: bool = True,
-    act_visited_nodes: bool = False,
-) -> tuple[dict[str, Any], list[bool], list[list[bool]]]:
-    """The global-branch inputs (``gmap_*``), ``no_vp_left`` and the visited flags per sample.
+    slots: Sequence[tuple[list[NodeId | None], list[bool]]],
+    pos: Sequence[np.ndarray],
+) -> dict[str, Any]:
+    """The global-branch inputs (``gmap_*``) from each sample's slots and visited flags
+    (:meth:`GraphMap.slots`) and the position features of those slots (``pos[i]``, one row per slot).
 
     The host-side arrays are allocated padded once and filled sample by sample, then handed to
     torch without a copy and moved to the node features' device."""
-    slots = [
-        gmap.slots(ob.viewpoint, enc_full_graph=enc_full_graph, act_visited_nodes=act_visited_nodes)
-        for gmap, ob in zip(maps, obs_list)
-    ]
-    no_left = [gmap.num_ghosts(ob.viewpoint, act_visited_nodes) == 0 for gmap, ob in zip(maps, obs_list)]
     lens = [len(vpids) for vpids, _ in slots]
     batch_size, width = len(maps), max(lens)
     step_ids = np.zeros((batch_size, width), dtype=np.int64)
-    pos = np.zeros((batch_size, width, angle_feat_size + 3), dtype=np.float32)
+    pos_fts = np.zeros((batch_size, width, pos[0].shape[1]), dtype=np.float32)
     visited = np.zeros((batch_size, width), dtype=bool)
     pair = np.zeros((batch_size, width, width), dtype=np.float32)
-    for i, (gmap, ob, (vpids, flags)) in enumerate(zip(maps, obs_list, slots)):
+    for i, (gmap, (vpids, flags)) in enumerate(zip(maps, slots)):
         n = len(vpids)
         step_ids[i, :n] = [gmap.step_ids.get(vp, 0) for vp in vpids]
-        pos[i, :n] = gmap.pos_fts(ob.viewpoint, vpids, ob.heading, ob.elevation, angle_feat_size)
+        pos_fts[i, :n] = pos[i]
         visited[i, :n] = flags
         pair[i, :n, :n] = gmap.pair_dists(vpids)
     embeds = gmap_embeds(maps, [vpids for vpids, _ in slots], width)
     device = embeds.device
-    inputs = {
+    return {
         "gmap_vpids": [vpids for vpids, _ in slots],
         "gmap_img_embeds": embeds,
         "gmap_step_ids": torch.from_numpy(step_ids).to(device),
-        "gmap_pos_fts": torch.from_numpy(pos).to(device),
+        "gmap_pos_fts": torch.from_numpy(pos_fts).to(device),
         "gmap_visited_masks": torch.from_numpy(visited).to(device),
         "gmap_pair_dists": torch.from_numpy(pair).to(device),
         "gmap_masks": seq_masks(lens).to(device),
     }
-    return inputs, no_left, [list(flags) for _, flags in slots]
 
 
-def build_vp_inputs(
-    maps: Sequence[GraphMap],
-    obs_list: Sequence[NodeObservation],
-    pano: PanoramaBatch,
-    pano_embeds: torch.Tensor,
-    pano_masks: torch.Tensor | None = None,
-    *,
-    angle_feat_size: int = 4,
-) -> dict[str, Any]:
-    """The local-branch inputs (``vp_*``) of the current nodes."""
+def build_vp_inputs(pano: PanoramaBatch, pano_embeds: torch.Tensor, pos: Sequence[np.ndarray]) -> dict[str, Any]:
+    """The local-branch inputs (``vp_*``) of the current nodes; ``pos[i]`` holds sample i's position
+    features of its start node (row 0) and of its candidates (the rows after)."""
     batch_size, n_tokens = pano_embeds.shape[:2]
     device = pano_embeds.device
     vp_img_embeds = torch.cat([torch.zeros_like(pano_embeds[:, :1]), pano_embeds], 1)
-    pos_size = angle_feat_size + 3
+    pos_size = pos[0].shape[1]
     vp_pos = np.zeros((batch_size, n_tokens + 1, 2 * pos_size), dtype=np.float32)
-    for i, (gmap, ob) in enumerate(zip(maps, obs_list)):
-        start = gmap.pos_fts(ob.viewpoint, [gmap.start], ob.heading, ob.elevation, angle_feat_size)
-        vp_pos[i, :, :pos_size] = start
-        cands = pano.cand_vpids[i]
-        if cands:
-            vp_pos[i, 1 : len(cands) + 1, pos_size:] = gmap.pos_fts(
-                ob.viewpoint, cands, ob.heading, ob.elevation, angle_feat_size
-            )
+    for i, rows in enumerate(pos):
+        vp_pos[i, :, :pos_size] = rows[0]
+        vp_pos[i, 1 : len(rows), pos_size:] = rows[1:]
     lens = pano.view_lens + (pano.obj_lens if pano.obj_lens is not None else 0)
     nav_types = pano.nav_types.to(device)
     inputs: dict[str, Any] = {
@@ -339,17 +319,25 @@ def build_navigation_inputs(
     enc_full_graph: bool = True,
     act_visited_nodes: bool = False,
 ) -> NavigationBatch:
-    """The complete ``'navigation'`` batch: global + local inputs + the text."""
-    inputs, no_left, visited = build_gmap_inputs(
-        maps, obs_list, angle_feat_size=angle_feat_size, enc_full_graph=enc_full_graph,
-        act_visited_nodes=act_visited_nodes,
-    )
-    inputs.update(
-        build_vp_inputs(maps, obs_list, pano, pano_embeds, pano_masks, angle_feat_size=angle_feat_size)
-    )
+    """The complete ``'navigation'`` batch: global + local inputs + the text.
+
+    Each sample's position features (of its slots, its start node and its candidates, relative to
+    where it stands) come from one :meth:`GraphMap.pos_fts` call; the rows of a node do not depend
+    on the other nodes of the call."""
+    slots = [
+        gmap.slots(ob.viewpoint, enc_full_graph=enc_full_graph, act_visited_nodes=act_visited_nodes)
+        for gmap, ob in zip(maps, obs_list)
+    ]
+    no_left = [gmap.num_ghosts(ob.viewpoint, act_visited_nodes) == 0 for gmap, ob in zip(maps, obs_list)]
+    pos = [
+        gmap.pos_fts(ob.viewpoint, [*vpids, gmap.start, *cands], ob.heading, ob.elevation, angle_feat_size)
+        for gmap, ob, (vpids, _), cands in zip(maps, obs_list, slots, pano.cand_vpids)
+    ]
+    inputs = build_gmap_inputs(maps, slots, [rows[: len(vpids)] for rows, (vpids, _) in zip(pos, slots)])
+    inputs.update(build_vp_inputs(pano, pano_embeds, [rows[len(vpids) :] for rows, (vpids, _) in zip(pos, slots)]))
     inputs["txt_embeds"] = txt_embeds
     inputs["txt_masks"] = txt_masks
-    return NavigationBatch(inputs, no_left, visited)
+    return NavigationBatch(inputs, no_left, [list(flags) for _, flags in slots])
 
 
 # ------------------------------------------------------------------------------ the episode
