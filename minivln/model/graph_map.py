@@ -385,8 +385,10 @@ class GraphMap:
         return self.graph.visited(vp)
 
     def node_embed(self, vp: NodeId) -> torch.Tensor:
+        """The node's feature: the mean of what was accumulated (a feature seen once is itself:
+        ``x / 1`` is ``x`` exactly, in value and in gradient, so no division is run for it)."""
         total, count = self.node_embeds[vp]
-        return total / count
+        return total if count == 1 else total / count
 
     @property
     def visited_nodes(self) -> list[NodeId]:
