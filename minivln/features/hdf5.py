@@ -81,8 +81,8 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def as_float32(x: np.ndarray) -> np.ndarray:
-    """A C-contiguous float32 copy of ``x`` (exact for float16, converted by torch: numpy's float16
-    conversion takes about 0.1 ms for one viewpoint's 36 x 768 features, torch's a tenth)."""
+    """A C-contiguous float32 copy of ``x`` (float16 is widened by torch, exactly and several times
+    faster than numpy)."""
     if x.dtype == np.float16:
         return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
     return np.ascontiguousarray(x, dtype=np.float32)
@@ -150,7 +150,7 @@ class _LazyH5:
         dataset of that name.  A dataset with a byte offset (HDF5 gives one only to contiguous storage
         in this file: no chunks, hence no filters, no external or virtual storage) is read with one
         ``preadv`` there, its offset, shape and type looked up once per key, which skips h5py's
-        per-read overhead (about 0.3 ms a read); any other layout goes through h5py."""
+        per-read overhead (most of a read's time); any other layout goes through h5py."""
         h5 = self.file()
         loc = self._locations.get(key)
         if loc is None:
@@ -173,7 +173,7 @@ class _LazyH5:
 
     def _numpy_type(self, dsid: h5py.h5d.DatasetID) -> np.dtype | None:
         """The numpy dtype of a dataset's HDF5 type (asked once per distinct type: h5py's conversion
-        takes about 50 us); None for types a plain read cannot give (object, variable length)."""
+        is slow); None for types a plain read cannot give (object, variable length)."""
         htype = dsid.get_type()
         for known, dtype in self._types:
             if known == htype:
