@@ -20,7 +20,9 @@ Object features (VLN-DUET REVERIE layout)::
     ``bboxes``, ``view_ids``.  A viewpoint without objects may have no entry.
 
 Readers open the file on first use (and again in a forked worker), read one key at a time and
-keep at most ``cache_size`` decoded entries (least recently used first out); ``FeatureStore.require``
+keep at most ``cache_size`` decoded entries (least recently used first out); a view feature dataset
+stored contiguous and unfiltered (how the writers store it) is read straight from the file at its
+offset, which is looked up once per key; ``FeatureStore.require``
 checks, from the key list alone, that a file holds every viewpoint a split needs.  Writers write to a
 temporary file beside the target and rename it into place only when everything was written; a write
 that fails (a full disk) stops the writer with one :class:`~minivln.paths.WriteError` naming the file
@@ -40,6 +42,7 @@ from typing import Any, Iterable, Iterator
 
 import h5py
 import numpy as np
+import torch
 
 from minivln.paths import (
     DataError,
@@ -77,6 +80,14 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 copy of ``x`` (float16 is widened by torch, exactly and several times
+    faster than numpy)."""
+    if x.dtype == np.float16:
+        return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 def probs_to_logits(probs: np.ndarray) -> np.ndarray:
     """Logits whose softmax gives back ``probs`` (up to a 1e-6 floor): ``log(p + 1e-6)``."""
     return np.log(np.asarray(probs, dtype=np.float32) + _LOGIT_EPS)
@@ -104,8 +115,12 @@ class _LazyH5:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.cache_size = int(cache_size)
         self._h5: h5py.File | None = None
+        self._fd: int | None = None  # a plain read-only descriptor for the direct reads
         self._pid: int | None = None
         self._cache: OrderedDict[str, Any] = OrderedDict()
+        # per key: (byte offset or None = read through h5py, dtype, shape) of a root dataset
+        self._locations: dict[str, tuple[int | None, np.dtype | None, tuple[int, ...]]] = {}
+        self._types: list[tuple[h5py.h5t.TypeID, np.dtype | None]] = []  # HDF5 type -> numpy dtype
         self.hits = 0
         self.misses = 0
 
@@ -115,14 +130,58 @@ class _LazyH5:
                 self._h5 = h5py.File(self.path, "r")
             except OSError as exc:
                 raise DataError(f"{self.path} is not a readable HDF5 file: {exc}") from exc
+            self._fd = None  # a forked child opens its own descriptor and HDF5 type handles
+            self._types = []
             self._pid = os.getpid()
         return self._h5
 
     def close(self) -> None:
-        if self._h5 is not None and self._pid == os.getpid():
-            self._h5.close()
+        if self._pid == os.getpid():
+            if self._h5 is not None:
+                self._h5.close()
+            if self._fd is not None:
+                os.close(self._fd)
         self._h5 = None
+        self._fd = None
         self._cache.clear()
+
+    def read_dataset(self, key: str) -> np.ndarray | None:
+        """The root dataset ``key`` whole, as ``file()[key][()]`` gives it; None when the root has no
+        dataset of that name.  A dataset with a byte offset (HDF5 gives one only to contiguous storage
+        in this file: no chunks, hence no filters, no external or virtual storage) is read with one
+        ``preadv`` there, its offset, shape and type looked up once per key, which skips h5py's
+        per-read overhead (most of a read's time); any other layout goes through h5py."""
+        h5 = self.file()
+        loc = self._locations.get(key)
+        if loc is None:
+            try:
+                dsid = h5py.h5d.open(h5.id, key.encode())
+            except KeyError:  # no such name, or not a dataset
+                return None
+            offset = dsid.get_offset() if hasattr(os, "preadv") else None
+            loc = (offset, self._numpy_type(dsid) if offset is not None else None, tuple(dsid.shape))
+            self._locations[key] = loc
+        offset, dtype, shape = loc
+        if offset is None or dtype is None:
+            return h5[key][()]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        out = np.empty(shape, dtype=dtype)
+        if os.preadv(self._fd, [out], offset) != out.nbytes:
+            raise DataError(f"{self.path}: short read of {key!r} (a truncated file?)")
+        return out
+
+    def _numpy_type(self, dsid: h5py.h5d.DatasetID) -> np.dtype | None:
+        """The numpy dtype of a dataset's HDF5 type (asked once per distinct type: h5py's conversion
+        is slow); None for types a plain read cannot give (object, variable length)."""
+        htype = dsid.get_type()
+        for known, dtype in self._types:
+            if known == htype:
+                return dtype
+        dtype = dsid.dtype
+        dtype = None if dtype.hasobject else dtype
+        self._types.append((htype, dtype))
+        return dtype
 
     def cached(self, key: str) -> Any | None:
         if key in self._cache:
@@ -291,15 +350,14 @@ class FeatureStore(_StoreMetadata):
         if hit is not None:
             return hit
         dim, stored, layout = self._resolve_layout()
-        h5 = self._f.file()
-        if key not in h5:
-            raise MissingFeatureError(f"{self.path} has no features for key {key!r}")
-        ds = h5[key]
-        if not isinstance(ds, h5py.Dataset) or ds.shape != (NUM_VIEWS, stored):
-            shape = getattr(ds, "shape", "a group")
-            raise DataError(f"{self.path}: key {key!r} has shape {shape}; expected ({NUM_VIEWS}, {stored})")
-        arr = ds[()]
-        fts = np.ascontiguousarray(arr[:, :dim], dtype=np.float32)
+        arr = self._f.read_dataset(key)
+        if arr is None:
+            if key not in self._f.file():
+                raise MissingFeatureError(f"{self.path} has no features for key {key!r}")
+            raise DataError(f"{self.path}: key {key!r} has shape a group; expected ({NUM_VIEWS}, {stored})")
+        if arr.shape != (NUM_VIEWS, stored):
+            raise DataError(f"{self.path}: key {key!r} has shape {arr.shape}; expected ({NUM_VIEWS}, {stored})")
+        fts = as_float32(arr[:, :dim])
         classes = None
         if layout == "concat":
             classes = softmax(arr[:, dim:])

@@ -27,6 +27,7 @@ Typical evaluation loop (the environment only has to teleport to ``Move.target``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -55,17 +56,6 @@ def pad_tensors(tensors: Sequence[torch.Tensor], pad: float = 0) -> torch.Tensor
     for i, t in enumerate(tensors):
         out[i, : t.size(0)] = t.detach()
     return out
-
-
-def pad_tensors_wgrad(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Like :func:`pad_tensors` with zeros, but differentiable (concatenates zero blocks)."""
-    max_len = max(int(t.size(0)) for t in tensors)
-    rows = []
-    for t in tensors:
-        if t.size(0) < max_len:
-            t = torch.cat([t, t.new_zeros((max_len - t.size(0), *t.shape[1:]))], 0)
-        rows.append(t)
-    return torch.stack(rows, 0)
 
 
 def seq_masks(lens: torch.Tensor | Sequence[int], max_len: int | None = None) -> torch.Tensor:
@@ -114,32 +104,43 @@ class PanoramaBatch:
         return out
 
 
+@functools.cache
+def view_angle_table(view_index: int, n_views: int, angle_feat_size: int = 4) -> np.ndarray:
+    """(n_views, angle_feat_size) angle features of every discretised view relative to view
+    ``view_index`` (static geometry, computed once per argument triple; read-only)."""
+    base_h, base_e = view_direction(view_index)
+    rows = []
+    for k in range(n_views):
+        h, e = view_direction(k)
+        rows.append(direction_angle_feature(h - base_h, e - base_e, angle_feat_size))
+    table = np.stack(rows, 0)
+    table.flags.writeable = False
+    return table
+
+
+def panorama_token_order(ob: NodeObservation, angle_feat_size: int = 4) -> tuple[list[int], np.ndarray, int]:
+    """One sample's view tokens without their image features: (the view index of each token, loc
+    features (V, A+3), number of candidate tokens).  Candidates first in candidate order (a view
+    showing two candidates is used twice), then every other view in increasing index."""
+    n_views = len(ob.view_features)
+    cand_views = [int(cand.point_id) for cand in ob.candidates]
+    used = set(cand_views)
+    rest = [k for k in range(n_views) if k not in used]
+    loc = np.ones((len(cand_views) + len(rest), angle_feat_size + 3), dtype=np.float32)
+    for j, cand in enumerate(ob.candidates):
+        loc[j, :angle_feat_size] = direction_angle_feature(*cand.relative_angles(ob.view_index), angle_feat_size)
+    loc[len(cand_views):, :angle_feat_size] = view_angle_table(ob.view_index, n_views, angle_feat_size)[rest]
+    return cand_views + rest, loc, len(cand_views)
+
+
 def panorama_tokens(
     ob: NodeObservation, angle_feat_size: int = 4
 ) -> tuple[np.ndarray, np.ndarray, list[int], list[NodeId]]:
     """One sample's view tokens: (image features (V, D), loc features (V, A+3), nav types,
-    candidate ids).  Candidates first in candidate order (a view showing two candidates is used
-    twice), then every other view in increasing index."""
-    base_h, base_e = view_direction(ob.view_index)
-    feats = np.asarray(ob.view_features, dtype=np.float32)
-    img, ang, nav_types, cand_vpids = [], [], [], []
-    used: set[int] = set()
-    for cand in ob.candidates:
-        img.append(feats[cand.point_id])
-        ang.append(direction_angle_feature(*cand.relative_angles(ob.view_index), angle_feat_size))
-        nav_types.append(1)
-        cand_vpids.append(cand.viewpoint)
-        used.add(int(cand.point_id))
-    for k in range(len(feats)):
-        if k in used:
-            continue
-        h, e = view_direction(k)
-        img.append(feats[k])
-        ang.append(direction_angle_feature(h - base_h, e - base_e, angle_feat_size))
-        nav_types.append(0)
-    box = np.ones((len(img), 3), dtype=np.float32)
-    loc = np.concatenate([np.stack(ang, 0), box], 1)
-    return np.stack(img, 0), loc, nav_types, cand_vpids
+    candidate ids), in :func:`panorama_token_order`."""
+    order, loc, n_cands = panorama_token_order(ob, angle_feat_size)
+    img = np.asarray(ob.view_features, dtype=np.float32)[order]
+    return img, loc, [1] * n_cands + [0] * (len(order) - n_cands), [c.viewpoint for c in ob.candidates]
 
 
 def object_tokens(ob: NodeObservation, angle_feat_size: int = 4) -> np.ndarray:
@@ -153,18 +154,6 @@ def object_tokens(ob: NodeObservation, angle_feat_size: int = 4) -> np.ndarray:
     return np.concatenate([np.tile(ang, (1, angle_feat_size // 4)), box], 1)
 
 
-def object_features(obs_list: Sequence[NodeObservation]) -> list[torch.Tensor]:
-    """Each sample's object features (O_i, D_obj); a sample without objects gets a (0, D_obj)
-    tensor, D_obj taken from the batch (0 if no observation carries object features)."""
-    widths = [np.shape(ob.obj_img_fts)[1] for ob in obs_list if ob.obj_img_fts is not None]
-    dim = max(widths, default=0)
-    return [
-        torch.from_numpy(np.asarray(ob.obj_img_fts, dtype=np.float32).reshape(ob.num_objects, -1))
-        if ob.num_objects else torch.zeros((0, dim), dtype=torch.float32)
-        for ob in obs_list
-    ]
-
-
 def build_panorama_inputs(
     obs_list: Sequence[NodeObservation], angle_feat_size: int = 4, use_objects: bool | None = None
 ) -> PanoramaBatch:
@@ -172,32 +161,46 @@ def build_panorama_inputs(
 
     ``use_objects`` defaults to "some observation carries object features"; with objects every
     sample's tokens are [views, objects] (``loc_fts``/``nav_types`` concatenated, then padded),
-    and ``obj_img_fts`` is padded over the batch separately (a sample may have no object).
+    and ``obj_img_fts`` is padded over the batch separately (a sample may have no object; the
+    object feature width is the widest in the batch, 0 if none carries features).
+
+    Each padded array is allocated once and filled sample by sample (the image features are
+    gathered straight into it), then handed to torch without a copy.
     """
     if use_objects is None:
         use_objects = any(ob.obj_img_fts is not None for ob in obs_list)
-    views, locs, types, cands, view_lens, obj_lens = [], [], [], [], [], []
-    for ob in obs_list:
-        img, loc, nav, cand = panorama_tokens(ob, angle_feat_size)
-        if use_objects:
-            obj_loc = object_tokens(ob, angle_feat_size)
-            loc = np.concatenate([loc, obj_loc], 0)
-            nav = nav + [2] * len(obj_loc)
-            obj_lens.append(len(obj_loc))
-        views.append(torch.from_numpy(img))
-        locs.append(torch.from_numpy(loc))
-        types.append(torch.tensor(nav, dtype=torch.long))
-        cands.append(cand)
-        view_lens.append(len(img))
+    batch_size = len(obs_list)
+    tokens = [panorama_token_order(ob, angle_feat_size) for ob in obs_list]
+    view_lens = [len(order) for order, _, _ in tokens]
+    obj_locs = [object_tokens(ob, angle_feat_size) for ob in obs_list] if use_objects else None
+    obj_lens = [len(o) for o in obj_locs] if obj_locs is not None else [0] * batch_size
+    width = max(v + o for v, o in zip(view_lens, obj_lens))
+    feats = [np.asarray(ob.view_features, dtype=np.float32) for ob in obs_list]
+    view_img = np.zeros((batch_size, max(view_lens), feats[0].shape[1]), dtype=np.float32)
+    loc = np.zeros((batch_size, width, angle_feat_size + 3), dtype=np.float32)
+    nav_types = np.zeros((batch_size, width), dtype=np.int64)
+    for i, (order, view_loc, n_cands) in enumerate(tokens):
+        n = len(order)
+        np.take(feats[i], order, axis=0, out=view_img[i, :n])
+        loc[i, :n] = view_loc
+        nav_types[i, :n_cands] = 1
+        if obj_locs is not None:
+            loc[i, n : n + obj_lens[i]] = obj_locs[i]
+            nav_types[i, n : n + obj_lens[i]] = 2
     batch = PanoramaBatch(
-        view_img_fts=pad_tensors(views),
-        loc_fts=pad_tensors(locs),
-        nav_types=pad_tensors(types),
+        view_img_fts=torch.from_numpy(view_img),
+        loc_fts=torch.from_numpy(loc),
+        nav_types=torch.from_numpy(nav_types),
         view_lens=torch.tensor(view_lens, dtype=torch.long),
-        cand_vpids=cands,
+        cand_vpids=[[c.viewpoint for c in ob.candidates] for ob in obs_list],
     )
     if use_objects:
-        batch.obj_img_fts = pad_tensors(object_features(obs_list))
+        dim = max((np.shape(ob.obj_img_fts)[1] for ob in obs_list if ob.obj_img_fts is not None), default=0)
+        obj_img = np.zeros((batch_size, max(obj_lens), dim), dtype=np.float32)
+        for i, ob in enumerate(obs_list):
+            if ob.num_objects:
+                obj_img[i, : ob.num_objects] = np.asarray(ob.obj_img_fts, dtype=np.float32).reshape(ob.num_objects, -1)
+        batch.obj_img_fts = torch.from_numpy(obj_img)
         batch.obj_lens = torch.tensor(obj_lens, dtype=torch.long)
         batch.obj_ids = [list(ob.obj_ids) for ob in obs_list]
     return batch
@@ -209,11 +212,13 @@ def build_panorama_inputs(
 @dataclass
 class NavigationBatch:
     """Inputs of the ``'navigation'`` mode (``inputs``, exactly the reference's batch dict,
-    including the id lists ``gmap_vpids``/``vp_cand_vpids`` with ``None`` for [stop]) and
-    ``no_vp_left`` (no ghost left: the sample must stop)."""
+    including the id lists ``gmap_vpids``/``vp_cand_vpids`` with ``None`` for [stop]),
+    ``no_vp_left`` (no ghost left: the sample must stop) and ``visited`` (the host copy of
+    ``gmap_visited_masks``, one list of slot flags per sample, for the expert without a device sync)."""
 
     inputs: dict[str, Any]
     no_vp_left: list[bool]
+    visited: list[list[bool]] = field(default_factory=list)
 
     @property
     def gmap_vpids(self) -> list[list[NodeId | None]]:
@@ -224,79 +229,65 @@ class NavigationBatch:
         return self.inputs["vp_cand_vpids"]
 
 
+def gmap_embeds(maps: Sequence[GraphMap], slots: Sequence[Sequence[NodeId | None]], width: int) -> torch.Tensor:
+    """(B, width, H) node features of each sample's slots (zeros for [stop] and the padding), with
+    gradient, stacked at once from the maps' per-node means."""
+    ref = next(embed for gmap in maps for embed, _ in gmap.node_embeds.values())
+    zero = torch.zeros_like(ref)
+    rows: list[torch.Tensor] = []
+    for gmap, vpids in zip(maps, slots):
+        rows.append(zero)
+        rows.extend(gmap.node_embed(vp) for vp in vpids[1:])
+        rows.extend([zero] * (width - len(vpids)))
+    return torch.stack(rows, 0).view(len(maps), width, *ref.shape)
+
+
 def build_gmap_inputs(
     maps: Sequence[GraphMap],
-    obs_list: Sequence[NodeObservation],
-    *,
-    angle_feat_size: int = 4,
-    enc_full_graph: bool = True,
-    act_visited_nodes: bool = False,
-) -> tuple[dict[str, Any], list[bool]]:
-    """The global-branch inputs (``gmap_*``) and ``no_vp_left`` per sample."""
-    vpids_b, embeds_b, steps_b, pos_b, dists_b, visited_b, no_left = [], [], [], [], [], [], []
-    for gmap, ob in zip(maps, obs_list):
-        vpids, visited = gmap.slots(
-            ob.viewpoint, enc_full_graph=enc_full_graph, act_visited_nodes=act_visited_nodes
-        )
-        no_left.append(gmap.num_ghosts(ob.viewpoint, act_visited_nodes) == 0)
-        node_embeds = [gmap.node_embed(vp) for vp in vpids[1:]]
-        if node_embeds:
-            embeds = torch.stack([torch.zeros_like(node_embeds[0])] + node_embeds, 0)
-        else:  # only [stop] (enc_full_graph off and no ghost): size from any stored node
-            ref = next(iter(gmap.node_embeds.values()))[0]
-            embeds = torch.zeros_like(ref)[None]
-        vpids_b.append(vpids)
-        embeds_b.append(embeds)
-        steps_b.append(torch.tensor([gmap.step_ids.get(vp, 0) for vp in vpids], dtype=torch.long))
-        pos_b.append(
-            torch.from_numpy(
-                gmap.pos_fts(ob.viewpoint, vpids, ob.heading, ob.elevation, angle_feat_size)
-            )
-        )
-        dists_b.append(torch.from_numpy(gmap.pair_dists(vpids)))
-        visited_b.append(torch.tensor(visited, dtype=torch.bool))
+    slots: Sequence[tuple[list[NodeId | None], list[bool]]],
+    pos: Sequence[np.ndarray],
+) -> dict[str, Any]:
+    """The global-branch inputs (``gmap_*``) from each sample's slots and visited flags
+    (:meth:`GraphMap.slots`) and the position features of those slots (``pos[i]``, one row per slot).
 
-    lens = torch.tensor([len(v) for v in vpids_b], dtype=torch.long)
-    width = int(lens.max())
-    device = embeds_b[0].device
-    pair = torch.zeros(len(maps), width, width, dtype=torch.float32)
-    for i, d in enumerate(dists_b):
-        pair[i, : d.size(0), : d.size(1)] = d
-    inputs = {
-        "gmap_vpids": vpids_b,
-        "gmap_img_embeds": pad_tensors_wgrad(embeds_b),
-        "gmap_step_ids": pad_tensors(steps_b).to(device),
-        "gmap_pos_fts": pad_tensors(pos_b).to(device),
-        "gmap_visited_masks": pad_tensors(visited_b).to(device),
-        "gmap_pair_dists": pair.to(device),
+    The host-side arrays are allocated padded once and filled sample by sample, then handed to
+    torch without a copy and moved to the node features' device."""
+    lens = [len(vpids) for vpids, _ in slots]
+    batch_size, width = len(maps), max(lens)
+    step_ids = np.zeros((batch_size, width), dtype=np.int64)
+    pos_fts = np.zeros((batch_size, width, pos[0].shape[1]), dtype=np.float32)
+    visited = np.zeros((batch_size, width), dtype=bool)
+    pair = np.zeros((batch_size, width, width), dtype=np.float32)
+    for i, (gmap, (vpids, flags)) in enumerate(zip(maps, slots)):
+        n = len(vpids)
+        step_ids[i, :n] = [gmap.step_ids.get(vp, 0) for vp in vpids]
+        pos_fts[i, :n] = pos[i]
+        visited[i, :n] = flags
+        pair[i, :n, :n] = gmap.pair_dists(vpids)
+    embeds = gmap_embeds(maps, [vpids for vpids, _ in slots], width)
+    device = embeds.device
+    return {
+        "gmap_vpids": [vpids for vpids, _ in slots],
+        "gmap_img_embeds": embeds,
+        "gmap_step_ids": torch.from_numpy(step_ids).to(device),
+        "gmap_pos_fts": torch.from_numpy(pos_fts).to(device),
+        "gmap_visited_masks": torch.from_numpy(visited).to(device),
+        "gmap_pair_dists": torch.from_numpy(pair).to(device),
         "gmap_masks": seq_masks(lens).to(device),
     }
-    return inputs, no_left
 
 
-def build_vp_inputs(
-    maps: Sequence[GraphMap],
-    obs_list: Sequence[NodeObservation],
-    pano: PanoramaBatch,
-    pano_embeds: torch.Tensor,
-    pano_masks: torch.Tensor | None = None,
-    *,
-    angle_feat_size: int = 4,
-) -> dict[str, Any]:
-    """The local-branch inputs (``vp_*``) of the current nodes."""
+def build_vp_inputs(pano: PanoramaBatch, pano_embeds: torch.Tensor, pos: Sequence[np.ndarray]) -> dict[str, Any]:
+    """The local-branch inputs (``vp_*``) of the current nodes; ``pos[i]`` holds sample i's position
+    features of its start node (row 0) and of its candidates (the rows after)."""
     batch_size, n_tokens = pano_embeds.shape[:2]
     device = pano_embeds.device
     vp_img_embeds = torch.cat([torch.zeros_like(pano_embeds[:, :1]), pano_embeds], 1)
-    pos_size = angle_feat_size + 3
+    pos_size = pos[0].shape[1]
     vp_pos = np.zeros((batch_size, n_tokens + 1, 2 * pos_size), dtype=np.float32)
-    for i, (gmap, ob) in enumerate(zip(maps, obs_list)):
-        start = gmap.pos_fts(ob.viewpoint, [gmap.start], ob.heading, ob.elevation, angle_feat_size)
-        vp_pos[i, :, :pos_size] = start
-        cands = pano.cand_vpids[i]
-        if cands:
-            vp_pos[i, 1 : len(cands) + 1, pos_size:] = gmap.pos_fts(
-                ob.viewpoint, cands, ob.heading, ob.elevation, angle_feat_size
-            )
+    for i, rows in enumerate(pos):
+        vp_pos[i, :, :pos_size] = rows[0]
+        vp_pos[i, 1 : len(rows), pos_size:] = rows[1:]
     lens = pano.view_lens + (pano.obj_lens if pano.obj_lens is not None else 0)
     nav_types = pano.nav_types.to(device)
     inputs: dict[str, Any] = {
@@ -328,17 +319,25 @@ def build_navigation_inputs(
     enc_full_graph: bool = True,
     act_visited_nodes: bool = False,
 ) -> NavigationBatch:
-    """The complete ``'navigation'`` batch: global + local inputs + the text."""
-    inputs, no_left = build_gmap_inputs(
-        maps, obs_list, angle_feat_size=angle_feat_size, enc_full_graph=enc_full_graph,
-        act_visited_nodes=act_visited_nodes,
-    )
-    inputs.update(
-        build_vp_inputs(maps, obs_list, pano, pano_embeds, pano_masks, angle_feat_size=angle_feat_size)
-    )
+    """The complete ``'navigation'`` batch: global + local inputs + the text.
+
+    Each sample's position features (of its slots, its start node and its candidates, relative to
+    where it stands) come from one :meth:`GraphMap.pos_fts` call; the rows of a node do not depend
+    on the other nodes of the call."""
+    slots = [
+        gmap.slots(ob.viewpoint, enc_full_graph=enc_full_graph, act_visited_nodes=act_visited_nodes)
+        for gmap, ob in zip(maps, obs_list)
+    ]
+    no_left = [gmap.num_ghosts(ob.viewpoint, act_visited_nodes) == 0 for gmap, ob in zip(maps, obs_list)]
+    pos = [
+        gmap.pos_fts(ob.viewpoint, [*vpids, gmap.start, *cands], ob.heading, ob.elevation, angle_feat_size)
+        for gmap, ob, (vpids, _), cands in zip(maps, obs_list, slots, pano.cand_vpids)
+    ]
+    inputs = build_gmap_inputs(maps, slots, [rows[: len(vpids)] for rows, (vpids, _) in zip(pos, slots)])
+    inputs.update(build_vp_inputs(pano, pano_embeds, [rows[len(vpids) :] for rows, (vpids, _) in zip(pos, slots)]))
     inputs["txt_embeds"] = txt_embeds
     inputs["txt_masks"] = txt_masks
-    return NavigationBatch(inputs, no_left)
+    return NavigationBatch(inputs, no_left, [list(flags) for _, flags in slots])
 
 
 # ------------------------------------------------------------------------------ the episode
@@ -428,14 +427,17 @@ class MapNavigator:
         """Record softmax(nav_logits)[:, 0] as the STOP probability of each active sample's
         current node (and, with objects, the arg-max object id).  Returns the probabilities."""
         probs = torch.softmax(nav_logits.detach(), 1)
+        stop_probs = probs[:, 0].tolist()  # one device-to-host copy for the batch
+        with_objects = obj_logits is not None and pano is not None and bool(pano.obj_ids)
+        obj_rows = obj_logits.detach().cpu() if with_objects else None
         for i, gmap in enumerate(self.maps):
             if self.ended[i]:
                 continue
             obj = None
-            if obj_logits is not None and pano is not None and pano.obj_ids and pano.obj_ids[i]:
-                row = obj_logits[i, int(pano.view_lens[i]) + 1 :]
+            if obj_rows is not None and pano.obj_ids[i]:
+                row = obj_rows[i, int(pano.view_lens[i]) + 1 :]
                 obj = pano.obj_ids[i][int(torch.argmax(row))]
-            gmap.record_stop(self.obs[i].viewpoint, float(probs[i, 0].item()), obj)
+            gmap.record_stop(self.obs[i].viewpoint, float(stop_probs[i]), obj)
         return probs
 
     def act(

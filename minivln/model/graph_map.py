@@ -139,6 +139,24 @@ def relative_direction(
     return float(heading), float(elevation), float(xyz_dist)
 
 
+def relative_directions(
+    a: Sequence[float], b: np.ndarray, base_heading: float = 0.0, base_elevation: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`relative_direction` from ``a`` to each row of ``b`` (n, 3) at once: (headings,
+    elevations, lengths), float64 arrays equal bit for bit to the one-pair function (the squares
+    are taken with ``pow``, as the scalar ``x**2`` of numpy does, not ``x * x``)."""
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 3)
+    dx, dy, dz = b[:, 0] - a[0], b[:, 1] - a[1], b[:, 2] - a[2]
+    sq_x, sq_y, sq_z = np.float_power(dx, 2.0), np.float_power(dy, 2.0), np.float_power(dz, 2.0)
+    xy_dist = np.maximum(np.sqrt(sq_x + sq_y), 1e-8)
+    xyz_dist = np.maximum(np.sqrt(sq_x + sq_y + sq_z), 1e-8)
+    heading = np.arcsin(dx / xy_dist)
+    heading = np.where(b[:, 1] < a[1], np.pi - heading, heading)
+    heading = heading - base_heading
+    elevation = np.arcsin(dz / xyz_dist) - base_elevation
+    return heading, elevation, xyz_dist
+
+
 def angle_features(headings: np.ndarray, elevations: np.ndarray, angle_feat_size: int = 4) -> np.ndarray:
     """(n, angle_feat_size) float32 rows [sin h, cos h, sin e, cos e] tiled; the angles are cast
     to float32 *before* sin/cos, as the reference does for node position features."""
@@ -183,48 +201,77 @@ class FloydGraph:
 
     ``distance`` of an unknown pair is :data:`UNKNOWN_DIST`; of a node to itself 0.
     ``path(x, y)`` lists the nodes after ``x`` up to and including ``y``.
+
+    The distances live in a dense float64 matrix over the nodes in order of first appearance (and
+    the relay node of each pair in an index matrix, -1 = direct edge or unknown pair), so that a
+    relaxation is a few array operations and :meth:`distances` slices the matrix; the numbers are
+    those of the reference's pair-by-pair loop (see :meth:`update`).
     """
 
     def __init__(self) -> None:
-        self._dist: dict[NodeId, dict[NodeId, float]] = {}
-        self._via: dict[NodeId, dict[NodeId, NodeId]] = {}  # absent = direct edge / unknown
-        self._nodes: dict[NodeId, None] = {}  # insertion-ordered node set
+        self._index: dict[NodeId, int] = {}  # node -> row, in order of first appearance
+        self._names: list[NodeId] = []
+        self._dist = np.full((16, 16), UNKNOWN_DIST, dtype=np.float64)  # [i, i] stays unknown, as upstream
+        self._via = np.full((16, 16), -1, dtype=np.int64)
         self._visited: set[NodeId] = set()
 
-    def _get(self, x: NodeId, y: NodeId) -> float:
-        return self._dist.get(x, {}).get(y, UNKNOWN_DIST)
+    def _row(self, x: NodeId) -> int:
+        """The row of ``x``, added (with unknown distances) on first sight."""
+        i = self._index.get(x)
+        if i is None:
+            i = len(self._names)
+            if i == len(self._dist):
+                size = 2 * i
+                dist = np.full((size, size), UNKNOWN_DIST, dtype=np.float64)
+                via = np.full((size, size), -1, dtype=np.int64)
+                dist[:i, :i], via[:i, :i] = self._dist, self._via
+                self._dist, self._via = dist, via
+            self._index[x] = i
+            self._names.append(x)
+        return i
 
-    def _set(self, x: NodeId, y: NodeId, d: float, via: NodeId | None) -> None:
-        for a, b in ((x, y), (y, x)):
-            self._dist.setdefault(a, {})[b] = d
-            if via is None:
-                self._via.setdefault(a, {}).pop(b, None)
-            else:
-                self._via.setdefault(a, {})[b] = via
+    def _get(self, x: NodeId, y: NodeId) -> float:
+        i, j = self._index.get(x), self._index.get(y)
+        return UNKNOWN_DIST if i is None or j is None else float(self._dist[i, j])
 
     @property
     def nodes(self) -> list[NodeId]:
-        return list(self._nodes)
+        return list(self._names)
 
     def distance(self, x: NodeId, y: NodeId) -> float:
         return 0.0 if x == y else self._get(x, y)
 
+    def distances(self, xs: Sequence[NodeId], ys: Sequence[NodeId]) -> np.ndarray:
+        """(len(xs), len(ys)) float64 :meth:`distance` of every pair (0 where x == y); every node
+        must be known."""
+        rows = np.fromiter((self._index[x] for x in xs), dtype=np.int64, count=len(xs))
+        cols = np.fromiter((self._index[y] for y in ys), dtype=np.int64, count=len(ys))
+        out = self._dist[rows[:, None], cols[None, :]]
+        out[rows[:, None] == cols[None, :]] = 0.0
+        return out
+
     def add_edge(self, x: NodeId, y: NodeId, dist: float) -> None:
         """Join x and y with an edge of length ``dist`` if shorter than what is known."""
-        self._nodes.setdefault(x)
-        self._nodes.setdefault(y)
-        if dist < self._get(x, y):
-            self._set(x, y, dist, None)
+        i, j = self._row(x), self._row(y)
+        if dist < self._dist[i, j]:
+            self._dist[i, j] = self._dist[j, i] = dist
+            self._via[i, j] = self._via[j, i] = -1
 
     def update(self, k: NodeId) -> None:
-        """Relax every known pair through ``k`` and mark ``k`` visited."""
-        self._nodes.setdefault(k)
-        for x in self._nodes:
-            for y in self._nodes:
-                if x != y:
-                    through = self._get(x, k) + self._get(k, y)
-                    if through < self._get(x, y):
-                        self._set(x, y, through, k)
+        """Relax every known pair through ``k`` and mark ``k`` visited.
+
+        The reference relaxes pair after pair in place, but row and column ``k`` cannot change
+        while it does (``d(k, k)`` is the unknown distance, so ``d(x, k) + d(k, k)`` never beats
+        ``d(x, k)``), so relaxing every pair at once against the old matrix gives the same numbers;
+        the matrix stays symmetric (``a + b == b + a``)."""
+        kk = self._row(k)
+        n = len(self._names)
+        dist, via = self._dist[:n, :n], self._via[:n, :n]
+        through = dist[:, kk, None] + dist[None, kk, :]
+        better = through < dist
+        np.fill_diagonal(better, False)
+        dist[better] = through[better]
+        via[better] = kk
         self._visited.add(k)
 
     def visited(self, k: NodeId) -> bool:
@@ -233,10 +280,23 @@ class FloydGraph:
     def path(self, x: NodeId, y: NodeId) -> list[NodeId]:
         if x == y:
             return []
-        k = self._via.get(x, {}).get(y)
-        if k is None:  # direct edge (or an unknown pair: the reference answers [y] too)
+        i, j = self._index.get(x), self._index.get(y)
+        k = -1 if i is None or j is None else int(self._via[i, j])
+        if k < 0:  # direct edge (or an unknown pair: the reference answers [y] too)
             return [y]
-        return self.path(x, k) + self.path(k, y)
+        relay = self._names[k]
+        return self.path(x, relay) + self.path(relay, y)
+
+    def hops(self, x: NodeId, y: NodeId) -> int:
+        """``len(path(x, y))`` without building the path."""
+        if x == y:
+            return 0
+        i, j = self._index.get(x), self._index.get(y)
+        k = -1 if i is None or j is None else int(self._via[i, j])
+        if k < 0:
+            return 1
+        relay = self._names[k]
+        return self.hops(x, relay) + self.hops(relay, y)
 
 
 # ------------------------------------------------------------------------------------- the map
@@ -325,8 +385,10 @@ class GraphMap:
         return self.graph.visited(vp)
 
     def node_embed(self, vp: NodeId) -> torch.Tensor:
+        """The node's feature: the mean of what was accumulated (a feature seen once is itself:
+        ``x / 1`` is ``x`` exactly, in value and in gradient, so no division is run for it)."""
         total, count = self.node_embeds[vp]
-        return total / count
+        return total if count == 1 else total / count
 
     @property
     def visited_nodes(self) -> list[NodeId]:
@@ -373,36 +435,31 @@ class GraphMap:
     ) -> np.ndarray:
         """(n, angle_feat_size + 3) float32 position features of ``vpids`` relative to the current
         node and heading/elevation; ``None`` ([stop]) gives angles 0 and distances 0."""
-        angles, dists = [], []
-        for vp in vpids:
-            if vp is None:
-                angles.append([0.0, 0.0])
-                dists.append([0.0, 0.0, 0.0])
-                continue
-            h, e, d = relative_direction(
-                self.positions[current], self.positions[vp], heading, elevation
+        vpids = list(vpids)
+        nodes = [k for k, vp in enumerate(vpids) if vp is not None]
+        known = [vpids[k] for k in nodes]
+        angles = np.zeros((len(vpids), 2), dtype=np.float64)
+        dists = np.zeros((len(vpids), 3), dtype=np.float64)
+        if known:
+            h, e, d = relative_directions(
+                self.positions[current], np.stack([self.positions[vp] for vp in known]), heading, elevation
             )
-            angles.append([h, e])
-            dists.append(
-                [
-                    d / MAX_DIST,
-                    self.graph.distance(current, vp) / MAX_DIST,
-                    len(self.graph.path(current, vp)) / MAX_STEP,
-                ]
-            )
-        ang = np.array(angles, dtype=np.float64).reshape(-1, 2).astype(np.float32)
-        dst = np.array(dists, dtype=np.float64).reshape(-1, 3).astype(np.float32)
+            angles[nodes, 0], angles[nodes, 1] = h, e
+            dists[nodes, 0] = d / MAX_DIST
+            dists[nodes, 1] = self.graph.distances([current], known)[0] / MAX_DIST
+            dists[nodes, 2] = np.array([self.graph.hops(current, vp) for vp in known], dtype=np.float64) / MAX_STEP
+        ang = angles.astype(np.float32)
+        dst = dists.astype(np.float32)
         return np.concatenate([angle_features(ang[:, 0], ang[:, 1], angle_feat_size), dst], 1)
 
     def pair_dists(self, vpids: Sequence[NodeId | None]) -> np.ndarray:
         """(n, n) float32 metric shortest distances on the agent's graph; [stop] rows/cols 0."""
         n = len(vpids)
         out = np.zeros((n, n), dtype=np.float32)
-        for i in range(1, n):
-            for j in range(i + 1, n):
-                if vpids[i] is None or vpids[j] is None:
-                    continue
-                out[i, j] = out[j, i] = self.graph.distance(vpids[i], vpids[j])
+        nodes = [k for k in range(1, n) if vpids[k] is not None]
+        if nodes:
+            known = [vpids[k] for k in nodes]
+            out[np.ix_(nodes, nodes)] = self.graph.distances(known, known)
         return out
 
     def path(self, x: NodeId, y: NodeId) -> list[NodeId]:

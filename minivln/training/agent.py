@@ -278,10 +278,10 @@ class _Rollout:
     shadow: _TeacherShadow | None
     loss: torch.Tensor  # the summed action cross-entropy so far
     og_loss: torch.Tensor  # the summed object-grounding cross-entropy so far
+    n_correct: torch.Tensor  # () int64 on the device: read once, at the end (no sync per step)
+    n_og_correct: torch.Tensor
     n_labels: int = 0
-    n_correct: int = 0
     n_og: int = 0
-    n_og_correct: int = 0
     steps: list[StepRecord] = field(default_factory=list)
     pano_embeds: torch.Tensor | None = None  # this step's panorama-encoder output and masks
     pano_masks: torch.Tensor | None = None
@@ -384,9 +384,9 @@ class DUETAgent:
             obj_logits = outs.get("obj_logits") if run.use_objects else None
             active = [not bool(e) for e in run.nav.ended]
             t_step = run.shadow.step(t, pano, pano_in, batch, active, run.use_objects) if run.shadow else None
-            labels = self._action_labels(run, batch, logits, active)
+            expert, labels = self._action_labels(run, batch, logits, active)
             obj_labels = self._object_labels(run, pano, obj_logits, active)
-            actions = self._choose(run, logits, labels)
+            actions = self._choose(run, logits, expert)
             if step_hook is not None:
                 step_hook(t, outs, batch, labels)
             run.steps.append(StepRecord(
@@ -447,6 +447,8 @@ class DUETAgent:
             txt_embeds=txt_embeds, txt_masks=txt_masks,
             txt_kv=txt_kv, shadow=shadow,
             loss=torch.zeros((), device=device), og_loss=torch.zeros((), device=device),
+            n_correct=torch.zeros((), dtype=torch.long, device=device),
+            n_og_correct=torch.zeros((), dtype=torch.long, device=device),
         )
 
     def _score(self, run: _Rollout, t: int) -> tuple[PanoramaBatch, dict[str, Any], NavigationBatch, dict[str, Any]]:
@@ -467,15 +469,14 @@ class DUETAgent:
         return pano, pano_in, batch, outs
 
     def _action_labels(self, run: _Rollout, batch: NavigationBatch, logits: torch.Tensor,
-                       active: list[bool]) -> torch.Tensor:
-        """The expert's slot for every navigating sample (``IGNORE`` otherwise, and in 'argmax'),
-        and the step's summed cross-entropy added to the action loss."""
-        batch_size = len(run.eps)
-        labels = torch.full((batch_size,), IGNORE, dtype=torch.long)
+                       active: list[bool]) -> tuple[list[int], torch.Tensor]:
+        """The expert's slot for every navigating sample (``IGNORE`` otherwise, and in 'argmax'), as a
+        host list and as a tensor on the device, and the step's summed cross-entropy added to the
+        action loss.  The labels come from host-side state only (no device sync)."""
+        expert = [IGNORE] * len(run.eps)
         if not run.training:
-            return labels
-        visited = batch.inputs["gmap_visited_masks"].tolist()
-        for i in range(batch_size):
+            return expert, torch.tensor(expert, dtype=torch.long)
+        for i in range(len(run.eps)):
             if not active[i]:
                 continue
             cur, vpids, ep, goals = run.nav.obs[i].viewpoint, batch.gmap_vpids[i], run.eps[i], run.goal_sets[i]
@@ -483,18 +484,17 @@ class DUETAgent:
             label = teacher_slot(vpids, cur, ep.path) if follow_path else None
             if label is None:
                 if len(goals) == 1:
-                    label = spl_expert_slot(vpids, visited[i], cur, next(iter(goals)), run.houses[i].distance)
+                    label = spl_expert_slot(vpids, batch.visited[i], cur, next(iter(goals)), run.houses[i].distance)
                 else:
-                    label = nearest_goal_slot(vpids, visited[i], cur, goals, run.houses[i].distance)
-            labels[i] = label
-        labels = labels.to(run.device)
-        ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-        valid = labels != IGNORE
-        if bool(valid.any()):
-            run.loss = run.loss + ce
-        run.n_labels += int(valid.sum())
-        run.n_correct += int(((logits.detach().argmax(1) == labels) & valid).sum())
-        return labels
+                    label = nearest_goal_slot(vpids, batch.visited[i], cur, goals, run.houses[i].distance)
+            expert[i] = label
+        labels = torch.tensor(expert, dtype=torch.long).to(run.device)
+        n_valid = sum(label != IGNORE for label in expert)
+        if n_valid:
+            run.loss = run.loss + F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+        run.n_labels += n_valid
+        run.n_correct += ((logits.detach().argmax(1) == labels) & (labels != IGNORE)).sum()
+        return expert, labels
 
     def _object_labels(self, run: _Rollout, pano: PanoramaBatch, obj_logits: torch.Tensor | None,
                        active: list[bool]) -> torch.Tensor | None:
@@ -503,25 +503,26 @@ class DUETAgent:
         if not (run.training and run.use_objects):
             return None
         assert obj_logits is not None and self.goals is not None
-        obj_labels = torch.full((len(run.eps),), IGNORE, dtype=torch.long)
+        expert = [IGNORE] * len(run.eps)
         for i, ep in enumerate(run.eps):
             if active[i]:
                 at_goal = self.goals.is_goal(ep, run.nav.obs[i].viewpoint)
-                obj_labels[i] = object_label(pano.obj_ids[i], ep.obj_id, at_goal, int(pano.view_lens[i]))
-        obj_labels = obj_labels.to(run.device)
-        sel = obj_labels != IGNORE
-        if bool(sel.any()):
+                expert[i] = object_label(pano.obj_ids[i], ep.obj_id, at_goal, int(pano.view_lens[i]))
+        obj_labels = torch.tensor(expert, dtype=torch.long).to(run.device)
+        rows = [i for i, label in enumerate(expert) if label != IGNORE]
+        if rows:
+            sel = torch.tensor(rows, dtype=torch.long).to(run.device)
             run.og_loss = run.og_loss + F.cross_entropy(obj_logits[sel].float(), obj_labels[sel], reduction="sum")
-            run.n_og += int(sel.sum())
-            run.n_og_correct += int((obj_logits.detach()[sel].argmax(1) == obj_labels[sel]).sum())
+            run.n_og += len(rows)
+            run.n_og_correct += (obj_logits.detach()[sel].argmax(1) == obj_labels[sel]).sum()
         return obj_labels
 
     @staticmethod
-    def _choose(run: _Rollout, logits: torch.Tensor, labels: torch.Tensor) -> list[int]:
-        """The feedback: the labels ('teacher'), a sample of the fused distribution ('sample') or its
-        arg-max ('argmax')."""
+    def _choose(run: _Rollout, logits: torch.Tensor, expert: list[int]) -> list[int]:
+        """The feedback: the expert's labels ('teacher'), a sample of the fused distribution
+        ('sample') or its arg-max ('argmax')."""
         if run.feedback == "teacher":
-            return [int(x) if x != IGNORE else 0 for x in labels.tolist()]
+            return [label if label != IGNORE else 0 for label in expert]
         if run.feedback == "sample":
             probs = torch.softmax(logits.detach().float(), 1)
             return torch.multinomial(probs, 1, generator=run.generator).squeeze(1).tolist()
@@ -552,11 +553,11 @@ class DUETAgent:
         loss, og_out = run.loss, None
         if run.training:
             loss = loss / batch_size
-            metrics["acc"] = run.n_correct / max(1, run.n_labels)
+            metrics["acc"] = int(run.n_correct) / max(1, run.n_labels)
             if run.use_objects:
                 og_out = run.og_loss / batch_size
                 loss = loss + self.og_weight * og_out
-                metrics.update({"og_loss": float(og_out.detach()), "og_acc": run.n_og_correct / max(1, run.n_og),
+                metrics.update({"og_loss": float(og_out.detach()), "og_acc": int(run.n_og_correct) / max(1, run.n_og),
                                 "og_labels": float(run.n_og)})
         results = env.results()
         if run.use_objects:
