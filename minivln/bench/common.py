@@ -10,6 +10,7 @@ a temporary directory, or the graphs of an export directory as they are).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -219,3 +220,20 @@ def code_version() -> dict[str, Any]:
 def machine_info(threads: int, backends: Sequence[str]) -> dict[str, Any]:
     return {**cpu_info(), "threads": threads, "torch": torch.__version__, **onnxruntime_version(backends),
             "python": platform.python_version()}
+
+
+def read_bench_report(path: str | Path) -> dict[str, Any]:
+    """A ``bench model`` report (JSON with ``results`` rows); a :class:`DataError` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (a JSON report of `minivln bench model --json`)")
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), list) or not all(
+            isinstance(r, dict) and "label" in r and "batch_size" in r and "episode_ms" in r
+            for r in report["results"]):
+        raise DataError(f"{path} is not a `minivln bench model` report (no results rows with label, "
+                        "batch_size, episode_ms)")
+    return report
