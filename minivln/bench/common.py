@@ -72,11 +72,13 @@ def parse_checkpoints(values: Sequence[str]) -> list[ModelSpec]:
     return specs
 
 
-def model_specs(presets: Sequence[str], checkpoints: Sequence[str]) -> list[ModelSpec]:
-    """The presets (checked against the registry) then the checkpoints; names must be distinct."""
+def model_specs(presets: Sequence[str], checkpoints: Sequence[str], *, registered: bool = True) -> list[ModelSpec]:
+    """The presets (checked against the registry unless ``registered`` is False: a factory of
+    :func:`load_models` builds them) then the checkpoints; names must be distinct."""
     specs = []
     for name in presets:
-        get_preset(name)  # UnknownPresetError (a DataError) for an unknown name
+        if registered:
+            get_preset(name)  # UnknownPresetError (a ConfigError) for an unknown name
         specs.append(ModelSpec(name))
     specs += parse_checkpoints(checkpoints)
     seen: set[str] = set()

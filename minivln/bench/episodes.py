@@ -186,7 +186,7 @@ def bench_real(
     """Time whole real episodes of every (model, backend) at every batch size (see the module
     docstring); returns a JSON-able report (``results`` rows, ``ratios``, ``settings``, ``machine``)."""
     say = log or (lambda msg: None)
-    specs = model_specs(presets, checkpoints)
+    specs = model_specs(presets, checkpoints, registered=model_factory is None)
     if not specs:
         raise DataError("no model to time: give --presets and/or --checkpoint NAME=PATH")
     backends = check_backends(backends)
@@ -195,6 +195,8 @@ def bench_real(
     bad = [b for b in batch_sizes if instructions % b]
     if bad:
         raise DataError(f"--instructions ({instructions}) must be a multiple of every batch size (not of {bad[0]})")
+    if not Path(features).is_file():
+        raise DataError(f"feature file {features} does not exist")
     root = resolve_data_dir(data_dir)
     chosen = select_instructions(root, split, instructions, seed)
     graphs = Graphs(root)

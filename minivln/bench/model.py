@@ -299,7 +299,7 @@ def bench_models(
 
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
-    specs = model_specs(presets, checkpoints)
+    specs = model_specs(presets, checkpoints, registered=model_factory is None)
     backends = check_backends(backends)
     if any(b != "torch" for b in backends) and dtype != "fp32":
         raise ValueError("bf16 autocast applies to the torch backend only")
