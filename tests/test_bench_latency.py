@@ -128,6 +128,8 @@ def test_real_episodes_cli_json_and_reference(small_toy, models, tmp_path, capsy
     (["--checkpoint", "bad name=x"], "NAME may hold"),  # a name with a space
     (["--checkpoint", "a=/no/such/checkpoint"], "/no/such/checkpoint does not exist"),
     (["--checkpoint", f"{TINY}=."], "given twice"),  # the name of a preset given too
+    (["--skip", "nope"], "--skip 'nope' is not a row"),
+    (["--skip", TINY], "leaves no row"),
     (["--episodes", "real"], "needs --features"),
     (["--episodes", "real", "--features", "/no/such/features.h5"], "does not exist"),
     (["--episodes", "real", "--features", "FEATS", "--instructions", "3", "--batch-sizes", "2"], "multiple"),

@@ -232,9 +232,9 @@ def test_bench_real_episodes_backends(tiny, small_toy):
     data, feats = small_toy
     report = bench_real([], [1], checkpoints=[f"ckpt={root / 'model'}", f"exp={root / 'export'}"],
                         data_dir=data, features=feats, instructions=2, repeats=1, warmup=0, threads=1,
-                        backends=["torch", "onnxruntime", "onnxruntime-int8"])
+                        backends=["torch", "onnxruntime", "onnxruntime-int8"], skip=["ckpt:onnxruntime"])
     rows = report["results"]
-    assert [r["label"] for r in rows] == ["ckpt", "ckpt:onnxruntime", "ckpt:onnxruntime-int8",
+    assert [r["label"] for r in rows] == ["ckpt", "ckpt:onnxruntime-int8",
                                           "exp", "exp:onnxruntime", "exp:onnxruntime-int8"]
     assert len({json.dumps(r["calls_per_episode"], sort_keys=True) for r in rows}) == 1
     assert len({r["steps_per_episode"] for r in rows}) == 1

@@ -111,21 +111,41 @@ class LoadedModel:
 
     @property
     def label(self) -> str:
-        return self.spec.name if self.backend == "torch" else f"{self.spec.name}:{self.backend}"
+        return row_label(self.spec.name, self.backend)
+
+
+def row_label(name: str, backend: str) -> str:
+    """A row's label: the model's name (torch) or ``NAME:BACKEND``."""
+    return name if backend == "torch" else f"{name}:{backend}"
+
+
+def check_skip(specs: Sequence[ModelSpec], backends: Sequence[str], skip: Sequence[str]) -> set[str]:
+    """``skip`` (row labels not to time) checked against the rows; at least one row must remain."""
+    labels = [row_label(s.name, b) for s in specs for b in backends]
+    unknown = [x for x in skip if x not in labels]
+    if unknown:
+        raise DataError(f"--skip {unknown[0]!r} is not a row of this benchmark (rows: {', '.join(labels)})")
+    if set(labels) <= set(skip):
+        raise DataError("--skip leaves no row to time")
+    return set(skip)
 
 
 def load_models(specs: Sequence[ModelSpec], backends: Sequence[str], stack: ExitStack, *, threads: int = 0,
-                factory: Callable[[str], DUET] | None = None,
+                factory: Callable[[str], DUET] | None = None, skip: Sequence[str] = (),
                 log: Callable[[str], None] | None = None) -> list[LoadedModel]:
-    """Every (model, backend) pair, in spec-major order.  Presets are built by ``factory`` (default
-    :func:`create_model`, random weights; seed the generator first), checkpoints loaded with
-    :func:`load_agent_model`; ONNX rows export the network into a temporary directory that
-    ``stack`` removes (an export directory's own graphs are used as they are)."""
+    """Every (model, backend) pair whose label is not in ``skip``, in spec-major order.  Presets are
+    built by ``factory`` (default :func:`create_model`, random weights; seed the generator first),
+    checkpoints loaded with :func:`load_agent_model`; ONNX rows export the network into a temporary
+    directory that ``stack`` removes (an export directory's own graphs are used as they are)."""
     say = log or (lambda msg: None)
     factory = factory or create_model
-    onnx = [b for b in backends if b != "torch"]
+    skipped = check_skip(specs, backends, skip)
     out: list[LoadedModel] = []
     for spec in specs:
+        mine = [b for b in backends if row_label(spec.name, b) not in skipped]
+        if not mine:
+            continue
+        onnx = [b for b in mine if b != "torch"]
         network = (factory(spec.name) if spec.checkpoint is None else load_agent_model(spec.checkpoint)).eval()
         runtimes: dict[str, Any] = {"torch": network}
         if onnx:
@@ -138,7 +158,7 @@ def load_models(specs: Sequence[ModelSpec], backends: Sequence[str], stack: Exit
                              int8="onnxruntime-int8" in onnx, check=False)
             for b in onnx:
                 runtimes[b] = OnnxRuntimeDUET(export_dir, ONNX_VARIANTS[b], threads=threads)
-        out += [LoadedModel(spec, b, runtimes[b], network) for b in backends]
+        out += [LoadedModel(spec, b, runtimes[b], network) for b in mine]
     return out
 
 

@@ -178,13 +178,15 @@ def bench_real(
     seed: int = 0,
     backends: Sequence[str] = ("torch",),
     reference: str | None = None,
+    skip: Sequence[str] = (),
     max_action_len: int = 15,
     max_instr_len: int = 200,
     log: Callable[[str], None] | None = None,
     model_factory: Callable[[str], DUET] | None = None,
 ) -> dict[str, Any]:
     """Time whole real episodes of every (model, backend) at every batch size (see the module
-    docstring); returns a JSON-able report (``results`` rows, ``ratios``, ``settings``, ``machine``)."""
+    docstring); returns a JSON-able report (``results`` rows, ``ratios``, ``settings``, ``machine``).
+    ``skip``: row labels not to time (an ONNX Runtime row whose torch row is skipped has no FLOP count)."""
     say = log or (lambda msg: None)
     specs = model_specs(presets, checkpoints, registered=model_factory is None)
     if not specs:
@@ -215,7 +217,8 @@ def bench_real(
     try:
         with ExitStack() as stack:
             torch.manual_seed(seed)
-            models = load_models(specs, backends, stack, threads=threads or 0, factory=model_factory, log=say)
+            models = load_models(specs, backends, stack, threads=threads or 0, factory=model_factory,
+                                 skip=skip, log=say)
             for m in models:
                 if m.network.config.image_feat_size != store.dim:
                     raise DataError(f"{m.spec.name} takes {m.network.config.image_feat_size}-d view features, "
@@ -275,7 +278,7 @@ def bench_real(
             "instructions": instructions, "instr_ids": [e.instr_id for e in chosen],
             "path_lengths": [len(e.path) for e in chosen],
             "trajectories": "ground-truth paths (agent feedback 'path'), the same for every model",
-            "models": [s.describe() for s in specs], "backends": backends, "reference": reference,
+            "models": [s.describe() for s in specs], "backends": backends, "skip": list(skip), "reference": reference,
             "batch_sizes": list(batch_sizes), "repeats": repeats, "warmup": warmup, "seed": seed,
             "max_action_len": max_action_len, "max_instr_len": max_instr_len, "dtype": "fp32",
             "mode": "eval + inference_mode",

@@ -45,6 +45,7 @@ from minivln.bench.common import (
     BACKEND_NAMES,
     LoadedModel,
     check_backends,
+    check_skip,
     code_version,
     flop_counter,
     load_models,
@@ -283,6 +284,7 @@ def bench_models(
     backends: Sequence[str] = ("torch",),
     checkpoints: Sequence[str] = (),
     reference: str | None = None,
+    skip: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Time one synthetic episode per (model, backend, batch size), interleaved; returns a JSON-able dict.
 
@@ -294,7 +296,7 @@ def bench_models(
     ``model_factory`` builds a preset from its name (default
     :func:`~minivln.model.registry.create_model`, random weights).  ``backends``: 'torch',
     'onnxruntime', 'onnxruntime-int8' (see :mod:`minivln.deploy.backends`; the FLOP count of an
-    ONNX Runtime row is its torch network's).
+    ONNX Runtime row is its torch network's).  ``skip``: row labels not to time.
     """
 
     if dtype not in ("fp32", "bf16"):
@@ -314,13 +316,16 @@ def bench_models(
     try:
         with ExitStack() as stack:
             torch.manual_seed(seed)
-            rows = load_models(specs, backends, stack, threads=threads or 0, factory=model_factory, log=say)
+            rows = load_models(specs, backends, stack, threads=threads or 0, factory=model_factory, skip=skip,
+                               log=say)
             labels = [r.label for r in rows]
             reference = _check_reference(reference, labels)
             entries = []
             for bs in batch_sizes:
                 for spec in specs:
                     mine = [r for r in rows if r.spec == spec]
+                    if not mine:
+                        continue
                     say(f"recording the {steps}-step episode of {spec.name} at batch {bs}")
                     with autocast():
                         ep = record_episode(mine[0].network, bs, steps, txt_len, seed)
@@ -401,7 +406,7 @@ def bench_models(
             "warmup": warmup, "dtype": dtype, "steps": steps, "txt_len": txt_len, "seed": seed,
             "text_cache": text_cache,
             "weights": "random" if all(s.checkpoint is None for s in specs) else "per model",
-            "mode": "eval + inference_mode", "backends": backends,
+            "mode": "eval + inference_mode", "backends": backends, "skip": list(skip),
         },
         "results": results,
         "ratios": ratios,
@@ -474,6 +479,8 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
                    metavar="NAME=PATH",
                    help="trained models: NAME=PATH with what `minivln navigate --checkpoint` takes (RUN/model, "
                         "a fine-tuning run, an export directory, a DUET checkpoint); timed after the presets")
+    m.add_argument("--skip", nargs="+", default=[], metavar="LABEL",
+                   help="rows not to time, e.g. duet-r2r:onnxruntime (a model's ONNX rows all skipped: no export)")
     m.add_argument("--reference", metavar="LABEL", default=None,
                    help="the row the ratios compare with (a model name, or NAME:BACKEND); default: the first row")
     m.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
@@ -533,12 +540,12 @@ def _bench_model(args: argparse.Namespace) -> int:
         specs = model_specs(presets, args.checkpoints)  # every input checked before any work
         if not specs:
             return fail("no model to time: give --presets and/or --checkpoint NAME=PATH")
-        check_backends(args.backends)
+        check_skip(specs, check_backends(args.backends), args.skip)
     except (DataError, ConfigError) as exc:
         return fail(str(exc))
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     common = dict(checkpoints=args.checkpoints, repeats=repeats, warmup=warmup, threads=args.threads or None,
-                  seed=args.seed, backends=args.backends, reference=args.reference, log=log)
+                  seed=args.seed, backends=args.backends, reference=args.reference, skip=args.skip, log=log)
     if real_mode:
         report = real.bench_real(
             presets, args.batch_sizes, data_dir=args.data_dir, features=args.features, split=args.split,
