@@ -193,12 +193,26 @@ def test_figure_writes_a_png(tmp_path):
     (["x", "teacher", "TABLE#nope"], [], "has no row 'nope'"),
     (["x", "teacher", "/no/such.json"], [], "does not exist"),
     (["x", "teacher", "METRICS"], ["--out-png-suffix"], "name it *.png"),
+    (["x", "teacher", "PARTIAL"], ["--point", "y", "teacher", "METRICS"], "different numbers of instructions"),
+    (["x", "teacher", "SEEN"], ["--point", "y", "teacher", "METRICS"], "different splits"),
 ])
 def test_figure_rejects_bad_points(point, extra, needle, tmp_path, capsys):
     bench = _bench_report(tmp_path / "bench.json")
-    (tmp_path / "m.json").write_text(json.dumps({"sr": 0.4, "split": "val_unseen"}))
+    (tmp_path / "m.json").write_text(json.dumps({"sr": 0.4, "split": "val_unseen", "instructions": 2349}))
+    (tmp_path / "p.json").write_text(json.dumps({"sr": 0.25, "split": "val_unseen", "instructions": 4}))
+    (tmp_path / "s.json").write_text(json.dumps({"sr": 0.5, "split": "val_seen"}))
     (tmp_path / "t.json").write_text(json.dumps({"rows": [{"name": "a", "sr": 0.3}]}))
-    point = [p.replace("METRICS", str(tmp_path / "m.json")).replace("TABLE", str(tmp_path / "t.json")) for p in point]
+    files = {"METRICS": "m.json", "PARTIAL": "p.json", "SEEN": "s.json", "TABLE": "t.json"}
+
+    def fill(args):
+        out = []
+        for a in args:
+            for key, name in files.items():
+                a = a.replace(key, str(tmp_path / name))
+            out.append(a)
+        return out
+
+    point, extra = fill(point), fill(extra)
     out = tmp_path / ("fig.jpg" if "--out-png-suffix" in extra else "fig.png")
     extra = [e for e in extra if e != "--out-png-suffix"]
     assert main(["bench", "figure", "--bench", str(bench), "--point", *point, "--out", str(out), *extra]) == 2

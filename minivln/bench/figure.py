@@ -12,7 +12,9 @@ with ``sr``) or one row of a results table (``docs/results/r2r_table3.json#none`
 ``name`` or ``run`` is after the ``#``).  The x axis is logarithmic.  The title names the split and
 the kind of view features of the scores (stand-in or real), the subtitle the machine, threads,
 batch size, date and commit of the latency report.  A row timed with random weights (a preset) is
-marked so: its latency is the architecture's, its score comes from the score file given.
+marked so: its latency is the architecture's, its score comes from the score file given.  Scores
+of different splits, or on different numbers of instructions (``instructions`` of a metrics file,
+``episodes`` of a table row), are refused.
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ def read_score(spec: str) -> dict[str, Any]:
     if not isinstance(sr, (int, float)) or isinstance(sr, bool) or not 0 <= sr <= 1:
         raise DataError(f"score {spec}: no success rate 'sr' in [0, 1]" + ("" if row else
                         " (a results table needs FILE#ROW)"))
+    count = entry.get("instructions", entry.get("episodes"))
     return {"sr": float(sr), "split": entry.get("split", data.get("split")),
-            "features": entry.get("features", data.get("features")), "source": spec}
+            "features": entry.get("features", data.get("features")),
+            "instructions": int(count) if isinstance(count, int) and not isinstance(count, bool) else None,
+            "source": spec}
 
 
 def figure_points(bench: dict[str, Any], points: Sequence[Sequence[str]], batch_size: int) -> list[dict[str, Any]]:
@@ -79,6 +84,10 @@ def figure_points(bench: dict[str, Any], points: Sequence[Sequence[str]], batch_
     splits = sorted({str(p["split"]) for p in out if p["split"]})
     if len(splits) > 1:
         raise DataError(f"the scores are of different splits ({', '.join(splits)}); one figure, one split")
+    counts = sorted({p["instructions"] for p in out if p["instructions"] is not None})
+    if len(counts) > 1:
+        raise DataError(f"the scores are on different numbers of instructions ({', '.join(map(str, counts))}; "
+                        "e.g. a navigate --max-episodes run): score every point on the whole split")
     return out
 
 
