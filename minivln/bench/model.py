@@ -20,7 +20,12 @@ every (preset, backend) pair is one model of the interleaving, on the same recor
 All models are timed in one process and interleaved (for every repeat, every batch size, each model
 runs one episode, the model order alternating between repeats), so that load from other jobs on a
 shared machine affects them alike.  Numbers are medians over the repeats after warm-up episodes.
-Random weights, ``eval()`` mode, :func:`torch.inference_mode`, fp32 (or bf16 autocast).
+Presets have random weights; ``--checkpoint NAME=PATH`` adds trained models (see
+:mod:`minivln.bench.common`); ``eval()`` mode, :func:`torch.inference_mode`, fp32 (or bf16 autocast).
+
+``--episodes real`` times whole rollouts of the real agent on R2R instructions instead, every model
+replaying the ground-truth paths, the agent's bookkeeping included and reported apart
+(:mod:`minivln.bench.episodes`); this module's command line dispatches to it.
 """
 
 from __future__ import annotations
