@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("minivln.training.plot", "draw a run's loss and validation SR/SPL curves to RUN_DIR/curves.png"),
     "parity": ("minivln.model.parity",
                "replay the reference DUET fixture through our network and map; compare everything"),
-    "bench": ("minivln.bench.cli", "benchmarks: model (forward latency, teacher vs student), train (training iterations/s)"),
+    "bench": ("minivln.bench.cli", "benchmarks: model (latency per episode, teacher vs student), gemm (fp32 GFLOP/s), "
+                                   "figure (SR vs latency), train (training iterations/s)"),
     "pretrain": ("minivln.training.pretrain", "pretrain DUET (MLM, SAP, MRC, REVERIE OG) on ground-truth path prefixes"),
     "finetune": ("minivln.training.finetune", "fine-tune a DUET agent on R2R or REVERIE (DAgger, DUET's recipe)"),
     "navigate": ("minivln.deploy.cli", "run a trained agent on a split; write the submission (+ metrics)"),

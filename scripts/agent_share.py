@@ -37,7 +37,12 @@ import torch
 
 from minivln.config import load_config
 from minivln.training.distributed import seed_everything
-from minivln.training.finetune import FinetuneConfig, build_model, make_task, prepare_data
+from minivln.training.finetune import (
+    FinetuneConfig,
+    build_model,
+    make_task,
+    prepare_data,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -356,7 +356,7 @@ def object_labels(self, run, pano, obj_logits, active):
     return obj_labels
 
 
-def choose(run, logits, expert):
+def choose(run, logits, expert, batch=None, active=None):  # the "path" feedback came later
     labels = torch.tensor(expert, dtype=torch.long)
     if run.feedback == "teacher":
         return [int(x) if x != IGNORE else 0 for x in labels.tolist()]

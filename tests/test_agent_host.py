@@ -33,7 +33,13 @@ from minivln.features.hdf5 import FeatureStore, MissingFeatureError
 from minivln.model.agent_inputs import build_panorama_inputs
 from minivln.model.config import DUETConfig
 from minivln.model.duet import DUET
-from minivln.model.graph_map import Candidate, FloydGraph, GraphMap, NodeObservation, relative_directions
+from minivln.model.graph_map import (
+    Candidate,
+    FloydGraph,
+    GraphMap,
+    NodeObservation,
+    relative_directions,
+)
 from minivln.model.registry import create_model
 from minivln.paths import DataError
 from minivln.training.agent import DUETAgent

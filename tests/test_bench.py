@@ -11,6 +11,7 @@ import torch
 from minivln.bench.model import bench_models, make_world, record_episode, run_episode
 from minivln.cli import main
 from minivln.model import duet as duet_module
+from minivln.model.checkpoint import save_pretrained
 from minivln.model.registry import create_model
 
 
@@ -41,18 +42,29 @@ def test_bench_result_structure():
 
 
 def test_bench_ratio_and_cli_json(tmp_path):
+    """A preset and a checkpoint of the same architecture: same FLOPs; the checkpoint's trained
+    weights are recorded; the reference row can be chosen."""
+    save_pretrained(create_model("minivln-cpu"), tmp_path / "model")
     out = tmp_path / "bench.json"
     rc = main([
-        "bench", "model", "--presets", "minivln-cpu", "minivln-cpu", "--batch-sizes", "1",
+        "bench", "model", "--presets", "minivln-cpu", "--checkpoint", f"trained={tmp_path / 'model'}",
+        "--reference", "trained", "--batch-sizes", "1",
         "--repeats", "1", "--warmup", "0", "--steps", "1", "--threads", "1", "--quiet",
         "--json", str(out),
     ])
     assert rc == 0
     report = json.loads(out.read_text())
     (ratio,) = report["ratios"]
+    assert (ratio["numerator"], ratio["denominator"]) == ("trained", "minivln-cpu")
     assert ratio["batch_size"] == 1 and ratio["episode_ratio"] > 0 and ratio["step_ratio"] > 0
-    assert ratio["flop_ratio"] == pytest.approx(1.0)  # the same preset twice
+    assert ratio["flop_ratio"] == pytest.approx(1.0)  # the same architecture
+    assert [(r["label"], r["weights"]) for r in report["results"]] == [("minivln-cpu", "random"), ("trained", "trained")]
+    assert report["code"]["commit"] and report["settings"]["episodes"] == "synthetic"
     assert main(["bench", "model", "--presets", "no-such-model", "--quiet"]) == 2
+    # a name given twice, an unknown reference row
+    assert main(["bench", "model", "--presets", "minivln-cpu", "minivln-cpu", "--quiet"]) == 2
+    assert main(["bench", "model", "--presets", "minivln-cpu", "--reference", "nope", "--repeats", "1",
+                 "--warmup", "0", "--steps", "1", "--batch-sizes", "1", "--quiet"]) == 2
 
 
 def test_episode_protocol_shapes():
@@ -139,6 +151,11 @@ def test_bench_train_times_every_preset_and_phase(small_toy, one_thread, capsys)
         assert rows["test-bench-a"]["ratio_to_first"] == 1.0
         for r in rows.values():
             assert len(r["all_s"]) == 2 and r["s_per_it"] > 0 and abs(r["it_s"] * r["s_per_it"] - 1) < 1e-9
+            # the data and step parts are inside the iteration
+            assert 0 <= r["data_s"] and 0 < r["step_s"] and r["data_s"] + r["step_s"] <= max(r["all_s"]) + 1e-6
+    assert rep["precision"] == "fp32"
+    with pytest.raises(ValueError, match="unknown precision"):
+        bench_train(["test-bench-a"], ["pretrain"], str(data), str(feats), iters=1, precision="fp8")
     assert main(["bench", "train", "--presets", "test-bench-a", "--phases", "pretrain", "--data-dir", str(data),
                  "--features", str(feats), "--iters", "1", "--warmup", "0", "--batch-size", "4", "--quiet"]) == 0
     assert "it/s" in capsys.readouterr().out

@@ -221,3 +221,23 @@ def test_bench_model_backends(tmp_path):
         ("tiny", "tiny:onnxruntime"), ("tiny", "tiny:onnxruntime-int8")]
     assert report["settings"]["backends"] == ["torch", "onnxruntime", "onnxruntime-int8"]
     assert cli_main(["bench", "model", "--backend", "onnxruntime", "--dtype", "bf16", "--quiet"]) == 2
+
+
+def test_bench_real_episodes_backends(tiny, small_toy):
+    """Real episodes on the three backends, from a checkpoint (exported on the fly) and from an export
+    directory (its graphs used as they are): every row replays the same work."""
+    from minivln.bench.episodes import bench_real
+
+    _, root = tiny
+    data, feats = small_toy
+    report = bench_real([], [1], checkpoints=[f"ckpt={root / 'model'}", f"exp={root / 'export'}"],
+                        data_dir=data, features=feats, instructions=2, repeats=1, warmup=0, threads=1,
+                        backends=["torch", "onnxruntime", "onnxruntime-int8"], skip=["ckpt:onnxruntime"])
+    rows = report["results"]
+    assert [r["label"] for r in rows] == ["ckpt", "ckpt:onnxruntime-int8",
+                                          "exp", "exp:onnxruntime", "exp:onnxruntime-int8"]
+    assert len({json.dumps(r["calls_per_episode"], sort_keys=True) for r in rows}) == 1
+    assert len({r["steps_per_episode"] for r in rows}) == 1
+    assert all(r["network_ms"] > 0 and r["agent_ms"] > 0 for r in rows)
+    assert rows[1]["gflop_per_episode"] == rows[0]["gflop_per_episode"] == rows[3]["gflop_per_episode"] > 0
+    assert "onnxruntime" in report["machine"]

@@ -20,7 +20,12 @@ every (preset, backend) pair is one model of the interleaving, on the same recor
 All models are timed in one process and interleaved (for every repeat, every batch size, each model
 runs one episode, the model order alternating between repeats), so that load from other jobs on a
 shared machine affects them alike.  Numbers are medians over the repeats after warm-up episodes.
-Random weights, ``eval()`` mode, :func:`torch.inference_mode`, fp32 (or bf16 autocast).
+Presets have random weights; ``--checkpoint NAME=PATH`` adds trained models (see
+:mod:`minivln.bench.common`); ``eval()`` mode, :func:`torch.inference_mode`, fp32 (or bf16 autocast).
+
+``--episodes real`` times whole rollouts of the real agent on R2R instructions instead, every model
+replaying the ground-truth paths, the agent's bookkeeping included and reported apart
+(:mod:`minivln.bench.episodes`); this module's command line dispatches to it.
 """
 
 from __future__ import annotations
@@ -29,12 +34,10 @@ import argparse
 import datetime
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -42,13 +45,24 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from minivln.deploy.backends import ONNX_VARIANTS
-from minivln.deploy.export import ExportError, export_model, require_onnx
-from minivln.deploy.runtime import OnnxRuntimeDUET
+from minivln.bench import episodes as real
+from minivln.bench.common import (
+    BACKEND_NAMES,
+    LoadedModel,
+    check_backends,
+    check_skip,
+    code_version,
+    flop_counter,
+    load_models,
+    loadavg,
+    machine_info,
+    model_specs,
+)
+from minivln.config import ConfigError
 from minivln.model.agent_inputs import MapNavigator
 from minivln.model.duet import DUET
 from minivln.model.graph_map import Candidate, Move, NodeObservation, view_direction
-from minivln.model.registry import UnknownPresetError, create_model, get_preset
+from minivln.paths import DataError, atomic_write_text, check_writable_dir
 
 DEFAULT_PRESETS = ("duet-r2r", "minivln-r2r")
 TEXT_LEN = 60
@@ -230,73 +244,28 @@ def run_episode(model: DUET, ep: EpisodeInputs, text_cache: bool = True) -> dict
     return {"episode": total, "language": t1 - t0, "panorama": pano_s, "navigation": nav_s}
 
 
-# -------------------------------------------------------------------------------- machine
-
-
-def cpu_info() -> dict[str, Any]:
-    """CPU model name and the bf16-relevant instruction-set flags of /proc/cpuinfo."""
-    model_name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name":
-                model_name = value.strip()
-            elif key == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {
-        "model_name": model_name,
-        "logical_cpus": os.cpu_count(),
-        "avx2": "avx2" in flags,
-        "avx512f": "avx512f" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-    }
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
 # ---------------------------------------------------------------------------------- bench
 
 
 @dataclass
 class _Entry:
-    preset: str
+    row: LoadedModel
     batch_size: int
-    model: DUET
     episode: EpisodeInputs
     times: list[dict[str, float]] = field(default_factory=list)
     flops: float = 0.0
-    backend: str = "torch"
 
     @property
     def label(self) -> str:
-        return self.preset if self.backend == "torch" else f"{self.preset}:{self.backend}"
+        return self.row.label
 
 
 def count_flops(model: DUET, ep: EpisodeInputs, text_cache: bool = True) -> float:
     """Floating-point operations of one episode (matrix products and attention, as counted by
     :class:`torch.utils.flop_counter.FlopCounterMode`; element-wise ops are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    mapping = {}
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # the oneDNN path of wide layers
-        mapping[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    with flop_counter() as counter:
         run_episode(model, ep, text_cache)
     return float(counter.get_total_flops())
-
-
-def _onednn_linear_flops(x_shape, w_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
-    """2 * rows * in * out for ``mkldnn::_linear_pointwise`` (weight (out, in))."""
-    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
 
 
 def _median_ms(values: Sequence[float]) -> float:
@@ -318,25 +287,29 @@ def bench_models(
     log: Callable[[str], None] | None = None,
     model_factory: Callable[[str], DUET] | None = None,
     backends: Sequence[str] = ("torch",),
+    checkpoints: Sequence[str] = (),
+    reference: str | None = None,
+    skip: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Time one episode per (preset, backend, batch size), interleaved; returns a JSON-able dict.
+    """Time one synthetic episode per (model, backend, batch size), interleaved; returns a JSON-able dict.
 
-    ``results`` rows hold medians (ms) of the episode, of one step (panorama + navigation, the
-    episode minus language over ``steps``), and of each part; ``ratios`` compare the first model
-    (first preset on the first backend) with every other one (e.g. teacher / student, torch /
-    onnxruntime) at each batch size.  ``model_factory`` builds a model from a name (default
+    The models are the ``presets`` (random weights) then the ``checkpoints`` (``NAME=PATH``, trained
+    weights; see :mod:`minivln.bench.common`).  ``results`` rows hold medians (ms) of the episode, of
+    one step (panorama + navigation, the episode minus language over ``steps``), and of each part;
+    ``ratios`` compare the ``reference`` row (a label; default the first: first model on the first
+    backend) with every other one (e.g. teacher / student, torch / onnxruntime) at each batch size.
+    ``model_factory`` builds a preset from its name (default
     :func:`~minivln.model.registry.create_model`, random weights).  ``backends``: 'torch',
     'onnxruntime', 'onnxruntime-int8' (see :mod:`minivln.deploy.backends`; the FLOP count of an
-    ONNX Runtime row is its torch network's).
+    ONNX Runtime row is its torch network's).  ``skip``: row labels not to time.
     """
 
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
-    backends = list(dict.fromkeys(backends)) or ["torch"]
-    onnx_backends = [b for b in backends if b != "torch"]
-    if onnx_backends and dtype != "fp32":
+    specs = model_specs(presets, checkpoints, registered=model_factory is None)
+    backends = check_backends(backends)
+    if any(b != "torch" for b in backends) and dtype != "fp32":
         raise ValueError("bf16 autocast applies to the torch backend only")
-    exports: list[Any] = []
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -344,53 +317,50 @@ def bench_models(
     autocast = (
         (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else nullcontext
     )
-    load_before = _loadavg()
+    load_before = loadavg()
     try:
-        torch.manual_seed(seed)
-        factory = model_factory or create_model
-        models = {name: factory(name).eval() for name in dict.fromkeys(presets)}
-        runtimes: dict[tuple[str, str], Any] = {}
-        for name in models:
-            for backend in backends:
-                runtimes[(name, backend)] = models[name] if backend == "torch" else None
-            if onnx_backends:
-                say(f"exporting {name} to ONNX")
-                exports.append(_onnx_runtimes(models[name], onnx_backends, threads or 0))
-                runtimes.update({(name, b): m for b, m in exports[-1][1].items()})
-        entries = []
-        for bs in batch_sizes:
-            for name in presets:
-                say(f"recording the {steps}-step episode of {name} at batch {bs}")
-                with autocast():
-                    ep = record_episode(models[name], bs, steps, txt_len, seed)
-                flops = count_flops(models[name], ep, text_cache)
-                for backend in backends:
-                    entries.append(_Entry(name, bs, runtimes[(name, backend)], ep, flops=flops, backend=backend))
+        with ExitStack() as stack:
+            torch.manual_seed(seed)
+            rows = load_models(specs, backends, stack, threads=threads or 0, factory=model_factory, skip=skip,
+                               log=say)
+            labels = [r.label for r in rows]
+            reference = _check_reference(reference, labels)
+            entries = []
+            for bs in batch_sizes:
+                for spec in specs:
+                    mine = [r for r in rows if r.spec == spec]
+                    if not mine:
+                        continue
+                    say(f"recording the {steps}-step episode of {spec.name} at batch {bs}")
+                    with autocast():
+                        ep = record_episode(mine[0].network, bs, steps, txt_len, seed)
+                    flops = count_flops(mine[0].network, ep, text_cache)
+                    entries += [_Entry(r, bs, ep, flops=flops) for r in mine]
 
-        with torch.inference_mode(), autocast():
-            for w in range(warmup):
-                for e in entries:
-                    run_episode(e.model, e.episode, text_cache)
-            for r in range(repeats):
-                order = entries if r % 2 == 0 else entries[::-1]
-                for e in order:
-                    e.times.append(run_episode(e.model, e.episode, text_cache))
-                say(f"repeat {r + 1}/{repeats}: " + ", ".join(
-                    f"{e.label}@{e.batch_size} {e.times[-1]['episode'] * 1e3:.1f} ms"
-                    for e in entries
-                ))
+            with torch.inference_mode(), autocast():
+                for w in range(warmup):
+                    for e in entries:
+                        run_episode(e.row.runtime, e.episode, text_cache)
+                for r in range(repeats):
+                    order = entries if r % 2 == 0 else entries[::-1]
+                    for e in order:
+                        e.times.append(run_episode(e.row.runtime, e.episode, text_cache))
+                    say(f"repeat {r + 1}/{repeats}: " + ", ".join(
+                        f"{e.label}@{e.batch_size} {e.times[-1]['episode'] * 1e3:.1f} ms"
+                        for e in entries
+                    ))
     finally:
         torch.set_num_threads(old_threads)
-        for tmp, _ in exports:
-            tmp.cleanup()
 
     results = []
     for e in entries:
         steps_ms = [(t["episode"] - t["language"]) / steps for t in e.times]
         results.append({
-            "preset": e.preset,
-            "backend": e.backend,
+            "preset": e.row.spec.name,  # the model's name (a preset or a --checkpoint NAME)
+            "backend": e.row.backend,
             "label": e.label,
+            "weights": e.row.spec.weights,
+            "checkpoint": e.row.spec.describe()["checkpoint"],
             "batch_size": e.batch_size,
             "episode_ms": _median_ms([t["episode"] for t in e.times]),
             "step_ms": _median_ms(steps_ms),
@@ -410,14 +380,14 @@ def bench_models(
         })
     ratios = []
     by_key = {(r["label"], r["batch_size"]): r for r in results}
-    labels = [e.label for e in entries if e.batch_size == batch_sizes[0]]  # model order (repeats kept)
-    first = labels[0]
     for bs in batch_sizes:
-        for other in labels[1:]:
-            a, b = by_key[(first, bs)], by_key[(other, bs)]
+        for other in labels:
+            if other == reference:
+                continue
+            a, b = by_key[(reference, bs)], by_key[(other, bs)]
             ratios.append({
                 "batch_size": bs,
-                "numerator": first,
+                "numerator": reference,
                 "denominator": other,
                 "episode_ratio": a["episode_ms"] / b["episode_ms"],
                 "step_ratio": a["step_ms"] / b["step_ms"],
@@ -429,44 +399,32 @@ def bench_models(
             })
     return {
         "date": datetime.date.today().isoformat(),
-        "machine": {**cpu_info(), "threads": threads or old_threads, "torch": torch.__version__,
-                    **_onnxruntime_version(onnx_backends),
-                    "python": platform.python_version(),
+        "code": code_version(),
+        "machine": {**machine_info(threads or old_threads, backends),
                     # 1-minute load average before/after: > threads means other jobs were running
-                    "loadavg_before": load_before, "loadavg_after": _loadavg()},
+                    "loadavg_before": load_before, "loadavg_after": loadavg()},
         "settings": {
-            "presets": list(presets), "batch_sizes": list(batch_sizes), "repeats": repeats,
+            "episodes": "synthetic",
+            "presets": [s.name for s in specs if s.checkpoint is None],
+            "models": [s.describe() for s in specs], "reference": reference,
+            "batch_sizes": list(batch_sizes), "repeats": repeats,
             "warmup": warmup, "dtype": dtype, "steps": steps, "txt_len": txt_len, "seed": seed,
-            "text_cache": text_cache, "weights": "random", "mode": "eval + inference_mode",
-            "backends": backends,
+            "text_cache": text_cache,
+            "weights": "random" if all(s.checkpoint is None for s in specs) else "per model",
+            "mode": "eval + inference_mode", "backends": backends, "skip": list(skip),
         },
         "results": results,
         "ratios": ratios,
     }
 
 
-def _onnx_runtimes(model: DUET, backends: Sequence[str], threads: int) -> tuple[Any, dict[str, Any]]:
-    """``model`` exported to a temporary directory and loaded on each ONNX Runtime backend:
-    ``(the TemporaryDirectory, {backend: model})``."""
-    import tempfile
-
-
-    tmp = tempfile.TemporaryDirectory(prefix="minivln-bench-")
-    try:
-        export_model(model, tmp.name, int8="onnxruntime-int8" in backends, check=False)
-        runtimes = {b: OnnxRuntimeDUET(tmp.name, ONNX_VARIANTS[b], threads=threads) for b in backends}
-    except BaseException:
-        tmp.cleanup()
-        raise
-    return tmp, runtimes
-
-
-def _onnxruntime_version(onnx_backends: Sequence[str]) -> dict[str, str]:
-    if not onnx_backends:
-        return {}
-    import onnxruntime
-
-    return {"onnxruntime": onnxruntime.__version__}
+def _check_reference(reference: str | None, labels: Sequence[str]) -> str:
+    """The reference row's label (default: the first row); a :class:`DataError` if unknown."""
+    if reference is None:
+        return labels[0]
+    if reference not in labels:
+        raise DataError(f"--reference {reference!r} is not a row of this benchmark (rows: {', '.join(labels)})")
+    return reference
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -508,63 +466,102 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     """``minivln bench model`` (registered by ``minivln bench``)."""
     m = bench_sub.add_parser(
         "model",
-        help="per-step / per-episode CPU latency of model presets, interleaved in one run",
+        help="per-episode CPU latency of models (presets, trained checkpoints) on each backend, interleaved",
         description=(
-            "Time a 7-step episode (60-token instruction, 36-40 views per step, a 4-16-slot map; "
-            "inputs built by MapNavigator on a seeded synthetic world) of each preset at each "
-            "batch size, interleaved, random weights, eval mode; report medians and the ratio."
+            "Time episodes of each model (presets with random weights, --checkpoint NAME=PATH with trained "
+            "ones) on each backend at each batch size, interleaved in one process; report medians and ratios "
+            "to the reference row.  --episodes synthetic (default): a 7-step episode (60-token instruction, "
+            "36-40 views per step, a 4-16-slot map; inputs built by MapNavigator on a seeded synthetic "
+            "world), the network's calls timed.  --episodes real: whole rollouts of the real agent on R2R "
+            "instructions (real graphs, --features), every model replaying the ground-truth paths; the "
+            "agent's bookkeeping included and reported apart."
         ),
     )
-    m.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS),
-                   help="model presets (the first is the numerator of the ratios)")
+    m.add_argument("--presets", nargs="+", default=None,
+                   help=f"model presets, random weights (default: {' '.join(DEFAULT_PRESETS)} when no "
+                        "--checkpoint is given, else none)")
+    m.add_argument("--checkpoint", "--checkpoints", dest="checkpoints", nargs="+", default=[],
+                   metavar="NAME=PATH",
+                   help="trained models: NAME=PATH with what `minivln navigate --checkpoint` takes (RUN/model, "
+                        "a fine-tuning run, an export directory, a DUET checkpoint); timed after the presets")
+    m.add_argument("--skip", nargs="+", default=[], metavar="LABEL",
+                   help="rows not to time, e.g. duet-r2r:onnxruntime (a model's ONNX rows all skipped: no export)")
+    m.add_argument("--reference", metavar="LABEL", default=None,
+                   help="the row the ratios compare with (a model name, or NAME:BACKEND); default: the first row")
     m.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    m.add_argument("--repeats", type=int, default=7, help="timed episodes per model (median)")
-    m.add_argument("--warmup", type=int, default=2, help="untimed episodes per model first")
-    m.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: leave)")
-    m.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16 = CPU autocast to bfloat16 (fast only with AMX/avx512_bf16)")
-    m.add_argument("--steps", type=int, default=STEPS)
-    m.add_argument("--txt-len", type=int, default=TEXT_LEN)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--no-text-cache", action="store_true",
-                   help="re-project the text keys/values at every step (as the reference does)")
+    m.add_argument("--repeats", type=int, default=None,
+                   help="timed episodes (synthetic) / passes over the instructions (real) per model; median "
+                        "(default 7 synthetic, 5 real)")
+    m.add_argument("--warmup", type=int, default=None,
+                   help="untimed episodes per model first (default 2 synthetic, 1 real)")
+    m.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads (0: leave)")
     m.add_argument("--backend", "--backends", dest="backends", nargs="+", default=["torch"],
-                   choices=["torch", "onnxruntime", "onnxruntime-int8"],
-                   help="runtimes to time each preset on (ONNX Runtime: the preset exported to ONNX, fp32 "
-                        "or int8; needs the deploy extra); default torch")
+                   choices=list(BACKEND_NAMES),
+                   help="runtimes to time each model on (ONNX Runtime: the model exported to ONNX, fp32 "
+                        "or int8, or an export directory's graphs; needs the deploy extra); default torch")
+    m.add_argument("--seed", type=int, default=0,
+                   help="random weights of the presets; synthetic worlds / the draw of real instructions")
+    m.add_argument("--episodes", choices=["synthetic", "real"], default="synthetic",
+                   help="synthetic: the seeded synthetic world (network calls timed); real: R2R instructions "
+                        "with the real agent (needs --features)")
+    real_opts = m.add_argument_group("real episodes (--episodes real)")
+    real_opts.add_argument("--data-dir", default=None, help="data directory (default: $MINIVLN_DATA or the usual places)")
+    real_opts.add_argument("--features", default=None, help="view features (HDF5) covering the split's houses")
+    real_opts.add_argument("--split", default="val_unseen", help="R2R split (default val_unseen)")
+    real_opts.add_argument("--instructions", type=int, default=16,
+                           help="instructions drawn (seeded) from the split; a multiple of every batch size")
+    real_opts.add_argument("--max-action-len", type=int, default=15)
+    real_opts.add_argument("--max-instr-len", type=int, default=200)
+    syn = m.add_argument_group("synthetic episodes (--episodes synthetic)")
+    syn.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                     help="bf16 = CPU autocast to bfloat16 (fast only with AMX/avx512_bf16)")
+    syn.add_argument("--steps", type=int, default=STEPS)
+    syn.add_argument("--txt-len", type=int, default=TEXT_LEN)
+    syn.add_argument("--no-text-cache", action="store_true",
+                     help="re-project the text keys/values at every step (as the reference does)")
     m.add_argument("--json", metavar="OUT", help="also write the full report as JSON")
     m.add_argument("--quiet", action="store_true", help="no progress lines")
     m.set_defaults(func=_bench_model)
 
 
 def _bench_model(args: argparse.Namespace) -> int:
-    try:
-        for name in args.presets:
-            get_preset(name)
-    except UnknownPresetError as exc:
-        print(f"minivln bench model: error: {exc}", file=sys.stderr)
+    def fail(msg: str) -> int:
+        print(f"minivln bench model: error: {msg}", file=sys.stderr)
         return 2
-    if args.repeats < 1 or args.steps < 1 or any(b < 1 for b in args.batch_sizes):
-        print("minivln bench model: error: repeats, steps and batch sizes must be >= 1",
-              file=sys.stderr)
-        return 2
-    if args.dtype != "fp32" and any(b != "torch" for b in args.backends):
-        print("minivln bench model: error: --dtype bf16 applies to the torch backend only", file=sys.stderr)
-        return 2
-    if any(b != "torch" for b in args.backends):
 
-        try:
-            require_onnx()
-        except ExportError as exc:
-            print(f"minivln bench model: error: {exc}", file=sys.stderr)
-            return 2
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    report = bench_models(
-        args.presets, args.batch_sizes, repeats=args.repeats, warmup=args.warmup,
-        threads=args.threads or None, dtype=args.dtype, steps=args.steps, txt_len=args.txt_len,
-        seed=args.seed, text_cache=not args.no_text_cache, log=log, backends=args.backends,
-    )
-    print(format_report(report))
+    presets = args.presets if args.presets is not None else ([] if args.checkpoints else list(DEFAULT_PRESETS))
+    real_mode = args.episodes == "real"
+    repeats = args.repeats if args.repeats is not None else (5 if real_mode else 7)
+    warmup = args.warmup if args.warmup is not None else (1 if real_mode else 2)
+    if repeats < 1 or warmup < 0 or args.steps < 1 or any(b < 1 for b in args.batch_sizes):
+        return fail("repeats, steps and batch sizes must be >= 1, warmup >= 0")
+    if args.dtype != "fp32" and (real_mode or any(b != "torch" for b in args.backends)):
+        return fail("--dtype bf16 applies to synthetic episodes on the torch backend only")
+    if real_mode and not args.features:
+        return fail("--episodes real needs --features (view features covering the split's houses)")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        check_writable_dir(Path(args.json).parent, "output directory")
+    try:
+        specs = model_specs(presets, args.checkpoints)  # every input checked before any work
+        if not specs:
+            return fail("no model to time: give --presets and/or --checkpoint NAME=PATH")
+        check_skip(specs, check_backends(args.backends), args.skip)
+    except (DataError, ConfigError) as exc:
+        return fail(str(exc))
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    common = dict(checkpoints=args.checkpoints, repeats=repeats, warmup=warmup, threads=args.threads or None,
+                  seed=args.seed, backends=args.backends, reference=args.reference, skip=args.skip, log=log)
+    if real_mode:
+        report = real.bench_real(
+            presets, args.batch_sizes, data_dir=args.data_dir, features=args.features, split=args.split,
+            instructions=args.instructions, max_action_len=args.max_action_len,
+            max_instr_len=args.max_instr_len, **common)
+        print(real.format_report(report))
+    else:
+        report = bench_models(
+            presets, args.batch_sizes, dtype=args.dtype, steps=args.steps, txt_len=args.txt_len,
+            text_cache=not args.no_text_cache, **common)
+        print(format_report(report))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")
     return 0

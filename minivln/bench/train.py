@@ -11,13 +11,19 @@ One *iteration* is what the trainer does per optimizer step, minus logging and c
 Every preset sees the same batches (same seeds), and the presets are interleaved (for each iteration
 index, each preset runs one iteration, the order alternating) so that load from other jobs on a shared
 machine affects them alike; we report the median seconds per iteration after ``--warmup`` untimed
-iterations, and ratios to the first preset.  Fine-tuning iterations of untrained models are the
-slowest kind: their sampled rollouts wander until ``max_action_len``.
+iterations, and ratios to the first preset.  Each iteration is also split into its *data* part
+(``next_batch`` and the copy to the device: what the trainer's ``num_workers`` can build ahead in
+pretraining) and its *step* part (forward, backward, optimizer; in fine-tuning the rollouts and so
+the agent's host work).  ``--precision bf16`` runs the forward under ``torch.autocast`` in bfloat16 as
+the trainer does on a GPU (``train.precision``; on a CPU the trainer always runs fp32).  Fine-tuning
+iterations of untrained models are the slowest kind: their sampled rollouts wander until
+``max_action_len``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -46,10 +52,11 @@ from minivln.training.pretrain import (
     resolve_objects,
 )
 from minivln.training.pretrain_data import features_have_classes
-from minivln.training.trainer import move_to
+from minivln.training.trainer import _resolve_amp_dtype, move_to
 
 DEFAULT_PRESETS = ("duet-r2r", "minivln-r2r")
 PHASES = ("pretrain", "finetune")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _sync(device: torch.device) -> None:
@@ -58,25 +65,34 @@ def _sync(device: torch.device) -> None:
 
 
 def _make_step(model: torch.nn.Module, task: Any, device: torch.device, lr: float = 1e-5,
-               grad_clip: float = 40.0) -> Callable[[int], None]:
-    """One training iteration of ``model`` on ``task`` batch ``i`` (as the trainer runs it)."""
+               grad_clip: float = 40.0, precision: str = "fp32") -> Callable[[int], tuple[float, float]]:
+    """One training iteration of ``model`` on ``task`` batch ``i`` (as the trainer runs it); returns
+    the seconds of its data part and of its step part (the device synchronised after each)."""
 
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    amp = _resolve_amp_dtype(precision, device)
 
-    def step(i: int) -> None:
+    def step(i: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
         batch = move_to(task.next_batch(i), device)
+        _sync(device)
+        t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = task.compute(model, batch).loss
+        with torch.autocast(device_type=device.type, dtype=amp) if amp else contextlib.nullcontext():
+            loss = task.compute(model, batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
+        _sync(device)
+        return t1 - t0, time.perf_counter() - t1
 
     return step
 
 
 def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
-                  max_instr_len: int = 80, device: torch.device, seed: int = 0) -> Callable[[int], None]:
+                  max_instr_len: int = 80, device: torch.device, seed: int = 0, precision: str = "fp32",
+                  ) -> Callable[[int], tuple[float, float]]:
 
     cfg = PretrainConfig(model=preset, task=task, data_dir=data_dir, features=features, val_splits=[],
                          batch_size=batch_size, max_instr_len=max_instr_len)
@@ -89,12 +105,12 @@ def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
                                  objects=resolve_objects(cfg, data))
     seed_everything(seed)
     model = build_pretrainer(cfg)
-    return _make_step(model, PretrainTask(train_ds, batch_size, mix, seed=seed), device)
+    return _make_step(model, PretrainTask(train_ds, batch_size, mix, seed=seed), device, precision=precision)
 
 
 def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
                   max_instr_len: int = 80, max_action_len: int = 15, device: torch.device, seed: int = 0,
-                  ) -> Callable[[int], None]:
+                  precision: str = "fp32") -> Callable[[int], tuple[float, float]]:
 
     cfg = FinetuneConfig(model=preset, task=task, data_dir=data_dir, features=features,
                          batch_size=batch_size, max_instr_len=max_instr_len, max_action_len=max_action_len)
@@ -102,17 +118,19 @@ def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
     seed_everything(seed)
     model = build_model(cfg)
     res = prepare_data(cfg, Path("."), model.config.image_feat_size, model.config.obj_feat_size)
-    return _make_step(model, make_task(cfg, model, res), device, lr=cfg.train.optim.lr)
+    return _make_step(model, make_task(cfg, model, res), device, lr=cfg.train.optim.lr, precision=precision)
 
 
 def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, features: str, *,
                 iters: int = 5, warmup: int = 1, device: str = "cpu", threads: int = 1, batch_size: int = 8,
                 max_instr_len: int = 80, max_action_len: int = 15, seed: int = 0, quiet: bool = False,
-                ) -> dict[str, Any]:
+                precision: str = "fp32") -> dict[str, Any]:
     """Time ``iters`` iterations per preset and phase (after ``warmup``); see the module docstring."""
 
     if iters < 1 or warmup < 0:
         raise ValueError("iters must be >= 1 and warmup >= 0")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if threads > 0:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -121,35 +139,38 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": batch_size,
-        "max_instr_len": max_instr_len, "max_action_len": max_action_len, "iters": iters, "warmup": warmup,
+        "precision": precision if dev.type == "cuda" else "fp32", "max_instr_len": max_instr_len, "max_action_len": max_action_len, "iters": iters, "warmup": warmup,
         "features": features, "phases": {},
     }
     for phase in phases:
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
         make = pretrain_step if phase == "pretrain" else finetune_step
-        kw = dict(batch_size=batch_size, max_instr_len=max_instr_len, device=dev, seed=seed)
+        kw = dict(batch_size=batch_size, max_instr_len=max_instr_len, device=dev, seed=seed, precision=precision)
         if phase == "finetune":
             kw["max_action_len"] = max_action_len
         steps = {p: make(p, data_dir, features, **kw) for p in presets}
         times: dict[str, list[float]] = {p: [] for p in presets}
+        parts: dict[str, list[tuple[float, float]]] = {p: [] for p in presets}
         for i in range(warmup + iters):
             order = list(presets) if i % 2 == 0 else list(reversed(presets))
             for p in order:
                 _sync(dev)
                 t0 = time.perf_counter()
-                steps[p](i)
-                _sync(dev)
+                data_s, step_s = steps[p](i)
                 dt = time.perf_counter() - t0
                 if i >= warmup:
                     times[p].append(dt)
+                    parts[p].append((data_s, step_s))
                 if not quiet:
                     print(f"{phase} {p} iteration {i}{' (warm-up)' if i < warmup else ''}: {dt:.2f} s", flush=True)
         del steps
         ref = statistics.median(times[presets[0]])
         report["phases"][phase] = {
             p: {"s_per_it": statistics.median(t), "it_s": 1.0 / statistics.median(t),
-                "ratio_to_first": statistics.median(t) / ref, "all_s": [round(x, 4) for x in t]}
+                "ratio_to_first": statistics.median(t) / ref, "all_s": [round(x, 4) for x in t],
+                "data_s": statistics.median(d for d, _ in parts[p]),
+                "step_s": statistics.median(s for _, s in parts[p])}
             for p, t in times.items()
         }
     return report
@@ -157,12 +178,13 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['date']}  {report['device']}  torch {report['torch']}  threads {report['threads']}  "
-             f"batch {report['batch_size']}  median of {report['iters']} (after {report['warmup']} warm-up)"]
+             f"batch {report['batch_size']}  {report.get('precision', 'fp32')}  median of {report['iters']} (after {report['warmup']} warm-up)"]
     for phase, rows in report["phases"].items():
         lines.append(f"{phase}:")
         for p, r in rows.items():
-            lines.append(f"  {p:<16} {r['s_per_it']:8.2f} s/it  {r['it_s']:7.3f} it/s  "
-                         f"x{r['ratio_to_first']:.2f} of the first")
+            lines.append(f"  {p:<16} {r['s_per_it']:8.3f} s/it  {r['it_s']:7.3f} it/s  "
+                         f"x{r['ratio_to_first']:.2f} of the first  (data {r['data_s']:.3f} s + "
+                         f"step {r['step_s']:.3f} s)")
     return "\n".join(lines)
 
 
@@ -184,6 +206,8 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-instr-len", type=int, default=80)
     t.add_argument("--max-action-len", type=int, default=15)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: autocast as the trainer runs on a GPU (a CPU always runs fp32)")
     t.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_main)
@@ -193,7 +217,8 @@ def _main(args: argparse.Namespace) -> int:
     report = bench_train(args.presets, args.phases, args.data_dir, args.features, iters=args.iters,
                          warmup=args.warmup, device=args.device, threads=args.threads,
                          batch_size=args.batch_size, max_instr_len=args.max_instr_len,
-                         max_action_len=args.max_action_len, seed=args.seed, quiet=args.quiet)
+                         max_action_len=args.max_action_len, seed=args.seed, quiet=args.quiet,
+                         precision=args.precision)
     print(format_report(report))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")

@@ -22,6 +22,12 @@ A rollout runs one batch of episodes with one of three feedbacks (``DUET_INTERFA
 ``'argmax'``
     evaluation: arg-max actions, the episode ends when slot 0 (STOP) is chosen, no ghost is left or at
     the last step; the final location is the visited node with the highest recorded STOP probability.
+``'path'``
+    evaluation (no labels, no loss) with the actions of ``'teacher'``: the slot of the next node of the
+    annotated path, 0 (STOP) at its last node (REVERIE episodes, or a next node without a slot: the
+    expert's slot).  The episode then ends as in ``'argmax'`` (walk back to the visited node with the
+    highest STOP probability; no network call follows).  Every network replays the same steps, so
+    ``minivln bench model --episodes real`` times models of different quality on equal work.
 
 The loss of a rollout is ``sum over steps of CE_sum(fused_logits, labels) / batch_size`` (labels
 ``-100`` for samples that have ended); the caller applies the rollout weight (``ml_weight`` for the
@@ -74,8 +80,9 @@ from minivln.model import graph_map as G
 from minivln.model.agent_inputs import MapNavigator, NavigationBatch, PanoramaBatch
 from minivln.model.duet import DUET
 
-Feedback = Literal["teacher", "sample", "argmax"]
-FEEDBACKS = ("teacher", "sample", "argmax")
+Feedback = Literal["teacher", "sample", "argmax", "path"]
+FEEDBACKS = ("teacher", "sample", "argmax", "path")
+EVAL_FEEDBACKS = ("argmax", "path")  # no labels, no loss
 IGNORE = -100
 
 StepHook = Callable[[int, dict, NavigationBatch, torch.Tensor], None]
@@ -386,7 +393,7 @@ class DUETAgent:
             t_step = run.shadow.step(t, pano, pano_in, batch, active, run.use_objects) if run.shadow else None
             expert, labels = self._action_labels(run, batch, logits, active)
             obj_labels = self._object_labels(run, pano, obj_logits, active)
-            actions = self._choose(run, logits, expert)
+            actions = self._choose(run, logits, expert, batch, active)
             if step_hook is not None:
                 step_hook(t, outs, batch, labels)
             run.steps.append(StepRecord(
@@ -412,7 +419,7 @@ class DUETAgent:
         """Check the request, reset the environment, build the map and encode the instructions."""
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback must be one of {FEEDBACKS}, got {feedback!r}")
-        training = feedback != "argmax"
+        training = feedback not in EVAL_FEEDBACKS
         if env.max_steps < self.max_action_len:
             raise ValueError(f"the environment's max_steps ({env.max_steps}) must be at least max_action_len "
                              f"({self.max_action_len}): the agent's final walk back counts as a step")
@@ -477,17 +484,8 @@ class DUETAgent:
         if not run.training:
             return expert, torch.tensor(expert, dtype=torch.long)
         for i in range(len(run.eps)):
-            if not active[i]:
-                continue
-            cur, vpids, ep, goals = run.nav.obs[i].viewpoint, batch.gmap_vpids[i], run.eps[i], run.goal_sets[i]
-            follow_path = run.feedback == "teacher" and ep.task == "r2r"
-            label = teacher_slot(vpids, cur, ep.path) if follow_path else None
-            if label is None:
-                if len(goals) == 1:
-                    label = spl_expert_slot(vpids, batch.visited[i], cur, next(iter(goals)), run.houses[i].distance)
-                else:
-                    label = nearest_goal_slot(vpids, batch.visited[i], cur, goals, run.houses[i].distance)
-            expert[i] = label
+            if active[i]:
+                expert[i] = self._expert_slot(run, batch, i, follow_path=run.feedback == "teacher")
         labels = torch.tensor(expert, dtype=torch.long).to(run.device)
         n_valid = sum(label != IGNORE for label in expert)
         if n_valid:
@@ -495,6 +493,19 @@ class DUETAgent:
         run.n_labels += n_valid
         run.n_correct += ((logits.detach().argmax(1) == labels) & (labels != IGNORE)).sum()
         return expert, labels
+
+    @staticmethod
+    def _expert_slot(run: _Rollout, batch: NavigationBatch, i: int, follow_path: bool) -> int:
+        """Sample i's expert slot: the next node of the annotated path (``follow_path``, R2R), else
+        the 'spl' expert's slot toward the goal (set)."""
+        cur, vpids, ep, goals = run.nav.obs[i].viewpoint, batch.gmap_vpids[i], run.eps[i], run.goal_sets[i]
+        label = teacher_slot(vpids, cur, ep.path) if follow_path and ep.task == "r2r" else None
+        if label is None:
+            if len(goals) == 1:
+                label = spl_expert_slot(vpids, batch.visited[i], cur, next(iter(goals)), run.houses[i].distance)
+            else:
+                label = nearest_goal_slot(vpids, batch.visited[i], cur, goals, run.houses[i].distance)
+        return label
 
     def _object_labels(self, run: _Rollout, pano: PanoramaBatch, obj_logits: torch.Tensor | None,
                        active: list[bool]) -> torch.Tensor | None:
@@ -517,12 +528,15 @@ class DUETAgent:
             run.n_og_correct += (obj_logits.detach()[sel].argmax(1) == obj_labels[sel]).sum()
         return obj_labels
 
-    @staticmethod
-    def _choose(run: _Rollout, logits: torch.Tensor, expert: list[int]) -> list[int]:
-        """The feedback: the expert's labels ('teacher'), a sample of the fused distribution
-        ('sample') or its arg-max ('argmax')."""
+    def _choose(self, run: _Rollout, logits: torch.Tensor, expert: list[int], batch: NavigationBatch,
+                active: list[bool]) -> list[int]:
+        """The feedback: the expert's labels ('teacher'), the annotated path ('path'), a sample of the
+        fused distribution ('sample') or its arg-max ('argmax')."""
         if run.feedback == "teacher":
             return [label if label != IGNORE else 0 for label in expert]
+        if run.feedback == "path":
+            return [self._expert_slot(run, batch, i, follow_path=True) if active[i] else 0
+                    for i in range(len(run.eps))]
         if run.feedback == "sample":
             probs = torch.softmax(logits.detach().float(), 1)
             return torch.multinomial(probs, 1, generator=run.generator).squeeze(1).tolist()

@@ -1,0 +1,156 @@
+"""``minivln bench figure``: success rate against latency per episode (the paper's Fig. 1), as a PNG.
+
+    minivln bench figure --bench BENCH.json \\
+        --point teacher duet-r2r TEACHER/metrics_val_unseen.json \\
+        --point "distilled student (int8)" distilled:onnxruntime-int8 NAV_INT8/metrics_val_unseen.json \\
+        --out docs/img/fig1_sr_latency.png
+
+Each ``--point LABEL ROW SCORE`` is one marker: x = the median episode time of row ``ROW`` (a row label
+of the ``minivln bench model`` report, at ``--batch-size``), y = the success rate in ``SCORE``: a
+metrics file (``metrics_<split>.json`` of ``minivln navigate`` / ``minivln eval``, any JSON object
+with ``sr``) or one row of a results table (``docs/results/r2r_table3.json#none``: the row whose
+``name`` or ``run`` is after the ``#``).  The x axis is logarithmic.  The title names the split and
+the kind of view features of the scores (stand-in or real), the subtitle the machine, threads,
+batch size, date and commit of the latency report.  A row timed with random weights (a preset) is
+marked so: its latency is the architecture's, its score comes from the score file given.  Scores
+of different splits, or on different numbers of instructions (``instructions`` of a metrics file,
+``episodes`` of a table row), are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from matplotlib.ticker import FuncFormatter
+
+from minivln.bench.common import read_bench_report
+from minivln.paths import DataError, check_writable_dir, refuse_overwriting_inputs
+from minivln.training.plot import new_figure, save_png
+
+
+def read_score(spec: str) -> dict[str, Any]:
+    """``FILE`` or ``FILE#ROW``: ``{"sr", "split", "features", "source"}``; a :class:`DataError` when
+    the file, the row or its ``sr`` is missing."""
+    file, _, row = spec.partition("#")
+    path = Path(file)
+    if not path.is_file():
+        raise DataError(f"score file {path} does not exist (a metrics_<split>.json or a results table)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"score file {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"score file {path}: expected a JSON object")
+    entry = data
+    if row:
+        rows = data.get("rows")
+        if not isinstance(rows, list):
+            raise DataError(f"score file {path} has no 'rows' to pick {row!r} from")
+        found = [r for r in rows if isinstance(r, dict) and row in (r.get("name"), r.get("run"))]
+        if not found:
+            names = ", ".join(str(r.get("name")) for r in rows if isinstance(r, dict))
+            raise DataError(f"score file {path} has no row {row!r} (rows: {names})")
+        entry = found[0]
+    sr = entry.get("sr")
+    if not isinstance(sr, (int, float)) or isinstance(sr, bool) or not 0 <= sr <= 1:
+        raise DataError(f"score {spec}: no success rate 'sr' in [0, 1]" + ("" if row else
+                        " (a results table needs FILE#ROW)"))
+    count = entry.get("instructions", entry.get("episodes"))
+    return {"sr": float(sr), "split": entry.get("split", data.get("split")),
+            "features": entry.get("features", data.get("features")),
+            "instructions": int(count) if isinstance(count, int) and not isinstance(count, bool) else None,
+            "source": spec}
+
+
+def figure_points(bench: dict[str, Any], points: Sequence[Sequence[str]], batch_size: int) -> list[dict[str, Any]]:
+    """The points to draw (label, row, x ms, SR, weights); a :class:`DataError` for a row that is not
+    in the report at ``batch_size``."""
+    rows = {r["label"]: r for r in bench["results"] if r["batch_size"] == batch_size}
+    if not rows:
+        sizes = sorted({r["batch_size"] for r in bench["results"]})
+        raise DataError(f"the latency report has no rows at batch size {batch_size} (it has: {sizes})")
+    out = []
+    for label, row, score in points:
+        if row not in rows:
+            raise DataError(f"--point {label!r}: row {row!r} is not in the latency report at batch {batch_size} "
+                            f"(rows: {', '.join(rows)})")
+        s = read_score(score)
+        out.append({"label": label, "row": row, "episode_ms": rows[row]["episode_ms"], **s,
+                    "weights": rows[row].get("weights", bench.get("settings", {}).get("weights"))})
+    splits = sorted({str(p["split"]) for p in out if p["split"]})
+    if len(splits) > 1:
+        raise DataError(f"the scores are of different splits ({', '.join(splits)}); one figure, one split")
+    counts = sorted({p["instructions"] for p in out if p["instructions"] is not None})
+    if len(counts) > 1:
+        raise DataError(f"the scores are on different numbers of instructions ({', '.join(map(str, counts))}; "
+                        "e.g. a navigate --max-episodes run): score every point on the whole split")
+    return out
+
+
+def draw(bench: dict[str, Any], points: list[dict[str, Any]], batch_size: int, out: str | Path) -> Path:
+    """Draw the figure (see the module docstring) to ``out``."""
+    m, s, code = bench.get("machine", {}), bench.get("settings", {}), bench.get("code") or {}
+    splits = sorted({str(p["split"]) for p in points if p["split"]})
+    kinds = sorted({str(p["features"]) for p in points if p["features"]})
+    fig = new_figure(7.0, 4.8)
+    ax = fig.add_subplot(1, 1, 1)
+    markers = "osD^vP*Xh"
+    mid = statistics.median(p["sr"] for p in points)  # labels above the upper points, below the lower ones
+    for i, p in enumerate(points):
+        ax.scatter([p["episode_ms"]], [100 * p["sr"]], s=60, marker=markers[i % len(markers)], zorder=3,
+                   label=p["label"] + (" (latency: random weights)" if p["weights"] == "random" else ""))
+        ax.annotate(f"{p['label']}\n{100 * p['sr']:.1f}%, {p['episode_ms']:.0f} ms", (p["episode_ms"], 100 * p["sr"]),
+                    textcoords="offset points", xytext=(6, 6) if p["sr"] >= mid else (6, -22), fontsize=7)
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+    xs = [p["episode_ms"] for p in points]
+    ax.set_xlim(min(xs) / 1.8, max(xs) * 2.5)
+    top = max(100 * p["sr"] for p in points)
+    ax.set_ylim(0, max(10.0, top * 1.25))
+    episodes = s.get("episodes", "synthetic")
+    ax.set_xlabel(f"latency per episode (ms, log scale; median, {episodes} episodes, batch {batch_size})")
+    ax.set_ylabel("SR (success rate, %)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    split = "/".join(splits) or "?"
+    feats = "/".join(kinds) or "unknown"
+    commit = (code.get("commit") or "unknown")[:10] + (" (dirty)" if code.get("dirty") else "")
+    fig.suptitle(f"R2R {split}: success rate vs CPU latency ({feats} features)", fontsize=11)
+    ax.set_title(f"{m.get('model_name', '?')}, {m.get('threads', '?')} thread(s); latency measured "
+                 f"{bench.get('date', '?')}, commit {commit}", fontsize=7)
+    fig.tight_layout()
+    return save_png(fig, out)
+
+
+def add_parser(bench_sub: argparse._SubParsersAction) -> None:
+    """``minivln bench figure`` (registered by ``minivln bench``)."""
+    f = bench_sub.add_parser(
+        "figure", help="success rate vs latency per episode (Fig. 1) from a bench model report and score files",
+        description="Draw SR against the median episode time (log x axis): one point per --point LABEL ROW "
+                    "SCORE, ROW a row label of the `bench model --json` report, SCORE a metrics JSON "
+                    "(with 'sr') or TABLE.json#ROWNAME.")
+    f.add_argument("--bench", required=True, metavar="BENCH.json", help="a `minivln bench model --json` report")
+    f.add_argument("--point", nargs=3, action="append", required=True, metavar=("LABEL", "ROW", "SCORE"),
+                   help="a point: its legend LABEL, the ROW of the report timed, the SCORE file (repeat)")
+    f.add_argument("--batch-size", type=int, default=1, help="the report's rows at this batch size (default 1)")
+    f.add_argument("--out", required=True, help="output PNG")
+    f.set_defaults(func=_figure)
+
+
+def _figure(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise DataError(f"--out {out}: the figure is written as PNG, name it *.png")
+    refuse_overwriting_inputs(out, {"--bench": args.bench, **{f"--point {p[0]!r}": p[2].partition("#")[0]
+                                                             for p in args.point}})
+    bench = read_bench_report(args.bench)
+    points = figure_points(bench, args.point, args.batch_size)
+    check_writable_dir(out.parent, "output directory")
+    print(draw(bench, points, args.batch_size, out))
+    return 0
