@@ -288,3 +288,23 @@ def test_params_cli(capsys):
 
 def test_masked_rows_cover_embedding_outputs():
     assert set(MASKED_ROWS) == {"txt_embeds", "pano_embeds", "gmap_embeds", "vp_embeds"}
+
+
+def test_fused_attention_on_a_gpu_leaves_out_cudnn():
+    """cuDNN's fused attention re-plans for every new sequence length (ours change each batch and
+    step): it cost 0.4-0.5 s per bf16 pretraining step on an H200 (docs/training.md)."""
+    import minivln.model.duet as D
+
+    if D.CUDA_SDPA_BACKENDS is None:
+        pytest.skip("torch has no torch.nn.attention.sdpa_kernel")
+    from torch.nn.attention import SDPBackend
+
+    assert SDPBackend.CUDNN_ATTENTION not in D.CUDA_SDPA_BACKENDS
+    assert SDPBackend.MATH in D.CUDA_SDPA_BACKENDS  # any head size and mask has a kernel
+    q, k, v = (torch.randn(2, 4, 7, 26) for _ in range(3))
+    mask = D.additive_mask(torch.tensor([[True] * 7, [True] * 5 + [False] * 2]))
+    ref = torch.softmax(q @ k.transpose(-1, -2) / 26 ** 0.5 + mask, -1) @ v
+    torch.testing.assert_close(D.attend(q, k, v, mask, 0.0, None), ref, atol=1e-5, rtol=1e-5)
+    if torch.cuda.is_available():
+        cuda = [t.cuda() for t in (q, k, v, mask)]
+        torch.testing.assert_close(D.attend(*cuda, 0.0, None).cpu(), ref, atol=1e-4, rtol=1e-4)

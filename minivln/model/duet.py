@@ -49,6 +49,11 @@ from torch import Tensor, nn
 
 from minivln.model.config import DUETConfig
 
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover
+    SDPBackend = sdpa_kernel = None
+
 MASK_VALUE = -10000.0  # additive attention mask for padded keys (BERT convention)
 
 # Inference fast path for linear layers (see packed_linear).  Layers whose input and output are
@@ -62,6 +67,13 @@ _ONEDNN_LINEAR = (
     torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+)
+
+# Fused attention kernels allowed on a GPU: all but cuDNN's.  With bf16 autocast PyTorch picks the
+# cuDNN kernel for head sizes 32 and 64, and our sequence lengths change from batch to batch and
+# step to step: see docs/training.md (GPU) for what it cost.  None: PyTorch's own choice.
+CUDA_SDPA_BACKENDS = (
+    [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if SDPBackend else None
 )
 
 Taps = dict[str, Any]
@@ -198,6 +210,9 @@ def attend(
     if mask is not None and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
     if scores is None:
+        if q.is_cuda and CUDA_SDPA_BACKENDS is not None:
+            with sdpa_kernel(CUDA_SDPA_BACKENDS):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
     if mask is not None:
