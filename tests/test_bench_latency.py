@@ -219,3 +219,17 @@ def test_figure_rejects_bad_points(point, extra, needle, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert not out.exists()
+
+
+def test_figure_labels_of_close_points_do_not_overlap():
+    """Points at about the same latency get labels at least `gap` apart, in the order of their SR;
+    a point alone keeps its label at its own height."""
+    from minivln.bench.figure import _label_heights
+
+    pts = [{"episode_ms": 32.0, "sr": 0.389}, {"episode_ms": 33.0, "sr": 0.358}, {"episode_ms": 32.5, "sr": 0.369},
+           {"episode_ms": 109.0, "sr": 0.399}]
+    ys = _label_heights(pts, gap=4.0)
+    close = sorted([0, 1, 2], key=lambda i: -pts[i]["sr"])
+    assert all(ys[a] - ys[b] >= 4.0 - 1e-9 for a, b in zip(close, close[1:]))
+    assert ys[close[0]] >= 38.9 - 1e-9
+    assert ys[3] == pytest.approx(39.9)

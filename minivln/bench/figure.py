@@ -91,6 +91,28 @@ def figure_points(bench: dict[str, Any], points: Sequence[Sequence[str]], batch_
     return out
 
 
+def _label_heights(points: list[dict[str, Any]], gap: float) -> list[float]:
+    """The height (SR %) of each point's label: its own, except that labels of points at about the same
+    latency (within 30%) are pushed apart to at least ``gap``, highest first, keeping their order."""
+    ys = [100 * p["sr"] for p in points]
+    out = list(ys)
+    order = sorted(range(len(points)), key=lambda i: points[i]["episode_ms"])
+    clusters: list[list[int]] = []
+    for i in order:
+        if clusters and points[i]["episode_ms"] <= 1.3 * points[clusters[-1][0]]["episode_ms"]:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    for cluster in clusters:
+        ranked = sorted(cluster, key=lambda i: -ys[i])
+        centre = statistics.mean(ys[i] for i in ranked)
+        span = gap * (len(ranked) - 1)
+        start = max(centre + span / 2, ys[ranked[0]])  # the highest label no lower than its point
+        for k, i in enumerate(ranked):
+            out[i] = start - k * gap if len(ranked) > 1 else ys[i]
+    return out
+
+
 def draw(bench: dict[str, Any], points: list[dict[str, Any]], batch_size: int, out: str | Path) -> Path:
     """Draw the figure (see the module docstring) to ``out``."""
     m, s, code = bench.get("machine", {}), bench.get("settings", {}), bench.get("code") or {}
@@ -99,20 +121,23 @@ def draw(bench: dict[str, Any], points: list[dict[str, Any]], batch_size: int, o
     fig = new_figure(7.0, 4.8)
     ax = fig.add_subplot(1, 1, 1)
     markers = "osD^vP*Xh"
-    mid = statistics.median(p["sr"] for p in points)  # labels above the upper points, below the lower ones
+    top = max(100 * p["sr"] for p in points)
+    y_max = max(10.0, top * 1.25)
+    label_y = _label_heights(points, gap=0.075 * y_max)
     for i, p in enumerate(points):
         ax.scatter([p["episode_ms"]], [100 * p["sr"]], s=60, marker=markers[i % len(markers)], zorder=3,
                    label=p["label"] + (" (latency: random weights)" if p["weights"] == "random" else ""))
         ax.annotate(f"{p['label']}\n{100 * p['sr']:.1f}%, {p['episode_ms']:.0f} ms", (p["episode_ms"], 100 * p["sr"]),
-                    textcoords="offset points", xytext=(6, 6) if p["sr"] >= mid else (6, -22), fontsize=7)
+                    xytext=(p["episode_ms"] * 1.12, label_y[i]), textcoords="data", fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if abs(label_y[i] - 100 * p["sr"]) > 0.5
+                    else None)
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     xs = [p["episode_ms"] for p in points]
     ax.set_xlim(min(xs) / 1.8, max(xs) * 2.5)
-    top = max(100 * p["sr"] for p in points)
-    ax.set_ylim(0, max(10.0, top * 1.25))
+    ax.set_ylim(0, y_max)
     episodes = s.get("episodes", "synthetic")
     ax.set_xlabel(f"latency per episode (ms, log scale; median, {episodes} episodes, batch {batch_size})")
     ax.set_ylabel("SR (success rate, %)")
