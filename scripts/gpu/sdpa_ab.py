@@ -1,9 +1,15 @@
 """Is the fixed per-step cost of bf16 training on a GPU cuDNN's attention?  Same process, both ways,
 then a profile of one unfixed pretraining step."""
-import json, os, sys
+import json
+import os
+import sys
+
 import torch
+from torch.profiler import ProfilerActivity, profile
+
 import minivln.model.duet as D
 from minivln.bench.train import bench_train, pretrain_step
+
 out, feats = sys.argv[1], sys.argv[2]
 fixed = D.CUDA_SDPA_BACKENDS
 P = ["minivln-cpu", "minivln-r2r", "duet-cpu"]
@@ -20,7 +26,6 @@ D.CUDA_SDPA_BACKENDS = None
 step = pretrain_step("minivln-cpu", os.environ["MINIVLN_DATA"], feats, batch_size=64, device=torch.device("cuda"), precision="bf16")
 for i in range(3):
     step(i)
-from torch.profiler import profile, ProfilerActivity
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     step(3)
 t = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
