@@ -244,15 +244,22 @@ def machine_info(threads: int, backends: Sequence[str]) -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def read_json_input(path: str | Path, what: str, expected: str) -> Any:
+    """The JSON in ``path``; one :class:`DataError` line when it is missing (naming the ``expected``
+    kind of file) or not valid JSON.  ``what`` prefixes the path in the message (e.g. ``"score file "``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what}{path} does not exist ({expected})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what}{path} is not valid JSON ({exc})") from None
+
+
 def read_bench_report(path: str | Path) -> dict[str, Any]:
     """A ``bench model`` report (JSON with ``results`` rows); a :class:`DataError` otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist (a JSON report of `minivln bench model --json`)")
-    try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON ({exc})") from None
+    report = read_json_input(path, "", "a JSON report of `minivln bench model --json`")
     if not isinstance(report, dict) or not isinstance(report.get("results"), list) or not all(
             isinstance(r, dict) and "label" in r and "batch_size" in r and "episode_ms" in r
             for r in report["results"]):

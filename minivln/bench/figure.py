@@ -20,14 +20,13 @@ of different splits, or on different numbers of instructions (``instructions`` o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
 from matplotlib.ticker import FuncFormatter
 
-from minivln.bench.common import read_bench_report
+from minivln.bench.common import read_bench_report, read_json_input
 from minivln.paths import DataError, check_writable_dir, refuse_overwriting_inputs
 from minivln.training.plot import new_figure, save_png
 
@@ -37,12 +36,7 @@ def read_score(spec: str) -> dict[str, Any]:
     the file, the row or its ``sr`` is missing."""
     file, _, row = spec.partition("#")
     path = Path(file)
-    if not path.is_file():
-        raise DataError(f"score file {path} does not exist (a metrics_<split>.json or a results table)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"score file {path} is not valid JSON ({exc})") from None
+    data = read_json_input(path, "score file ", "a metrics_<split>.json or a results table")
     if not isinstance(data, dict):
         raise DataError(f"score file {path}: expected a JSON object")
     entry = data
