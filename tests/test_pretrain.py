@@ -273,3 +273,64 @@ def test_worker_processes_build_the_same_batches(tiny):
     assert ahead.data_wait_s > 0
     with pytest.raises(ValueError, match="num_workers"):
         PretrainTask(ds, 2, mix, num_workers=-1)
+
+
+def test_compiled_layers_train_as_eager_layers(tiny):
+    """``compile_layers`` (here with the ``aot_eager`` backend: the same graph capture and autograd
+    as inductor, without code generation) keeps the state dict and gives the eager losses and
+    gradients on every task; inference under the trainer's ``force_eager`` stance is unchanged."""
+    import copy
+
+    from minivln.model.duet import COMPILED_LAYERS, compile_layers
+
+    _, ds = tiny
+    model = _pretrainer()
+    eager = copy.deepcopy(model)
+    expected = sum(isinstance(m, COMPILED_LAYERS) for m in eager.modules())
+    assert compile_layers(model, backend="aot_eager") == expected >= 5
+    assert list(model.state_dict()) == list(eager.state_dict())
+    task = PretrainTask(ds, 2, {"mlm": 1, "sap": 1, "mrc": 1}, seed=3, rank=0, world_size=1)
+    for name in ("sap", "mrc", "mlm"):
+        batch = task.make_batch(name, [0, 1], np.random.default_rng(0))
+        losses = []
+        for net in (model, eager):
+            net.zero_grad()
+            loss, _ = compute_task(net, batch)
+            loss.backward()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+        for (k, a), b in zip(model.named_parameters(), eager.parameters()):
+            assert (a.grad is None) == (b.grad is None), k
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=k)
+    batch = task.make_batch("sap", [0, 1], np.random.default_rng(1))
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        torch.testing.assert_close(compute_task(model, batch)[0], compute_task(eager, batch)[0])
+
+
+def test_train_compile_runs_validation_eagerly_and_trains_as_without(tiny, tmp_path, monkeypatch):
+    """``train.compile: true`` compiles the student's layers (``aot_eager`` here, see above) and
+    trains to the same weights as without, validation included."""
+    from minivln.model import duet
+    from minivln.training import trainer
+
+    calls = []
+
+    def compile_aot_eager(model):
+        calls.append(duet.compile_layers(model, backend="aot_eager"))
+        return calls[-1]
+
+    monkeypatch.setattr(trainer, "compile_layers", compile_aot_eager)
+    root, _ = tiny
+    exports = []
+    for compiled in (True, False):
+        cfg = PretrainConfig(model="minivln-cpu", model_overrides=dict(TINY), data_dir=str(root),
+                             features="synthetic", batch_size=2, val_batches=1, max_instr_len=20)
+        cfg.train.run_dir = str(tmp_path / f"run-{compiled}")
+        cfg.train.max_steps, cfg.train.progress, cfg.train.compile = 3, False, compiled
+        out = run_pretraining(cfg)
+        assert out["val"]
+        exports.append(load_pretrained(out["export"]).state_dict())
+    assert calls and calls[0] >= 4
+    for k, v in exports[1].items():
+        torch.testing.assert_close(exports[0][k], v, rtol=1e-4, atol=1e-5, msg=k)

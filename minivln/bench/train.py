@@ -15,7 +15,9 @@ iterations, and ratios to the first preset.  Each iteration is also split into i
 (``next_batch`` and the copy to the device: what the trainer's ``num_workers`` can build ahead in
 pretraining) and its *step* part (forward, backward, optimizer; in fine-tuning the rollouts and so
 the agent's host work).  ``--precision bf16`` runs the forward under ``torch.autocast`` in bfloat16 as
-the trainer does on a GPU (``train.precision``; on a CPU the trainer always runs fp32).  Fine-tuning
+the trainer does on a GPU (``train.precision``; on a CPU the trainer always runs fp32).  ``--compile``
+compiles the transformer layers as ``train.compile`` does (:func:`~minivln.model.duet.compile_layers`);
+the warm-up iterations then pay the compilation, and the report keeps their times (``warmup_s``).  Fine-tuning
 iterations of untrained models are the slowest kind: their sampled rollouts wander until
 ``max_action_len``.
 """
@@ -34,6 +36,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from minivln.model.duet import compile_layers
 from minivln.paths import atomic_write_text
 from minivln.training.distributed import resolve_device, seed_everything
 from minivln.training.finetune import (
@@ -65,11 +68,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _make_step(model: torch.nn.Module, task: Any, device: torch.device, lr: float = 1e-5,
-               grad_clip: float = 40.0, precision: str = "fp32") -> Callable[[int], tuple[float, float]]:
+               grad_clip: float = 40.0, precision: str = "fp32", compile: bool = False,
+               ) -> Callable[[int], tuple[float, float]]:
     """One training iteration of ``model`` on ``task`` batch ``i`` (as the trainer runs it); returns
     the seconds of its data part and of its step part (the device synchronised after each)."""
 
     model.to(device).train()
+    if compile:
+        compile_layers(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     amp = _resolve_amp_dtype(precision, device)
 
@@ -92,7 +98,7 @@ def _make_step(model: torch.nn.Module, task: Any, device: torch.device, lr: floa
 
 def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
                   max_instr_len: int = 80, device: torch.device, seed: int = 0, precision: str = "fp32",
-                  ) -> Callable[[int], tuple[float, float]]:
+                  compile: bool = False) -> Callable[[int], tuple[float, float]]:
 
     cfg = PretrainConfig(model=preset, task=task, data_dir=data_dir, features=features, val_splits=[],
                          batch_size=batch_size, max_instr_len=max_instr_len)
@@ -105,12 +111,13 @@ def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
                                  objects=resolve_objects(cfg, data))
     seed_everything(seed)
     model = build_pretrainer(cfg)
-    return _make_step(model, PretrainTask(train_ds, batch_size, mix, seed=seed), device, precision=precision)
+    return _make_step(model, PretrainTask(train_ds, batch_size, mix, seed=seed), device, precision=precision,
+                      compile=compile)
 
 
 def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
                   max_instr_len: int = 80, max_action_len: int = 15, device: torch.device, seed: int = 0,
-                  precision: str = "fp32") -> Callable[[int], tuple[float, float]]:
+                  precision: str = "fp32", compile: bool = False) -> Callable[[int], tuple[float, float]]:
 
     cfg = FinetuneConfig(model=preset, task=task, data_dir=data_dir, features=features,
                          batch_size=batch_size, max_instr_len=max_instr_len, max_action_len=max_action_len)
@@ -118,13 +125,14 @@ def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
     seed_everything(seed)
     model = build_model(cfg)
     res = prepare_data(cfg, Path("."), model.config.image_feat_size, model.config.obj_feat_size)
-    return _make_step(model, make_task(cfg, model, res), device, lr=cfg.train.optim.lr, precision=precision)
+    return _make_step(model, make_task(cfg, model, res), device, lr=cfg.train.optim.lr, precision=precision,
+                      compile=compile)
 
 
 def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, features: str, *,
                 iters: int = 5, warmup: int = 1, device: str = "cpu", threads: int = 1, batch_size: int = 8,
                 max_instr_len: int = 80, max_action_len: int = 15, seed: int = 0, quiet: bool = False,
-                precision: str = "fp32") -> dict[str, Any]:
+                precision: str = "fp32", compile: bool = False) -> dict[str, Any]:
     """Time ``iters`` iterations per preset and phase (after ``warmup``); see the module docstring."""
 
     if iters < 1 or warmup < 0:
@@ -140,18 +148,20 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": batch_size,
         "precision": precision if dev.type == "cuda" else "fp32", "max_instr_len": max_instr_len, "max_action_len": max_action_len, "iters": iters, "warmup": warmup,
-        "features": features, "phases": {},
+        "compile": compile, "features": features, "phases": {},
     }
     for phase in phases:
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
         make = pretrain_step if phase == "pretrain" else finetune_step
-        kw = dict(batch_size=batch_size, max_instr_len=max_instr_len, device=dev, seed=seed, precision=precision)
+        kw = dict(batch_size=batch_size, max_instr_len=max_instr_len, device=dev, seed=seed, precision=precision,
+                  compile=compile)
         if phase == "finetune":
             kw["max_action_len"] = max_action_len
         steps = {p: make(p, data_dir, features, **kw) for p in presets}
         times: dict[str, list[float]] = {p: [] for p in presets}
         parts: dict[str, list[tuple[float, float]]] = {p: [] for p in presets}
+        warm: dict[str, list[float]] = {p: [] for p in presets}
         for i in range(warmup + iters):
             order = list(presets) if i % 2 == 0 else list(reversed(presets))
             for p in order:
@@ -162,6 +172,8 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
                 if i >= warmup:
                     times[p].append(dt)
                     parts[p].append((data_s, step_s))
+                else:
+                    warm[p].append(round(dt, 4))
                 if not quiet:
                     print(f"{phase} {p} iteration {i}{' (warm-up)' if i < warmup else ''}: {dt:.2f} s", flush=True)
         del steps
@@ -170,7 +182,7 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
             p: {"s_per_it": statistics.median(t), "it_s": 1.0 / statistics.median(t),
                 "ratio_to_first": statistics.median(t) / ref, "all_s": [round(x, 4) for x in t],
                 "data_s": statistics.median(d for d, _ in parts[p]),
-                "step_s": statistics.median(s for _, s in parts[p])}
+                "step_s": statistics.median(s for _, s in parts[p]), "warmup_s": warm[p]}
             for p, t in times.items()
         }
     return report
@@ -178,7 +190,8 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['date']}  {report['device']}  torch {report['torch']}  threads {report['threads']}  "
-             f"batch {report['batch_size']}  {report.get('precision', 'fp32')}  median of {report['iters']} (after {report['warmup']} warm-up)"]
+             f"batch {report['batch_size']}  {report.get('precision', 'fp32')}"
+             f"{'  compiled' if report.get('compile') else ''}  median of {report['iters']} (after {report['warmup']} warm-up)"]
     for phase, rows in report["phases"].items():
         lines.append(f"{phase}:")
         for p, r in rows.items():
@@ -208,6 +221,8 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: autocast as the trainer runs on a GPU (a CPU always runs fp32)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer layers, as train.compile (warm-up pays the compilation)")
     t.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_main)
@@ -218,7 +233,7 @@ def _main(args: argparse.Namespace) -> int:
                          warmup=args.warmup, device=args.device, threads=args.threads,
                          batch_size=args.batch_size, max_instr_len=args.max_instr_len,
                          max_action_len=args.max_action_len, seed=args.seed, quiet=args.quiet,
-                         precision=args.precision)
+                         precision=args.precision, compile=args.compile)
     print(format_report(report))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")

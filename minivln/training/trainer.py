@@ -37,6 +37,7 @@ from tqdm import tqdm
 from minivln.config import ConfigError, save_config
 from minivln.distill.losses import LossTerm  # noqa: F401 - re-exported: the trainer's plug-in interface
 from minivln.model.checkpoint import CheckpointError
+from minivln.model.duet import compile_layers
 from minivln.paths import check_free_space, check_writable_dir, format_bytes
 from minivln.training import distributed as D
 from minivln.training.checkpoint import (
@@ -86,6 +87,7 @@ class TrainConfig:
     resume: bool = False  # continue from RUN/latest if it exists
     progress: bool = True  # tqdm bar on a terminal, a printed line per log step otherwise
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    compile: bool = False  # torch.compile the model's transformer layers (GPU; see compile_layers)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def check(self) -> None:
@@ -414,6 +416,10 @@ class Trainer:
         D.seed_everything(cfg.seed, self.dist.rank)
 
         self.model = model.to(self.device)
+        if cfg.compile:
+            if not hasattr(torch.compiler, "set_stance"):
+                raise ConfigError(f"compile: needs torch >= 2.6 (this is {torch.__version__})")
+            compile_layers(self.model)
         self.teacher = freeze_teacher(teacher.to(self.device)) if teacher is not None else None
         self.loss_terms = nn.ModuleList(loss_terms).to(self.device)
         self._step_module = _StepModule(self.model, list(self.loss_terms), task, self.teacher)
@@ -540,6 +546,12 @@ class Trainer:
         self.scheduler.step()
         return step_logs
 
+    def _eager(self) -> contextlib.AbstractContextManager:
+        """Compiled layers run eagerly inside (inference: validation)."""
+        if not self.cfg.compile:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -562,7 +574,7 @@ class Trainer:
             was_training = self.model.training
             self.model.eval()
             try:
-                with torch.no_grad():
+                with torch.no_grad(), self._eager():
                     metrics = flatten_metrics(self.validate_fn(self.model))
             finally:
                 self.model.train(was_training)
