@@ -4,6 +4,8 @@ two rows' own errors).
 
     python scripts/paired_rows.py docs/results/r2r_table3.json two-stage:none stage-1-only:none ...
     python scripts/paired_rows.py --files r2r val_unseen A/submission_val_unseen.json B/submission_val_unseen.json
+
+For REVERIE (task reverie) the grounding metrics RGS and RGSPL are paired too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def paired(per_a: dict, per_b: dict, a: str, b: str) -> None:
     ids = sorted(per_a)
     if sorted(per_b) != ids:
         sys.exit(f"{a} and {b} do not hold the same episodes")
-    for k in ("sr", "spl"):
+    first = per_a[ids[0]]
+    for k in [k for k in ("sr", "spl", "rgs", "rgspl") if k in first]:  # REVERIE adds the grounding metrics
         d = [per_a[i][k] - per_b[i][k] for i in ids]
         m = sum(d) / len(d)
         se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
