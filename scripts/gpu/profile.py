@@ -1,9 +1,20 @@
 """Where a GPU training step's host time goes: cProfile (Python functions) + torch.profiler (ops) +
-# Copied from the .gpu/ folder this was run from (scripts/gpu/README.md says how).
-the number of device syncs, for duet-cpu pretraining at batch 64 and DAgger at batch 8 (bf16, eager)."""
-import cProfile, io, pstats, sys, time, warnings
+the number of device syncs, for duet-cpu pretraining at batch 64 and DAgger at batch 8 (bf16, eager).
+
+Copied from the .gpu/ folder this was run from (scripts/gpu/README.md says how)."""
+
+import cProfile
+import io
+import pstats
+import sys
+import time
+import warnings
+
 import torch
+from torch.profiler import ProfilerActivity, profile
+
 from minivln.bench.train import finetune_step, pretrain_step
+
 out, feats = sys.argv[1], sys.argv[2]
 dev = torch.device("cuda")
 torch.set_num_threads(1)
@@ -28,7 +39,6 @@ for phase, make, bs, warm, n in (("pretrain", pretrain_step, 64, 4, 6), ("finetu
         if "synchroniz" in str(x.message):
             k = f"{x.filename.split('/')[-1]}:{x.lineno}"; locs[k] = locs.get(k, 0) + 1
     print(f"==== {phase} syncs per iteration: {sum(locs.values())}", sorted(locs.items(), key=lambda kv: -kv[1])[:20])
-    from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         step(warm + n + 1)
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=55))
