@@ -447,7 +447,11 @@ def random_submission(recipe: Recipe) -> list[dict]:
     root = resolve_data_dir(recipe.data_dir or None)
     env = NavBatchEnv(load_episodes(recipe.task, recipe.split, root), Graphs(root), batch_size=64,
                       max_steps=recipe.max_action_len)
-    return evaluate_policy(env, make_random_policy(recipe.random_seed, recipe.random_stop_prob))
+    subs = evaluate_policy(env, make_random_policy(recipe.random_seed, recipe.random_stop_prob))
+    if recipe.task == "reverie":  # the random walker grounds nothing: it picks no object (RGS 0)
+        for item in subs:
+            item["predObjId"] = -1
+    return subs
 
 
 def _run_config(out: Path, run: str) -> dict[str, Any]:

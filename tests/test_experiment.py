@@ -162,3 +162,16 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ConfigError, match="another spec"):
         run_experiment(load_recipe(str(path)), out, jobs=2, pin=False)
+
+
+def test_random_walker_of_a_reverie_table_is_a_valid_reverie_submission(small_toy):
+    """The random row of a REVERIE table picks no object (predObjId -1, so RGS 0), and scores."""
+    from minivln.evaluation.evaluator import Evaluator
+    from minivln.experiment import Recipe, random_submission
+
+    data, _ = small_toy
+    recipe = Recipe(name="t", task="reverie", split="val_unseen", data_dir=str(data))
+    subs = random_submission(recipe)
+    assert subs and all(item["predObjId"] == -1 for item in subs)
+    metrics = Evaluator("reverie", "val_unseen", data).score(subs)[0]
+    assert metrics["rgs"] == 0.0
