@@ -13,11 +13,14 @@ from conftest import SMALL_DUET as SMALL
 
 from minivln.cli import main as cli_main
 from minivln.config import ConfigError
+from minivln.evaluation.evaluator import Evaluator
 from minivln.experiment import (
+    Recipe,
     find_recipe,
     load_recipe,
     pin_checkout,
     plan,
+    random_submission,
     run_experiment,
     score_key,
     slug,
@@ -166,9 +169,6 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
 
 def test_random_walker_of_a_reverie_table_is_a_valid_reverie_submission(small_toy):
     """The random row of a REVERIE table picks no object (predObjId -1, so RGS 0), and scores."""
-    from minivln.evaluation.evaluator import Evaluator
-    from minivln.experiment import Recipe, random_submission
-
     data, _ = small_toy
     recipe = Recipe(name="t", task="reverie", split="val_unseen", data_dir=str(data))
     subs = random_submission(recipe)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,9 @@ from minivln.data.graph import Graphs
 from minivln.data.tokenizer import CLS_ID, MASK_ID, SEP_ID
 from minivln.model.checkpoint import load_pretrained, load_weights, save_pretrained
 from minivln.model.config import DUETConfig
-from minivln.model.duet import DUET
+from minivln.model.duet import COMPILED_LAYERS, DUET, compile_layers
 from minivln.model.pretrain_heads import DUETPretrainer
+from minivln.training import trainer
 from minivln.training.pretrain import (
     PretrainConfig,
     PretrainTask,
@@ -279,10 +282,6 @@ def test_compiled_layers_train_as_eager_layers(tiny):
     """``compile_layers`` (here with the ``aot_eager`` backend: the same graph capture and autograd
     as inductor, without code generation) keeps the state dict and gives the eager losses and
     gradients on every task; inference under the trainer's ``force_eager`` stance is unchanged."""
-    import copy
-
-    from minivln.model.duet import COMPILED_LAYERS, compile_layers
-
     _, ds = tiny
     model = _pretrainer()
     eager = copy.deepcopy(model)
@@ -311,13 +310,10 @@ def test_compiled_layers_train_as_eager_layers(tiny):
 def test_train_compile_runs_validation_eagerly_and_trains_as_without(tiny, tmp_path, monkeypatch):
     """``train.compile: true`` compiles the student's layers (``aot_eager`` here, see above) and
     trains to the same weights as without, validation included."""
-    from minivln.model import duet
-    from minivln.training import trainer
-
     calls = []
 
     def compile_aot_eager(model):
-        calls.append(duet.compile_layers(model, backend="aot_eager"))
+        calls.append(compile_layers(model, backend="aot_eager"))
         return calls[-1]
 
     monkeypatch.setattr(trainer, "compile_layers", compile_aot_eager)
