@@ -51,7 +51,8 @@ from minivln.config import (
 )
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
-from minivln.env.env import NavBatchEnv, evaluate_policy, make_random_policy
+from minivln.data.reverie import ReverieGoals
+from minivln.env.env import NavBatchEnv, random_walker_submission
 from minivln.evaluation.evaluator import Evaluator, load_submission
 from minivln.features.hdf5 import FeatureStore
 from minivln.paths import (
@@ -444,14 +445,13 @@ def write_gz(path: Path, entries: list[dict]) -> None:
 
 
 def random_submission(recipe: Recipe) -> list[dict]:
+    """The random row of a table: :func:`~minivln.env.env.random_walker_submission` on the recipe's split
+    (REVERIE: an object drawn among those visible where it stops, as ``minivln finetune``'s baseline)."""
     root = resolve_data_dir(recipe.data_dir or None)
     env = NavBatchEnv(load_episodes(recipe.task, recipe.split, root), Graphs(root), batch_size=64,
                       max_steps=recipe.max_action_len)
-    subs = evaluate_policy(env, make_random_policy(recipe.random_seed, recipe.random_stop_prob))
-    if recipe.task == "reverie":  # the random walker grounds nothing: it picks no object (RGS 0)
-        for item in subs:
-            item["predObjId"] = -1
-    return subs
+    goals = ReverieGoals(root) if recipe.task == "reverie" else None
+    return random_walker_submission(env, recipe.random_seed, recipe.random_stop_prob, goals)
 
 
 def _run_config(out: Path, run: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 from minivln import geometry as geo
 from minivln.data.datasets import Episode
 from minivln.data.graph import Graphs, House
-from minivln.data.reverie import nearest_goal
+from minivln.data.reverie import ReverieGoals, nearest_goal
 from minivln.paths import atomic_write_text
 
 
@@ -365,6 +365,26 @@ def make_random_policy(seed: int = 0, stop_prob: float | str | None = None) -> P
         return acts
 
     return policy
+
+
+def random_walker_submission(env: NavBatchEnv, seed: int = 0, stop_prob: float | str | None = None,
+                             goals: ReverieGoals | None = None, progress: bool = False) -> list[dict]:
+    """The leaderboard entries of a seeded random walker (:func:`make_random_policy`) over every episode
+    of ``env``: the one random row of every table and of ``minivln finetune``'s summary.
+
+    REVERIE (``goals`` given): ``predObjId`` is drawn uniformly among the objects visible from the final
+    viewpoint (its BBox annotation, sorted ids; the candidates a grounding head picks among), with a
+    generator seeded by ``seed`` and independent of the walk; -1 where none is visible.
+    """
+    subs = evaluate_policy(env, make_random_policy(seed, stop_prob), progress=progress)
+    if goals is None:
+        return subs
+    rng = random.Random(f"objects-{seed}")
+    scans = {ep.instr_id: ep.scan for ep in env.episodes}
+    for item in subs:
+        ids = sorted(int(x) for x in goals.visible_objects(scans[item["instr_id"]], item["trajectory"][-1][0]))
+        item["predObjId"] = ids[rng.randrange(len(ids))] if ids else -1
+    return subs
 
 
 def check_split_features(features, episodes: Sequence[Episode], graphs: Graphs, what: str) -> None:

@@ -49,8 +49,7 @@ from minivln.distill.stage2 import stage2_terms
 from minivln.env.env import (
     NavBatchEnv,
     check_split_features,
-    evaluate_policy,
-    make_random_policy,
+    random_walker_submission,
     write_submission,
 )
 from minivln.evaluation.evaluator import Evaluator
@@ -405,19 +404,14 @@ def kd_records(rollout, name: str, weight: float) -> tuple[dict[str, Any], dict[
 
 
 def random_baseline(cfg: FinetuneConfig, res: Resources, split: str = "val_unseen") -> dict[str, float]:
-    """A seeded random walker's metrics: a uniformly random neighbour each step, STOP with probability
-    ``random_stop_prob`` (1/6: 5 moves expected) before each move, at most ``max_action_len`` moves.
-    REVERIE: ``predObjId`` is drawn uniformly (seed ``random_seed``) among the objects of the object
-    feature file at the final viewpoint (-1 when there are none)."""
+    """A seeded random walker's metrics (:func:`~minivln.env.env.random_walker_submission`): a uniformly
+    random neighbour each step, STOP with probability ``random_stop_prob`` (1/6: 5 moves expected)
+    before each move, at most ``max_action_len`` moves; REVERIE: ``predObjId`` drawn uniformly among
+    the objects visible from the final viewpoint."""
 
     env = make_env(cfg, res, split, batch_size=64, shuffle=False)
-    preds = evaluate_policy(env, make_random_policy(cfg.random_seed, cfg.random_stop_prob))
-    if cfg.task == "reverie":
-        rng = random.Random(cfg.random_seed)
-        scans = {ep.instr_id: ep.scan for ep in env.episodes}
-        for p in preds:
-            ids = [int(x) for x in res.objects.get(scans[p["instr_id"]], p["trajectory"][-1][0]).obj_ids]
-            p["predObjId"] = ids[rng.randrange(len(ids))] if ids else -1
+    goals = (res.goals or ReverieGoals(res.data_dir, res.graphs)) if cfg.task == "reverie" else None
+    preds = random_walker_submission(env, cfg.random_seed, cfg.random_stop_prob, goals)
     summary, _ = Evaluator(cfg.task, split, res.data_dir).score(preds)
     return summary
 
