@@ -359,3 +359,42 @@ def test_clear_errors(small_toy, one_thread):
         PanoKD(STUDENT, TEACHER, init="eye")
     with pytest.raises(TypeError, match="DUET"):
         task.compute(student, task.next_batch(1), torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("task_name", ["r2r", "reverie"])
+def test_merged_rollouts_equal_two_rollouts(small_toy, one_thread, task_name):
+    """DAgger's two rollouts run as one batch (merge_rollouts) give the same losses, metrics, actions,
+    trajectories, stage-2 terms and gradients as two rollouts (eval mode: no dropout; the same
+    sampling draws from the same seed)."""
+    data, _ = small_toy
+    objects = task_name == "reverie"
+    s_cfg = STUDENT.replace(obj_feat_size=16 if objects else 0)
+    t_cfg = TEACHER.replace(obj_feat_size=16 if objects else 0)
+    results = []
+    for merge in (False, True):
+        student, teacher = _model(s_cfg, 0).eval(), freeze_teacher(_model(t_cfg, 1))
+        env = _env(small_toy, task=task_name, shuffle=True, seed=3)
+        agent = DUETAgent(student, max_action_len=MAX_STEPS, max_instr_len=40, features=env.features,
+                          objects=SyntheticObjects(data, dim=16) if objects else None,
+                          goals=ReverieGoals(data) if objects else None, max_objects=5)
+        task = FinetuneTask(agent, env, 0.2, rank=0, world_size=1, merge=merge)
+        terms = stage2_terms(s_cfg, t_cfg, kd_weight=0.5, init="identity")
+        torch.manual_seed(7)
+        out = task.compute(student, task.next_batch(0), teacher)
+        kd = {t.name: t(out.outputs, out.teacher_outputs, None) for t in terms}
+        (out.loss + sum(kd.values())).backward()
+        grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
+        actions = [[s.actions for s in out.outputs[f"{h}_steps"]] for h in ("teacher", "sample")]
+        results.append((out, kd, grads, actions))
+    (a, kd_a, g_a, act_a), (b, kd_b, g_b, act_b) = results
+    assert act_a == act_b and len(act_b[1]) > 1
+    torch.testing.assert_close(a.loss, b.loss)
+    assert set(a.metrics) == set(b.metrics)
+    for k, v in a.metrics.items():
+        torch.testing.assert_close(torch.as_tensor(b.metrics[k], dtype=torch.float64),
+                                   torch.as_tensor(v, dtype=torch.float64), msg=k)
+    for k in KD_NAMES:
+        torch.testing.assert_close(kd_b[k], kd_a[k], msg=k)
+    assert g_a.keys() == g_b.keys()
+    for k in g_a:
+        torch.testing.assert_close(g_b[k], g_a[k], atol=1e-5, rtol=1e-4, msg=k)

@@ -117,10 +117,12 @@ def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
 
 def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
                   max_instr_len: int = 80, max_action_len: int = 15, device: torch.device, seed: int = 0,
-                  precision: str = "fp32", compile: bool = False) -> Callable[[int], tuple[float, float]]:
+                  precision: str = "fp32", compile: bool = False,
+                  merge_rollouts: bool = False) -> Callable[[int], tuple[float, float]]:
 
     cfg = FinetuneConfig(model=preset, task=task, data_dir=data_dir, features=features,
-                         batch_size=batch_size, max_instr_len=max_instr_len, max_action_len=max_action_len)
+                         batch_size=batch_size, max_instr_len=max_instr_len, max_action_len=max_action_len,
+                         merge_rollouts=merge_rollouts)
     cfg.train.seed = seed
     seed_everything(seed)
     model = build_model(cfg)
@@ -132,7 +134,7 @@ def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
 def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, features: str, *,
                 iters: int = 5, warmup: int = 1, device: str = "cpu", threads: int = 1, batch_size: int = 8,
                 max_instr_len: int = 80, max_action_len: int = 15, seed: int = 0, quiet: bool = False,
-                precision: str = "fp32", compile: bool = False) -> dict[str, Any]:
+                precision: str = "fp32", compile: bool = False, merge_rollouts: bool = False) -> dict[str, Any]:
     """Time ``iters`` iterations per preset and phase (after ``warmup``); see the module docstring."""
 
     if iters < 1 or warmup < 0:
@@ -148,7 +150,7 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": batch_size,
         "precision": precision if dev.type == "cuda" else "fp32", "max_instr_len": max_instr_len, "max_action_len": max_action_len, "iters": iters, "warmup": warmup,
-        "compile": compile, "features": features, "phases": {},
+        "compile": compile, "merge_rollouts": merge_rollouts, "features": features, "phases": {},
     }
     for phase in phases:
         if phase not in PHASES:
@@ -157,7 +159,7 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
         kw = dict(batch_size=batch_size, max_instr_len=max_instr_len, device=dev, seed=seed, precision=precision,
                   compile=compile)
         if phase == "finetune":
-            kw["max_action_len"] = max_action_len
+            kw.update(max_action_len=max_action_len, merge_rollouts=merge_rollouts)
         steps = {p: make(p, data_dir, features, **kw) for p in presets}
         times: dict[str, list[float]] = {p: [] for p in presets}
         parts: dict[str, list[tuple[float, float]]] = {p: [] for p in presets}
@@ -223,6 +225,8 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
                    help="bf16: autocast as the trainer runs on a GPU (a CPU always runs fp32)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer layers, as train.compile (warm-up pays the compilation)")
+    t.add_argument("--merge-rollouts", action="store_true",
+                   help="fine-tuning: DAgger's two rollouts as one batch (FinetuneConfig.merge_rollouts)")
     t.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_main)
@@ -233,7 +237,7 @@ def _main(args: argparse.Namespace) -> int:
                          warmup=args.warmup, device=args.device, threads=args.threads,
                          batch_size=args.batch_size, max_instr_len=args.max_instr_len,
                          max_action_len=args.max_action_len, seed=args.seed, quiet=args.quiet,
-                         precision=args.precision, compile=args.compile)
+                         precision=args.precision, compile=args.compile, merge_rollouts=args.merge_rollouts)
     print(format_report(report))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")

@@ -153,6 +153,8 @@ class FinetuneConfig:
     teacher_dtype: str = "fp32"  # "bf16": the teacher's forward under CPU/GPU autocast (outputs back in fp32)
     kd_temperature: float = 1.0  # t of kd_fuse (the paper: 1)
     num_threads: int = 0  # torch CPU threads (0 = torch's default); 1 is fastest on a busy small CPU
+    merge_rollouts: bool = False  # DAgger: the teacher-forced and the sampled rollout as one batch (same
+    #                     losses, half the network calls: DUETAgent.rollout_pair); off = two rollouts, as DUET
     random_seed: int = 0  # the random baseline of metrics.json
     random_stop_prob: float = RANDOM_STOP_PROB
     train: TrainConfig = field(default_factory=_default_train)
@@ -275,6 +277,10 @@ class FinetuneTask:
     ``feedback="teacher"`` runs the teacher-forced pass alone (loss x ``teacher_weight``; VLN-DUET's
     ``--feedback teacher``: plain imitation learning).
 
+    ``merge=True`` (config ``merge_rollouts``) runs the two rollouts of a DAgger iteration as one batch
+    (:meth:`~minivln.training.agent.DUETAgent.rollout_pair`): the same two losses, metrics and stage-2
+    records from half the network calls; the draws of dropout and sampling differ from two rollouts.
+
     With a distillation ``teacher`` (a frozen DUET, or a DUETPretrainer whose ``.duet`` is used; stage 2)
     both rollouts also run it in lock-step on the student's states
     (:meth:`~minivln.training.agent.DUETAgent.rollout`), and ``outputs['kd']`` /
@@ -294,7 +300,7 @@ class FinetuneTask:
 
     def __init__(self, agent, env, ml_weight: float = 0.2, *, goals=None, random_endpoints: bool = False,
                  seed: int = 0, feedback: str = "sample", teacher_weight: float = 1.0,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, merge: bool = False) -> None:
 
         if random_endpoints and goals is None:
             raise ValueError("random_endpoints needs goals (ReverieGoals)")
@@ -302,6 +308,7 @@ class FinetuneTask:
             raise ValueError(f"feedback: 'sample' or 'teacher', got {feedback!r}")
         self.rank, self.world_size = placement(env.batch_size, rank, world_size)
         self.feedback = feedback
+        self.merge = merge
         self.teacher_weight = teacher_weight
         self.agent = agent
         self.env = env
@@ -333,8 +340,15 @@ class FinetuneTask:
             kd_net = navigation_network(teacher)  # a clear error before any work
             outputs["kd"], teacher_kd = [], []
         weight = self.teacher_weight if self.feedback == "teacher" else self.ml_weight
-        if weight:
-            ml = self.agent.rollout(self.env, batch["teacher"], "teacher", teacher=kd_net)
+        ml = sm = None
+        if weight and self.feedback != "teacher" and self.merge:
+            ml, sm = self.agent.rollout_pair(self.env, batch["teacher"], batch["sample"], teacher=kd_net)
+        else:
+            if weight:
+                ml = self.agent.rollout(self.env, batch["teacher"], "teacher", teacher=kd_net)
+            if self.feedback != "teacher":
+                sm = self.agent.rollout(self.env, batch["sample"], "sample", teacher=kd_net)
+        if ml is not None:
             loss = loss + weight * ml.loss
             metrics.update({"loss/teacher": ml.loss.detach(), "acc/teacher": ml.metrics["acc"]})
             if ml.og_loss is not None:
@@ -344,8 +358,7 @@ class FinetuneTask:
                 s_kd, t_kd = kd_records(ml, "teacher", weight)
                 outputs["kd"].append(s_kd)
                 teacher_kd.append(t_kd)
-        if self.feedback != "teacher":
-            sm = self.agent.rollout(self.env, batch["sample"], "sample", teacher=kd_net)
+        if sm is not None:
             loss = loss + sm.loss
             metrics.update({"loss/sample": sm.loss.detach(), "acc/sample": sm.metrics["acc"],
                             "steps/sample": sm.metrics["steps"]})
@@ -469,7 +482,7 @@ def make_task(cfg: FinetuneConfig, model, res: Resources) -> FinetuneTask:
                          seed=cfg.train.seed, goal_sets=reverie and cfg.reverie_goal == "nearest")
     return FinetuneTask(agent, train_env, cfg.ml_weight, goals=res.goals,
                         random_endpoints=reverie and cfg.reverie_goal == "random", seed=cfg.train.seed,
-                        feedback=cfg.feedback, teacher_weight=cfg.teacher_weight)
+                        feedback=cfg.feedback, teacher_weight=cfg.teacher_weight, merge=cfg.merge_rollouts)
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
