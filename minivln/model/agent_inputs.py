@@ -348,7 +348,8 @@ class MapNavigator:
 
     Samples that ended stay in the batch: their map is frozen (no step ids, node features,
     scores or graph updates), but they still get panorama/navigation inputs built from their
-    (unchanged) observation.  ``paths[i]`` is the full node sequence of sample i (teleport paths
+    (unchanged) observation, unless the caller passes ``rows`` (the samples to build, e.g.
+    :meth:`active_rows`: the agent's compaction) and reads the others' slots from :meth:`full_batch`.  ``paths[i]`` is the full node sequence of sample i (teleport paths
     expanded, final walk back to the best STOP node appended); ``stop_nodes[i]`` its final node.
     """
 
@@ -374,6 +375,7 @@ class MapNavigator:
         self.stop_nodes: list[NodeId | None] = [None] * len(self.obs)
         self.predicted_objects: list[Any] = [None] * len(self.obs)
         self._acted: list[int] = []  # samples that acted in the last act() (graph update due)
+        self._slots: list[Any] = []  # per sample: its slots in the last navigation batch built for it
 
     @property
     def batch_size(self) -> int:
@@ -389,18 +391,28 @@ class MapNavigator:
             if not self.ended[i]:
                 gmap.set_step(self.obs[i].viewpoint, t)
 
-    def panorama_inputs(self, use_objects: bool | None = None) -> PanoramaBatch:
-        return build_panorama_inputs(self.obs, self.angle_feat_size, use_objects)
+    def active_rows(self) -> list[int]:
+        """The samples still navigating, in batch order."""
+        return [i for i in range(len(self.obs)) if not self.ended[i]]
+
+    def _rows(self, rows: Sequence[int] | None) -> Sequence[int]:
+        return range(len(self.obs)) if rows is None else rows
+
+    def panorama_inputs(self, use_objects: bool | None = None, rows: Sequence[int] | None = None) -> PanoramaBatch:
+        """The 'panorama' batch of every sample, or of samples ``rows`` only (in that order)."""
+        return build_panorama_inputs([self.obs[i] for i in self._rows(rows)], self.angle_feat_size, use_objects)
 
     def absorb_panorama(
-        self, pano: PanoramaBatch, pano_embeds: torch.Tensor, pano_masks: torch.Tensor
+        self, pano: PanoramaBatch, pano_embeds: torch.Tensor, pano_masks: torch.Tensor,
+        rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Write the panorama outputs into the maps; returns the masked means (B, H)."""
+        """Write the panorama outputs into the maps (row j of the batch is sample ``rows[j]``, or j);
+        returns the masked means."""
         avg = masked_mean(pano_embeds, pano_masks)
-        for i, gmap in enumerate(self.maps):
+        for j, i in enumerate(self._rows(rows)):
             if not self.ended[i]:
-                gmap.update_from_panorama(
-                    self.obs[i].viewpoint, pano.cand_vpids[i], pano_embeds[i], avg[i]
+                self.maps[i].update_from_panorama(
+                    self.obs[i].viewpoint, pano.cand_vpids[j], pano_embeds[j], avg[j]
                 )
         return avg
 
@@ -411,11 +423,31 @@ class MapNavigator:
         pano_masks: torch.Tensor,
         txt_embeds: torch.Tensor,
         txt_masks: torch.Tensor,
+        rows: Sequence[int] | None = None,
     ) -> NavigationBatch:
-        return build_navigation_inputs(
-            self.maps, self.obs, pano, pano_embeds, pano_masks, txt_embeds, txt_masks,
-            angle_feat_size=self.angle_feat_size, enc_full_graph=self.enc_full_graph,
+        """The 'navigation' batch of every sample, or of samples ``rows`` only (``pano`` and the text
+        then hold those rows).  The slots of every sample built are kept for :meth:`full_batch`."""
+        idx = self._rows(rows)
+        batch = build_navigation_inputs(
+            [self.maps[i] for i in idx], [self.obs[i] for i in idx], pano, pano_embeds, pano_masks,
+            txt_embeds, txt_masks, angle_feat_size=self.angle_feat_size, enc_full_graph=self.enc_full_graph,
             act_visited_nodes=self.act_visited_nodes,
+        )
+        if len(self._slots) != len(self.obs):
+            self._slots = [None] * len(self.obs)
+        for j, i in enumerate(idx):
+            self._slots[i] = (batch.gmap_vpids[j], batch.vp_cand_vpids[j], batch.no_vp_left[j], batch.visited[j])
+        return batch
+
+    def full_batch(self) -> NavigationBatch:
+        """The host side of a navigation batch of every sample (slot ids, ``no_vp_left``, visited
+        flags; no tensors), from the last batch each sample was built in: an ended sample's map is
+        frozen, so its slots are those of its last step."""
+        if any(entry is None for entry in self._slots) or len(self._slots) != len(self.obs):
+            raise RuntimeError("full_batch: a sample was never built (navigation_inputs first)")
+        return NavigationBatch(
+            {"gmap_vpids": [e[0] for e in self._slots], "vp_cand_vpids": [e[1] for e in self._slots]},
+            [e[2] for e in self._slots], [e[3] for e in self._slots],
         )
 
     def record_scores(
@@ -423,21 +455,23 @@ class MapNavigator:
         nav_logits: torch.Tensor,
         obj_logits: torch.Tensor | None = None,
         pano: PanoramaBatch | None = None,
+        rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Record softmax(nav_logits)[:, 0] as the STOP probability of each active sample's
-        current node (and, with objects, the arg-max object id).  Returns the probabilities."""
+        current node (and, with objects, the arg-max object id); row j is sample ``rows[j]``, or j.
+        Returns the probabilities."""
         probs = torch.softmax(nav_logits.detach(), 1)
         stop_probs = probs[:, 0].tolist()  # one device-to-host copy for the batch
         with_objects = obj_logits is not None and pano is not None and bool(pano.obj_ids)
         obj_rows = obj_logits.detach().cpu() if with_objects else None
-        for i, gmap in enumerate(self.maps):
+        for j, i in enumerate(self._rows(rows)):
             if self.ended[i]:
                 continue
             obj = None
-            if obj_rows is not None and pano.obj_ids[i]:
-                row = obj_rows[i, int(pano.view_lens[i]) + 1 :]
-                obj = pano.obj_ids[i][int(torch.argmax(row))]
-            gmap.record_stop(self.obs[i].viewpoint, float(stop_probs[i]), obj)
+            if obj_rows is not None and pano.obj_ids[j]:
+                row = obj_rows[j, int(pano.view_lens[j]) + 1 :]
+                obj = pano.obj_ids[j][int(torch.argmax(row))]
+            self.maps[i].record_stop(self.obs[i].viewpoint, float(stop_probs[j]), obj)
         return probs
 
     def act(

@@ -29,6 +29,18 @@ A rollout runs one batch of episodes with one of three feedbacks (``DUET_INTERFA
     highest STOP probability; no network call follows).  Every network replays the same steps, so
     ``minivln bench model --episodes real`` times models of different quality on equal work.
 
+**Compaction** (``DUETAgent(compact=True)``, the default): once a sample has ended, the network runs
+on the samples still navigating only (their panoramas, text and map; the text keys/values are
+recomputed once per set of rows), and the step's outputs are put back over the whole batch (an
+ended sample's row allows STOP alone; it is never used).  The reference runs every sample at every
+step; the outputs of the navigating samples are the same up to padding (tested against
+``compact=False`` in every feedback, with objects and with a stage-2 teacher).  ``keep_inputs=True``
+turns it off, so that recorded inputs cover the whole batch.
+
+**Paired rollouts** (:meth:`DUETAgent.rollout_pair`, ``FinetuneConfig.merge_rollouts``): DAgger's
+teacher-forced and sampled rollouts of one iteration run as one batch (first half forced, second
+half sampled) and come back as the two outputs the separate rollouts would give.
+
 The loss of a rollout is ``sum over steps of CE_sum(fused_logits, labels) / batch_size`` (labels
 ``-100`` for samples that have ended); the caller applies the rollout weight (``ml_weight`` for the
 teacher-forced one).  Every move goes through ``env.step`` with the walk planned on the agent's map,
@@ -293,6 +305,9 @@ class _Rollout:
     # a paired rollout (:meth:`DUETAgent.rollout_pair`): samples [0, split) are teacher-forced, the rest
     # sampled; loss, og_loss and the counts are then (2,) / pairs, one entry per half
     split: int | None = None
+    compact: bool = False  # build and run only the samples still navigating (see DUETAgent)
+    rows: list[int] | None = None  # this step's samples run by the network when compacted (None: all)
+    text_rows: dict = field(default_factory=dict)  # rows -> (txt_embeds, txt_masks, txt_kv) of those rows
     pano_embeds: torch.Tensor | None = None  # this step's panorama-encoder output and masks
     pano_masks: torch.Tensor | None = None
 
@@ -311,6 +326,9 @@ class DUETAgent:
         og_weight: weight of the OG loss within a rollout (upstream: 1).
         max_objects: objects kept per viewpoint in 'teacher'/'sample' rollouts (None: all; DUET's
             REVERIE script: 20 in training, all in evaluation).
+        compact: run the network on the samples still navigating only (the reference runs every
+            sample of the batch at every step; an ended sample's outputs are never used).  The
+            outputs of the others are the same up to padding; ``keep_inputs=True`` turns it off.
     """
 
     def __init__(
@@ -325,6 +343,7 @@ class DUETAgent:
         goals: ReverieGoals | None = None,
         og_weight: float = 1.0,
         max_objects: int | None = None,
+        compact: bool = True,
     ) -> None:
         if expert != "spl":
             raise ValueError(f"expert {expert!r} is not implemented (only 'spl')")
@@ -339,6 +358,7 @@ class DUETAgent:
         self.goals = goals
         self.og_weight = og_weight
         self.max_objects = max_objects
+        self.compact = compact
         self.tokenizer = get_tokenizer(max_instr_len)
 
     @property
@@ -425,12 +445,14 @@ class DUETAgent:
 
     def _run(self, run: _Rollout, env: E.NavBatchEnv, step_hook: StepHook | None, keep_inputs: bool) -> None:
         """The loop of named steps, until every sample has ended or ``max_action_len`` steps."""
+        run.compact = self.compact and not keep_inputs
         for t in range(self.max_action_len):
-            pano, pano_in, batch, outs = self._score(run, t)
+            active = [not bool(e) for e in run.nav.ended]
+            pano, pano_in, rows, batch, outs = self._score(run, t)
             logits = outs["fused_logits"]
             obj_logits = outs.get("obj_logits") if run.use_objects else None
-            active = [not bool(e) for e in run.nav.ended]
-            t_step = run.shadow.step(t, pano, pano_in, batch, active, run.use_objects) if run.shadow else None
+            t_step = (run.shadow.step(t, pano, pano_in, rows, batch, active, run.use_objects)
+                      if run.shadow else None)
             expert, labels = self._action_labels(run, batch, logits, active)
             obj_labels = self._object_labels(run, pano, obj_logits, active)
             actions = self._choose(run, logits, expert, batch, active)
@@ -497,22 +519,39 @@ class DUETAgent:
             n_og_correct=torch.zeros((), dtype=torch.long, device=device),
         )
 
-    def _score(self, run: _Rollout, t: int) -> tuple[PanoramaBatch, dict[str, Any], NavigationBatch, dict[str, Any]]:
-        """'panorama' on the current nodes, the map updated, 'navigation' on it; scores recorded."""
+    def _score(self, run: _Rollout, t: int) -> tuple[PanoramaBatch, dict[str, Any], list[int] | None,
+                                                     NavigationBatch, dict[str, Any]]:
+        """'panorama' on the current nodes, the map updated, 'navigation' on it; scores recorded.
+
+        With compaction and a sample ended, both run on the navigating samples ``rows`` only: the
+        panorama batch and its inputs hold those rows, while the returned navigation batch (host
+        side), the outputs (``fused_logits``, ``obj_logits``) and ``run.pano_embeds`` cover the whole
+        batch again (:func:`expand_rows`; an ended sample's logits allow STOP alone, its panorama is
+        masked out).  Returns ``(pano, pano_in, rows, batch, outs)``; ``rows`` is None without it."""
         nav = run.nav
         nav.begin_step(t)
-        pano = nav.panorama_inputs(use_objects=True if run.use_objects else None)
+        rows = run.rows = nav.active_rows() if run.compact and bool(nav.ended.any()) else None
+        kw = {} if rows is None else {"rows": rows}
+        use_objects = True if run.use_objects else None
+        pano = nav.panorama_inputs(use_objects=use_objects, **kw)
         pano_in = move_inputs(pano.model_inputs(), run.device)
-        run.pano_embeds, run.pano_masks = self.model("panorama", pano_in)
-        nav.absorb_panorama(pano, run.pano_embeds, run.pano_masks)
-        batch = nav.navigation_inputs(pano, run.pano_embeds, run.pano_masks, run.txt_embeds, run.txt_masks)
-        batch.inputs["txt_kv"] = run.txt_kv
+        pano_embeds, pano_masks = self.model("panorama", pano_in)
+        nav.absorb_panorama(pano, pano_embeds, pano_masks, **kw)
+        txt_embeds, txt_masks, txt_kv = text_of_rows(self.model, run.text_rows, rows,
+                                                     run.txt_embeds, run.txt_masks, run.txt_kv)
+        batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, txt_embeds, txt_masks, **kw)
+        batch.inputs["txt_kv"] = txt_kv
         outs = self.model("navigation", batch.inputs)
+        obj_logits = outs.get("obj_logits") if run.use_objects else None
         if run.use_objects:
-            nav.record_scores(outs["fused_logits"], outs.get("obj_logits"), pano)
+            nav.record_scores(outs["fused_logits"], obj_logits, pano, **kw)
         else:
-            nav.record_scores(outs["fused_logits"])
-        return pano, pano_in, batch, outs
+            nav.record_scores(outs["fused_logits"], **kw)
+        run.pano_embeds, run.pano_masks = pano_embeds, pano_masks
+        if rows is not None:
+            batch, outs, run.pano_embeds, run.pano_masks = expand_rows(
+                nav, rows, outs, obj_logits, pano_embeds, pano_masks, with_pano=run.shadow is not None)
+        return pano, pano_in, rows, batch, outs
 
     def _action_labels(self, run: _Rollout, batch: NavigationBatch, logits: torch.Tensor,
                        active: list[bool]) -> tuple[list[int], torch.Tensor]:
@@ -563,15 +602,18 @@ class DUETAgent:
     def _object_labels(self, run: _Rollout, pano: PanoramaBatch, obj_logits: torch.Tensor | None,
                        active: list[bool]) -> torch.Tensor | None:
         """REVERIE training: the target object's row where it is visible (``IGNORE`` elsewhere), and
-        the step's summed OG cross-entropy added to the OG loss; None otherwise."""
+        the step's summed OG cross-entropy added to the OG loss; None otherwise.  (``pano`` holds
+        the samples ``run.rows`` when the step was compacted.)"""
         if not (run.training and run.use_objects):
             return None
         assert obj_logits is not None and self.goals is not None
         expert = [IGNORE] * len(run.eps)
+        where = {i: j for j, i in enumerate(run.rows)} if run.rows is not None else None
         for i, ep in enumerate(run.eps):
             if active[i]:
+                j = i if where is None else where[i]
                 at_goal = self.goals.is_goal(ep, run.nav.obs[i].viewpoint)
-                expert[i] = object_label(pano.obj_ids[i], ep.obj_id, at_goal, int(pano.view_lens[i]))
+                expert[i] = object_label(pano.obj_ids[j], ep.obj_id, at_goal, int(pano.view_lens[j]))
         obj_labels = torch.tensor(expert, dtype=torch.long).to(run.device)
         rows = [i for i, label in enumerate(expert) if label != IGNORE]
         if rows and run.split is not None:  # a paired rollout: each half's sums apart
@@ -729,33 +771,85 @@ class _TeacherShadow:
         with torch.no_grad():
             self.txt_embeds = teacher("language", {"txt_ids": txt_ids, "txt_masks": txt_masks})
             self.txt_kv = teacher.precompute_text_kv(self.txt_embeds, txt_masks)
+        self.text_rows: dict = {}
         self.batch: NavigationBatch | None = None  # the teacher's navigation inputs of this step
 
-    def step(self, t: int, pano: PanoramaBatch, pano_in: dict[str, Any], student_batch: NavigationBatch,
-             student_active: list[bool], use_objects: bool) -> TeacherStep:
-        """The teacher's 'panorama' and 'navigation' at step ``t`` on the student's state."""
+    def step(self, t: int, pano: PanoramaBatch, pano_in: dict[str, Any], rows: list[int] | None,
+             student_batch: NavigationBatch, student_active: list[bool], use_objects: bool) -> TeacherStep:
+        """The teacher's 'panorama' and 'navigation' at step ``t`` on the student's state (on the
+        student's ``rows`` when the student ran compacted; the outputs then cover the whole batch)."""
         nav = self.nav
         nav.begin_step(t)
+        kw = {} if rows is None else {"rows": rows}
         if not self.same_pano:  # another angle-feature size: same tokens, the teacher's encoding
-            pano = nav.panorama_inputs(use_objects=True if use_objects else None)
+            pano = nav.panorama_inputs(use_objects=True if use_objects else None, **kw)
             pano_in = move_inputs(pano.model_inputs(), self.txt_masks.device)
         with torch.no_grad():
             pano_embeds, pano_masks = self.teacher("panorama", pano_in)
-            nav.absorb_panorama(pano, pano_embeds, pano_masks)
-            batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, self.txt_embeds, self.txt_masks)
-            batch.inputs["txt_kv"] = self.txt_kv
+            nav.absorb_panorama(pano, pano_embeds, pano_masks, **kw)
+            txt_embeds, txt_masks, txt_kv = text_of_rows(self.teacher, self.text_rows, rows, self.txt_embeds,
+                                                         self.txt_masks, self.txt_kv)
+            batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, txt_embeds, txt_masks, **kw)
+            batch.inputs["txt_kv"] = txt_kv
             outs = self.teacher("navigation", batch.inputs)
+            obj_logits = outs.get("obj_logits") if use_objects else None
+            nav.record_scores(outs["fused_logits"], obj_logits, pano if use_objects else None, **kw)
+            if rows is not None:
+                batch, outs, pano_embeds, pano_masks = expand_rows(nav, rows, outs, obj_logits, pano_embeds,
+                                                                   pano_masks, with_pano=True)
         active = [not bool(e) for e in nav.ended]
         if (batch.gmap_vpids != student_batch.gmap_vpids or batch.no_vp_left != student_batch.no_vp_left
                 or active != student_active):
             raise RuntimeError(f"step {t}: the teacher's map differs from the student's (lock-step broken)")
-        logits = outs["fused_logits"]
-        obj_logits = outs.get("obj_logits") if use_objects else None
-        nav.record_scores(logits, obj_logits, pano if use_objects else None)
         self.batch = batch
-        return TeacherStep(fused_logits=logits, pano_embeds=pano_embeds, pano_masks=pano_masks,
+        return TeacherStep(fused_logits=outs["fused_logits"], pano_embeds=pano_embeds, pano_masks=pano_masks,
                            gmap_vpids=batch.gmap_vpids, viewpoints=[ob.viewpoint for ob in nav.obs],
-                           active=active, obj_logits=obj_logits)
+                           active=active, obj_logits=outs.get("obj_logits") if use_objects else None)
+
+
+def text_of_rows(model: nn.Module, cache: dict, rows: list[int] | None, txt_embeds: torch.Tensor,
+                 txt_masks: torch.Tensor, txt_kv: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The text outputs, masks and cross-attention keys/values of samples ``rows`` (all: None),
+    computed once per set of rows (the set only shrinks as samples end)."""
+    if rows is None:
+        return txt_embeds, txt_masks, txt_kv
+    key = tuple(rows)
+    if key not in cache:
+        cache.clear()  # the previous set is never used again
+        index = torch.tensor(rows, dtype=torch.long, device=txt_masks.device)
+        emb, masks = txt_embeds.index_select(0, index), txt_masks.index_select(0, index)
+        cache[key] = (emb, masks, model.precompute_text_kv(emb, masks))
+    return cache[key]
+
+
+def expand_rows(nav: MapNavigator, rows: list[int], outs: dict[str, Any], obj_logits: torch.Tensor | None,
+                pano_embeds: torch.Tensor, pano_masks: torch.Tensor, *, with_pano: bool
+                ) -> tuple[NavigationBatch, dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+    """A compacted step's outputs over the whole batch again: the navigation batch's host side from
+    the navigator (:meth:`MapNavigator.full_batch`), ``fused_logits`` (B, slots) and ``obj_logits``
+    with the computed rows in place and STOP alone allowed elsewhere (finite, so no NaN reaches a
+    softmax or a gradient; an ended sample's row is never used), and, ``with_pano``, the panorama
+    output (B, N, H) zero and masked out where not computed."""
+    batch = nav.full_batch()
+    size = len(nav.obs)
+    index = torch.tensor(rows, dtype=torch.long, device=pano_embeds.device)
+    width = max(len(v) for v in batch.gmap_vpids)
+    full = {"fused_logits": _scatter_rows(outs["fused_logits"], index, size, width)}
+    if obj_logits is not None:
+        full["obj_logits"] = _scatter_rows(obj_logits, index, size, obj_logits.size(1))
+    if not with_pano:
+        return batch, full, None, None
+    embeds = pano_embeds.new_zeros((size, *pano_embeds.shape[1:])).index_copy(0, index, pano_embeds)
+    masks = pano_masks.new_zeros((size, *pano_masks.shape[1:])).index_copy(0, index, pano_masks)
+    return batch, full, embeds, masks
+
+
+def _scatter_rows(x: torch.Tensor, index: torch.Tensor, size: int, width: int) -> torch.Tensor:
+    if x.size(1) < width:
+        x = F.pad(x, (0, width - x.size(1)), value=float("-inf"))
+    filler = torch.full((size, width), float("-inf"), dtype=x.dtype, device=x.device)
+    filler[:, 0] = 0.0
+    return filler.index_copy(0, index, x)
 
 
 def _rows(x: Any, rows: slice) -> Any:
