@@ -74,8 +74,11 @@ def test_real_episodes_same_work_and_time_split(small_toy, models):
         mine = [r for r in rows if r["batch_size"] == bs]
         # every model replays the ground-truth paths: one step per path node, the same calls
         assert all(r["steps_per_episode"] == want_steps for r in mine), (bs, mine)
+        # the agent runs the samples still navigating only: when the shorter path of a batch of two
+        # has ended, the text keys/values of the other are projected once more
+        text_kv = 1.0 if bs == 1 or len(set(lengths)) == 1 else 2.0
         assert mine[0]["calls_per_episode"] == mine[1]["calls_per_episode"] == {
-            "language": 1.0, "text_kv": 1.0, "panorama": want_steps, "navigation": want_steps}
+            "language": 1.0, "text_kv": text_kv, "panorama": want_steps, "navigation": want_steps}
         assert mine[0]["slots_per_step_mean"] == mine[1]["slots_per_step_mean"] > 1
     for r in rows:
         assert r["network_ms"] > 0 and r["agent_ms"] > 0 and r["episode_ms"] > r["network_ms"]
