@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from minivln.config import load_config
+from minivln.config import ConfigError, load_config
 from minivln.training import checkpoint as ckpt_mod
 from minivln.training.checkpoint import find_checkpoint, load_checkpoint, read_meta
 from minivln.training.distributed import GlobalBatchSampler, seed_everything
@@ -31,6 +31,7 @@ from minivln.training.trainer import (
     TrainConfig,
     Trainer,
     WarmupDecay,
+    make_optimizer,
     param_groups,
 )
 
@@ -153,6 +154,42 @@ def test_schedule_and_weight_decay_groups():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert sorted(p.shape for p in decay["params"]) == [torch.Size([1, 16]), torch.Size([16, 4])]
     assert len(no_decay["params"]) == 4  # two biases, LayerNorm weight and bias
+
+
+def test_optimizer_implementations_agree_and_resume_across():
+    """'auto' is fused on CPU; fused, foreach and per-tensor AdamW make the same updates (up to
+    rounding), and a per-tensor optimizer's state goes on in a fused one (a run resumed on new code)."""
+    torch.manual_seed(0)
+    grads = [[torch.randn_like(p) for p in MLP().parameters()] for _ in range(4)]
+
+    def run(impl: str, steps: range, state: dict | None = None, start: MLP | None = None):
+        torch.manual_seed(1)
+        model = start if start is not None else MLP()
+        opt = make_optimizer(param_groups(model, 0.05), OptimConfig(lr=0.1, implementation=impl))
+        if state is not None:
+            opt.load_state_dict(state)
+        for i in steps:
+            for p, g in zip(model.parameters(), grads[i]):
+                p.grad = g.clone()
+            opt.step()
+        return model, opt
+
+    assert run("auto", range(0))[1].defaults["fused"] is True
+    single, foreach = run("single", range(0))[1].defaults, run("foreach", range(0))[1].defaults
+    assert single["foreach"] is False and not single["fused"] and foreach["foreach"] is True
+    ref, _ = run("single", range(4))
+    for impl in ("fused", "foreach", "auto"):
+        other, _ = run(impl, range(4))
+        for a, b in zip(ref.parameters(), other.parameters()):
+            torch.testing.assert_close(b, a, msg=impl)
+    half, opt = run("single", range(2))
+    resumed, _ = run("fused", range(2, 4), state=opt.state_dict(), start=half)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        torch.testing.assert_close(b, a)
+    cfg = TrainConfig(run_dir="x")
+    cfg.optim.implementation = "adam"
+    with pytest.raises(ConfigError, match="optim.implementation"):
+        cfg.check()
 
 
 def _train(run_dir: Path, steps: int, kill_at: int | None = None) -> None:

@@ -55,7 +55,13 @@ from minivln.training.pretrain import (
     resolve_objects,
 )
 from minivln.training.pretrain_data import features_have_classes
-from minivln.training.trainer import _resolve_amp_dtype, move_to
+from minivln.training.trainer import (
+    OptimConfig,
+    _resolve_amp_dtype,
+    make_optimizer,
+    move_to,
+    param_groups,
+)
 
 DEFAULT_PRESETS = ("duet-r2r", "minivln-r2r")
 PHASES = ("pretrain", "finetune")
@@ -76,7 +82,7 @@ def _make_step(model: torch.nn.Module, task: Any, device: torch.device, lr: floa
     model.to(device).train()
     if compile:
         compile_layers(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt = make_optimizer(param_groups(model, 0.01), OptimConfig(lr=lr))  # as the trainer makes it
     amp = _resolve_amp_dtype(precision, device)
 
     def step(i: int) -> tuple[float, float]:

@@ -65,6 +65,8 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    implementation: str = "auto"  # AdamW's kernels: "auto" (fused where every parameter is on a CPU or a
+    #                     CUDA device, else torch's default), "fused", "foreach", "single" (a loop per tensor)
 
 
 @dataclass
@@ -108,6 +110,8 @@ class TrainConfig:
             raise ConfigError(f"optim.schedule: expected linear/cosine/constant, got {o.schedule!r}")
         if o.lr <= 0 or o.warmup_steps < 0 or not 0.0 <= o.min_lr_ratio <= 1.0 or o.grad_clip < 0:
             raise ConfigError("optim: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1, grad_clip >= 0")
+        if o.implementation not in OPTIM_IMPLEMENTATIONS:
+            raise ConfigError(f"optim.implementation: one of {OPTIM_IMPLEMENTATIONS}, got {o.implementation!r}")
 
 
 # ----------------------------------------------------------------------------------------- plug-ins
@@ -244,6 +248,29 @@ def _detach(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(_detach(v) for v in obj)
     return obj
+
+
+OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "single")
+
+
+def make_optimizer(groups: list[dict[str, Any]], o: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``groups`` with ``o``'s settings and kernels (``o.implementation``).
+
+    "auto" picks the fused kernels when every parameter lives on a CPU or a CUDA device: one pass
+    per step instead of about ten operations per tensor.  Measured on the 2-core Intel Xeon, one
+    thread, a step over every parameter: ``minivln-cpu`` 64 ms (per tensor) vs 4.5 ms (fused),
+    ``duet-cpu`` 240 vs 63 ms (``scripts/optimizer_ab.py``); the update is the same up to rounding.
+    """
+    kw: dict[str, Any] = {}
+    impl = o.implementation
+    if impl == "auto":
+        devices = {p.device.type for g in groups for p in g["params"]}
+        impl = "fused" if devices and devices <= {"cpu", "cuda"} else "default"
+    if impl == "fused":
+        kw["fused"] = True
+    elif impl in ("foreach", "single"):
+        kw["foreach"] = impl == "foreach"
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kw)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -431,10 +458,7 @@ class Trainer:
                 find_unused_parameters=cfg.find_unused_parameters,
             )
 
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self._step_module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-        )
+        self.optimizer = make_optimizer(param_groups(self._step_module, cfg.optim.weight_decay), cfg.optim)
         self.scheduler = self._make_scheduler()
         self.amp_dtype = _resolve_amp_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
