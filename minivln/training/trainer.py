@@ -257,9 +257,8 @@ def make_optimizer(groups: list[dict[str, Any]], o: OptimConfig) -> torch.optim.
     """AdamW over ``groups`` with ``o``'s settings and kernels (``o.implementation``).
 
     "auto" picks the fused kernels when every parameter lives on a CPU or a CUDA device: one pass
-    per step instead of about ten operations per tensor.  Measured on the 2-core Intel Xeon, one
-    thread, a step over every parameter: ``minivln-cpu`` 64 ms (per tensor) vs 4.5 ms (fused),
-    ``duet-cpu`` 240 vs 63 ms (``scripts/optimizer_ab.py``); the update is the same up to rounding.
+    per step instead of about ten operations per tensor (the same update up to rounding; measured in
+    ``docs/training.md``, "AdamW's kernels").
     """
     kw: dict[str, Any] = {}
     impl = o.implementation
