@@ -386,6 +386,8 @@ def test_merged_rollouts_equal_two_rollouts(small_toy, one_thread, task_name):
         grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
         actions = [[s.actions for s in out.outputs[f"{h}_steps"]] for h in ("teacher", "sample")]
         results.append((out, kd, grads, actions))
+    with pytest.raises(ValueError, match="both halves"):
+        task.agent.rollout_pair(task.env, [], task.next_batch(1)["sample"])
     (a, kd_a, g_a, act_a), (b, kd_b, g_b, act_b) = results
     assert act_a == act_b and len(act_b[1]) > 1
     torch.testing.assert_close(a.loss, b.loss)
