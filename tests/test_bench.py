@@ -159,3 +159,8 @@ def test_bench_train_times_every_preset_and_phase(small_toy, one_thread, capsys)
     assert main(["bench", "train", "--presets", "test-bench-a", "--phases", "pretrain", "--data-dir", str(data),
                  "--features", str(feats), "--iters", "1", "--warmup", "0", "--batch-size", "4", "--quiet"]) == 0
     assert "it/s" in capsys.readouterr().out
+    # the iteration before the agent's and the optimizer's speed-ups, in the same process
+    old = bench_train(["test-bench-a"], ["finetune"], str(data), str(feats), iters=1, warmup=0, batch_size=4,
+                      max_action_len=5, quiet=True, optimizer="single", full_batch=True, merge_rollouts=True)
+    assert (old["optimizer"], old["full_batch"], old["merge_rollouts"]) == ("single", True, True)
+    assert old["phases"]["finetune"]["test-bench-a"]["s_per_it"] > 0

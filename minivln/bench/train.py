@@ -17,7 +17,11 @@ pretraining) and its *step* part (forward, backward, optimizer; in fine-tuning t
 the agent's host work).  ``--precision bf16`` runs the forward under ``torch.autocast`` in bfloat16 as
 the trainer does on a GPU (``train.precision``; on a CPU the trainer always runs fp32).  ``--compile``
 compiles the transformer layers as ``train.compile`` does (:func:`~minivln.model.duet.compile_layers`);
-the warm-up iterations then pay the compilation, and the report keeps their times (``warmup_s``).  Fine-tuning
+the warm-up iterations then pay the compilation, and the report keeps their times (``warmup_s``).
+``--optimizer`` picks AdamW's kernels (the trainer's ``auto``: fused), ``--full-batch`` runs the
+network on every sample at every step as the reference does (the agent's default runs the samples
+still navigating only), ``--merge-rollouts`` runs DAgger's two rollouts as one batch: together they
+reproduce the iteration before and after those changes in one process.  Fine-tuning
 iterations of untrained models are the slowest kind: their sampled rollouts wander until
 ``max_action_len``.
 """
@@ -56,6 +60,7 @@ from minivln.training.pretrain import (
 )
 from minivln.training.pretrain_data import features_have_classes
 from minivln.training.trainer import (
+    OPTIM_IMPLEMENTATIONS,
     OptimConfig,
     _resolve_amp_dtype,
     make_optimizer,
@@ -75,14 +80,14 @@ def _sync(device: torch.device) -> None:
 
 def _make_step(model: torch.nn.Module, task: Any, device: torch.device, lr: float = 1e-5,
                grad_clip: float = 40.0, precision: str = "fp32", compile: bool = False,
-               ) -> Callable[[int], tuple[float, float]]:
+               optimizer: str = "auto") -> Callable[[int], tuple[float, float]]:
     """One training iteration of ``model`` on ``task`` batch ``i`` (as the trainer runs it); returns
     the seconds of its data part and of its step part (the device synchronised after each)."""
 
     model.to(device).train()
     if compile:
         compile_layers(model)
-    opt = make_optimizer(param_groups(model, 0.01), OptimConfig(lr=lr))  # as the trainer makes it
+    opt = make_optimizer(param_groups(model, 0.01), OptimConfig(lr=lr, implementation=optimizer))  # as the trainer
     amp = _resolve_amp_dtype(precision, device)
 
     def step(i: int) -> tuple[float, float]:
@@ -104,7 +109,7 @@ def _make_step(model: torch.nn.Module, task: Any, device: torch.device, lr: floa
 
 def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
                   max_instr_len: int = 80, device: torch.device, seed: int = 0, precision: str = "fp32",
-                  compile: bool = False) -> Callable[[int], tuple[float, float]]:
+                  compile: bool = False, optimizer: str = "auto") -> Callable[[int], tuple[float, float]]:
 
     cfg = PretrainConfig(model=preset, task=task, data_dir=data_dir, features=features, val_splits=[],
                          batch_size=batch_size, max_instr_len=max_instr_len)
@@ -118,13 +123,13 @@ def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
     seed_everything(seed)
     model = build_pretrainer(cfg)
     return _make_step(model, PretrainTask(train_ds, batch_size, mix, seed=seed), device, precision=precision,
-                      compile=compile)
+                      compile=compile, optimizer=optimizer)
 
 
 def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r", batch_size: int = 8,
                   max_instr_len: int = 80, max_action_len: int = 15, device: torch.device, seed: int = 0,
-                  precision: str = "fp32", compile: bool = False,
-                  merge_rollouts: bool = False) -> Callable[[int], tuple[float, float]]:
+                  precision: str = "fp32", compile: bool = False, merge_rollouts: bool = False,
+                  optimizer: str = "auto", full_batch: bool = False) -> Callable[[int], tuple[float, float]]:
 
     cfg = FinetuneConfig(model=preset, task=task, data_dir=data_dir, features=features,
                          batch_size=batch_size, max_instr_len=max_instr_len, max_action_len=max_action_len,
@@ -133,14 +138,17 @@ def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
     seed_everything(seed)
     model = build_model(cfg)
     res = prepare_data(cfg, Path("."), model.config.image_feat_size, model.config.obj_feat_size)
-    return _make_step(model, make_task(cfg, model, res), device, lr=cfg.train.optim.lr, precision=precision,
-                      compile=compile)
+    task = make_task(cfg, model, res)
+    task.agent.compact = not full_batch
+    return _make_step(model, task, device, lr=cfg.train.optim.lr, precision=precision, compile=compile,
+                      optimizer=optimizer)
 
 
 def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, features: str, *,
                 iters: int = 5, warmup: int = 1, device: str = "cpu", threads: int = 1, batch_size: int = 8,
                 max_instr_len: int = 80, max_action_len: int = 15, seed: int = 0, quiet: bool = False,
-                precision: str = "fp32", compile: bool = False, merge_rollouts: bool = False) -> dict[str, Any]:
+                precision: str = "fp32", compile: bool = False, merge_rollouts: bool = False,
+                optimizer: str = "auto", full_batch: bool = False) -> dict[str, Any]:
     """Time ``iters`` iterations per preset and phase (after ``warmup``); see the module docstring."""
 
     if iters < 1 or warmup < 0:
@@ -156,16 +164,17 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": batch_size,
         "precision": precision if dev.type == "cuda" else "fp32", "max_instr_len": max_instr_len, "max_action_len": max_action_len, "iters": iters, "warmup": warmup,
-        "compile": compile, "merge_rollouts": merge_rollouts, "features": features, "phases": {},
+        "compile": compile, "merge_rollouts": merge_rollouts, "optimizer": optimizer, "full_batch": full_batch,
+        "features": features, "phases": {},
     }
     for phase in phases:
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
         make = pretrain_step if phase == "pretrain" else finetune_step
         kw = dict(batch_size=batch_size, max_instr_len=max_instr_len, device=dev, seed=seed, precision=precision,
-                  compile=compile)
+                  compile=compile, optimizer=optimizer)
         if phase == "finetune":
-            kw.update(max_action_len=max_action_len, merge_rollouts=merge_rollouts)
+            kw.update(max_action_len=max_action_len, merge_rollouts=merge_rollouts, full_batch=full_batch)
         steps = {p: make(p, data_dir, features, **kw) for p in presets}
         times: dict[str, list[float]] = {p: [] for p in presets}
         parts: dict[str, list[tuple[float, float]]] = {p: [] for p in presets}
@@ -233,6 +242,11 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the transformer layers, as train.compile (warm-up pays the compilation)")
     t.add_argument("--merge-rollouts", action="store_true",
                    help="fine-tuning: DAgger's two rollouts as one batch (FinetuneConfig.merge_rollouts)")
+    t.add_argument("--optimizer", choices=OPTIM_IMPLEMENTATIONS, default="auto",
+                   help="AdamW's kernels (optim.implementation; torch's own default: foreach on CUDA, single on CPU)")
+    t.add_argument("--full-batch", action="store_true",
+                   help="fine-tuning: run the network on every sample at every step, as the reference "
+                        "(DUETAgent(compact=False)); the default runs the samples still navigating only")
     t.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_main)
@@ -243,7 +257,8 @@ def _main(args: argparse.Namespace) -> int:
                          warmup=args.warmup, device=args.device, threads=args.threads,
                          batch_size=args.batch_size, max_instr_len=args.max_instr_len,
                          max_action_len=args.max_action_len, seed=args.seed, quiet=args.quiet,
-                         precision=args.precision, compile=args.compile, merge_rollouts=args.merge_rollouts)
+                         precision=args.precision, compile=args.compile, merge_rollouts=args.merge_rollouts,
+                         optimizer=args.optimizer, full_batch=args.full_batch)
     print(format_report(report))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")
