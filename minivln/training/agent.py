@@ -308,7 +308,8 @@ class _Rollout:
     compact: bool = False  # build and run only the samples still navigating (see DUETAgent)
     rows: list[int] | None = None  # this step's samples run by the network when compacted (None: all)
     text_rows: dict = field(default_factory=dict)  # rows -> (txt_embeds, txt_masks, txt_kv) of those rows
-    pano_embeds: torch.Tensor | None = None  # this step's panorama-encoder output and masks
+    pano_embeds: torch.Tensor | None = None  # this step's panorama-encoder output and masks (compacted
+    #                     without a stage-2 teacher: the rows run only; with one: the whole batch)
     pano_masks: torch.Tensor | None = None
 
 
@@ -551,6 +552,8 @@ class DUETAgent:
         if rows is not None:
             batch, outs, run.pano_embeds, run.pano_masks = expand_rows(
                 nav, rows, outs, obj_logits, pano_embeds, pano_masks, with_pano=run.shadow is not None)
+            if run.pano_embeds is None:  # no teacher records it: the computed rows are enough
+                run.pano_embeds, run.pano_masks = pano_embeds, pano_masks
         return pano, pano_in, rows, batch, outs
 
     def _action_labels(self, run: _Rollout, batch: NavigationBatch, logits: torch.Tensor,
