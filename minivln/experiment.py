@@ -565,7 +565,10 @@ def plot_curves(recipe: Recipe, out: Path, path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("fine-tuning step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # below the panels: a legend inside one would hide its curves
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)),
+                   fontsize=8, frameon=False)
     fig.suptitle(f"{recipe.table}: validation on the runs' own subset of {recipe.split}", fontsize=9)
     save_png(fig, path, tight=True)
 

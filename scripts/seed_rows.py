@@ -5,6 +5,8 @@ one run's SR moves from seed to seed by more than the episodes' standard error.
 
     python scripts/seed_rows.py docs/results/r2r_table3_gap.json \
         "two-stage, continued teacher" none
+    python scripts/seed_rows.py docs/results/r2r_table3_gap.json "two-stage, continued teacher" two-stage \
+        --table-b docs/results/r2r_table3.json
 
 A group is every row whose name is GROUP or "GROUP, seed N" (the tables' naming); rows pair by their
 ``seed`` field.
@@ -42,9 +44,11 @@ def main() -> None:
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--metrics", nargs="+", default=["sr", "spl"])
+    ap.add_argument("--table-b", help="take group B from this table (e.g. the same recipe with another teacher)")
     args = ap.parse_args()
     rows = json.load(open(args.table))["rows"]
-    a, b = group_rows(rows, args.a), group_rows(rows, args.b)
+    a = group_rows(rows, args.a)
+    b = group_rows(json.load(open(args.table_b))["rows"] if args.table_b else rows, args.b)
     describe(args.a, a, args.metrics)
     describe(args.b, b, args.metrics)
     seeds = sorted(set(a) & set(b))
