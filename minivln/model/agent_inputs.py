@@ -349,8 +349,9 @@ class MapNavigator:
     Samples that ended stay in the batch: their map is frozen (no step ids, node features,
     scores or graph updates), but they still get panorama/navigation inputs built from their
     (unchanged) observation, unless the caller passes ``rows`` (the samples to build, e.g.
-    :meth:`active_rows`: the agent's compaction) and reads the others' slots from :meth:`full_batch`.  ``paths[i]`` is the full node sequence of sample i (teleport paths
-    expanded, final walk back to the best STOP node appended); ``stop_nodes[i]`` its final node.
+    :meth:`active_rows`: the agent's compaction) and reads the others' slots from :meth:`full_batch`.
+    ``paths[i]`` is the full node sequence of sample i (teleport paths expanded, final walk back to the
+    best STOP node appended); ``stop_nodes[i]`` its final node.
     """
 
     def __init__(
@@ -375,7 +376,7 @@ class MapNavigator:
         self.stop_nodes: list[NodeId | None] = [None] * len(self.obs)
         self.predicted_objects: list[Any] = [None] * len(self.obs)
         self._acted: list[int] = []  # samples that acted in the last act() (graph update due)
-        self._slots: list[Any] = []  # per sample: its slots in the last navigation batch built for it
+        self._slots: list[Any] = [None] * len(self.obs)  # per sample: its slots in the last navigation batch built
 
     @property
     def batch_size(self) -> int:
@@ -433,8 +434,6 @@ class MapNavigator:
             txt_embeds, txt_masks, angle_feat_size=self.angle_feat_size, enc_full_graph=self.enc_full_graph,
             act_visited_nodes=self.act_visited_nodes,
         )
-        if len(self._slots) != len(self.obs):
-            self._slots = [None] * len(self.obs)
         for j, i in enumerate(idx):
             self._slots[i] = (batch.gmap_vpids[j], batch.vp_cand_vpids[j], batch.no_vp_left[j], batch.visited[j])
         return batch
@@ -443,7 +442,7 @@ class MapNavigator:
         """The host side of a navigation batch of every sample (slot ids, ``no_vp_left``, visited
         flags; no tensors), from the last batch each sample was built in: an ended sample's map is
         frozen, so its slots are those of its last step."""
-        if any(entry is None for entry in self._slots) or len(self._slots) != len(self.obs):
+        if any(entry is None for entry in self._slots):
             raise RuntimeError("full_batch: a sample was never built (navigation_inputs first)")
         return NavigationBatch(
             {"gmap_vpids": [e[0] for e in self._slots], "vp_cand_vpids": [e[1] for e in self._slots]},

@@ -526,34 +526,19 @@ class DUETAgent:
 
         With compaction and a sample ended, both run on the navigating samples ``rows`` only: the
         panorama batch and its inputs hold those rows, while the returned navigation batch (host
-        side), the outputs (``fused_logits``, ``obj_logits``) and ``run.pano_embeds`` cover the whole
-        batch again (:func:`expand_rows`; an ended sample's logits allow STOP alone, its panorama is
-        masked out).  Returns ``(pano, pano_in, rows, batch, outs)``; ``rows`` is None without it."""
+        side) and the outputs (``fused_logits``, ``obj_logits``) cover the whole batch again
+        (:func:`network_step`; an ended sample's logits allow STOP alone), and ``run.pano_embeds`` too
+        when a stage-2 teacher records it (its panorama masked out).  Returns ``(pano, pano_in, rows,
+        batch, outs)``; ``rows`` is None without it."""
         nav = run.nav
         nav.begin_step(t)
         rows = run.rows = nav.active_rows() if run.compact and bool(nav.ended.any()) else None
         kw = {} if rows is None else {"rows": rows}
-        use_objects = True if run.use_objects else None
-        pano = nav.panorama_inputs(use_objects=use_objects, **kw)
+        pano = nav.panorama_inputs(use_objects=True if run.use_objects else None, **kw)
         pano_in = move_inputs(pano.model_inputs(), run.device)
-        pano_embeds, pano_masks = self.model("panorama", pano_in)
-        nav.absorb_panorama(pano, pano_embeds, pano_masks, **kw)
-        txt_embeds, txt_masks, txt_kv = text_of_rows(self.model, run.text_rows, rows,
-                                                     run.txt_embeds, run.txt_masks, run.txt_kv)
-        batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, txt_embeds, txt_masks, **kw)
-        batch.inputs["txt_kv"] = txt_kv
-        outs = self.model("navigation", batch.inputs)
-        obj_logits = outs.get("obj_logits") if run.use_objects else None
-        if run.use_objects:
-            nav.record_scores(outs["fused_logits"], obj_logits, pano, **kw)
-        else:
-            nav.record_scores(outs["fused_logits"], **kw)
-        run.pano_embeds, run.pano_masks = pano_embeds, pano_masks
-        if rows is not None:
-            batch, outs, run.pano_embeds, run.pano_masks = expand_rows(
-                nav, rows, outs, obj_logits, pano_embeds, pano_masks, with_pano=run.shadow is not None)
-            if run.pano_embeds is None:  # no teacher records it: the computed rows are enough
-                run.pano_embeds, run.pano_masks = pano_embeds, pano_masks
+        batch, outs, run.pano_embeds, run.pano_masks = network_step(
+            self.model, nav, pano, pano_in, rows, run.text_rows, (run.txt_embeds, run.txt_masks, run.txt_kv),
+            run.use_objects, full_pano=run.shadow is not None)
         return pano, pano_in, rows, batch, outs
 
     def _action_labels(self, run: _Rollout, batch: NavigationBatch, logits: torch.Tensor,
@@ -568,7 +553,6 @@ class DUETAgent:
             if active[i]:
                 expert[i] = self._expert_slot(run, batch, i, follow_path=self._forced(run, i))
         labels = torch.tensor(expert, dtype=torch.long).to(run.device)
-        n_valid = sum(label != IGNORE for label in expert)
         correct = (logits.detach().argmax(1) == labels) & (labels != IGNORE)
         if run.split is not None:  # a paired rollout: each half's sums apart
             k = run.split
@@ -578,6 +562,7 @@ class DUETAgent:
             for h, part in enumerate((expert[:k], expert[k:])):
                 run.n_labels[h] += sum(label != IGNORE for label in part)  # type: ignore[index]
             return expert, labels
+        n_valid = sum(label != IGNORE for label in expert)
         if n_valid:
             run.loss = run.loss + F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
         run.n_labels += n_valid
@@ -788,18 +773,9 @@ class _TeacherShadow:
             pano = nav.panorama_inputs(use_objects=True if use_objects else None, **kw)
             pano_in = move_inputs(pano.model_inputs(), self.txt_masks.device)
         with torch.no_grad():
-            pano_embeds, pano_masks = self.teacher("panorama", pano_in)
-            nav.absorb_panorama(pano, pano_embeds, pano_masks, **kw)
-            txt_embeds, txt_masks, txt_kv = text_of_rows(self.teacher, self.text_rows, rows, self.txt_embeds,
-                                                         self.txt_masks, self.txt_kv)
-            batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, txt_embeds, txt_masks, **kw)
-            batch.inputs["txt_kv"] = txt_kv
-            outs = self.teacher("navigation", batch.inputs)
-            obj_logits = outs.get("obj_logits") if use_objects else None
-            nav.record_scores(outs["fused_logits"], obj_logits, pano if use_objects else None, **kw)
-            if rows is not None:
-                batch, outs, pano_embeds, pano_masks = expand_rows(nav, rows, outs, obj_logits, pano_embeds,
-                                                                   pano_masks, with_pano=True)
+            batch, outs, pano_embeds, pano_masks = network_step(
+                self.teacher, nav, pano, pano_in, rows, self.text_rows, (self.txt_embeds, self.txt_masks, self.txt_kv),
+                use_objects, full_pano=True)
         active = [not bool(e) for e in nav.ended]
         if (batch.gmap_vpids != student_batch.gmap_vpids or batch.no_vp_left != student_batch.no_vp_left
                 or active != student_active):
@@ -808,6 +784,28 @@ class _TeacherShadow:
         return TeacherStep(fused_logits=outs["fused_logits"], pano_embeds=pano_embeds, pano_masks=pano_masks,
                            gmap_vpids=batch.gmap_vpids, viewpoints=[ob.viewpoint for ob in nav.obs],
                            active=active, obj_logits=outs.get("obj_logits") if use_objects else None)
+
+
+def network_step(model: nn.Module, nav: MapNavigator, pano: PanoramaBatch, pano_in: dict[str, Any],
+                 rows: list[int] | None, text_cache: dict, text: tuple[torch.Tensor, torch.Tensor, Any],
+                 use_objects: bool, *, full_pano: bool
+                 ) -> tuple[NavigationBatch, dict[str, Any], torch.Tensor, torch.Tensor]:
+    """One step of a network (the student's or the stage-2 teacher's) on its navigator: 'panorama' on
+    ``pano_in``, the map updated, 'navigation' on it, the scores recorded.  With ``rows`` (compaction:
+    ``pano`` holds those samples) the outputs are put back over the whole batch (:func:`expand_rows`;
+    the panorama output too when ``full_pano``).  Returns ``(batch, outs, pano_embeds, pano_masks)``."""
+    kw = {} if rows is None else {"rows": rows}
+    pano_embeds, pano_masks = model("panorama", pano_in)
+    nav.absorb_panorama(pano, pano_embeds, pano_masks, **kw)
+    txt_embeds, txt_masks, txt_kv = text_of_rows(model, text_cache, rows, *text)
+    batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, txt_embeds, txt_masks, **kw)
+    batch.inputs["txt_kv"] = txt_kv
+    outs = model("navigation", batch.inputs)
+    obj_logits = outs.get("obj_logits") if use_objects else None
+    nav.record_scores(outs["fused_logits"], obj_logits, pano if use_objects else None, **kw)
+    if rows is None:
+        return batch, outs, pano_embeds, pano_masks
+    return expand_rows(nav, rows, outs, obj_logits, pano_embeds, pano_masks, with_pano=full_pano)
 
 
 def text_of_rows(model: nn.Module, cache: dict, rows: list[int] | None, txt_embeds: torch.Tensor,
@@ -827,12 +825,12 @@ def text_of_rows(model: nn.Module, cache: dict, rows: list[int] | None, txt_embe
 
 def expand_rows(nav: MapNavigator, rows: list[int], outs: dict[str, Any], obj_logits: torch.Tensor | None,
                 pano_embeds: torch.Tensor, pano_masks: torch.Tensor, *, with_pano: bool
-                ) -> tuple[NavigationBatch, dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+                ) -> tuple[NavigationBatch, dict[str, Any], torch.Tensor, torch.Tensor]:
     """A compacted step's outputs over the whole batch again: the navigation batch's host side from
     the navigator (:meth:`MapNavigator.full_batch`), ``fused_logits`` (B, slots) and ``obj_logits``
     with the computed rows in place and STOP alone allowed elsewhere (finite, so no NaN reaches a
     softmax or a gradient; an ended sample's row is never used), and, ``with_pano``, the panorama
-    output (B, N, H) zero and masked out where not computed."""
+    output (B, N, H) zero and masked out where not computed (else the computed rows as they are)."""
     batch = nav.full_batch()
     size = len(nav.obs)
     index = torch.tensor(rows, dtype=torch.long, device=pano_embeds.device)
@@ -841,7 +839,7 @@ def expand_rows(nav: MapNavigator, rows: list[int], outs: dict[str, Any], obj_lo
     if obj_logits is not None:
         full["obj_logits"] = _scatter_rows(obj_logits, index, size, obj_logits.size(1))
     if not with_pano:
-        return batch, full, None, None
+        return batch, full, pano_embeds, pano_masks
     embeds = pano_embeds.new_zeros((size, *pano_embeds.shape[1:])).index_copy(0, index, pano_embeds)
     masks = pano_masks.new_zeros((size, *pano_masks.shape[1:])).index_copy(0, index, pano_masks)
     return batch, full, embeds, masks

@@ -423,7 +423,7 @@ def random_baseline(cfg: FinetuneConfig, res: Resources, split: str = "val_unsee
     the objects visible from the final viewpoint."""
 
     env = make_env(cfg, res, split, batch_size=64, shuffle=False)
-    goals = (res.goals or ReverieGoals(res.data_dir, res.graphs)) if cfg.task == "reverie" else None
+    goals = res.goals if cfg.task == "reverie" else None  # prepare_data opens them for REVERIE
     preds = random_walker_submission(env, cfg.random_seed, cfg.random_stop_prob, goals)
     summary, _ = Evaluator(cfg.task, split, res.data_dir).score(preds)
     return summary
