@@ -41,6 +41,9 @@ def _worker(run_dir: Path, out_dir: Path) -> None:
     assert trainer.task.sampler.world_size == 2
     trainer.fit()
     trainer.close()
+    # close() lets go of the DDP wrapper (its reducer holds the group's last work): left to the
+    # interpreter's exit, Gloo's threads could free it after Python is gone and abort the process
+    assert not isinstance(trainer._train_module, torch.nn.parallel.DistributedDataParallel)
     state = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
     state.update({f"terms.{k}": v for k, v in trainer.loss_terms.state_dict().items()})
     save_file(state, str(out_dir / f"rank{info.rank}.safetensors"))

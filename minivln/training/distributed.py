@@ -89,8 +89,14 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
 
 
 def cleanup() -> None:
-    """Leave the process group (call once at the end of a distributed run)."""
-    if is_distributed():
+    """Leave the process group (call once at the end of a distributed run).
+
+    Every rank waits for the others first, so that none tears its group down while another is
+    still in a collective; a process that exits with its group alive may abort in Gloo's threads.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -520,6 +520,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         trainer.fit()
     finally:
         trainer.close()
+    D.cleanup()  # on success only: after one rank's error a barrier would hang
     if not info.is_main:
         return {}  # under DDP rank 0 alone exports and scores
 

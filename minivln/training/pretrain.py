@@ -63,6 +63,7 @@ from minivln.model.registry import create_model, get_config
 from minivln.model.text_init import init_text
 from minivln.paths import DataError, check_writable_dir, resolve_data_dir
 from minivln.training.distributed import (
+    cleanup,
     init_distributed,
     placement,
     seed_everything,
@@ -704,6 +705,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
         record = trainer.fit()
     finally:
         trainer.close()
+    cleanup()  # on success only: after one rank's error a barrier would hang
     export = Path(cfg.export) if cfg.export else Path(cfg.train.run_dir) / "pretrained"
     if trainer.dist.is_main:
         save_pretrained(model.duet, export, metadata={"source": "minivln pretrain"})

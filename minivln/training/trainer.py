@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import sys
@@ -759,5 +760,15 @@ class Trainer:
             )
 
     def close(self) -> None:
+        """Close the log and let go of the DDP wrapper.
+
+        The wrapper's reducer holds the process group and its last asynchronous work; left to the
+        interpreter's exit, Gloo's threads may free them after Python is gone and abort the process
+        (``terminate called without an active exception``).  The process group itself belongs to
+        the entry point (:func:`minivln.training.distributed.cleanup`).
+        """
         self.logger.close()
+        if self._train_module is not self._step_module:
+            self._train_module = self._step_module
+            gc.collect()
 
