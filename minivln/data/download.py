@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from minivln.paths import DataError, atomic_write_bytes
 
 MANIFEST = Path(__file__).with_name("manifest.json.gz")
@@ -128,7 +130,6 @@ def download(
 
     bar = None
     if progress:
-        from tqdm import tqdm
 
         bar = tqdm(total=len(specs), desc="download", unit="file")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -11,6 +11,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from tokenizers import BertWordPieceTokenizer
+
 BERT_VOCAB_SIZE = 30522
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 100, 101, 102, 103
 
@@ -32,8 +34,6 @@ class Tokenizer:
     """BERT uncased WordPiece: ``encode(text) -> list[int]`` with [CLS]/[SEP]."""
 
     def __init__(self, vocab_path: str | os.PathLike | None = None, max_len: int = 200):
-        from tokenizers import BertWordPieceTokenizer
-
         self.vocab_path = Path(vocab_path) if vocab_path else default_vocab_path()
         self._tok = BertWordPieceTokenizer(str(self.vocab_path), lowercase=True, strip_accents=True,
                                            clean_text=True, handle_chinese_chars=True)

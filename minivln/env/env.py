@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from minivln import geometry as geo
 from minivln.data.datasets import Episode
@@ -324,7 +325,6 @@ def evaluate_policy(env: NavBatchEnv, policy: Policy, progress: bool = False) ->
     """Run ``policy`` over every episode of ``env`` once; return all leaderboard entries."""
     batches = env.iter_batches()
     if progress:
-        from tqdm import tqdm
 
         batches = tqdm(batches, total=math.ceil(len(env) / env.batch_size), desc="episodes", unit="batch")
     results: list[dict] = []

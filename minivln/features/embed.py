@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from torch import nn
 
 from minivln.paths import DataError
@@ -142,9 +144,6 @@ class TextEmbedder:
         return EMBED_DIM
 
     def _load(self) -> None:
-        from safetensors.torch import load_file
-        from tokenizers import Tokenizer
-
         files = {n: self.model_dir / n for n in ("config.json", "model.safetensors", "tokenizer.json")}
         for name, path in files.items():
             if not path.is_file():

@@ -53,6 +53,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from tqdm import tqdm
 
 from minivln.data.graph import House, list_scans, load_house
 from minivln.features.embed import EMBED_DIM, MODEL_NAME, TextEmbedder, default_embedder
@@ -318,7 +320,6 @@ def _softmax_rows(z: np.ndarray) -> np.ndarray:
 
 def fit_room_model(res: Resources, temperature: float, iterations: int, alpha: float = 1.0) -> RoomModel:
     """Fit the ``RoomModel`` on the viewpoints of the train houses (see its docstring)."""
-    from scipy.sparse import csr_matrix
 
     uniform = np.log(np.full(len(ROOM_WORDS), 1.0 / len(ROOM_WORDS), np.float32))
     if iterations == 0:  # the embedding start alone, for every name
@@ -561,7 +562,6 @@ class HouseParts:
 def house_parts(house: House, objs: HouseObjects, res: Resources,
                 cfg: StandinConfig = StandinConfig()) -> HouseParts:
     """Near/far object embeddings, room and stairs cues and class distributions of every view."""
-    from scipy.sparse import csr_matrix
 
     n, n_obj, nv = len(house), len(objs.names), NUM_VIEWS
     pos = house.positions.astype(np.float32)
@@ -683,7 +683,6 @@ def iter_house_features(data_dir: str | os.PathLike | None = None, scans: list[s
     res = res or Resources(root)
     bar = None
     if progress:
-        from tqdm import tqdm
 
         total = sum(len(load_house(s, root)) for s in scans)
         bar = tqdm(total=total, desc="stand-in features", unit="vp")

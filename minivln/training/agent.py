@@ -83,6 +83,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from minivln.data.datasets import Episode
 from minivln.data.reverie import ReverieGoals
@@ -878,7 +879,6 @@ def move_inputs(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def run_agent(agent, env, progress: bool = False) -> list[dict]:
     """Arg-max rollouts over every episode of ``env`` once; leaderboard entries in episode order."""
-    from tqdm import tqdm
 
     results: list[dict] = []
     batches = list(env.iter_batches())
