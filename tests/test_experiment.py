@@ -12,7 +12,7 @@ import yaml
 from conftest import SMALL_DUET as SMALL
 
 from minivln.cli import main as cli_main
-from minivln.config import ConfigError
+from minivln.config import CONFIG_DIR, ConfigError
 from minivln.data.datasets import load_episodes
 from minivln.data.reverie import ReverieGoals
 from minivln.evaluation.evaluator import Evaluator
@@ -33,7 +33,15 @@ from minivln.model.registry import create_model
 TEACHER = {**SMALL, "hidden_size": 32, "intermediate_size": 64, "num_l_layers": 3}
 
 
-@pytest.mark.parametrize("name", ["r2r-table3", "r2r-table4", "r2r-table5", "reverie-table3"])
+SHIPPED = sorted(p.stem for p in (CONFIG_DIR / "experiments").glob("*.yaml"))
+
+
+def test_the_paper_tables_are_shipped():
+    assert {"r2r-table3", "r2r-table4", "r2r-table5", "reverie-table3", "r2r-table3-gap",
+            "reverie-table3-gap"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipes_load_and_plan(name, tmp_path):
     recipe = load_recipe(name, ["features=x.hdf5"])
     jobs = plan(recipe, tmp_path, tmp_path / "code")
@@ -49,6 +57,22 @@ def test_a_teacher_run_is_trained_before_its_students(tmp_path):
     assert jobs["train:rev-s2"].deps == ["train:pre-plain", "train:rev-teacher"]
     assert f"teacher={tmp_path / 'runs' / 'rev-teacher' / 'model'}" in jobs["train:rev-s2"].argv
     assert "init_fresh=[\"og_head\"]" in jobs["train:rev-none"].argv
+
+
+def test_the_gap_tables_reuse_table_3s_runs_and_continue_its_teachers(tmp_path):
+    for base, gap, teacher, shared in (("r2r-table3", "r2r-table3-gap", None, ["ft-none", "pre-kd"]),
+                                       ("reverie-table3", "reverie-table3-gap", "rev-teacher", ["rev-none"])):
+        spec = {j.name: j.spec for j in plan(load_recipe(base, ["features=x"]), tmp_path, tmp_path)}
+        jobs = {j.name: j for j in plan(load_recipe(gap, ["features=x"]), tmp_path, tmp_path)}
+        for run in shared:  # the same run, so it is trained once for both tables
+            assert jobs[f"train:{run}"].spec == spec[f"train:{run}"]
+        if teacher:  # the continued teacher starts from the base table's teacher
+            assert jobs["train:rev-teacher-cont"].deps == [f"train:{teacher}"]
+            assert f"init_checkpoint={tmp_path / 'runs' / teacher / 'model'}" in jobs["train:rev-teacher-cont"].argv
+            assert f"teacher={tmp_path / 'runs' / 'rev-teacher-cont' / 'model'}" in jobs["train:rev-s2-t2"].argv
+        runs = [r.run for r in load_recipe(gap, ["features=x"]).rows if r.run]
+        specs = [json.dumps(jobs[f"train:{r}"].spec, sort_keys=True) for r in runs]
+        assert len(set(specs)) == len(runs)  # no two rows train the same thing (e.g. a seed left out)
 
 
 def test_tables_4_and_5_reuse_table_3s_two_stage_run(tmp_path):
