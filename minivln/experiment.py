@@ -43,7 +43,9 @@ from typing import Any
 
 from minivln.config import (
     CONFIG_DIR,
+    RUN_CONFIG,
     ConfigError,
+    config_changes,
     load_config,
     read_yaml,
     resolve_config,
@@ -61,8 +63,10 @@ from minivln.paths import (
     check_writable_dir,
     resolve_data_dir,
 )
+from minivln.training.finetune import FinetuneConfig
 from minivln.training.logging import read_jsonl
 from minivln.training.plot import new_figure, save_png
+from minivln.training.pretrain import PretrainConfig
 
 COMMANDS = ("pretrain", "finetune")
 PATH_KEYS = ("teacher", "features", "objects", "data_dir", "init_checkpoint", "init")
@@ -364,6 +368,48 @@ def is_done(out: Path, job: Job) -> bool:
     return True
 
 
+def adopt_run(recipe: Recipe, out: Path, run: str, src: Path, *, commit: str, note: str = "") -> dict[str, Any]:
+    """Take a run trained outside the driver (e.g. started before its recipe existed) as the recipe's
+    run ``run``: its directory is copied to ``OUT/runs/RUN`` and marked done, so that the rows that need
+    it use it instead of training it again.
+
+    Refused, with one :class:`ConfigError`, unless the run has finished (``SRC/model`` exported) and its
+    saved config is the one the recipe would give it, key by key (paths included; the run directory
+    aside).  ``commit`` is the code the run was trained with (the run directory does not record it); the
+    done mark keeps it, with ``note``."""
+    out, src = Path(out).resolve(), Path(src).resolve()
+    job = next((j for j in plan(recipe, out, repo_root()) if j.name == f"train:{run}"), None)
+    if job is None:
+        raise ConfigError(f"recipe {recipe.name}: no run {run!r} to adopt (its runs: {', '.join(recipe.runs)})")
+    if is_done(out, job) or (out / "runs" / run).exists():
+        raise ConfigError(f"{out / 'runs' / run} exists already: nothing to adopt")
+    exported = src / ("pretrained" if recipe.runs[run].command == "pretrain" else "model")
+    if not (src / RUN_CONFIG).is_file() or not exported.is_dir():
+        raise ConfigError(f"{src} is not a finished run ({src / RUN_CONFIG} and {exported} are needed)")
+    cls = PretrainConfig if recipe.runs[run].command == "pretrain" else FinetuneConfig
+    argv = job.argv[job.argv.index("--out") + 2:]
+    path = None
+    if "--config" in argv:  # the recipe's base config, from this checkout
+        path = repo_root() / recipe.runs[run].config
+        argv = argv[:argv.index("--config")] + argv[argv.index("--config") + 2:]
+    fixed = [f"train.run_dir={src}"]
+    expected = load_config(cls, path, argv + fixed)
+    saved = load_config(cls, src / RUN_CONFIG, fixed)
+    changes = config_changes(expected, saved, ignore=("train.resume",))
+    if changes:
+        raise ConfigError(f"{src} was not trained as the recipe's run {run!r}: "
+                          + "; ".join(f"{k}: recipe {a!r}, run {b!r}" for k, (a, b) in changes.items()))
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{commit}^{{commit}}"], cwd=repo_root(),
+                         capture_output=True, text=True)
+    if sha.returncode != 0:
+        raise ConfigError(f"--adopt-commit {commit!r} is no commit of this repository")
+    shutil.copytree(src, out / "runs" / run)
+    rec = {"job": job.name, "spec": job.spec, "commit": sha.stdout.strip(), "adopted_from": str(src),
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "note": note, "argv": job.argv}
+    atomic_write_text(_done_file(out, job), json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
 def _start(job: Job, out: Path, code: Path, threads: int) -> subprocess.Popen:
     argv = list(job.argv)
     if job.run_dir is not None and job.run_dir.exists():
@@ -603,6 +649,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--commit", default=None, help="code to pin on the first call (default HEAD)")
     p.add_argument("--dry-run", action="store_true", help="print the jobs and their commands, run nothing")
     p.add_argument("--table-only", action="store_true", help="write the table from what has finished")
+    p.add_argument("--adopt", metavar="RUN=DIR", default=None,
+                   help="take DIR, a finished run trained outside this command with the recipe's config of "
+                        "RUN, as RUN (copied into OUT/runs, marked done); needs --adopt-commit; runs nothing")
+    p.add_argument("--adopt-commit", default=None, help="the commit --adopt's run was trained with")
+    p.add_argument("--adopt-note", default="", help="how --adopt's run was trained (kept in its done mark)")
     p.set_defaults(func=_main, extra_positionals="recipe")  # overrides may also follow the options
 
 
@@ -614,6 +665,13 @@ def _main(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     out = Path(args.out).resolve()
+    if args.adopt:
+        run, _, src = args.adopt.partition("=")
+        if not src or not args.adopt_commit:
+            raise ConfigError("--adopt RUN=DIR needs a directory and --adopt-commit COMMIT")
+        rec = adopt_run(recipe, out, run, Path(src), commit=args.adopt_commit, note=args.adopt_note)
+        print(f"adopted {src} as {out / 'runs' / run} (commit {rec['commit'][:12]})")
+        return 0
     if args.dry_run:
         pin = out / "pin.json"
         commit = _read_json(pin, "the pin file").get("commit", "?") if pin.exists() else "(HEAD)"
@@ -651,4 +709,4 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     return ok, write_table(recipe, out, commit)
 
 
-__all__ = ["Recipe", "RowSpec", "RunSpec", "load_recipe", "pin_checkout", "plan", "run_experiment", "write_table"]
+__all__ = ["Recipe", "RowSpec", "RunSpec", "adopt_run", "load_recipe", "pin_checkout", "plan", "run_experiment", "write_table"]

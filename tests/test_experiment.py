@@ -18,6 +18,7 @@ from minivln.data.reverie import ReverieGoals
 from minivln.evaluation.evaluator import Evaluator
 from minivln.experiment import (
     Recipe,
+    adopt_run,
     find_recipe,
     load_recipe,
     pin_checkout,
@@ -191,6 +192,44 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ConfigError, match="another spec"):
         run_experiment(load_recipe(str(path)), out, jobs=2, pin=False)
+
+
+def test_a_run_trained_outside_the_driver_is_adopted_only_when_it_is_the_recipes_run(small_toy, tmp_path):
+    data, feats = small_toy
+    ft = {"model": "duet-cpu", "model_overrides": SMALL, "max_instr_len": 40, "batch_size": 2, "max_action_len": 5,
+          "val_splits": ["val_unseen"], "val_max_episodes": 2,
+          "train": {"max_steps": 1, "log_every": 1, "ckpt_every": 1, "progress": False, "best_metric": "",
+                    "val_every": 0}}
+    recipe = {"name": "tiny", "table": "tiny", "data_dir": str(data), "features": str(feats),
+              "results": str(tmp_path / "table.json"), "submissions": str(tmp_path / "subs"), "max_action_len": 5,
+              "runs": {"a": {"command": "finetune", "overrides": ft}}, "rows": [{"name": "a", "run": "a"}]}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    rec = load_recipe(str(path))
+    out = tmp_path / "exp"
+    job = next(j for j in plan(rec, out, tmp_path) if j.name == "train:a")
+    items = job.argv[job.argv.index("--out") + 2:]
+
+    def train(src, *extra):  # the recipe's run, trained by hand
+        assert cli_main(["finetune", "--out", str(src), *items, *extra]) == 0
+        return src
+
+    with pytest.raises(ConfigError, match="not a finished run"):
+        adopt_run(rec, out, "a", tmp_path / "nothing", commit="HEAD")
+    other = train(tmp_path / "other", "train.seed=5")
+    with pytest.raises(ConfigError, match="train.seed: recipe 0, run 5"):
+        adopt_run(rec, out, "a", other, commit="HEAD")
+    src = train(tmp_path / "by-hand")
+    with pytest.raises(ConfigError, match="no commit"):
+        adopt_run(rec, out, "a", src, commit="no-such-ref")
+    done = adopt_run(rec, out, "a", src, commit="HEAD", note="trained by hand")
+    assert done["note"] == "trained by hand" and (out / "runs" / "a" / "model").is_dir()
+    with pytest.raises(ConfigError, match="exists already"):
+        adopt_run(rec, out, "a", src, commit="HEAD")
+    # the driver takes it as done: it scores it, and trains nothing
+    ok, table = run_experiment(rec, out, jobs=1, pin=False)
+    assert ok and table["rows"][0]["episodes"] == 9
+    assert not (out / "logs" / "train-a.log").exists() and (out / "logs" / "score-a.log").exists()
 
 
 def test_random_walker_of_a_reverie_table_picks_a_visible_object(small_toy):
