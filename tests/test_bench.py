@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from minivln.bench.model import bench_models, make_world, record_episode, run_episode
+from minivln.bench.train import METADATA_OPS, OpCounter, bench_train
 from minivln.cli import main
 from minivln.model import duet as duet_module
 from minivln.model.checkpoint import save_pretrained
-from minivln.model.registry import create_model
+from minivln.model.parity import run_parity
+from minivln.model.registry import create_model, get_config, register_preset
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,8 +122,6 @@ def test_packed_projections_follow_parameter_updates(onednn, monkeypatch):
 def test_onednn_path_keeps_reference_parity(reference_dir, monkeypatch):
     """The wide-layer oneDNN path (used by the bert-base teacher) against the reference episode:
     the fixture network is narrow, so force every layer onto that path."""
-    from minivln.model.parity import run_parity
-
     if not duet_module._ONEDNN_LINEAR:
         pytest.skip("no oneDNN linear in this torch build")
     path = reference_dir / "duet_fixture_r2r.npz"
@@ -134,10 +134,6 @@ def test_onednn_path_keeps_reference_parity(reference_dir, monkeypatch):
 
 def test_bench_train_times_every_preset_and_phase(small_toy, one_thread, capsys):
     """`minivln bench train` on the toy world: both phases, both presets, the same number of timings."""
-    from minivln.bench.train import bench_train
-    from minivln.cli import main
-    from minivln.model.registry import get_config, register_preset
-
     tiny = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_l_layers=1,
                 num_pano_layers=1, num_x_layers=1, image_feat_size=16)
     register_preset("test-bench-a", get_config("duet-cpu", **tiny), "test only")
@@ -164,3 +160,20 @@ def test_bench_train_times_every_preset_and_phase(small_toy, one_thread, capsys)
                       max_action_len=5, quiet=True, optimizer="single", full_batch=True, merge_rollouts=True)
     assert (old["optimizer"], old["full_batch"], old["merge_rollouts"]) == ("single", True, True)
     assert old["phases"]["finetune"]["test-bench-a"]["s_per_it"] > 0
+    # operator counts: a deeper model dispatches more; a merged DAgger iteration fewer (one batch per step)
+    counted = {m: bench_train(["test-bench-a", "test-bench-b"], ["finetune"], str(data), str(feats), iters=1,
+                              warmup=0, batch_size=4, max_action_len=5, quiet=True, count_ops=True,
+                              merge_rollouts=m)["phases"]["finetune"] for m in (False, True)}
+    a, b = counted[False]["test-bench-a"], counted[False]["test-bench-b"]
+    assert 0 < a["compute_ops_per_it"] < a["ops_per_it"] and a["compute_ops_per_it"] < b["compute_ops_per_it"]
+    assert counted[True]["test-bench-a"]["compute_ops_per_it"] < a["compute_ops_per_it"]
+
+
+def test_op_counter_counts_kernels_and_sets_views_aside():
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    with OpCounter() as c:
+        (x @ w.t()).relu().sum().backward()
+    s = c.summary()
+    assert c.counts["aten.mm"] == 3 and c.counts["aten.t"] >= 1  # forward, and both gradients
+    assert s["top_compute_ops"]["aten.mm"] == 3 and "aten.t" not in s["top_compute_ops"]
+    assert s["compute_ops_per_it"] == s["ops_per_it"] - sum(v for k, v in c.counts.items() if k in METADATA_OPS)

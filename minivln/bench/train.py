@@ -18,7 +18,12 @@ the agent's host work).  ``--precision bf16`` runs the forward under ``torch.aut
 the trainer does on a GPU (``train.precision``; on a CPU the trainer always runs fp32).  ``--compile``
 compiles the transformer layers as ``train.compile`` does (:func:`~minivln.model.duet.compile_layers`);
 the warm-up iterations then pay the compilation, and the report keeps their times (``warmup_s``).
-``--optimizer`` picks AdamW's kernels (the trainer's ``auto``: fused), ``--full-batch`` runs the
+``--count-ops`` runs one more, untimed, iteration per preset under a counting dispatch mode and
+reports the aten operators it dispatched (forward, backward and optimizer; ``ops_per_it``), and those
+left once the metadata-only ones (views, transposes, detaches) are set aside (``compute_ops_per_it``):
+a device-independent proxy for the kernel launches that bound a small model's step on a GPU, which a
+CPU can measure (on a CPU some operators decompose further than on CUDA, dropout and masked attention
+among them).  ``--optimizer`` picks AdamW's kernels (the trainer's ``auto``: fused), ``--full-batch`` runs the
 network on every sample at every step as the reference does (the agent's default runs the samples
 still navigating only), ``--merge-rollouts`` runs DAgger's two rollouts as one batch: together they
 reproduce the iteration before and after those changes in one process.  Fine-tuning
@@ -35,10 +40,12 @@ import json
 import platform
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minivln.model.duet import compile_layers
 from minivln.paths import atomic_write_text
@@ -67,6 +74,32 @@ from minivln.training.trainer import (
     move_to,
     param_groups,
 )
+
+METADATA_OPS = frozenset({
+    "aten.view", "aten._unsafe_view", "aten.t", "aten.transpose", "aten.permute", "aten.expand", "aten.select",
+    "aten.slice", "aten.unsqueeze", "aten.squeeze", "aten.detach", "aten.alias", "aten.as_strided",
+    "aten.lift_fresh", "aten.unbind", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.reshape",
+    "aten.expand_as", "aten.view_as", "aten._reshape_alias", "aten.narrow", "aten.unfold", "aten.diagonal",
+})
+"""Operators that only make a new view of existing memory: no kernel runs for them on a GPU."""
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while active (``with OpCounter() as c: ...``; ``c.counts``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def summary(self, top: int = 12) -> dict[str, Any]:
+        compute = Counter({k: v for k, v in self.counts.items() if k not in METADATA_OPS})
+        return {"ops_per_it": sum(self.counts.values()), "compute_ops_per_it": sum(compute.values()),
+                "top_compute_ops": dict(compute.most_common(top))}
+
 
 DEFAULT_PRESETS = ("duet-r2r", "minivln-r2r")
 PHASES = ("pretrain", "finetune")
@@ -148,7 +181,7 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
                 iters: int = 5, warmup: int = 1, device: str = "cpu", threads: int = 1, batch_size: int = 8,
                 max_instr_len: int = 80, max_action_len: int = 15, seed: int = 0, quiet: bool = False,
                 precision: str = "fp32", compile: bool = False, merge_rollouts: bool = False,
-                optimizer: str = "auto", full_batch: bool = False) -> dict[str, Any]:
+                optimizer: str = "auto", full_batch: bool = False, count_ops: bool = False) -> dict[str, Any]:
     """Time ``iters`` iterations per preset and phase (after ``warmup``); see the module docstring."""
 
     if iters < 1 or warmup < 0:
@@ -165,7 +198,7 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": batch_size,
         "precision": precision if dev.type == "cuda" else "fp32", "max_instr_len": max_instr_len, "max_action_len": max_action_len, "iters": iters, "warmup": warmup,
         "compile": compile, "merge_rollouts": merge_rollouts, "optimizer": optimizer, "full_batch": full_batch,
-        "features": features, "phases": {},
+        "count_ops": count_ops, "features": features, "phases": {},
     }
     for phase in phases:
         if phase not in PHASES:
@@ -193,13 +226,19 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
                     warm[p].append(round(dt, 4))
                 if not quiet:
                     print(f"{phase} {p} iteration {i}{' (warm-up)' if i < warmup else ''}: {dt:.2f} s", flush=True)
+        ops: dict[str, dict[str, Any]] = {}
+        if count_ops:  # one more iteration per preset, untimed
+            for p in presets:
+                with OpCounter() as counter:
+                    steps[p](warmup + iters)
+                ops[p] = counter.summary()
         del steps
         ref = statistics.median(times[presets[0]])
         report["phases"][phase] = {
             p: {"s_per_it": statistics.median(t), "it_s": 1.0 / statistics.median(t),
                 "ratio_to_first": statistics.median(t) / ref, "all_s": [round(x, 4) for x in t],
                 "data_s": statistics.median(d for d, _ in parts[p]),
-                "step_s": statistics.median(s for _, s in parts[p]), "warmup_s": warm[p]}
+                "step_s": statistics.median(s for _, s in parts[p]), "warmup_s": warm[p], **ops.get(p, {})}
             for p, t in times.items()
         }
     return report
@@ -214,7 +253,8 @@ def format_report(report: dict[str, Any]) -> str:
         for p, r in rows.items():
             lines.append(f"  {p:<16} {r['s_per_it']:8.3f} s/it  {r['it_s']:7.3f} it/s  "
                          f"x{r['ratio_to_first']:.2f} of the first  (data {r['data_s']:.3f} s + "
-                         f"step {r['step_s']:.3f} s)")
+                         f"step {r['step_s']:.3f} s)"
+                         + (f"  {r['compute_ops_per_it']} ops/it" if "compute_ops_per_it" in r else ""))
     return "\n".join(lines)
 
 
@@ -247,6 +287,8 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     t.add_argument("--full-batch", action="store_true",
                    help="fine-tuning: run the network on every sample at every step, as the reference "
                         "(DUETAgent(compact=False)); the default runs the samples still navigating only")
+    t.add_argument("--count-ops", action="store_true",
+                   help="also count the aten operators of one more (untimed) iteration: a proxy for GPU launches")
     t.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_main)
@@ -258,7 +300,7 @@ def _main(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, max_instr_len=args.max_instr_len,
                          max_action_len=args.max_action_len, seed=args.seed, quiet=args.quiet,
                          precision=args.precision, compile=args.compile, merge_rollouts=args.merge_rollouts,
-                         optimizer=args.optimizer, full_batch=args.full_batch)
+                         optimizer=args.optimizer, full_batch=args.full_batch, count_ops=args.count_ops)
     print(format_report(report))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")
