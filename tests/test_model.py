@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minivln.model.config import DUETConfig
-from minivln.model.duet import DUET, fuse_local_into_global
+from minivln.model.duet import DUET, fuse_local_into_global, pack_views_objects
 from minivln.model.fixture import (
     MASKED_ROWS,
     Fixture,
@@ -255,6 +255,29 @@ def test_objects_packing_and_grounding(obj_size):
         out = model("navigation", nav)
     assert torch.isinf(out["obj_logits"][~vp_obj_masks]).all()
     assert torch.isfinite(out["obj_logits"][vp_obj_masks]).all()
+
+
+def test_pack_views_objects_equals_the_per_sample_loop():
+    """The tensor-only packing against the per-sample slicing it replaced: values and gradients, with
+    samples without objects, a batch without any object and a sample that fills all n rows."""
+    torch.manual_seed(0)
+
+    def loop(v, o, vl, ol, n):
+        rows = [torch.cat([v[b, :vl[b]], o[b, :ol[b]]]) for b in range(v.size(0))]
+        return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, n - r.size(0))) for r in rows])
+
+    for vl, ol, n_obj in (([3, 1, 2], [2, 0, 4], 4), ([2, 3, 1], [0, 0, 0], 0), ([3], [4], 4)):
+        vl, ol = torch.tensor(vl), torch.tensor(ol)
+        n = int((vl + ol).max())
+        views = torch.randn(len(vl), 3, 8, requires_grad=True)
+        objs = torch.randn(len(vl), n_obj, 8, requires_grad=True)
+        got, want = pack_views_objects(views, objs, vl, ol, n), loop(views, objs, vl.tolist(), ol.tolist(), n)
+        assert torch.equal(got, want)
+        w = torch.randn_like(got)
+        g1 = torch.autograd.grad((got * w).sum(), (views, objs), allow_unused=True)
+        g2 = torch.autograd.grad((want * w).sum(), (views, objs), allow_unused=True)
+        for a, b in zip(g1, g2):
+            assert torch.equal(a if a is not None else torch.zeros_like(b), b if b is not None else torch.zeros_like(a))
 
 
 # ----------------------------------------------------------------------------- registry

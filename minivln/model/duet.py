@@ -222,6 +222,25 @@ def attend(
     return probs @ v
 
 
+def pack_views_objects(views: Tensor, objects: Tensor, view_lens: Tensor, obj_lens: Tensor, n: int) -> Tensor:
+    """Per sample its first ``view_lens`` rows of ``views`` (B, V, H), then its first ``obj_lens``
+    rows of ``objects`` (B, O, H), zero-padded to ``n`` rows: (B, n, H).
+
+    Gathers and selects on tensors only (no per-sample loop, no host sync), so that it traces into
+    an exported graph with dynamic shapes; every output row is a copy of one input row or zero."""
+    b, _, h = views.shape
+    if objects.size(1) == 0:  # no object anywhere in the batch: nothing to gather from
+        objects = views.new_zeros(b, 1, h)
+    j = torch.arange(n, device=views.device)[None, :]
+    vl, ol = view_lens.to(views.device)[:, None], obj_lens.to(views.device)[:, None]
+    vi = j.clamp(max=views.size(1) - 1).expand(b, n)
+    oi = (j - vl).clamp(min=0, max=objects.size(1) - 1)
+    v = views.gather(1, vi[..., None].expand(b, n, h))
+    o = objects.gather(1, oi[..., None].expand(b, n, h))
+    zero = views.new_zeros(())
+    return torch.where((j < vl)[..., None], v, torch.where((j < vl + ol)[..., None], o, zero))
+
+
 # ============================================================================ BERT building blocks
 
 
@@ -894,11 +913,7 @@ class DUET(nn.Module):
             if obj_lens is None:
                 raise ValueError("obj_img_fts given without obj_lens")
             obj_embeds = emb.embed_objects(self.feat_dropout(obj_img_fts))
-            rows = []
-            for v, o, vl, ol in zip(view_embeds, obj_embeds, view_lens.tolist(), obj_lens.tolist()):
-                packed = torch.cat([v[:vl], o[:ol]], dim=0)
-                rows.append(F.pad(packed, (0, 0, 0, n - packed.size(0))))
-            img_embeds = torch.stack(rows)
+            img_embeds = pack_views_objects(view_embeds, obj_embeds, view_lens, obj_lens, n)
             pano_lens = view_lens + obj_lens
         else:
             img_embeds = view_embeds
