@@ -185,13 +185,41 @@ def test_navigate_compare_and_max_episodes(tiny, small_toy, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("minivln: error: navigate: --compare")
 
 
-def test_objects_and_bad_input_are_one_line_errors(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("obj_size", [SMALL["image_feat_size"], 24])  # shared / separate object projection
+def test_models_with_objects_export_with_object_inputs_and_scores(obj_size, tmp_path, one_thread):
+    """REVERIE models: the panorama graph packs views then objects (any number of objects, none
+    included), the navigation graph adds obj_logits; fp32 equals eager on shapes other than the traced
+    one, int8 is close, and the runtime gives no object scores where the torch model gives none."""
+    torch.manual_seed(0)
+    model = create_model("duet-cpu", **SMALL, obj_feat_size=obj_size).eval()
+    manifest = export_model(model, tmp_path / "exp", check=True).manifest
+    assert manifest["objects"] and manifest["inputs"]["panorama"][-2:] == ["obj_img_fts", "obj_lens"]
+    assert manifest["inputs"]["navigation"][-1] == "vp_obj_masks" and manifest["outputs"]["navigation"][-1] == "obj_logits"
+    assert max(manifest["check"]["max_abs_diff"]["fp32"].values()) < TOL, manifest["check"]
+    ort_model = OnnxRuntimeDUET(tmp_path / "exp", "fp32", threads=1)
+    for k, shape in enumerate(SHAPES):
+        batches = example_batches(model, *shape, seed=10 + k)
+        diffs = _diffs(model, ort_model, batches)
+        assert "navigation.obj_logits" in diffs and max(diffs.values()) < TOL, (shape, diffs)
+    # a batch without any object (O = 0), and a model with objects shown none: as eager
+    pano = dict(example_batches(model, *SHAPES[0], seed=12)["panorama"])
+    pano.update(obj_img_fts=pano["obj_img_fts"][:, :0], obj_lens=torch.zeros_like(pano["obj_lens"]),
+                nav_types=pano["nav_types"].masked_fill(pano["nav_types"] == 2, 0))
+    v = pano["view_img_fts"].size(1)
+    views_only = {"view_img_fts": pano["view_img_fts"], "loc_fts": pano["loc_fts"][:, :v],
+                  "nav_types": pano["nav_types"][:, :v], "view_lens": pano["view_lens"]}
+    for batch in (pano, views_only):
+        ref, got = _outputs(model, "panorama", batch), ort_model("panorama", batch)
+        assert max_abs_diff(ref["pano_embeds"], got[0].numpy()) < TOL and np.array_equal(ref["pano_masks"], got[1].numpy())
+    nav = {k: v for k, v in batches["navigation"].items() if k != "vp_obj_masks"}
+    assert ort_model("navigation", nav)["obj_logits"] is None
+
+
+def test_bad_input_is_one_line_errors(tiny, tmp_path, capsys):
     _, root = tiny
-    with pytest.raises(UnsupportedModelError, match="object tokens"):
-        tensor_modes(create_model("duet-cpu", **SMALL, obj_feat_size=16))
-    save_pretrained(create_model("duet-cpu", **SMALL, obj_feat_size=16), tmp_path / "reverie")
+    with pytest.raises(UnsupportedModelError, match="expected a DUET network"):
+        tensor_modes(torch.nn.Linear(2, 2))
     cases = [
-        ["export", str(tmp_path / "reverie"), "--out", str(tmp_path / "x1")],  # objects
         ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x2")],  # no checkpoint
         ["export", str(root / "model"), "--out", str(root / "export")],  # not empty
     ]
@@ -200,7 +228,6 @@ def test_objects_and_bad_input_are_one_line_errors(tiny, tmp_path, capsys):
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("minivln: error: ") and "Traceback" not in err, (argv, err)
-    assert not (tmp_path / "x1" / "export.json").exists()
     (root / "export-bad").mkdir()
     (root / "export-bad" / "export.json").write_text('{"format_version": 0}')
     with pytest.raises(Exception, match="export format"):

@@ -34,6 +34,7 @@ from minivln.features.hdf5 import (
     ObjectFeatureWriter,
 )
 from minivln.model.agent_inputs import build_panorama_inputs
+from minivln.model.checkpoint import save_pretrained
 from minivln.model.registry import create_model
 from minivln.training.agent import (
     IGNORE,
@@ -384,3 +385,29 @@ def test_finetune_reverie_cli_end_to_end(toy, tmp_path, capsys):
         assert cli_main(["finetune", "--out", str(run), "--resume", *over3]) == 0
     assert [r["step"] for r in read_jsonl(run / "log.jsonl") if r.get("kind") == "train"] == [1, 2, 3]
     capsys.readouterr()
+
+
+def test_reverie_on_onnx_runtime_gives_the_torch_episodes(toy, tmp_path):
+    """``minivln navigate --task reverie --backend onnxruntime``: the exported graphs (object tokens
+    packed in the panorama graph, obj_logits from the navigation graph) give the torch backend's
+    trajectories and object choices, episode for episode; ``--compare`` checks every call."""
+    pytest.importorskip("onnx", reason="onnx not installed (optional extra: pip install -e '.[deploy]')")
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (optional extra)")
+    data, feats, objs = toy
+    torch.manual_seed(3)
+    save_pretrained(create_model("duet-cpu-reverie", **TINY), tmp_path / "model")
+
+    def navigate(backend: str, *extra: str) -> list[dict]:
+        out = tmp_path / backend
+        assert cli_main(["navigate", "--checkpoint", str(tmp_path / "model"), "--task", "reverie", "--split",
+                         "val_unseen", "--data-dir", str(data), "--features", str(feats), "--objects", str(objs),
+                         "--out", str(out), "--backend", backend, "--batch-size", "2", "--threads", "1",
+                         *extra]) == 0
+        return json.loads((out / "submission_val_unseen.json").read_text())
+
+    ref = navigate("torch")
+    assert len(ref) == 7 and all("predObjId" in e for e in ref)
+    assert any(len(e["trajectory"]) > 1 for e in ref)  # some episodes move: several steps compared
+    assert navigate("onnxruntime", "--compare") == ref
+    report = json.loads((tmp_path / "onnxruntime" / "compare_val_unseen.json").read_text())
+    assert report["within_tolerance"] and "navigation.obj_logits" in report["max_abs_diff"], report

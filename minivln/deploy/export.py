@@ -41,11 +41,11 @@ from minivln import __version__
 from minivln.model.checkpoint import save_pretrained
 from minivln.model.duet import DUET
 from minivln.model.tensor_modes import (
-    DYNAMIC_AXES,
-    INPUTS,
     MODES,
-    OUTPUTS,
     check_tensor_modes,
+    dynamic_axes,
+    mode_inputs,
+    mode_outputs,
     navigation_tensors,
     tensor_modes,
     text_layers,
@@ -58,6 +58,7 @@ OPSET = 17
 VARIANTS = ("fp32", "int8")
 # Shapes (batch, text tokens, panorama tokens, map slots) of the traced inputs and of the checks.
 TRACE_SHAPE = (2, 9, 13, 6)
+EXAMPLE_OBJECTS = 3  # object tokens among an example panorama's tokens, for models with objects
 CHECK_SHAPES = ((3, 14, 17, 8), (1, 5, 11, 3))
 
 
@@ -85,9 +86,12 @@ def example_batches(model: DUET, batch: int, text: int, pano: int, slots: int, s
     included) and chained through the eager model as the agent chains them (the navigation batch
     holds the language and panorama outputs), with padding in every sample after the first.
 
-    ``pano`` panorama tokens (views only, as R2R), ``slots`` global map slots ([stop] included)."""
+    ``pano`` panorama tokens, ``slots`` global map slots ([stop] included).  For a model with object
+    tokens (REVERIE) the last :data:`EXAMPLE_OBJECTS` tokens are objects (fewer, or none, in the
+    samples after the first), and the navigation batch marks them in ``vp_obj_masks``."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
+    n_obj = EXAMPLE_OBJECTS if cfg.use_objects else 0
 
     def lens(n: int, low: int) -> torch.Tensor:
         return torch.tensor([n] + [int(torch.randint(low, n + 1, (1,), generator=g)) for _ in range(batch - 1)])
@@ -97,8 +101,8 @@ def example_batches(model: DUET, batch: int, text: int, pano: int, slots: int, s
 
     txt_masks = masks(lens(text, 2), text)
     txt_ids = torch.randint(1, cfg.vocab_size, (batch, text), generator=g).masked_fill(~txt_masks, 0)
-    view_lens = lens(pano, 1)
-    view_masks = masks(view_lens, pano)
+    view_lens = lens(pano - n_obj, 1)
+    view_masks = masks(view_lens, pano - n_obj)
     slot_lens = lens(slots, 2)
     # node ids: slot j > 0 shows node j, slot 1 is the current node (visited); candidate row r > 0
     # (navigable) shows node r, so visited candidates, adjacent and non-adjacent ghosts all occur.
@@ -108,11 +112,21 @@ def example_batches(model: DUET, batch: int, text: int, pano: int, slots: int, s
     nav_types = (torch.arange(pano)[None] < n_cands[:, None]).long()
     language = {"txt_ids": txt_ids, "txt_masks": txt_masks}
     panorama = {
-        "view_img_fts": torch.randn(batch, pano, cfg.image_feat_size, generator=g) * view_masks[..., None],
+        "view_img_fts": torch.randn(batch, pano - n_obj, cfg.image_feat_size, generator=g) * view_masks[..., None],
         "loc_fts": torch.randn(batch, pano, cfg.angle_feat_size + cfg.obj_loc_size, generator=g),
         "nav_types": nav_types,
         "view_lens": view_lens,
     }
+    if n_obj:  # objects follow each sample's views (packed), typed 2
+        obj_lens = torch.tensor([n_obj] + [int(torch.randint(0, n_obj + 1, (1,), generator=g))
+                                           for _ in range(batch - 1)])
+        panorama["obj_img_fts"] = (torch.randn(batch, n_obj, cfg.obj_feat_size, generator=g)
+                                   * masks(obj_lens, n_obj)[..., None])
+        panorama["obj_lens"] = obj_lens
+        j = torch.arange(pano)[None]
+        is_obj = (j >= view_lens[:, None]) & (j < (view_lens + obj_lens)[:, None])
+        nav_types = nav_types.masked_fill(is_obj, 2)
+        panorama["nav_types"] = nav_types
     with torch.no_grad():
         txt_embeds = model("language", language)
         pano_embeds, pano_masks = model("panorama", panorama)
@@ -141,11 +155,13 @@ def example_batches(model: DUET, batch: int, text: int, pano: int, slots: int, s
         "vp_nav_masks": torch.cat([torch.ones(batch, 1, dtype=torch.bool), nav_types == 1], 1),
         "vp_cand_vpids": vp_cand_vpids,
     }
+    if n_obj:
+        navigation["vp_obj_masks"] = torch.cat([torch.zeros(batch, 1, dtype=torch.bool), nav_types == 2], 1)
     return {"language": language, "panorama": panorama, "navigation": navigation}
 
 
 def entry_inputs(model: DUET, batches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensor-only entry points' inputs (by mode, in :data:`INPUTS` order) for
+    """The tensor-only entry points' inputs (by mode, in :func:`mode_inputs` order) for
     :func:`example_batches`' batches; the text cache comes from the eager ``text_kv`` entry point."""
     nav = batches["navigation"]
     with torch.no_grad():
@@ -154,10 +170,10 @@ def entry_inputs(model: DUET, batches: dict[str, dict[str, Any]]) -> dict[str, d
         "language": dict(batches["language"]),
         "text_kv": {"txt_embeds": nav["txt_embeds"]},
         "panorama": dict(batches["panorama"]),
-        "navigation": navigation_tensors(nav, txt_kv, nav["txt_masks"]),
+        "navigation": navigation_tensors(nav, txt_kv, nav["txt_masks"], model.config.use_objects),
     }
     for mode in MODES:
-        assert tuple(out[mode]) == INPUTS[mode], mode
+        assert tuple(out[mode]) == mode_inputs(model, mode), mode
     return out
 
 
@@ -165,8 +181,9 @@ def entry_inputs(model: DUET, batches: dict[str, dict[str, Any]]) -> dict[str, d
 
 
 def _export_graph(module: torch.nn.Module, mode: str, args: tuple, path: Path) -> None:
-    names_in, names_out = list(INPUTS[mode]), list(OUTPUTS[mode])
-    axes = {n: DYNAMIC_AXES[n] for n in names_in + names_out}
+    names_in, names_out = list(mode_inputs(module.model, mode)), list(mode_outputs(module.model, mode))
+    all_axes = dynamic_axes(module.model)
+    axes = {n: all_axes[n] for n in names_in + names_out}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer notes
         torch.onnx.export(module, args, str(path), dynamo=False, input_names=names_in, output_names=names_out,
@@ -245,9 +262,10 @@ def export_model(
         "opset": OPSET,
         "export_seconds": round(time.perf_counter() - started, 2),
         "graphs": graphs,
-        "inputs": {m: list(INPUTS[m]) for m in MODES},
-        "outputs": {m: list(OUTPUTS[m]) for m in MODES},
-        "dynamic_axes": {n: {str(k): v for k, v in axes.items()} for n, axes in DYNAMIC_AXES.items()},
+        "inputs": {m: list(mode_inputs(model, m)) for m in MODES},
+        "outputs": {m: list(mode_outputs(model, m)) for m in MODES},
+        "objects": model.config.use_objects,
+        "dynamic_axes": {n: {str(k): v for k, v in axes.items()} for n, axes in dynamic_axes(model).items()},
         "text_kv_layers": {"global": n_global, "local": n_local},
         "quantization": {"method": "onnxruntime.quantization.quantize_dynamic", "op_types": ["MatMul", "Gemm"],
                          "weight_type": "QInt8", "per_channel": per_channel} if int8 else None,

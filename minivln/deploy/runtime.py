@@ -4,8 +4,9 @@
 :class:`~minivln.training.agent.DUETAgent` and :func:`~minivln.training.agent.run_agent`: the same
 ``model(mode, batch)`` calls with the same batch dicts (node-id lists included) give the same
 outputs (torch tensors on the CPU), and ``precompute_text_kv`` gives the per-episode text cache
-(:class:`OnnxTextKV`, accepted as ``batch['txt_kv']``).  Inference only: no taps, no gradient, no
-object tokens.
+(:class:`OnnxTextKV`, accepted as ``batch['txt_kv']``).  Inference only: no taps, no gradient.
+Models with object tokens (REVERIE) take ``obj_img_fts``/``obj_lens`` in the panorama call and give
+``obj_logits`` in the navigation call, as the torch model does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from minivln.model.checkpoint import CONFIG_NAME
 from minivln.model.config import DUETConfig
 from minivln.model.tensor_modes import (
     MODES,
-    NAVIGATION_OUTPUTS,
     UnsupportedModelError,
     navigation_tensors,
 )
@@ -100,6 +100,8 @@ class OnnxRuntimeDUET:
         self._types = {
             mode: {i.name: _NUMPY_TYPES[i.type] for i in sess.get_inputs()} for mode, sess in self.sessions.items()
         }
+        self._outputs = {mode: [o.name for o in sess.get_outputs()] for mode, sess in self.sessions.items()}
+        self._objects = "obj_img_fts" in self._types["panorama"]
 
     # the parts of nn.Module the agent and the commands use
     def parameters(self) -> Iterator[torch.nn.Parameter]:
@@ -133,8 +135,13 @@ class OnnxRuntimeDUET:
         if mode == "language":
             return self.run("language", batch)[0]
         if mode == "panorama":
-            if batch.get("obj_img_fts") is not None:
+            has_objects = batch.get("obj_img_fts") is not None
+            if has_objects and not self._objects:
                 raise UnsupportedModelError("the exported panorama graph takes no object tokens")
+            if self._objects and not has_objects:  # a model with objects, shown none
+                b = batch["view_img_fts"].shape[0]
+                batch = {**batch, "obj_img_fts": np.zeros((b, 0, self.config.obj_feat_size), np.float32),
+                         "obj_lens": np.zeros(b, np.int64)}
             pano_embeds, pano_masks = self.run("panorama", batch)
             return pano_embeds, pano_masks
         if mode == "navigation":
@@ -144,8 +151,10 @@ class OnnxRuntimeDUET:
             if not isinstance(text, OnnxTextKV):
                 raise TypeError(f"batch['txt_kv'] must come from this model's precompute_text_kv, "
                                 f"got {type(text).__name__}")
-            outs = dict(zip(NAVIGATION_OUTPUTS, self.run("navigation", navigation_tensors(batch, text.txt_kv, text.txt_masks))))
-            outs["obj_logits"] = None
+            inputs = navigation_tensors(batch, text.txt_kv, text.txt_masks, self._objects)
+            outs = dict(zip(self._outputs["navigation"], self.run("navigation", inputs)))
+            if batch.get("vp_obj_masks") is None:  # as the torch model: no object scores without the masks
+                outs["obj_logits"] = None
             return outs
         raise ValueError(f"unknown mode {mode!r} (expected language, panorama or navigation)")
 

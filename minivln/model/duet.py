@@ -229,8 +229,9 @@ def pack_views_objects(views: Tensor, objects: Tensor, view_lens: Tensor, obj_le
     Gathers and selects on tensors only (no per-sample loop, no host sync), so that it traces into
     an exported graph with dynamic shapes; every output row is a copy of one input row or zero."""
     b, _, h = views.shape
-    if objects.size(1) == 0:  # no object anywhere in the batch: nothing to gather from
-        objects = views.new_zeros(b, 1, h)
+    # a zero row after the objects: a batch without any object still has a row to gather from (no
+    # Python branch on the shape, so that a traced graph takes any number of objects, none included)
+    objects = torch.cat([objects.to(views.dtype), views.new_zeros(b, 1, h)], dim=1)
     j = torch.arange(n, device=views.device)[None, :]
     vl, ol = view_lens.to(views.device)[:, None], obj_lens.to(views.device)[:, None]
     vi = j.clamp(max=views.size(1) - 1).expand(b, n)

@@ -13,19 +13,24 @@ entry point    inputs                                           outputs
 ``text_kv``    txt_embeds (B, L, H)                             txt_kv (2X, B, heads, L, H/heads)
 ``panorama``   view_img_fts (B, N, D), loc_fts (B, N, A+3),     pano_embeds (B, N, H),
                nav_types (B, N) int64, view_lens (B,) int64     pano_masks (B, N) bool
+               [+ obj_img_fts (B, O, D_obj), obj_lens (B,)]
 ``navigation`` txt_kv, txt_masks, the ``gmap_*`` and ``vp_*``   gmap_embeds, vp_embeds,
                tensors of the batch, and the fusion indices     global_logits, local_logits,
                cand_row, backtrack, bw_rows (see                fused_logits, fuse_weights
-               :func:`~minivln.model.duet.fusion_indices`)
+               :func:`~minivln.model.duet.fusion_indices`)      [+ obj_logits (B, M)]
+               [+ vp_obj_masks (B, M) bool]
 =============  ===============================================  ====================================
+
+The bracketed inputs and outputs are those of models with object tokens (REVERIE): their panorama
+packs each sample's views then its objects (:func:`~minivln.model.duet.pack_views_objects`, gathers
+only), and their navigation scores the local tokens as objects too (``obj_logits``, -inf where
+``vp_obj_masks`` is False).  :func:`mode_inputs` / :func:`mode_outputs` give a model's names.
 
 ``text_kv`` is the per-episode text key/value cache (:meth:`DUET.precompute_text_kv`) as one tensor:
 keys then values of every cross-modal layer, the global branch's layers first (X = both branches'
 layers).  :func:`navigation_tensors` turns a navigation batch dict (with its id lists) into the
 navigation inputs, in :data:`NAVIGATION_INPUTS` order.
 
-Models with object tokens (REVERIE) are not supported yet: :func:`check_tensor_modes` raises
-:class:`UnsupportedModelError` for them (their panorama packs views and objects per sample).
 """
 
 from __future__ import annotations
@@ -61,9 +66,13 @@ INPUTS = {"language": LANGUAGE_INPUTS, "text_kv": TEXT_KV_INPUTS, "panorama": PA
           "navigation": NAVIGATION_INPUTS}
 OUTPUTS = {"language": LANGUAGE_OUTPUTS, "text_kv": TEXT_KV_OUTPUTS, "panorama": PANORAMA_OUTPUTS,
            "navigation": NAVIGATION_OUTPUTS}
+OBJECT_INPUTS = {"panorama": ("obj_img_fts", "obj_lens"), "navigation": ("vp_obj_masks",)}
+OBJECT_OUTPUTS = {"navigation": ("obj_logits",)}
+"""What models with object tokens add, after the inputs and outputs above."""
 
 # Variable axes of every input and output (axis -> name); the other axes are fixed by the config.
-# B: batch, L: instruction tokens, N: panorama tokens, G: global map slots, M: local tokens (N + 1).
+# B: batch, L: instruction tokens, N: panorama tokens, G: global map slots, M: local tokens (N + 1);
+# with object tokens, O: objects and V: views (see dynamic_axes).
 DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "txt_ids": {0: "B", 1: "L"}, "txt_masks": {0: "B", 1: "L"}, "txt_embeds": {0: "B", 1: "L"},
     "txt_kv": {1: "B", 3: "L"},
@@ -78,6 +87,8 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "gmap_embeds": {0: "B", 1: "G"}, "vp_embeds": {0: "B", 1: "M"},
     "global_logits": {0: "B", 1: "G"}, "local_logits": {0: "B", 1: "M"},
     "fused_logits": {0: "B", 1: "G"}, "fuse_weights": {0: "B"},
+    "obj_img_fts": {0: "B", 1: "O"}, "obj_lens": {0: "B"}, "vp_obj_masks": {0: "B", 1: "M"},
+    "obj_logits": {0: "B", 1: "M"},
 }  # fmt: skip
 
 
@@ -90,11 +101,24 @@ def check_tensor_modes(model: DUET) -> None:
     """Raise :class:`UnsupportedModelError` unless ``model`` can run through these entry points."""
     if not isinstance(model, DUET):
         raise UnsupportedModelError(f"expected a DUET network, got {type(model).__name__}")
-    if model.config.use_objects:
-        raise UnsupportedModelError(
-            f"models with object tokens (REVERIE, obj_feat_size={model.config.obj_feat_size}) have no "
-            "tensor-only entry points yet; only models without objects (R2R) can be exported"
-        )
+
+
+def mode_inputs(model: DUET, mode: str) -> tuple[str, ...]:
+    """The input names of ``model``'s entry point ``mode``, in order (object inputs last)."""
+    return INPUTS[mode] + (OBJECT_INPUTS.get(mode, ()) if model.config.use_objects else ())
+
+
+def dynamic_axes(model: DUET) -> dict[str, dict[int, str]]:
+    """:data:`DYNAMIC_AXES` for ``model``: with object tokens the views are V of the N panorama
+    tokens (N = V + O after packing), so ``view_img_fts``' second axis is V, not N."""
+    if not model.config.use_objects:
+        return dict(DYNAMIC_AXES)
+    return {**DYNAMIC_AXES, "view_img_fts": {0: "B", 1: "V"}}
+
+
+def mode_outputs(model: DUET, mode: str) -> tuple[str, ...]:
+    """The output names of ``model``'s entry point ``mode``, in order (object outputs last)."""
+    return OUTPUTS[mode] + (OBJECT_OUTPUTS.get(mode, ()) if model.config.use_objects else ())
 
 
 def text_layers(model: DUET) -> tuple[int, int]:
@@ -136,16 +160,18 @@ def unstack_text_kv(model: DUET, txt_kv: Tensor, txt_masks: Tensor) -> TextKV:
 
 
 class PanoramaMode(_Mode):
-    """``'panorama'`` (views only): (view_img_fts, loc_fts, nav_types, view_lens) -> (pano_embeds, pano_masks)."""
+    """``'panorama'``: (view_img_fts, loc_fts, nav_types, view_lens[, obj_img_fts, obj_lens]) ->
+    (pano_embeds, pano_masks)."""
 
-    def forward(self, view_img_fts: Tensor, loc_fts: Tensor, nav_types: Tensor, view_lens: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, view_img_fts: Tensor, loc_fts: Tensor, nav_types: Tensor, view_lens: Tensor,
+                obj_img_fts: Tensor | None = None, obj_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with plain_ops():
-            return self.model.forward_panorama(view_img_fts, loc_fts, nav_types, view_lens)
+            return self.model.forward_panorama(view_img_fts, loc_fts, nav_types, view_lens, obj_img_fts, obj_lens)
 
 
 class NavigationMode(_Mode):
     """``'navigation'`` on the text cache, the map tensors and the fusion indices; outputs in
-    :data:`NAVIGATION_OUTPUTS` order."""
+    :func:`mode_outputs` order (``obj_logits`` last, for models with object tokens)."""
 
     def forward(
         self,
@@ -164,6 +190,7 @@ class NavigationMode(_Mode):
         cand_row: Tensor,
         backtrack: Tensor,
         bw_rows: Tensor,
+        vp_obj_masks: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         m = self.model
         with plain_ops():
@@ -174,8 +201,9 @@ class NavigationMode(_Mode):
                 gmap_visited_masks=gmap_visited_masks, gmap_vpids=[],
                 vp_img_embeds=vp_img_embeds, vp_pos_fts=vp_pos_fts, vp_masks=vp_masks,
                 vp_nav_masks=vp_nav_masks, vp_cand_vpids=[], fusion_idx=(cand_row, backtrack, bw_rows),
+                vp_obj_masks=vp_obj_masks,
             )
-        return tuple(out[name] for name in NAVIGATION_OUTPUTS)
+        return tuple(out[name] for name in mode_outputs(m, "navigation"))
 
 
 def tensor_modes(model: DUET) -> dict[str, nn.Module]:
@@ -184,13 +212,19 @@ def tensor_modes(model: DUET) -> dict[str, nn.Module]:
             "panorama": PanoramaMode(model), "navigation": NavigationMode(model)}
 
 
-def navigation_tensors(batch: Mapping[str, Any], txt_kv: Tensor, txt_masks: Tensor) -> dict[str, Tensor]:
-    """The navigation entry point's inputs (:data:`NAVIGATION_INPUTS` order) from a navigation batch
-    dict (the agent's or the fixture's, with its node-id lists), the stacked text cache and its
-    mask: the id lists become the fusion indices (:func:`~minivln.model.duet.fusion_indices`)."""
+def navigation_tensors(batch: Mapping[str, Any], txt_kv: Tensor, txt_masks: Tensor,
+                       with_objects: bool = False) -> dict[str, Tensor]:
+    """The navigation entry point's inputs (:data:`NAVIGATION_INPUTS` order, then ``vp_obj_masks``
+    ``with_objects``: all False when the batch has none) from a navigation batch dict (the agent's or
+    the fixture's, with its node-id lists), the stacked text cache and its mask: the id lists become
+    the fusion indices (:func:`~minivln.model.duet.fusion_indices`)."""
     cand_row, backtrack, bw_rows = fusion_indices(
         batch["gmap_vpids"], batch["gmap_visited_masks"], batch["vp_cand_vpids"], batch["vp_masks"].size(1)
     )
     given = {"txt_kv": txt_kv, "txt_masks": txt_masks, "cand_row": cand_row, "backtrack": backtrack,
              "bw_rows": bw_rows}
-    return {name: given[name] if name in given else batch[name] for name in NAVIGATION_INPUTS}
+    out = {name: given[name] if name in given else batch[name] for name in NAVIGATION_INPUTS}
+    if with_objects:
+        masks = batch.get("vp_obj_masks")
+        out["vp_obj_masks"] = masks if masks is not None else torch.zeros_like(batch["vp_masks"])
+    return out
