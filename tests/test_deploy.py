@@ -26,7 +26,7 @@ from minivln.deploy.export import (  # noqa: E402
 )
 from minivln.deploy.runtime import OnnxRuntimeDUET  # noqa: E402
 from minivln.model.checkpoint import save_pretrained  # noqa: E402
-from minivln.model.fixture import outputs_as_dict, run_fixture  # noqa: E402
+from minivln.model.fixture import load_fixture, outputs_as_dict, run_fixture  # noqa: E402
 from minivln.model.registry import create_model  # noqa: E402
 from minivln.model.tensor_modes import UnsupportedModelError, tensor_modes  # noqa: E402
 
@@ -121,6 +121,20 @@ def test_fixture_calls_within_1e4(fixture, tmp_path, one_thread):
     assert not failed, failed
     compared = {c.name for checks in report.values() for c in checks}
     assert {"txt_embeds", "pano_embeds", "gmap_embeds", "vp_embeds", "fused_logits"} <= compared
+
+
+def test_reverie_fixture_calls_within_1e4(reference_dir, tmp_path, one_thread):
+    """The reference REVERIE episode (object tokens, 0-5 objects per viewpoint, OG logits at every
+    call) through the exported graphs: every recorded output within 1e-4, obj_logits included."""
+    path = reference_dir / "duet_fixture_reverie.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    fx = load_fixture(path)
+    export_model(fx.build_model(), tmp_path / "fx", int8=False, check=False)
+    report = run_fixture(OnnxRuntimeDUET(tmp_path / "fx", "fp32", threads=1), fx, atol=TOL)
+    failed = [(call, c) for call, checks in report.items() for c in checks if not c.ok]
+    assert not failed, failed
+    assert {"pano_embeds", "obj_logits", "fused_logits"} <= {c.name for checks in report.values() for c in checks}
 
 
 def test_int8_runs_and_is_close(tiny):
