@@ -210,6 +210,8 @@ def test_models_with_objects_export_with_object_inputs_and_scores(obj_size, tmp_
     assert manifest["objects"] and manifest["inputs"]["panorama"][-2:] == ["obj_img_fts", "obj_lens"]
     assert manifest["inputs"]["navigation"][-1] == "vp_obj_masks" and manifest["outputs"]["navigation"][-1] == "obj_logits"
     assert max(manifest["check"]["max_abs_diff"]["fp32"].values()) < TOL, manifest["check"]
+    int8 = manifest["check"]["max_abs_diff"]["int8"]  # -inf at the same places (else inf), and close
+    assert TOL < max(int8.values()) < 0.1, int8
     ort_model = OnnxRuntimeDUET(tmp_path / "exp", "fp32", threads=1)
     for k, shape in enumerate(SHAPES):
         batches = example_batches(model, *shape, seed=10 + k)
