@@ -19,9 +19,9 @@ bench() {  # name args...
   echo "== $name rc=${PIPESTATUS[0]} $SECONDS s"
 }
 F="--phases finetune --batch-size 8 --iters 3 --warmup 1"
-bench ft-before $F --full-batch --optimizer foreach          # the iteration as it was (torch's CUDA default AdamW)
+bench ft-before $F --full-batch --optimizer foreach --count-ops         # the iteration as it was (torch's CUDA default AdamW)
 bench ft-compact $F                                          # compaction + fused AdamW (the defaults now)
-bench ft-merged $F --merge-rollouts                          # + DAgger's two rollouts as one batch
+bench ft-merged $F --merge-rollouts --count-ops                        # + DAgger's two rollouts as one batch
 T="--phases pretrain --batch-size 64 --iters 10 --warmup 4"
 bench pt-foreach $T --optimizer foreach
 bench pt-fused $T
