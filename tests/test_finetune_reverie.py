@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minivln.bench.episodes import bench_real
 from minivln.cli import main as cli_main
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
@@ -36,6 +37,7 @@ from minivln.features.hdf5 import (
 from minivln.model.agent_inputs import build_panorama_inputs
 from minivln.model.checkpoint import save_pretrained
 from minivln.model.registry import create_model
+from minivln.paths import DataError
 from minivln.training.agent import (
     IGNORE,
     DUETAgent,
@@ -411,3 +413,33 @@ def test_reverie_on_onnx_runtime_gives_the_torch_episodes(toy, tmp_path):
     assert navigate("onnxruntime", "--compare") == ref
     report = json.loads((tmp_path / "onnxruntime" / "compare_val_unseen.json").read_text())
     assert report["within_tolerance"] and "navigation.obj_logits" in report["max_abs_diff"], report
+
+
+def test_bench_real_reverie_episodes_with_objects(toy, tmp_path):
+    """``bench model --episodes real --task reverie``: REVERIE instructions replayed with their
+    objects on torch and ONNX Runtime, the same work on both (object shapes included); a model
+    without objects, or REVERIE without an object file, is refused before any work."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (optional extra)")
+    data, feats, objs = toy
+    torch.manual_seed(0)
+    save_pretrained(create_model("duet-cpu-reverie", **TINY), tmp_path / "rev")
+    report = bench_real([], [1], checkpoints=[f"rev={tmp_path / 'rev'}"], data_dir=data, features=feats,
+                        objects=objs, task="reverie", instructions=2, repeats=1, warmup=0, threads=1,
+                        backends=["torch", "onnxruntime"])
+    assert report["settings"]["task"] == "reverie" and report["settings"]["object_kind"] == "stand-in"
+    rows = report["results"]
+    assert [r["label"] for r in rows] == ["rev", "rev:onnxruntime"] and all(r["network_ms"] > 0 for r in rows)
+    save_pretrained(create_model("duet-cpu", **{k: v for k, v in TINY.items() if k != "obj_feat_size"}),
+                    tmp_path / "r2r")
+    with pytest.raises(DataError, match="without object tokens"):
+        bench_real([], [1], checkpoints=[f"r2r={tmp_path / 'r2r'}"], data_dir=data, features=feats, objects=objs,
+                   task="reverie", instructions=2, repeats=1, warmup=0, threads=1)
+    with pytest.raises(DataError, match="need --objects"):
+        bench_real([], [1], checkpoints=[f"rev={tmp_path / 'rev'}"], data_dir=data, features=feats,
+                   task="reverie", instructions=2, repeats=1, warmup=0, threads=1)
+    # the command line
+    assert cli_main(["bench", "model", "--episodes", "real", "--task", "reverie", "--objects", str(objs),
+                     "--features", str(feats), "--data-dir", str(data), "--checkpoint", f"rev={tmp_path / 'rev'}",
+                     "--batch-sizes", "1", "--instructions", "2", "--repeats", "1", "--warmup", "0",
+                     "--threads", "1", "--quiet", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["settings"]["task"] == "reverie"

@@ -2,7 +2,9 @@
 
 The workload is ``instructions`` R2R instructions of a split (default val_unseen), drawn with a
 seeded generator among those with a path, on the real navigation graphs and a view feature file
-(the stand-in features here).  Every model replays the **same trajectories**: the agent
+(the stand-in features here); with ``task='reverie'``, REVERIE instructions, and models with object
+tokens, which then read an object feature file too (all of each visited viewpoint's objects, as
+``minivln navigate`` gives them).  Every model replays the **same trajectories**: the agent
 (:class:`~minivln.training.agent.DUETAgent`, feedback ``'path'``) follows each instruction's
 ground-truth path, so models of different quality do the same work (same steps, same panorama
 tokens, same map slots; checked, the run stops otherwise).  An episode is one rollout of the real
@@ -48,7 +50,7 @@ from minivln.bench.common import (
 from minivln.data.datasets import Episode, load_episodes
 from minivln.data.graph import Graphs
 from minivln.env.env import NavBatchEnv, check_split_features
-from minivln.features.hdf5 import FeatureStore
+from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.model.duet import DUET
 from minivln.paths import DataError, resolve_data_dir
 from minivln.training.agent import DUETAgent
@@ -90,7 +92,9 @@ class TimedNetwork:
         if mode == "language":
             self.work.append((mode, tuple(batch["txt_ids"].shape)))
         elif mode == "panorama":
-            self.work.append((mode, tuple(batch["view_img_fts"].shape), tuple(batch["loc_fts"].shape)))
+            objs = batch.get("obj_img_fts")
+            self.work.append((mode, tuple(batch["view_img_fts"].shape), tuple(batch["loc_fts"].shape),
+                              None if objs is None else tuple(objs.shape)))
         else:
             self.work.append((mode, tuple(batch["gmap_masks"].shape), tuple(batch["vp_masks"].shape)))
         return out
@@ -122,11 +126,12 @@ class PreloadedFeatures:
         return hit
 
 
-def select_instructions(data_dir: str | Path | None, split: str, n: int, seed: int) -> list[Episode]:
-    """``n`` R2R instructions of ``split`` with a path, drawn without replacement (seeded)."""
-    episodes = [e for e in load_episodes("r2r", split, data_dir) if len(e.path) > 1]
+def select_instructions(data_dir: str | Path | None, split: str, n: int, seed: int,
+                        task: str = "r2r") -> list[Episode]:
+    """``n`` instructions of ``task``'s ``split`` with a path, drawn without replacement (seeded)."""
+    episodes = [e for e in load_episodes(task, split, data_dir) if len(e.path) > 1]
     if not 1 <= n <= len(episodes):
-        raise DataError(f"--instructions must be between 1 and {len(episodes)} (the R2R {split} "
+        raise DataError(f"--instructions must be between 1 and {len(episodes)} (the {task} {split} "
                         f"instructions with a path), got {n}")
     pick = np.random.default_rng(seed).choice(len(episodes), size=n, replace=False)
     return [episodes[int(i)] for i in pick]
@@ -181,6 +186,8 @@ def bench_real(
     skip: Sequence[str] = (),
     max_action_len: int = 15,
     max_instr_len: int = 200,
+    task: str = "r2r",
+    objects: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     model_factory: Callable[[str], DUET] | None = None,
 ) -> dict[str, Any]:
@@ -199,13 +206,25 @@ def bench_real(
         raise DataError(f"--instructions ({instructions}) must be a multiple of every batch size (not of {bad[0]})")
     if not Path(features).is_file():
         raise DataError(f"feature file {features} does not exist")
+    if task not in ("r2r", "reverie"):
+        raise DataError(f"task must be 'r2r' or 'reverie', got {task!r}")
+    if (task == "reverie") != bool(objects):
+        raise DataError("REVERIE episodes need --objects (object features, HDF5), and only they take it")
+    if objects and not Path(objects).is_file():
+        raise DataError(f"object feature file {objects} does not exist")
     root = resolve_data_dir(data_dir)
-    chosen = select_instructions(root, split, instructions, seed)
+    chosen = select_instructions(root, split, instructions, seed, task)
     graphs = Graphs(root)
     store = FeatureStore(features)
-    check_split_features(store, chosen, graphs, f"the {len(chosen)} chosen R2R {split} instructions")
-    say(f"reading the view features of {sum(len(e.path) for e in chosen)} path viewpoints")
-    feats = PreloadedFeatures(store, [(e.scan, vp) for e in chosen for vp in e.path])
+    check_split_features(store, chosen, graphs, f"the {len(chosen)} chosen {task} {split} instructions")
+    keys = [(e.scan, vp) for e in chosen for vp in e.path]
+    say(f"reading the view{' and object' if objects else ''} features of {len(keys)} path viewpoints")
+    feats = PreloadedFeatures(store, keys)
+    obj_store = None
+    if objects:  # its own cache holds every path viewpoint's objects, read before timing
+        obj_store = ObjectFeatureStore(objects, cache_size=max(4096, len(keys)))
+        for scan, vp in keys:
+            obj_store.get(scan, vp)
     groups = {bs: [chosen[i:i + bs] for i in range(0, len(chosen), bs)] for bs in batch_sizes}
     envs = {bs: NavBatchEnv(chosen, graphs, batch_size=bs, features=feats, max_steps=max_action_len)
             for bs in batch_sizes}
@@ -223,9 +242,13 @@ def bench_real(
                 if m.network.config.image_feat_size != store.dim:
                     raise DataError(f"{m.spec.name} takes {m.network.config.image_feat_size}-d view features, "
                                     f"{features} holds {store.dim}-d ones")
-                if m.network.config.use_objects:
-                    raise DataError(f"{m.spec.name} is a model with objects (REVERIE); the real-episode "
-                                    "benchmark runs R2R instructions on models without objects")
+                if m.network.config.use_objects != (task == "reverie"):
+                    raise DataError(f"{m.spec.name} is a model {'with' if m.network.config.use_objects else 'without'} "
+                                    f"object tokens; {task} episodes need models "
+                                    f"{'with' if task == 'reverie' else 'without'} them")
+                if obj_store is not None and m.network.config.obj_feat_size != obj_store.dim:
+                    raise DataError(f"{m.spec.name} takes {m.network.config.obj_feat_size}-d object features, "
+                                    f"{objects} holds {obj_store.dim}-d ones")
             labels = [m.label for m in models]
             if reference is None:
                 reference = labels[0]
@@ -235,7 +258,8 @@ def bench_real(
             for bs in batch_sizes:
                 for m in models:
                     net = TimedNetwork(m.runtime)
-                    agent = DUETAgent(net, max_action_len=max_action_len, max_instr_len=max_instr_len, features=feats)
+                    agent = DUETAgent(net, max_action_len=max_action_len, max_instr_len=max_instr_len, features=feats,
+                                      objects=obj_store)
                     rows[bs].append(_Row(m, bs, agent, net))
 
             with torch.inference_mode():
@@ -273,8 +297,10 @@ def bench_real(
         "machine": {**machine_info(threads or old_threads, backends),
                     "loadavg_before": load_before, "loadavg_after": loadavg()},
         "settings": {
-            "episodes": "real", "task": "r2r", "split": split, "data_dir": str(root), "features": str(features),
+            "episodes": "real", "task": task, "split": split, "data_dir": str(root), "features": str(features),
             "feature_kind": "stand-in" if store.is_standin else "real",
+            **({"objects": str(objects), "object_kind": "stand-in" if obj_store.is_standin else "real"}
+               if obj_store is not None else {}),
             "instructions": instructions, "instr_ids": [e.instr_id for e in chosen],
             "path_lengths": [len(e.path) for e in chosen],
             "trajectories": "ground-truth paths (agent feedback 'path'), the same for every model",

@@ -507,7 +507,10 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     real_opts = m.add_argument_group("real episodes (--episodes real)")
     real_opts.add_argument("--data-dir", default=None, help="data directory (default: $MINIVLN_DATA or the usual places)")
     real_opts.add_argument("--features", default=None, help="view features (HDF5) covering the split's houses")
-    real_opts.add_argument("--split", default="val_unseen", help="R2R split (default val_unseen)")
+    real_opts.add_argument("--task", choices=["r2r", "reverie"], default="r2r",
+                           help="r2r, or reverie (models with object tokens; needs --objects)")
+    real_opts.add_argument("--objects", default=None, help="object features (HDF5), for --task reverie")
+    real_opts.add_argument("--split", default="val_unseen", help="split of the task (default val_unseen)")
     real_opts.add_argument("--instructions", type=int, default=16,
                            help="instructions drawn (seeded) from the split; a multiple of every batch size")
     real_opts.add_argument("--max-action-len", type=int, default=15)
@@ -555,7 +558,7 @@ def _bench_model(args: argparse.Namespace) -> int:
         report = real.bench_real(
             presets, args.batch_sizes, data_dir=args.data_dir, features=args.features, split=args.split,
             instructions=args.instructions, max_action_len=args.max_action_len,
-            max_instr_len=args.max_instr_len, **common)
+            max_instr_len=args.max_instr_len, task=args.task, objects=args.objects, **common)
         print(real.format_report(report))
     else:
         report = bench_models(
