@@ -419,7 +419,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"CPU {m['model_name']} ({m['logical_cpus']} logical CPUs), {m['threads']} threads, torch {m['torch']}"
         + (f", onnxruntime {m['onnxruntime']}" if "onnxruntime" in m else "")
         + f"; load average {m['loadavg_before']} before, {m['loadavg_after']} after; {report['date']}, commit {commit}",
-        f"{s['instructions']} R2R {s['split']} instructions ({s['feature_kind']} features), ground-truth "
+        f"{s['instructions']} {s.get('task', 'r2r').upper()} {s['split']} instructions ({s['feature_kind']} features"
+        f"{', ' + s['object_kind'] + ' objects' if 'object_kind' in s else ''}), ground-truth "
         f"trajectories replayed by every model; per episode (a rollout of `batch` instructions), median of "
         f"{s['repeats']} repeats after {s['warmup']} warm-up",
         f"{'model':<{w}} {'batch':>5} {'episode ms':>11} {'(min)':>8} {'network':>8} {'agent':>8} {'agent%':>6} "
