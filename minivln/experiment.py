@@ -347,9 +347,15 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
     return jobs
 
 
+def _exported(recipe: Recipe, run: str, run_dir: Path) -> Path:
+    """Where run ``run`` of the recipe, trained in ``run_dir``, exports its weights: RUN/pretrained for
+    pretraining, RUN/model for fine-tuning."""
+    return run_dir / ("pretrained" if recipe.runs[run].command == "pretrain" else "model")
+
+
 def _init_weights(recipe: Recipe, out: Path, run: str) -> Path:
-    """A run's exported weights: RUN/pretrained for pretraining, RUN/model for fine-tuning."""
-    return out / "runs" / run / ("pretrained" if recipe.runs[run].command == "pretrain" else "model")
+    """A run's exported weights in the experiment directory ``out``."""
+    return _exported(recipe, run, out / "runs" / run)
 
 
 def _done_file(out: Path, job: Job) -> Path:
@@ -383,7 +389,7 @@ def adopt_run(recipe: Recipe, out: Path, run: str, src: Path, *, commit: str, no
         raise ConfigError(f"recipe {recipe.name}: no run {run!r} to adopt (its runs: {', '.join(recipe.runs)})")
     if is_done(out, job) or (out / "runs" / run).exists():
         raise ConfigError(f"{out / 'runs' / run} exists already: nothing to adopt")
-    exported = src / ("pretrained" if recipe.runs[run].command == "pretrain" else "model")
+    exported = _exported(recipe, run, src)
     if not (src / RUN_CONFIG).is_file() or not exported.is_dir():
         raise ConfigError(f"{src} is not a finished run ({src / RUN_CONFIG} and {exported} are needed)")
     cls = PretrainConfig if recipe.runs[run].command == "pretrain" else FinetuneConfig
@@ -399,12 +405,12 @@ def adopt_run(recipe: Recipe, out: Path, run: str, src: Path, *, commit: str, no
     if changes:
         raise ConfigError(f"{src} was not trained as the recipe's run {run!r}: "
                           + "; ".join(f"{k}: recipe {a!r}, run {b!r}" for k, (a, b) in changes.items()))
-    sha = subprocess.run(["git", "rev-parse", "--verify", f"{commit}^{{commit}}"], cwd=repo_root(),
-                         capture_output=True, text=True)
-    if sha.returncode != 0:
-        raise ConfigError(f"--adopt-commit {commit!r} is no commit of this repository")
+    try:
+        sha = _git("rev-parse", "--verify", f"{commit}^{{commit}}", cwd=repo_root())
+    except DataError:
+        raise ConfigError(f"--adopt-commit {commit!r} is no commit of this repository") from None
     shutil.copytree(src, out / "runs" / run)
-    rec = {"job": job.name, "spec": job.spec, "commit": sha.stdout.strip(), "adopted_from": str(src),
+    rec = {"job": job.name, "spec": job.spec, "commit": sha, "adopted_from": str(src),
            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "note": note, "argv": job.argv}
     atomic_write_text(_done_file(out, job), json.dumps(rec, indent=1) + "\n")
     return rec
