@@ -86,3 +86,74 @@ def test_the_check_finds_an_upward_import(module, source):
 def test_the_check_allows_downward_imports_and_the_cli():
     assert not upward_imports("minivln.training.agent", "from minivln.model.duet import DUET\n")
     assert not upward_imports("minivln.deploy.cli", "from minivln.bench.model import bench\n")
+
+
+def import_graph(modules: list[tuple[str, str]]) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (anywhere in it; ``from a.b import c`` names the
+    module ``a.b.c`` when that is a module, else ``a.b``)."""
+    names = {name for name, _ in modules}
+    graph: dict[str, set[str]] = {}
+    for module, source in modules:
+        edges = graph.setdefault(module, set())
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module
+                           for a in node.names]
+            else:
+                continue
+            edges.update(t for t in targets if t in names and t != module)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph``: one per strongly connected component of more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_module_of_the_package_imports_itself_round_a_circle():
+    """Within a layer too (issue 12: the recipes imported each other; the exporter and the runtime did)."""
+    graph = import_graph([(name, f.read_text()) for name, f in _modules()])
+    assert not import_cycles(graph), import_cycles(graph)
+
+
+def test_the_cycle_check_finds_a_circle_through_a_function_local_import():
+    modules = [
+        ("minivln.deploy.export", "def check():\n    from minivln.deploy.runtime import make_session\n"),
+        ("minivln.deploy.runtime", "from minivln.deploy.export import MANIFEST\n"),
+        ("minivln.deploy.format", "MANIFEST = 'export.json'\n"),
+    ]
+    assert import_cycles(import_graph(modules)) == [["minivln.deploy.export", "minivln.deploy.runtime"]]
+    modules[1] = ("minivln.deploy.runtime", "from minivln.deploy.format import MANIFEST\n")
+    assert import_cycles(import_graph(modules)) == []

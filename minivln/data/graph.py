@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
+from tqdm import tqdm
 
 from minivln.paths import (
     DataError,
@@ -243,7 +244,5 @@ class Graphs:
     def load_all(self, scans: list[str] | None = None, progress: bool = False) -> dict[str, House]:
         scans = scans if scans is not None else self.scans()
         if progress:
-            from tqdm import tqdm
-
             scans = tqdm(scans, desc="graphs", unit="house")
         return {s: self[s] for s in scans}

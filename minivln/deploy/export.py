@@ -38,6 +38,13 @@ import numpy as np
 import torch
 
 from minivln import __version__
+from minivln.deploy.format import (  # noqa: F401 (re-exported)
+    FORMAT_VERSION,
+    MANIFEST,
+    ExportError,
+    make_session,
+    require_onnx,
+)
 from minivln.model.checkpoint import save_pretrained
 from minivln.model.duet import DUET
 from minivln.model.tensor_modes import (
@@ -50,10 +57,8 @@ from minivln.model.tensor_modes import (
     tensor_modes,
     text_layers,
 )
-from minivln.paths import DataError, atomic_write_text
+from minivln.paths import atomic_write_text
 
-MANIFEST = "export.json"
-FORMAT_VERSION = 1
 OPSET = 17
 VARIANTS = ("fp32", "int8")
 # Shapes (batch, text tokens, panorama tokens, map slots) of the traced inputs and of the checks.
@@ -62,20 +67,6 @@ EXAMPLE_OBJECTS = 3  # object tokens among an example panorama's tokens, for mod
 CHECK_SHAPES = ((3, 14, 17, 8), (1, 5, 11, 3))
 
 
-class ExportError(DataError):
-    """An export directory is missing, incomplete or of another format version (exit 2 on the CLI)."""
-
-
-def require_onnx() -> None:
-    """Raise :class:`ExportError` with the install hint when onnx / onnxruntime are missing."""
-    missing = []
-    for name in ("onnx", "onnxruntime"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise ExportError(f"{' and '.join(missing)} not installed: pip install -e '.[deploy]'")
 
 
 # ------------------------------------------------------------------------------ example inputs
@@ -279,8 +270,6 @@ def export_model(
 def check_export(model: DUET, directory: Path, graphs: dict[str, dict[str, str]]) -> dict[str, Any]:
     """Largest |ONNX Runtime - eager| over every output of every graph, on the inputs of
     :data:`CHECK_SHAPES` (-inf positions must coincide: else the difference is inf)."""
-    from minivln.deploy.runtime import make_session
-
     modes = tensor_modes(model.eval())
     inputs = [entry_inputs(model, example_batches(model, *shape, seed=1 + k))
               for k, shape in enumerate(CHECK_SHAPES)]

@@ -19,7 +19,12 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from minivln.deploy.export import FORMAT_VERSION, MANIFEST, ExportError, require_onnx
+from minivln.deploy.format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    ExportError,
+    make_session,
+)
 from minivln.model.checkpoint import CONFIG_NAME
 from minivln.model.config import DUETConfig
 from minivln.model.tensor_modes import (
@@ -29,19 +34,6 @@ from minivln.model.tensor_modes import (
 )
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
-
-
-def make_session(path: str | Path, threads: int = 0) -> Any:
-    """An ONNX Runtime CPU session for one graph; ``threads`` intra-op threads (0: ORT's default)."""
-    require_onnx()
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = max(0, int(threads))
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def is_export_dir(path: str | Path) -> bool:

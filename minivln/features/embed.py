@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import nn
+from tqdm import tqdm
 
 from minivln.paths import DataError
 
@@ -98,7 +99,7 @@ class MiniLM(nn.Module):
         pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return nn.functional.normalize(pooled, dim=-1)
 
-    def load_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a HF ``BertModel`` state dict (keys ``embeddings.*``, ``encoder.layer.N.*``)."""
         mapping = {
             "word.weight": "embeddings.word_embeddings.weight",
@@ -150,7 +151,7 @@ class TextEmbedder:
                 raise DataError(f"MiniLM model folder {self.model_dir} lacks {name}")
         config = json.loads(files["config.json"].read_text())
         model = MiniLM(config)
-        model.load_checkpoint(load_file(str(files["model.safetensors"])))
+        model.load_hf_state_dict(load_file(str(files["model.safetensors"])))
         model.eval()
         tok = Tokenizer.from_file(str(files["tokenizer.json"]))
         tok.enable_truncation(self.max_length)
@@ -181,8 +182,6 @@ class TextEmbedder:
         todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
         if todo:
             if progress:
-                from tqdm import tqdm
-
                 vecs = []
                 step = self.batch_size * 8
                 for s in tqdm(range(0, len(todo), step), desc="embed", unit="batch"):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -608,9 +609,6 @@ def resolve_objects(cfg: PretrainConfig, data_dir: Path) -> Any:
                 "the stand-in from 'minivln features build ... --objects-out') or objects: synthetic")
         path = Path(data_dir) / "standin_objects.h5"
         if not path.exists():
-            import tempfile
-
-
             print(f"building STAND-IN object features (not from images) for the toy world at {path}", flush=True)
             views = Path(data_dir) / "standin_views.h5"
             with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
