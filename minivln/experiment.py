@@ -247,6 +247,10 @@ class Job:
     argv: list[str]
     run_dir: Path | None = None  # a training run (resumable)
     spec: str = ""  # spec hash, recorded when done
+    # a training run's config as the command gets it: the recipe's base config (relative to the repo)
+    # and the KEY=VALUE overrides after it
+    config: str = ""
+    overrides: list[str] = field(default_factory=list)
 
 
 def _abs(value: Any, base: Path) -> Any:
@@ -326,9 +330,11 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
         argv = [*py, spec.command, "--out", str(run_dir)]
         if spec.config:
             argv += ["--config", str(code / spec.config)]
-        argv += [f"{k}={_fmt(v)}" for k, v in items.items()]
+        overrides = [f"{k}={_fmt(v)}" for k, v in items.items()]
+        argv += overrides
         deps = [f"train:{up}" for up in upstream(name)]
-        jobs.append(Job(f"train:{name}", deps, argv, run_dir=run_dir, spec=run_hash(name)))
+        jobs.append(Job(f"train:{name}", deps, argv, run_dir=run_dir, spec=run_hash(name),
+                        config=spec.config or "", overrides=overrides))
     for row in recipe.rows:
         if row.random:
             continue  # scored in-process when the table is written (seconds)
@@ -393,13 +399,9 @@ def adopt_run(recipe: Recipe, out: Path, run: str, src: Path, *, commit: str, no
     if not (src / RUN_CONFIG).is_file() or not exported.is_dir():
         raise ConfigError(f"{src} is not a finished run ({src / RUN_CONFIG} and {exported} are needed)")
     cls = PretrainConfig if recipe.runs[run].command == "pretrain" else FinetuneConfig
-    argv = job.argv[job.argv.index("--out") + 2:]
-    path = None
-    if "--config" in argv:  # the recipe's base config, from this checkout
-        path = repo_root() / recipe.runs[run].config
-        argv = argv[:argv.index("--config")] + argv[argv.index("--config") + 2:]
+    path = repo_root() / job.config if job.config else None  # the recipe's base config, from this checkout
     fixed = [f"train.run_dir={src}"]
-    expected = load_config(cls, path, argv + fixed)
+    expected = load_config(cls, path, job.overrides + fixed)
     saved = load_config(cls, src / RUN_CONFIG, fixed)
     changes = config_changes(expected, saved, ignore=("train.resume",))
     if changes:
