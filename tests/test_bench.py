@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minivln.bench.model import bench_models, make_world, record_episode, run_episode
-from minivln.bench.train import METADATA_OPS, OpCounter, bench_train
+from minivln.bench.train import METADATA_OPS, OpCounter, bench_train, split_summary
 from minivln.cli import main
 from minivln.model import duet as duet_module
 from minivln.model.checkpoint import save_pretrained
@@ -167,6 +167,14 @@ def test_bench_train_times_every_preset_and_phase(small_toy, one_thread, capsys)
     a, b = counted[False]["test-bench-a"], counted[False]["test-bench-b"]
     assert 0 < a["compute_ops_per_it"] < a["ops_per_it"] and a["compute_ops_per_it"] < b["compute_ops_per_it"]
     assert counted[True]["test-bench-a"]["compute_ops_per_it"] < a["compute_ops_per_it"]
+    # split into the data part and the step part (the rollouts, backward and optimiser are in the step)
+    assert a["data_compute_ops_per_it"] + a["step_compute_ops_per_it"] == a["compute_ops_per_it"]
+    assert a["step_compute_ops_per_it"] > 0.9 * a["compute_ops_per_it"]
+    assert sum(a["top_step_ops"].values()) <= a["step_compute_ops_per_it"]
+    pre = bench_train(["test-bench-a"], ["pretrain"], str(data), str(feats), iters=1, warmup=0, batch_size=4,
+                      quiet=True, count_ops=True)["phases"]["pretrain"]["test-bench-a"]
+    assert pre["data_compute_ops_per_it"] > 0 and pre["step_compute_ops_per_it"] > 0  # a batch is built in torch
+    assert pre["data_compute_ops_per_it"] + pre["step_compute_ops_per_it"] == pre["compute_ops_per_it"]
 
 
 def test_op_counter_counts_kernels_and_sets_views_aside():
@@ -177,3 +185,9 @@ def test_op_counter_counts_kernels_and_sets_views_aside():
     assert c.counts["aten.mm"] == 3 and c.counts["aten.t"] >= 1  # forward, and both gradients
     assert s["top_compute_ops"]["aten.mm"] == 3 and "aten.t" not in s["top_compute_ops"]
     assert s["compute_ops_per_it"] == s["ops_per_it"] - sum(v for k, v in c.counts.items() if k in METADATA_OPS)
+    with OpCounter() as d:
+        torch.zeros(3).add_(1)
+    both = split_summary(d, c)
+    assert both["ops_per_it"] == s["ops_per_it"] + sum(d.counts.values())
+    assert both["step_compute_ops_per_it"] == s["compute_ops_per_it"] and both["top_step_ops"] == s["top_compute_ops"]
+    assert both["data_compute_ops_per_it"] == sum(d.compute().values()) > 0

@@ -141,7 +141,8 @@ def test_finetune_cli_end_to_end_navigate_eval_resume(toy, tmp_path, capsys):
 
     # resume continues from step 2 to step 3
     over3 = [o if not o.startswith("train.max_steps") else "train.max_steps=3" for o in overrides]
-    assert cli_main(["finetune", "--out", str(run), "--resume", *over3]) == 0
+    with pytest.warns(UserWarning, match="max_steps differ from the checkpoint's config"):
+        assert cli_main(["finetune", "--out", str(run), "--resume", *over3]) == 0
     steps = [r["step"] for r in read_jsonl(run / "log.jsonl") if r.get("kind") == "train"]
     assert steps == [1, 2, 3]
     capsys.readouterr()

@@ -95,10 +95,26 @@ class OpCounter(TorchDispatchMode):
         self.counts[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
 
+    def compute(self) -> Counter[str]:
+        """The counts without the view-only operators (:data:`METADATA_OPS`)."""
+        return Counter({k: v for k, v in self.counts.items() if k not in METADATA_OPS})
+
     def summary(self, top: int = 12) -> dict[str, Any]:
-        compute = Counter({k: v for k, v in self.counts.items() if k not in METADATA_OPS})
+        compute = self.compute()
         return {"ops_per_it": sum(self.counts.values()), "compute_ops_per_it": sum(compute.values()),
                 "top_compute_ops": dict(compute.most_common(top))}
+
+
+def split_summary(data: OpCounter, step: OpCounter, top: int = 12) -> dict[str, Any]:
+    """An iteration's counts, whole (as :meth:`OpCounter.summary`) and split into its data part (the
+    batch built and moved: host work that workers do ahead in pretraining) and its step part (forward,
+    backward, optimiser; the rollouts in fine-tuning), which is what runs on the accelerator."""
+    whole = OpCounter()
+    whole.counts = data.counts + step.counts
+    step_compute = step.compute()
+    return {**whole.summary(top), "data_compute_ops_per_it": sum(data.compute().values()),
+            "step_compute_ops_per_it": sum(step_compute.values()),
+            "top_step_ops": dict(step_compute.most_common(top))}
 
 
 DEFAULT_PRESETS = ("duet-r2r", "minivln-r2r")
@@ -123,20 +139,25 @@ def _make_step(model: torch.nn.Module, task: Any, device: torch.device, lr: floa
     opt = make_optimizer(param_groups(model, 0.01), OptimConfig(lr=lr, implementation=optimizer))  # as the trainer
     amp = _resolve_amp_dtype(precision, device)
 
-    def step(i: int) -> tuple[float, float]:
+    def step(i: int, counters: tuple[OpCounter, OpCounter] | None = None) -> tuple[float, float]:
+        """``counters``: (data, step) counters, each active around its part."""
+        count_data, count_step = counters if counters else (contextlib.nullcontext(), contextlib.nullcontext())
         t0 = time.perf_counter()
-        batch = move_to(task.next_batch(i), device)
+        with count_data:
+            batch = move_to(task.next_batch(i), device)
         _sync(device)
         t1 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=amp) if amp else contextlib.nullcontext():
-            loss = task.compute(model, batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
+        with count_step:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=amp) if amp else contextlib.nullcontext():
+                loss = task.compute(model, batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
         _sync(device)
         return t1 - t0, time.perf_counter() - t1
 
+    step.task = task  # type: ignore[attr-defined]  # what it runs (e.g. PretrainTask.task_of)
     return step
 
 
@@ -229,9 +250,9 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
         ops: dict[str, dict[str, Any]] = {}
         if count_ops:  # one more iteration per preset, untimed
             for p in presets:
-                with OpCounter() as counter:
-                    steps[p](warmup + iters)
-                ops[p] = counter.summary()
+                counters = (OpCounter(), OpCounter())
+                steps[p](warmup + iters, counters)
+                ops[p] = split_summary(*counters)
         del steps
         ref = statistics.median(times[presets[0]])
         report["phases"][phase] = {
