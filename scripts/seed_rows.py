@@ -9,7 +9,8 @@ one run's SR moves from seed to seed by more than the episodes' standard error.
         --table-b docs/results/r2r_table3.json
 
 A group is every row whose name is GROUP or "GROUP, seed N" (the tables' naming); rows pair by their
-``seed`` field.
+``seed`` field.  ``--plot OUT.png`` draws the pairs: one line per seed from group B to group A, the
+means with their standard error over seeds, and ``--ref`` rows (e.g. the teacher) as horizontal lines.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import math
 import statistics
+from pathlib import Path
 
 
 def group_rows(rows: list[dict], name: str) -> dict[int, dict]:
@@ -45,8 +47,11 @@ def main() -> None:
     ap.add_argument("b")
     ap.add_argument("--metrics", nargs="+", default=["sr", "spl"])
     ap.add_argument("--table-b", help="take group B from this table (e.g. the same recipe with another teacher)")
+    ap.add_argument("--plot", help="write a picture of the pairs here (PNG)")
+    ap.add_argument("--ref", nargs="*", default=[], help="rows drawn as horizontal lines in the picture")
     args = ap.parse_args()
-    rows = json.load(open(args.table))["rows"]
+    table = json.load(open(args.table))
+    rows = table["rows"]
     a = group_rows(rows, args.a)
     b = group_rows(json.load(open(args.table_b))["rows"] if args.table_b else rows, args.b)
     describe(args.a, a, args.metrics)
@@ -62,6 +67,55 @@ def main() -> None:
         print(f"{args.a} - {args.b} {k}, paired by seed ({len(seeds)}): {m:+.3f} ± {se:.3f} over seeds "
               f"({m / se if se else float('nan'):+.1f} s.e.); per seed "
               + ", ".join(f"{x:+.3f}" for x in d) + f"; episodes' s.e. of one difference (unpaired) about {ep_se:.3f}")
+    if args.plot:
+        refs = {name: next(r for r in rows if r["name"] == name) for name in args.ref}
+        plot_pairs(Path(args.plot), args.a, args.b, a, b, seeds, args.metrics, refs,
+                   title=f"{table.get('table') or Path(args.table).stem}: paired by fine-tuning seed")
+        print(f"wrote {args.plot}")
+
+
+def plot_pairs(out: Path, name_a: str, name_b: str, a: dict[int, dict], b: dict[int, dict], seeds: list[int],
+               metrics: list[str], refs: dict[str, dict], title: str) -> None:
+    """One panel per metric: group B at x=0 and group A at x=1, a line per seed joining its two runs,
+    each group's mean ± standard error over seeds, and reference rows as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.6), squeeze=False)
+    for ax, k in zip(axes[0], metrics):
+        span = max(100 * max(g[s][k] for g in (a, b) for s in seeds) - 100 * min(g[s][k] for g in (a, b) for s in seeds), 1.0)
+        label_y = -math.inf
+        for s in sorted(seeds, key=lambda s: a[s][k]):
+            va, vb = 100 * a[s][k], 100 * b[s][k]
+            ax.plot([0, 1], [vb, va], "-o", color="tab:green" if va > vb else "tab:red", alpha=0.7, lw=1.2, ms=4)
+            label_y = max(va, label_y + 0.045 * span)  # labels of close values stacked, not overlapping
+            ax.annotate(f"seed {s}", (1, va), xytext=(1.07, label_y), textcoords="data", fontsize=7, va="center")
+        for x, group in ((0, b), (1, a)):
+            vals = [100 * group[s][k] for s in seeds]
+            m = statistics.mean(vals)
+            se = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else 0.0
+            ax.errorbar([x + (0.12 if x else -0.12)], [m], yerr=[se], fmt="D", color="black", capsize=4, ms=6)
+            ax.annotate(f"mean {m:.1f}", (x + (0.12 if x else -0.12), m), xytext=(8 if x else -8, 0),
+                        textcoords="offset points", fontsize=8, va="center", ha="left" if x else "right")
+        for j, (name, r) in enumerate(refs.items()):
+            ax.axhline(100 * r[k], ls="--", lw=1, color=f"C{j}", label=f"{name} {100 * r[k]:.1f}")
+        d = [100 * (a[s][k] - b[s][k]) for s in seeds]
+        se_d = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+        ax.set_title(f"{k.upper()}: {name_a} - {name_b} = {statistics.mean(d):+.1f} ± {se_d:.1f}\n"
+                     f"(points, paired over {len(seeds)} seeds)", fontsize=9)
+        ax.set_xticks([0, 1], [name_b, name_a], fontsize=8)
+        ax.set_xlim(-0.6, 1.6)
+        ax.set_ylabel(f"{k.upper()} (% of episodes)")
+        ax.grid(axis="y", alpha=0.3)
+        if refs:
+            ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
