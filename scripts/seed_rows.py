@@ -96,8 +96,9 @@ def plot_pairs(out: Path, name_a: str, name_b: str, a: dict[int, dict], b: dict[
             vals = [100 * group[s][k] for s in seeds]
             m = statistics.mean(vals)
             se = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else 0.0
-            ax.errorbar([x + (0.12 if x else -0.12)], [m], yerr=[se], fmt="D", color="black", capsize=4, ms=6)
-            ax.annotate(f"mean {m:.1f}", (x + (0.12 if x else -0.12), m), xytext=(8 if x else -8, 0),
+            xm = 1.42 if x else -0.15  # group A's mean right of the seeds' labels
+            ax.errorbar([xm], [m], yerr=[se], fmt="D", color="black", capsize=4, ms=6)
+            ax.annotate(f"mean {m:.1f}", (xm, m), xytext=(8 if x else -8, 0),
                         textcoords="offset points", fontsize=8, va="center", ha="left" if x else "right")
         for j, (name, r) in enumerate(refs.items()):
             ax.axhline(100 * r[k], ls="--", lw=1, color=f"C{j}", label=f"{name} {100 * r[k]:.1f}")
@@ -106,7 +107,7 @@ def plot_pairs(out: Path, name_a: str, name_b: str, a: dict[int, dict], b: dict[
         ax.set_title(f"{k.upper()}: {name_a} - {name_b} = {statistics.mean(d):+.1f} ± {se_d:.1f}\n"
                      f"(points, paired over {len(seeds)} seeds)", fontsize=9)
         ax.set_xticks([0, 1], [name_b, name_a], fontsize=8)
-        ax.set_xlim(-0.6, 1.6)
+        ax.set_xlim(-0.7, 2.0)
         ax.set_ylabel(f"{k.upper()} (% of episodes)")
         ax.grid(axis="y", alpha=0.3)
         if refs:
