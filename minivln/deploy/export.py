@@ -67,8 +67,6 @@ EXAMPLE_OBJECTS = 3  # object tokens among an example panorama's tokens, for mod
 CHECK_SHAPES = ((3, 14, 17, 8), (1, 5, 11, 3))
 
 
-
-
 # ------------------------------------------------------------------------------ example inputs
 
 
