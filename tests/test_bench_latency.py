@@ -236,3 +236,29 @@ def test_figure_labels_of_close_points_do_not_overlap():
     assert all(ys[a] - ys[b] >= 4.0 - 1e-9 for a, b in zip(close, close[1:]))
     assert ys[close[0]] >= 38.9 - 1e-9
     assert ys[3] == pytest.approx(39.9)
+
+
+def test_figure_points_of_one_label_are_their_mean(tmp_path):
+    """Seeds given one label are one point: mean SR, its standard error over them, median latency."""
+    from minivln.bench.figure import figure_points
+
+    bench = {"results": [{"label": f"s{k}", "batch_size": 1, "episode_ms": ms, "weights": "trained"}
+                         for k, ms in enumerate((40.0, 42.0, 39.0))]
+             + [{"label": "t", "batch_size": 1, "episode_ms": 150.0, "weights": "trained"}]}
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"split": "val_unseen", "rows": [
+        {"name": f"seed {k}", "run": f"r{k}", "sr": sr, "episodes": 2349} for k, sr in enumerate((0.30, 0.36, 0.33))]
+        + [{"name": "teacher", "run": "t", "sr": 0.47, "episodes": 2349}]}))
+    points = figure_points(bench, [("student", f"s{k}", f"{table}#r{k}") for k in range(3)]
+                           + [("teacher", "t", f"{table}#t")], batch_size=1)
+    assert [p["label"] for p in points] == ["student", "teacher"]
+    student, teacher = points
+    assert student["n"] == 3 and student["rows"] == ["s0", "s1", "s2"]
+    assert student["sr"] == pytest.approx(0.33) and student["episode_ms"] == 40.0
+    assert student["sr_se"] == pytest.approx(0.03 / 3 ** 0.5)  # SD 0.03 over three seeds
+    assert teacher["n"] == 1 and teacher["sr_se"] is None and teacher["sr"] == 0.47
+    out = tmp_path / "fig.png"
+    assert main(["bench", "figure", "--bench", str(_bench_report(tmp_path / "b.json")),
+                 "--point", "int8", "student:onnxruntime-int8", f"{table}#r0",
+                 "--point", "int8", "student:onnxruntime-int8", f"{table}#r1", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"

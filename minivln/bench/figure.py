@@ -9,7 +9,9 @@ Each ``--point LABEL ROW SCORE`` is one marker: x = the median episode time of r
 of the ``minivln bench model`` report, at ``--batch-size``), y = the success rate in ``SCORE``: a
 metrics file (``metrics_<split>.json`` of ``minivln navigate`` / ``minivln eval``, any JSON object
 with ``sr``) or one row of a results table (``docs/results/r2r_table3.json#none``: the row whose
-``name`` or ``run`` is after the ``#``).  The x axis is logarithmic.  The title names the split and
+``name`` or ``run`` is after the ``#``).  Points given the same LABEL are one marker (e.g. the seeds of
+one recipe): their mean SR, with a bar of its standard error over them, at the median of their episode
+times; the label says how many.  The x axis is logarithmic.  The title names the split and
 the kind of view features of the scores (stand-in or real), the subtitle the machine, threads,
 batch size, date and commit of the latency report.  A row timed with random weights (a preset) is
 marked so: its latency is the architecture's, its score comes from the score file given.  Scores
@@ -82,18 +84,39 @@ def figure_points(bench: dict[str, Any], points: Sequence[Sequence[str]], batch_
     if len(counts) > 1:
         raise DataError(f"the scores are on different numbers of instructions ({', '.join(map(str, counts))}; "
                         "e.g. a navigate --max-episodes run): score every point on the whole split")
+    return group_points(out)
+
+
+def group_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Points of the same label as one (in the order of their first appearance): mean ``sr``,
+    ``sr_se`` its standard error over them, ``episode_ms`` their median, ``n`` how many, ``rows``."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        groups.setdefault(p["label"], []).append(p)
+    out = []
+    for label, members in groups.items():
+        if len(members) == 1:
+            out.append({**members[0], "n": 1, "sr_se": None, "rows": [members[0]["row"]]})
+            continue
+        srs = [m["sr"] for m in members]
+        weights = {m["weights"] for m in members}
+        out.append({**members[0], "sr": statistics.mean(srs),
+                    "sr_se": statistics.stdev(srs) / len(srs) ** 0.5,
+                    "episode_ms": statistics.median(m["episode_ms"] for m in members), "n": len(members),
+                    "rows": [m["row"] for m in members], "source": [m["source"] for m in members],
+                    "weights": weights.pop() if len(weights) == 1 else "mixed"})
     return out
 
 
 def _label_heights(points: list[dict[str, Any]], gap: float) -> list[float]:
     """The height (SR %) of each point's label: its own, except that labels of points at about the same
-    latency (within 30%) are pushed apart to at least ``gap``, highest first, keeping their order."""
+    latency (within a factor 1.7: a label reaches about that far right) are pushed apart to at least ``gap``, highest first, keeping their order."""
     ys = [100 * p["sr"] for p in points]
     out = list(ys)
     order = sorted(range(len(points)), key=lambda i: points[i]["episode_ms"])
     clusters: list[list[int]] = []
     for i in order:
-        if clusters and points[i]["episode_ms"] <= 1.3 * points[clusters[-1][0]]["episode_ms"]:
+        if clusters and points[i]["episode_ms"] <= 1.7 * points[clusters[-1][0]]["episode_ms"]:
             clusters[-1].append(i)
         else:
             clusters.append([i])
@@ -119,9 +142,16 @@ def draw(bench: dict[str, Any], points: list[dict[str, Any]], batch_size: int, o
     y_max = max(10.0, top * 1.25)
     label_y = _label_heights(points, gap=0.075 * y_max)
     for i, p in enumerate(points):
+        n = p.get("n", 1)
+        name = p["label"] + (f" (mean of {n})" if n > 1 else "")
         ax.scatter([p["episode_ms"]], [100 * p["sr"]], s=60, marker=markers[i % len(markers)], zorder=3,
-                   label=p["label"] + (" (latency: random weights)" if p["weights"] == "random" else ""))
-        ax.annotate(f"{p['label']}\n{100 * p['sr']:.1f}%, {p['episode_ms']:.0f} ms", (p["episode_ms"], 100 * p["sr"]),
+                   label=name + (" (latency: random weights)" if p["weights"] == "random" else ""))
+        if p.get("sr_se"):
+            ax.errorbar([p["episode_ms"]], [100 * p["sr"]], yerr=[100 * p["sr_se"]], fmt="none", ecolor="0.3",
+                        capsize=3, lw=1, zorder=2)
+        ax.annotate(f"{name}\n{100 * p['sr']:.1f}%"
+                    + (f" ± {100 * p['sr_se']:.1f}" if p.get("sr_se") else "") + f", {p['episode_ms']:.0f} ms",
+                    (p["episode_ms"], 100 * p["sr"]),
                     xytext=(p["episode_ms"] * 1.12, label_y[i]), textcoords="data", fontsize=7, va="center",
                     arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if abs(label_y[i] - 100 * p["sr"]) > 0.5
                     else None)
