@@ -97,22 +97,28 @@ class OpCounter(TorchDispatchMode):
 
     def compute(self) -> Counter[str]:
         """The counts without the view-only operators (:data:`METADATA_OPS`)."""
-        return Counter({k: v for k, v in self.counts.items() if k not in METADATA_OPS})
+        return _compute(self.counts)
 
     def summary(self, top: int = 12) -> dict[str, Any]:
-        compute = self.compute()
-        return {"ops_per_it": sum(self.counts.values()), "compute_ops_per_it": sum(compute.values()),
-                "top_compute_ops": dict(compute.most_common(top))}
+        return _summary(self.counts, top)
+
+
+def _compute(counts: Counter[str]) -> Counter[str]:
+    return Counter({k: v for k, v in counts.items() if k not in METADATA_OPS})
+
+
+def _summary(counts: Counter[str], top: int) -> dict[str, Any]:
+    compute = _compute(counts)
+    return {"ops_per_it": sum(counts.values()), "compute_ops_per_it": sum(compute.values()),
+            "top_compute_ops": dict(compute.most_common(top))}
 
 
 def split_summary(data: OpCounter, step: OpCounter, top: int = 12) -> dict[str, Any]:
     """An iteration's counts, whole (as :meth:`OpCounter.summary`) and split into its data part (the
     batch built and moved: host work that workers do ahead in pretraining) and its step part (forward,
     backward, optimiser; the rollouts in fine-tuning), which is what runs on the accelerator."""
-    whole = OpCounter()
-    whole.counts = data.counts + step.counts
     step_compute = step.compute()
-    return {**whole.summary(top), "data_compute_ops_per_it": sum(data.compute().values()),
+    return {**_summary(data.counts + step.counts, top), "data_compute_ops_per_it": sum(data.compute().values()),
             "step_compute_ops_per_it": sum(step_compute.values()),
             "top_step_ops": dict(step_compute.most_common(top))}
 
