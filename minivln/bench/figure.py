@@ -110,7 +110,8 @@ def group_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _label_heights(points: list[dict[str, Any]], gap: float) -> list[float]:
     """The height (SR %) of each point's label: its own, except that labels of points at about the same
-    latency (within a factor 1.7: a label reaches about that far right) are pushed apart to at least ``gap``, highest first, keeping their order."""
+    latency (within a factor 1.7: a label reaches about that far right) are pushed apart to at least
+    ``gap``, highest first, keeping their order."""
     ys = [100 * p["sr"] for p in points]
     out = list(ys)
     order = sorted(range(len(points)), key=lambda i: points[i]["episode_ms"])
@@ -142,15 +143,14 @@ def draw(bench: dict[str, Any], points: list[dict[str, Any]], batch_size: int, o
     y_max = max(10.0, top * 1.25)
     label_y = _label_heights(points, gap=0.075 * y_max)
     for i, p in enumerate(points):
-        n = p.get("n", 1)
-        name = p["label"] + (f" (mean of {n})" if n > 1 else "")
+        name = p["label"] + (f" (mean of {p['n']})" if p["n"] > 1 else "")
         ax.scatter([p["episode_ms"]], [100 * p["sr"]], s=60, marker=markers[i % len(markers)], zorder=3,
                    label=name + (" (latency: random weights)" if p["weights"] == "random" else ""))
-        if p.get("sr_se"):
+        if p["sr_se"]:
             ax.errorbar([p["episode_ms"]], [100 * p["sr"]], yerr=[100 * p["sr_se"]], fmt="none", ecolor="0.3",
                         capsize=3, lw=1, zorder=2)
         ax.annotate(f"{name}\n{100 * p['sr']:.1f}%"
-                    + (f" ± {100 * p['sr_se']:.1f}" if p.get("sr_se") else "") + f", {p['episode_ms']:.0f} ms",
+                    + (f" ± {100 * p['sr_se']:.1f}" if p["sr_se"] else "") + f", {p['episode_ms']:.0f} ms",
                     (p["episode_ms"], 100 * p["sr"]),
                     xytext=(p["episode_ms"] * 1.12, label_y[i]), textcoords="data", fontsize=7, va="center",
                     arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if abs(label_y[i] - 100 * p["sr"]) > 0.5
