@@ -14,23 +14,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
+from minivln.bench.common import code_version, machine_info
 from minivln.bench.train import OpCounter, pretrain_step, split_summary
 from minivln.paths import atomic_write_text, resolve_data_dir
 from minivln.training.pretrain import PRETRAIN_TASKS
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:
@@ -46,9 +37,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data_dir = str(resolve_data_dir(args.data_dir))
-    report: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": _commit(),
-                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "batch_size": args.batch_size, "iters": args.iters, "seed": args.seed,
+    report: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "code": code_version(),
+                    "machine": machine_info(args.threads, ["torch"]), "batch_size": args.batch_size, "iters": args.iters, "seed": args.seed,
                     "features": args.features, "presets": {}}
     for preset in args.presets:
         step = pretrain_step(preset, data_dir, args.features, batch_size=args.batch_size,
