@@ -21,6 +21,8 @@ import math
 import statistics
 from pathlib import Path
 
+from minivln.training.plot import new_figure, save_png
+
 
 def group_rows(rows: list[dict], name: str) -> dict[int, dict]:
     out = {}
@@ -30,6 +32,12 @@ def group_rows(rows: list[dict], name: str) -> dict[int, dict]:
     if not out:
         raise SystemExit(f"no row named {name!r} (or {name!r}, seed N)")
     return out
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error over the values (NaN for one value)."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return statistics.mean(values), se
 
 
 def describe(name: str, by_seed: dict[int, dict], metrics: list[str]) -> None:
@@ -61,8 +69,7 @@ def main() -> None:
         raise SystemExit("the two groups share no seed")
     for k in args.metrics:
         d = [a[s][k] - b[s][k] for s in seeds]
-        m = statistics.mean(d)
-        se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+        m, se = mean_se(d)
         ep_se = statistics.mean(math.hypot(a[s].get(f"{k}_se", 0.0), b[s].get(f"{k}_se", 0.0)) for s in seeds)
         print(f"{args.a} - {args.b} {k}, paired by seed ({len(seeds)}): {m:+.3f} ± {se:.3f} over seeds "
               f"({m / se if se else float('nan'):+.1f} s.e.); per seed "
@@ -78,12 +85,8 @@ def plot_pairs(out: Path, name_a: str, name_b: str, a: dict[int, dict], b: dict[
                metrics: list[str], refs: dict[str, dict], title: str) -> None:
     """One panel per metric: group B at x=0 and group A at x=1, a line per seed joining its two runs,
     each group's mean ± standard error over seeds, and reference rows as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.6), squeeze=False)
+    fig = new_figure(4.2 * len(metrics), 4.6)
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, k in zip(axes[0], metrics):
         span = max(100 * max(g[s][k] for g in (a, b) for s in seeds) - 100 * min(g[s][k] for g in (a, b) for s in seeds), 1.0)
         label_y = -math.inf
@@ -93,18 +96,15 @@ def plot_pairs(out: Path, name_a: str, name_b: str, a: dict[int, dict], b: dict[
             label_y = max(va, label_y + 0.045 * span)  # labels of close values stacked, not overlapping
             ax.annotate(f"seed {s}", (1, va), xytext=(1.07, label_y), textcoords="data", fontsize=7, va="center")
         for x, group in ((0, b), (1, a)):
-            vals = [100 * group[s][k] for s in seeds]
-            m = statistics.mean(vals)
-            se = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else 0.0
+            m, se = mean_se([100 * group[s][k] for s in seeds])
             xm = 1.42 if x else -0.15  # group A's mean right of the seeds' labels
-            ax.errorbar([xm], [m], yerr=[se], fmt="D", color="black", capsize=4, ms=6)
+            ax.errorbar([xm], [m], yerr=[0.0 if math.isnan(se) else se], fmt="D", color="black", capsize=4, ms=6)
             ax.annotate(f"mean {m:.1f}", (xm, m), xytext=(8 if x else -8, 0),
                         textcoords="offset points", fontsize=8, va="center", ha="left" if x else "right")
         for j, (name, r) in enumerate(refs.items()):
             ax.axhline(100 * r[k], ls="--", lw=1, color=f"C{j}", label=f"{name} {100 * r[k]:.1f}")
-        d = [100 * (a[s][k] - b[s][k]) for s in seeds]
-        se_d = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-        ax.set_title(f"{k.upper()}: {name_a} - {name_b} = {statistics.mean(d):+.1f} ± {se_d:.1f}\n"
+        m_d, se_d = mean_se([100 * (a[s][k] - b[s][k]) for s in seeds])
+        ax.set_title(f"{k.upper()}: {name_a} - {name_b} = {m_d:+.1f} ± {se_d:.1f}\n"
                      f"(points, paired over {len(seeds)} seeds)", fontsize=9)
         ax.set_xticks([0, 1], [name_b, name_a], fontsize=8)
         ax.set_xlim(-0.7, 2.0)
@@ -114,9 +114,7 @@ def plot_pairs(out: Path, name_a: str, name_b: str, a: dict[int, dict], b: dict[
             ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_png(fig, out)
 
 
 if __name__ == "__main__":
