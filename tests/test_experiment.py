@@ -208,10 +208,9 @@ def test_a_run_trained_outside_the_driver_is_adopted_only_when_it_is_the_recipes
     rec = load_recipe(str(path))
     out = tmp_path / "exp"
     job = next(j for j in plan(rec, out, tmp_path) if j.name == "train:a")
-    items = job.argv[job.argv.index("--out") + 2:]
 
     def train(src, *extra):  # the recipe's run, trained by hand
-        assert cli_main(["finetune", "--out", str(src), *items, *extra]) == 0
+        assert cli_main(["finetune", "--out", str(src), *job.overrides, *extra]) == 0
         return src
 
     with pytest.raises(ConfigError, match="not a finished run"):
