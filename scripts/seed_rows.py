@@ -75,7 +75,11 @@ def main() -> None:
               f"({m / se if se else float('nan'):+.1f} s.e.); per seed "
               + ", ".join(f"{x:+.3f}" for x in d) + f"; episodes' s.e. of one difference (unpaired) about {ep_se:.3f}")
     if args.plot:
-        refs = {name: next(r for r in rows if r["name"] == name) for name in args.ref}
+        by_name = {r["name"]: r for r in rows}
+        missing = [name for name in args.ref if name not in by_name]
+        if missing:
+            raise SystemExit(f"--ref: no row named {', '.join(map(repr, missing))} in {args.table}")
+        refs = {name: by_name[name] for name in args.ref}
         plot_pairs(Path(args.plot), args.a, args.b, a, b, seeds, args.metrics, refs,
                    title=f"{table.get('table') or Path(args.table).stem}: paired by fine-tuning seed")
         print(f"wrote {args.plot}")
