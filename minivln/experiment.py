@@ -215,11 +215,22 @@ def _git(*args: str, cwd: Path) -> str:
     return out.stdout.strip()
 
 
+def link_shared(out: Path, root: Path) -> None:
+    """Make ``../shared`` from the pinned checkout ``out/code`` (the jobs' working directory) the
+    repository's own ``../shared``: recipes and configs name the shared teachers and data that way.
+    Nothing is done where the repository has no ``../shared`` or ``out/shared`` exists already."""
+    shared, link = root.parent / "shared", out / "shared"
+    if shared.is_dir() and not link.exists() and not link.is_symlink():
+        link.symlink_to(shared.resolve(), target_is_directory=True)
+
+
 def pin_checkout(out: Path, commit: str | None, root: Path | None = None) -> tuple[str, Path]:
-    """The commit and worktree of ``out`` (made on the first call, from the repository ``root``)."""
+    """The commit and worktree of ``out`` (made on the first call, from the repository ``root``),
+    with the repository's ``../shared`` beside it (:func:`link_shared`)."""
     root = root or repo_root()
     pin_file, code = out / "pin.json", out / "code"
     if pin_file.exists():
+        link_shared(out, root)
         pinned = _read_json(pin_file, "the pin file").get("commit", "")
         if commit and _git("rev-parse", commit, cwd=root) != pinned:
             raise ConfigError(f"{out} is pinned to {pinned[:12]}; use another --out for {commit}")
@@ -232,6 +243,7 @@ def pin_checkout(out: Path, commit: str | None, root: Path | None = None) -> tup
         raise ConfigError("the working tree has uncommitted changes: commit them (the runs execute the "
                           "pinned commit, not the working tree) or pass --commit REF")
     out.mkdir(parents=True, exist_ok=True)
+    link_shared(out, root)
     _git("worktree", "add", "--force", "--detach", str(code), sha, cwd=root)
     atomic_write_text(pin_file, json.dumps({"commit": sha, "pinned_at": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
     return sha, code

@@ -80,6 +80,17 @@ def test_episode_protocol_shapes():
     assert world.features[("n", 0)].shape == (36, 16)
 
 
+def test_episode_protocol_times_a_model_that_embeds_its_instructions():
+    """og_text_encoder: the recorded episode carries seeded instruction embeddings (the model needs
+    them to build its text cache), with and without the cache."""
+    model = create_model("minivln-cpu-reverie", og_text_encoder="minilm").eval()
+    ep = record_episode(model, batch_size=2, steps=2)
+    assert ep.instr_embeds is not None and ep.instr_embeds.shape == (2, 384)
+    for cache in (True, False):
+        assert set(run_episode(model, ep, text_cache=cache)) == {"episode", "language", "panorama", "navigation"}
+    assert record_episode(create_model("minivln-cpu"), batch_size=1, steps=1).instr_embeds is None
+
+
 @pytest.mark.parametrize("onednn", [False, True])
 def test_packed_projections_follow_parameter_updates(onednn, monkeypatch):
     """The fused q/k/v and text k/v weights (and, for wide layers, the oneDNN-reordered weights)

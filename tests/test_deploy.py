@@ -18,8 +18,10 @@ from conftest import SMALL_DUET as SMALL
 
 from minivln.cli import main as cli_main  # noqa: E402
 from minivln.deploy.backends import load_backend  # noqa: E402
+from minivln.deploy.compare import CompareModel  # noqa: E402
 from minivln.deploy.export import (  # noqa: E402
     TRACE_SHAPE,
+    entry_inputs,
     example_batches,
     export_model,
     max_abs_diff,
@@ -28,8 +30,20 @@ from minivln.deploy.runtime import OnnxRuntimeDUET  # noqa: E402
 from minivln.model.checkpoint import save_pretrained  # noqa: E402
 from minivln.model.fixture import load_fixture, outputs_as_dict, run_fixture  # noqa: E402
 from minivln.model.registry import create_model  # noqa: E402
-from minivln.model.tensor_modes import UnsupportedModelError, tensor_modes  # noqa: E402
+from minivln.model.tensor_modes import (  # noqa: E402
+    NAVIGATION_INPUTS,
+    UnsupportedModelError,
+    mode_outputs,
+    tensor_modes,
+)
 
+# the entry points' names before og_text_encoder (format 1): exports of models without it keep them
+FORMAT1_INPUTS = {"language": ["txt_ids", "txt_masks"], "text_kv": ["txt_embeds"],
+                  "panorama": ["view_img_fts", "loc_fts", "nav_types", "view_lens"],
+                  "navigation": list(NAVIGATION_INPUTS)}
+FORMAT1_OUTPUTS = {"language": ["txt_embeds"], "text_kv": ["txt_kv"], "panorama": ["pano_embeds", "pano_masks"],
+                   "navigation": ["gmap_embeds", "vp_embeds", "global_logits", "local_logits", "fused_logits",
+                                  "fuse_weights"]}
 # (batch, text tokens, panorama tokens, map slots): neither is the traced shape, one has batch 1
 SHAPES = ((3, 12, 15, 7), (1, 4, 10, 3))
 TOL = 1e-4
@@ -78,6 +92,29 @@ def test_fp32_graphs_equal_eager_on_other_shapes(tiny):
         nav["txt_kv"] = ort_model.precompute_text_kv(nav.pop("txt_embeds"), nav.pop("txt_masks"))
         cached = ort_model("navigation", nav)
         assert all(torch.equal(cached[k], out[k]) for k in out if out[k] is not None)
+
+
+def _graph_names(ort_model):
+    """The input and output names of the runtime's four graphs, by mode."""
+    return ({m: [i.name for i in s.get_inputs()] for m, s in ort_model.sessions.items()},
+            {m: [o.name for o in s.get_outputs()] for m, s in ort_model.sessions.items()})
+
+
+def test_models_without_og_text_encoder_export_as_before(tiny):
+    """Without og_text_encoder the export is format 1 with the names it always had (no og_text, no
+    instr_embeds for the text cache), in the manifest and in the graphs; the runtime's text cache
+    ignores instr_embeds, as DUET's does."""
+    model, root = tiny
+    manifest = json.loads((root / "export" / "export.json").read_text())
+    assert manifest["format_version"] == 1
+    assert "og_text" not in manifest["dynamic_axes"] and "instr_embeds" not in manifest["dynamic_axes"]
+    assert manifest["inputs"] == FORMAT1_INPUTS and manifest["outputs"] == FORMAT1_OUTPUTS
+    for variant in ("fp32", "int8"):
+        assert _graph_names(OnnxRuntimeDUET(root / "export", variant, threads=1)) == (FORMAT1_INPUTS, FORMAT1_OUTPUTS)
+    nav = example_batches(model, *SHAPES[1], seed=3)["navigation"]
+    text = OnnxRuntimeDUET(root / "export", "fp32", threads=1).precompute_text_kv(
+        nav["txt_embeds"], nav["txt_masks"], torch.randn(SHAPES[1][0], 384))
+    assert text.og_text is None
 
 
 def test_comparison_catches_a_changed_weight(tiny):
@@ -209,6 +246,8 @@ def test_models_with_objects_export_with_object_inputs_and_scores(obj_size, tmp_
     manifest = export_model(model, tmp_path / "exp", check=True).manifest
     assert manifest["objects"] and manifest["inputs"]["panorama"][-2:] == ["obj_img_fts", "obj_lens"]
     assert manifest["inputs"]["navigation"][-1] == "vp_obj_masks" and manifest["outputs"]["navigation"][-1] == "obj_logits"
+    assert manifest["format_version"] == 1 and manifest["inputs"]["navigation"] == [*NAVIGATION_INPUTS, "vp_obj_masks"]
+    assert manifest["inputs"]["text_kv"] == ["txt_embeds"] and manifest["outputs"]["text_kv"] == ["txt_kv"]
     assert max(manifest["check"]["max_abs_diff"]["fp32"].values()) < TOL, manifest["check"]
     int8 = manifest["check"]["max_abs_diff"]["int8"]  # -inf at the same places (else inf), and close
     assert TOL < max(int8.values()) < 0.1, int8
@@ -229,6 +268,88 @@ def test_models_with_objects_export_with_object_inputs_and_scores(obj_size, tmp_
         assert max_abs_diff(ref["pano_embeds"], got[0].numpy()) < TOL and np.array_equal(ref["pano_masks"], got[1].numpy())
     nav = {k: v for k, v in batches["navigation"].items() if k != "vp_obj_masks"}
     assert ort_model("navigation", nav)["obj_logits"] is None
+
+
+@pytest.fixture(scope="module")
+def og_model(one_thread):
+    """A seeded tiny model with objects and og_text_encoder='minilm' (instr_embeds (B, 384)),
+    og_text_proj's weight random (zero at init: the term would not show)."""
+    torch.manual_seed(0)
+    model = create_model("duet-cpu", **SMALL, obj_feat_size=24, og_text_encoder="minilm").eval()
+    with torch.no_grad():
+        model.og_text_proj.weight.normal_()
+    return model
+
+
+def test_og_text_encoder_tensor_modes_equal_eager(og_model):
+    """og_text_encoder: the text_kv entry point takes (txt_embeds, instr_embeds) and also gives
+    og_text (B, H), the navigation one takes it last, and together they give
+    model('navigation', batch)'s outputs (the batch with its instr_embeds), obj_logits included; the
+    term matters (a zero og_text changes obj_logits, and only them)."""
+    model = og_model
+    modes = tensor_modes(model)
+    for k, shape in enumerate(SHAPES):
+        batches = example_batches(model, *shape, seed=10 + k)
+        inputs = entry_inputs(model, batches)
+        assert list(inputs["text_kv"]) == ["txt_embeds", "instr_embeds"]
+        assert inputs["text_kv"]["instr_embeds"].shape == (shape[0], model.config.og_text_size) == (shape[0], 384)
+        assert list(inputs["navigation"]) == [*NAVIGATION_INPUTS, "vp_obj_masks", "og_text"]
+        with torch.no_grad():
+            txt_kv, og_text = modes["text_kv"](*inputs["text_kv"].values())
+            got = dict(zip(mode_outputs(model, "navigation"), modes["navigation"](*inputs["navigation"].values())))
+            ref = model("navigation", batches["navigation"])
+            nav = batches["navigation"]
+            eager = model.precompute_text_kv(nav["txt_embeds"], nav["txt_masks"], nav["instr_embeds"])
+            zero = dict(inputs["navigation"], og_text=torch.zeros_like(og_text))
+            without = dict(zip(mode_outputs(model, "navigation"), modes["navigation"](*zero.values())))
+        assert og_text.shape == (shape[0], model.config.hidden_size)
+        assert max_abs_diff(eager.og_text.numpy(), og_text.numpy()) < TOL
+        assert torch.equal(txt_kv, inputs["navigation"]["txt_kv"]) and torch.equal(og_text, inputs["navigation"]["og_text"])
+        diffs = {name: max_abs_diff(ref[name].numpy(), got[name].numpy()) for name in got}
+        assert max(diffs.values()) < TOL, (shape, diffs)
+        assert max_abs_diff(got["obj_logits"].numpy(), without["obj_logits"].numpy()) > 0.1
+        assert max_abs_diff(got["fused_logits"].numpy(), without["fused_logits"].numpy()) == 0.0
+    with pytest.raises(ValueError, match="needs og_text"):
+        modes["navigation"](*[v for k, v in inputs["navigation"].items() if k != "og_text"])
+    with pytest.raises(ValueError, match="give instr_embeds"):  # DUET.grounding_text's error
+        modes["text_kv"](inputs["text_kv"]["txt_embeds"])
+
+
+def test_og_text_encoder_exports_and_runs_as_torch(og_model, tmp_path):
+    """og_text_encoder exports as format 2: text_kv takes instr_embeds and gives og_text, navigation
+    takes it last; on the runtime, with the per-episode cache as the agent passes it
+    (precompute_text_kv(txt_embeds, txt_masks, instr_embeds), also through --compare's CompareModel),
+    every output equals torch's within 1e-4, obj_logits included; without instr_embeds the runtime
+    says what is missing, as DUET does."""
+    model = og_model
+    manifest = export_model(model, tmp_path / "exp", int8=False, check=True).manifest
+    assert manifest["format_version"] == 2 and manifest["dynamic_axes"]["og_text"] == {"0": "B"}
+    assert manifest["dynamic_axes"]["instr_embeds"] == {"0": "B"}
+    assert manifest["inputs"]["text_kv"] == ["txt_embeds", "instr_embeds"]
+    assert manifest["outputs"]["text_kv"] == ["txt_kv", "og_text"]
+    assert manifest["inputs"]["navigation"] == [*NAVIGATION_INPUTS, "vp_obj_masks", "og_text"]
+    assert max(manifest["check"]["max_abs_diff"]["fp32"].values()) < TOL, manifest["check"]
+    ort_model = OnnxRuntimeDUET(tmp_path / "exp", "fp32", threads=1)
+    assert _graph_names(ort_model) == (manifest["inputs"], manifest["outputs"])
+    for k, shape in enumerate(SHAPES):
+        batches = example_batches(model, *shape, seed=10 + k)
+        diffs = _diffs(model, ort_model, batches)  # navigation without a cache: the runtime makes one
+        assert "navigation.obj_logits" in diffs and max(diffs.values()) < TOL, (shape, diffs)
+        nav = dict(batches["navigation"])
+        instr_embeds = nav.pop("instr_embeds")
+        text = ort_model.precompute_text_kv(nav.pop("txt_embeds"), nav.pop("txt_masks"), instr_embeds)
+        assert text.og_text is not None and text.og_text.shape == (shape[0], model.config.hidden_size)
+        got = ort_model("navigation", {**nav, "txt_kv": text})
+        ref = _outputs(model, "navigation", batches["navigation"])
+        assert max_abs_diff(ref["obj_logits"], got["obj_logits"].numpy()) < TOL
+        cmp = CompareModel(model, ort_model)
+        cmp("navigation", {**nav, "txt_kv": cmp.precompute_text_kv(batches["navigation"]["txt_embeds"],
+                                                                   text.txt_masks, instr_embeds)})
+        assert cmp.report(TOL)["within_tolerance"] and "navigation.obj_logits" in cmp.max_abs_diff, cmp.report(TOL)
+    for runtime in (model, ort_model):  # the same error from both
+        with pytest.raises(ValueError, match=r"give instr_embeds \(B, 384\)"):
+            runtime.precompute_text_kv(torch.zeros(1, 4, model.config.hidden_size),
+                                       torch.ones(1, 4, dtype=torch.bool))
 
 
 def test_bad_input_is_one_line_errors(tiny, tmp_path, capsys):

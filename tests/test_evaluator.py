@@ -200,6 +200,10 @@ def test_ground_truth_reverie(reverie, real_data_dir):
     # a wrong object: navigation unchanged, grounding 0
     wrong = reverie.score([item(e.instr_id, list(e.path), -1) for e in eps])[0]
     assert wrong["sr"] == 1.0 and wrong["rgs"] == 0.0 and wrong["rgspl"] == 0.0
+    assert summary["grounded_share"] == 1.0 and wrong["grounded_share"] == 0.0
+    # every other episode names the right object: half of the successes are grounded
+    half = reverie.score([item(e.instr_id, list(e.path), e.obj_id if k % 2 else -1) for k, e in enumerate(eps)])[0]
+    assert half["grounded_share"] == pytest.approx(sum(k % 2 for k in range(len(eps))) / len(eps))
 
 
 def test_stay_at_start_reverie(reverie, real_data_dir):
@@ -355,6 +359,17 @@ def test_cli_bad_reverie_pred_obj(obj, message, capsys, tmp_path, reverie, real_
         it["predObjId"] = obj
     rc, _, err = run_eval(capsys, tmp_path, [it], task="reverie", data_dir=real_data_dir)
     assert rc == 2 and message in err and repr(ep.instr_id) in err
+
+
+def test_cli_reverie_without_a_success_shows_no_grounded_share(capsys, tmp_path, reverie, real_data_dir):
+    """RGS|SR is a share of the successes: with none it is printed as '-' and written as null."""
+    ep = next(e for e in reverie.episodes.values()
+              if str(e.obj_id) not in bbox_visible(real_data_dir, e.scan, e.start))
+    rc, out, _ = run_eval(capsys, tmp_path, [item(ep.instr_id, [ep.start], ep.obj_id)], task="reverie",
+                          data_dir=real_data_dir)
+    assert rc == 0
+    line = next(l for l in out.splitlines() if l.strip().startswith("grounded_share"))
+    assert line.split()[-1] == "-"
 
 
 def test_cli_reverie_id_form(capsys, tmp_path, real_data_dir):

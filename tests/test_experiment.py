@@ -135,6 +135,25 @@ def test_pin_checkout_freezes_the_code(tmp_path):
     assert pin_checkout(out, None, root=repo) == (first, code)
     with pytest.raises(ConfigError, match="pinned to"):
         pin_checkout(out, "HEAD", root=repo)
+    assert not (out / "shared").exists()  # the repository has no ../shared: nothing linked
+
+
+def test_pinned_checkout_sees_the_repositorys_shared_folder(tmp_path):
+    """Configs name the shared teachers as ../shared/...: from the pinned checkout (the jobs' working
+    directory) that must be the repository's ../shared, also for a pin made before the link existed."""
+    repo = tmp_path / "repo"
+    (repo / "minivln").mkdir(parents=True)
+    (repo / "minivln" / "v.py").write_text("V = 1\n")
+    (tmp_path / "shared" / "teachers").mkdir(parents=True)
+    _git("init", "-q", cwd=repo)
+    _git("add", "-A", cwd=repo)
+    _git("commit", "-qm", "one", cwd=repo)
+    out = tmp_path / "runs" / "exp"
+    _, code = pin_checkout(out, None, root=repo)
+    assert (code / ".." / "shared" / "teachers").resolve() == (tmp_path / "shared" / "teachers").resolve()
+    (out / "shared").unlink()  # an experiment pinned by an older version: linked on the next call
+    pin_checkout(out, None, root=repo)
+    assert (code / ".." / "shared" / "teachers").is_dir()
 
 
 def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):

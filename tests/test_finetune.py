@@ -16,6 +16,7 @@ from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
 from minivln.env.env import NavBatchEnv
 from minivln.features.hdf5 import FeatureStore
+from minivln.model.checkpoint import load_pretrained
 from minivln.model.registry import create_model
 from minivln.training.agent import IGNORE, DUETAgent, spl_expert_slot, teacher_slot
 from minivln.training.logging import read_jsonl
@@ -146,3 +147,24 @@ def test_finetune_cli_end_to_end_navigate_eval_resume(toy, tmp_path, capsys):
     steps = [r["step"] for r in read_jsonl(run / "log.jsonl") if r.get("kind") == "train"]
     assert steps == [1, 2, 3]
     capsys.readouterr()
+
+
+def test_finetune_with_a_weight_average_exports_it_beside_the_model(toy, tmp_path):
+    """train.ema_decay > 0: RUN/model-ema holds the average at the last step (a loadable model of the
+    same config, other weights than RUN/model); without it no model-ema is written."""
+    data, feats = toy
+    run = tmp_path / "run"
+    overrides = [
+        "model=duet-cpu", f"model_overrides={json.dumps(TINY)}", f"data_dir={data}", f"features={feats}",
+        "batch_size=2", "val_batch_size=8", "max_action_len=8", "max_instr_len=64", "num_threads=1",
+        "train.max_steps=3", "train.val_every=0", "train.log_every=1", "train.optim.lr=1e-3",
+        "train.progress=false", "train.ema_decay=0.5", "train.ema_start=1", "val_splits=[val_unseen]",
+    ]
+    assert cli_main(["finetune", "--out", str(run), *overrides]) == 0
+    last, avg = load_pretrained(run / "model"), load_pretrained(run / "model-ema")
+    assert last.config == avg.config
+    sl, sa = last.state_dict(), avg.state_dict()
+    assert any(not torch.equal(sl[k], sa[k]) for k in sl if sl[k].is_floating_point())
+    plain = tmp_path / "plain"
+    assert cli_main(["finetune", "--out", str(plain), *overrides[:-3], "val_splits=[val_unseen]"]) == 0
+    assert (plain / "model").is_dir() and not (plain / "model-ema").exists()

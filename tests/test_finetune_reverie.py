@@ -389,15 +389,25 @@ def test_finetune_reverie_cli_end_to_end(toy, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_reverie_on_onnx_runtime_gives_the_torch_episodes(toy, tmp_path):
+@pytest.mark.parametrize("og_text_encoder", ["", "minilm"])
+def test_reverie_on_onnx_runtime_gives_the_torch_episodes(toy, tmp_path, og_text_encoder):
     """``minivln navigate --task reverie --backend onnxruntime``: the exported graphs (object tokens
     packed in the panorama graph, obj_logits from the navigation graph) give the torch backend's
-    trajectories and object choices, episode for episode; ``--compare`` checks every call."""
+    trajectories and object choices, episode for episode; ``--compare`` checks every call.  With
+    og_text_encoder (og_text_proj made non-zero) the text cache's og_text, from the instructions'
+    instr_embeds, reaches every navigation call."""
     pytest.importorskip("onnx", reason="onnx not installed (optional extra: pip install -e '.[deploy]')")
     pytest.importorskip("onnxruntime", reason="onnxruntime not installed (optional extra)")
     data, feats, objs = toy
     torch.manual_seed(3)
-    save_pretrained(create_model("duet-cpu-reverie", **TINY), tmp_path / "model")
+    model = create_model("duet-cpu-reverie", **TINY)
+    if og_text_encoder:  # the same network (its episodes move) plus a non-zero og_text_proj
+        og = create_model("duet-cpu-reverie", **TINY, og_text_encoder=og_text_encoder)
+        og.load_state_dict({**og.state_dict(), **model.state_dict()})
+        with torch.no_grad():
+            og.og_text_proj.weight.normal_()
+        model = og
+    save_pretrained(model, tmp_path / "model")
 
     def navigate(backend: str, *extra: str) -> list[dict]:
         out = tmp_path / backend

@@ -261,11 +261,23 @@ def test_mean_metrics_plain_mean():
 
 def test_output_names():
     assert set(M.r2r_episode_metrics(REF, REF, LINE)) == set(M.R2R_METRICS)
-    assert set(reverie(REF)) == set(M.REVERIE_METRICS)
+    assert set(reverie(REF)) == set(M.REVERIE_METRICS) - set(M.DERIVED_METRICS)
     assert M.R2R_METRICS == (
         "sr", "spl", "nav_error", "oracle_nav_error", "oracle_sr", "trajectory_length", "ndtw", "sdtw", "cls"
     )
-    assert M.REVERIE_METRICS == ("sr", "oracle_sr", "spl", "rgs", "rgspl", "trajectory_length")
+    assert M.REVERIE_METRICS == ("sr", "oracle_sr", "spl", "rgs", "rgspl", "grounded_share", "trajectory_length")
+
+
+def test_grounded_share_counts_the_right_object_among_successes_only():
+    """RGS|SR: of the episodes that succeed, the share that also name the target; a right object at a
+    failed episode does not count, and with no success the share is undefined (None), not 0."""
+    per = {"a": {"sr": 1.0, "rgs": 1.0}, "b": {"sr": 1.0, "rgs": 0.0}, "c": {"sr": 1.0, "rgs": 1.0},
+           "d": {"sr": 0.0, "rgs": 0.0}, "e": {"sr": 0.0, "rgs": 1.0}}
+    assert M.grounded_share(per) == pytest.approx(2 / 3)
+    out = M.mean_metrics(per, ("sr", "rgs", "grounded_share"))
+    assert out == {"sr": pytest.approx(0.6), "rgs": pytest.approx(0.6), "grounded_share": pytest.approx(2 / 3)}
+    assert M.grounded_share({"d": {"sr": 0.0, "rgs": 0.0}}) is None
+    assert "RGS|SR -" not in M.format_metrics({"grounded_share": None, "sr": 0.0})
 
 
 def test_bad_arguments():

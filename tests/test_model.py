@@ -257,6 +257,76 @@ def test_objects_packing_and_grounding(obj_size):
     assert torch.isfinite(out["obj_logits"][vp_obj_masks]).all()
 
 
+def _og_batch(hidden: int = 32):
+    """A navigation batch of two samples with object rows 2-3 (sample 0) and 3 (sample 1)."""
+    torch.manual_seed(1)
+    m = 5
+    vp_obj_masks = torch.tensor([[False, False, True, True, False], [False, False, False, True, False]])
+    return dict(
+        txt_embeds=torch.randn(2, 6, hidden), txt_masks=torch.tensor([[True] * 6, [True] * 4 + [False] * 2]),
+        gmap_img_embeds=torch.randn(2, 3, hidden), gmap_step_ids=torch.tensor([[0, 1, 0]] * 2),
+        gmap_pos_fts=torch.randn(2, 3, 7), gmap_masks=torch.ones(2, 3, dtype=torch.bool),
+        gmap_pair_dists=torch.rand(2, 3, 3), gmap_visited_masks=torch.tensor([[False, True, False]] * 2),
+        gmap_vpids=[[None, 1, 2]] * 2,
+        vp_img_embeds=torch.randn(2, m, hidden), vp_pos_fts=torch.randn(2, m, 14),
+        vp_masks=torch.ones(2, m, dtype=torch.bool),
+        vp_nav_masks=torch.tensor([[True, True, False, False, False], [True, False, True, False, False]]),
+        vp_obj_masks=vp_obj_masks, vp_cand_vpids=[[None, 2], [None, 2]],
+    )  # fmt: skip
+
+
+def test_og_text_encoder_starts_as_duet_and_learns_the_match():
+    """og_text_encoder: zero at init (the outputs are the plain model's), the term is each object
+    token's dot product with og_text_proj(instr_embeds), cached or not, and it gets gradients; a
+    batch without instr_embeds is one clear error."""
+    cfg = DUETConfig(vocab_size=50, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_l_layers=1,
+                     num_pano_layers=1, num_x_layers=1, image_feat_size=16, obj_feat_size=16)
+    torch.manual_seed(0)
+    plain = DUET(cfg).eval()
+    match = DUET(cfg.replace(og_text_encoder="minilm")).eval()
+    assert match.og_text_proj.in_features == 384 and torch.count_nonzero(match.og_text_proj.weight) == 0
+    match.load_state_dict({**plain.state_dict(), **{k: v for k, v in match.state_dict().items()
+                                                    if k.startswith("og_text_")}})
+    batch = {**_og_batch(), "instr_embeds": torch.randn(2, 384)}
+    with torch.no_grad():
+        a, b = plain("navigation", batch), match("navigation", batch)
+    for key in ("fused_logits", "obj_logits"):
+        assert torch.equal(a[key], b[key]), key
+    with torch.no_grad():  # a non-zero map: exactly the dot product
+        match.og_text_proj.weight.normal_()
+        match.og_text_proj.bias.normal_()
+        b = match("navigation", batch)
+        term = (batch["vp_img_embeds"] * match.og_text_proj(batch["instr_embeds"])[:, None]).sum(-1)
+    sel = batch["vp_obj_masks"]
+    assert torch.allclose(b["obj_logits"][sel], (a["obj_logits"] + term)[sel], atol=1e-4)
+    assert torch.isinf(b["obj_logits"][~sel]).all() and torch.equal(a["fused_logits"], b["fused_logits"])
+    kv = match.precompute_text_kv(batch["txt_embeds"], batch["txt_masks"], batch["instr_embeds"])
+    with torch.no_grad():
+        cached = match("navigation", {**batch, "txt_kv": kv})
+    assert torch.allclose(cached["obj_logits"][sel], b["obj_logits"][sel], atol=1e-5)
+    with pytest.raises(ValueError, match="instr_embeds"):
+        match("navigation", {k: v for k, v in batch.items() if k != "instr_embeds"})
+    # from zero, the OG loss moves og_text_proj (no saddle: the object rows are not small)
+    fresh = DUET(cfg.replace(og_text_encoder="minilm")).train()
+    out = fresh("navigation", batch)
+    torch.nn.functional.cross_entropy(out["obj_logits"], torch.tensor([3, 3])).backward()
+    assert fresh.og_text_proj.weight.grad.abs().sum() > 0
+
+
+def test_og_text_encoder_needs_objects_and_is_read_off_a_checkpoint():
+    from minivln.model.checkpoint import infer_config
+
+    with pytest.raises(ValueError, match="og_text_encoder needs object inputs"):
+        DUETConfig(og_text_encoder="minilm")
+    with pytest.raises(ValueError, match="og_text_encoder must be"):
+        DUETConfig(obj_feat_size=768, og_text_encoder="clip")
+    small = dict(vocab_size=50, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_l_layers=1,
+                 num_pano_layers=1, num_x_layers=1, image_feat_size=16, obj_feat_size=16)
+    for name in ("", "minilm"):
+        sd = DUET(DUETConfig(**small, og_text_encoder=name)).state_dict()
+        assert infer_config(sd, num_attention_heads=4).og_text_encoder == name
+
+
 def test_pack_views_objects_equals_the_per_sample_loop():
     """The tensor-only packing against the per-sample slicing it replaced: values and gradients, with
     samples without objects, a batch without any object and a sample that fills all n rows."""

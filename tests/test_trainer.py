@@ -198,7 +198,7 @@ def _train(run_dir: Path, steps: int, kill_at: int | None = None) -> None:
     torch.set_num_threads(1)
     try:
         trainer = build(run_dir, teacher=True, kill_at=kill_at, max_steps=steps, ckpt_every=3,
-                        grad_accum_steps=2, resume=(run_dir / "latest").exists())
+                        grad_accum_steps=2, resume=(run_dir / "latest").exists(), ema_decay=0.8, ema_start=4)
         trainer.fit()
         trainer.close()
     finally:
@@ -221,6 +221,10 @@ def test_killed_run_resumes_bit_identical(tmp_path):
 
     a, b = load_checkpoint(straight / "latest"), load_checkpoint(broken / "latest")
     assert a.step == b.step == 10
+    ea, eb = load_checkpoint(straight / "ema", with_trainer=False), load_checkpoint(broken / "ema", with_trainer=False)
+    assert ea.meta["ema_updates"] == eb.meta["ema_updates"] == 6  # steps 5..10
+    for k in ea.model:  # the weight average resumes exactly too
+        assert torch.equal(ea.model[k], eb.model[k]), f"ema {k} differs after resume"
     for name in ("model", "loss_terms"):
         sa, sb = getattr(a, name), getattr(b, name)
         assert sa.keys() == sb.keys() and sa
@@ -230,6 +234,39 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     ra, rb = train_records(straight), train_records(broken)
     assert [r["step"] for r in rb] == [r["step"] for r in ra] == [2, 4, 6, 8, 10]
     assert [r["loss"] for r in rb] == [r["loss"] for r in ra]
+
+
+def test_weight_average_is_the_exponential_average_of_the_steps(tmp_path):
+    """ema_decay d from ema_start s: after step s the average is the weights, then
+    avg = d * avg + (1 - d) * w after every step; RUN/ema holds it; off (0) writes no ema/."""
+    seen = []
+
+    class Recording(RegressionTask):
+        def next_batch(self, index):
+            seen.append({k: v.clone() for k, v in trainer.model.state_dict().items()})  # weights before the step
+            return super().next_batch(index)
+
+    seed_everything(0)
+    trainer = Trainer(MLP(dropout=0.0), Recording(), make_cfg(tmp_path / "run", max_steps=6, ema_decay=0.5, ema_start=2))
+    trainer.fit()
+    final = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.close()
+    after = seen[1:] + [final]  # weights after steps 1..6
+    expected = {k: v.float().clone() for k, v in after[2].items()}  # restart after step 3 (2 steps before it)
+    for w in after[3:]:
+        for k in expected:
+            expected[k] = 0.5 * expected[k] + 0.5 * w[k]
+    ema = load_checkpoint(tmp_path / "run" / "ema", with_trainer=False)
+    assert ema.meta["ema_updates"] == 4 and ema.step == 6
+    for k, v in expected.items():
+        assert torch.allclose(ema.model[k], v, atol=1e-6), k
+    assert not torch.allclose(ema.model["fc1.weight"], final["fc1.weight"])
+    trainer = build(tmp_path / "plain", max_steps=2)
+    trainer.fit()
+    trainer.close()
+    assert not (tmp_path / "plain" / "ema").exists()
+    with pytest.raises(ConfigError, match="ema_decay"):
+        make_cfg(tmp_path / "x", ema_decay=1.0).check()
 
 
 def test_teacher_frozen_and_loss_term_trained_saved_restored(tmp_path):

@@ -53,7 +53,7 @@ from minivln.env.env import NavBatchEnv, check_split_features
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.model.duet import DUET
 from minivln.paths import DataError, resolve_data_dir
-from minivln.training.agent import DUETAgent
+from minivln.training.agent import DUETAgent, text_cache
 
 PARTS = ("language", "text_kv", "panorama", "navigation")
 
@@ -99,9 +99,10 @@ class TimedNetwork:
             self.work.append((mode, tuple(batch["gmap_masks"].shape), tuple(batch["vp_masks"].shape)))
         return out
 
-    def precompute_text_kv(self, txt_embeds: torch.Tensor, txt_masks: torch.Tensor) -> Any:
+    def precompute_text_kv(self, txt_embeds: torch.Tensor, txt_masks: torch.Tensor,
+                           instr_embeds: torch.Tensor | None = None) -> Any:
         t0 = time.perf_counter()
-        out = self.model.precompute_text_kv(txt_embeds, txt_masks)
+        out = text_cache(self.model, txt_embeds, txt_masks, instr_embeds)
         self.seconds["text_kv"] += time.perf_counter() - t0
         self.calls["text_kv"] += 1
         return out

@@ -164,6 +164,7 @@ class EpisodeInputs:
     panorama: list[dict[str, Any]]
     navigation: list[dict[str, Any]]
     agent_ms: float = 0.0  # agent-side input building of the recording run (one run)
+    instr_embeds: torch.Tensor | None = None  # (B, D) for models with og_text_encoder (seeded, not a real encoding)
 
     @property
     def views_per_step(self) -> list[int]:
@@ -192,6 +193,9 @@ def record_episode(
     lang = text_inputs(batch_size, txt_len, seed, model.config.vocab_size)
     nav = MapNavigator([w.start() for w in worlds], max_action_len=steps + 1)
     txt_embeds = model("language", lang)
+    size = model.config.og_text_size
+    instr = torch.randn(batch_size, size, generator=torch.Generator().manual_seed(seed)) if size else None
+    text = {} if instr is None else {"instr_embeds": instr}
     panos, navs, agent_s = [], [], 0.0
     for t in range(steps):
         t0 = time.perf_counter()
@@ -204,7 +208,7 @@ def record_episode(
         nav.absorb_panorama(pano, pano_embeds, pano_masks)
         batch = nav.navigation_inputs(pano, pano_embeds, pano_masks, txt_embeds, lang["txt_masks"])
         agent_s += time.perf_counter() - t0
-        outs = model("navigation", batch.inputs)
+        outs = model("navigation", {**batch.inputs, **text})
         t0 = time.perf_counter()
         nav.record_scores(outs["fused_logits"])
         panos.append(pano_in)
@@ -215,7 +219,7 @@ def record_episode(
             moves = nav.act(t, actions, batch)
             nav.observe([w.move(m) for w, m in zip(worlds, moves)])
         agent_s += time.perf_counter() - t0
-    return EpisodeInputs(lang, panos, navs, agent_ms=agent_s * 1e3)
+    return EpisodeInputs(lang, panos, navs, agent_ms=agent_s * 1e3, instr_embeds=instr)
 
 
 @torch.inference_mode()
@@ -225,7 +229,9 @@ def run_episode(model: DUET, ep: EpisodeInputs, text_cache: bool = True) -> dict
     t0 = clock()
     txt_embeds = model("language", ep.language)
     txt_masks = ep.language["txt_masks"]
-    text = model.precompute_text_kv(txt_embeds, txt_masks) if text_cache else None
+    instr = ep.instr_embeds
+    text = (model.precompute_text_kv(txt_embeds, txt_masks, *([] if instr is None else [instr]))
+            if text_cache else None)
     t1 = clock()
     pano_s = nav_s = 0.0
     for pano_in, nav_in in zip(ep.panorama, ep.navigation):
@@ -236,7 +242,7 @@ def run_episode(model: DUET, ep: EpisodeInputs, text_cache: bool = True) -> dict
         if text is not None:
             batch["txt_kv"] = text
         else:
-            batch["txt_embeds"], batch["txt_masks"] = txt_embeds, txt_masks
+            batch["txt_embeds"], batch["txt_masks"], batch["instr_embeds"] = txt_embeds, txt_masks, instr
         model("navigation", batch)
         nav_s += clock() - b
         pano_s += b - a

@@ -43,9 +43,10 @@ class CompareModel:
     def eval(self) -> "CompareModel":
         return self
 
-    def precompute_text_kv(self, txt_embeds: torch.Tensor, txt_masks: torch.Tensor) -> _PairKV:
-        return _PairKV(self.reference.precompute_text_kv(txt_embeds, txt_masks),
-                       self.candidate.precompute_text_kv(txt_embeds, txt_masks))
+    def precompute_text_kv(self, txt_embeds: torch.Tensor, txt_masks: torch.Tensor,
+                           instr_embeds: torch.Tensor | None = None) -> _PairKV:
+        return _PairKV(self.reference.precompute_text_kv(txt_embeds, txt_masks, instr_embeds),
+                       self.candidate.precompute_text_kv(txt_embeds, txt_masks, instr_embeds))
 
     def __call__(self, mode: str, batch: Mapping[str, Any], taps: bool = False) -> Any:
         ref_batch, cand_batch = dict(batch), dict(batch)

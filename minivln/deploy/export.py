@@ -77,7 +77,9 @@ def example_batches(model: DUET, batch: int, text: int, pano: int, slots: int, s
 
     ``pano`` panorama tokens, ``slots`` global map slots ([stop] included).  For a model with object
     tokens (REVERIE) the last :data:`EXAMPLE_OBJECTS` tokens are objects (fewer, or none, in the
-    samples after the first), and the navigation batch marks them in ``vp_obj_masks``."""
+    samples after the first), and the navigation batch marks them in ``vp_obj_masks``; for a model
+    with ``og_text_encoder`` it also holds random ``instr_embeds`` (B, ``og_text_size``), drawn
+    last (the other tensors are those of the same model without it)."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     n_obj = EXAMPLE_OBJECTS if cfg.use_objects else 0
@@ -146,20 +148,25 @@ def example_batches(model: DUET, batch: int, text: int, pano: int, slots: int, s
     }
     if n_obj:
         navigation["vp_obj_masks"] = torch.cat([torch.zeros(batch, 1, dtype=torch.bool), nav_types == 2], 1)
+    if cfg.og_text_encoder:  # the instructions' sentence embeddings, an input of the text cache
+        navigation["instr_embeds"] = torch.randn(batch, cfg.og_text_size, generator=g)
     return {"language": language, "panorama": panorama, "navigation": navigation}
 
 
 def entry_inputs(model: DUET, batches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
     """The tensor-only entry points' inputs (by mode, in :func:`mode_inputs` order) for
-    :func:`example_batches`' batches; the text cache comes from the eager ``text_kv`` entry point."""
+    :func:`example_batches`' batches; the text cache (and, for a model with ``og_text_encoder``, the
+    grounding vector of its ``instr_embeds``) comes from the eager ``text_kv`` entry point."""
     nav = batches["navigation"]
+    text_in = {name: nav[name] for name in mode_inputs(model, "text_kv")}
     with torch.no_grad():
-        txt_kv = tensor_modes(model)["text_kv"](nav["txt_embeds"])
+        text = tensor_modes(model)["text_kv"](*text_in.values())
+    txt_kv, og_text = text if isinstance(text, tuple) else (text, None)
     out = {
         "language": dict(batches["language"]),
-        "text_kv": {"txt_embeds": nav["txt_embeds"]},
+        "text_kv": text_in,
         "panorama": dict(batches["panorama"]),
-        "navigation": navigation_tensors(nav, txt_kv, nav["txt_masks"], model.config.use_objects),
+        "navigation": navigation_tensors(nav, txt_kv, nav["txt_masks"], model.config.use_objects, og_text),
     }
     for mode in MODES:
         assert tuple(out[mode]) == mode_inputs(model, mode), mode
@@ -240,7 +247,8 @@ def export_model(
             graphs["int8"][mode] = qpath.relative_to(out).as_posix()
     n_global, n_local = text_layers(model)
     manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
+        # the grounding vector is new in format 2; any other model's export is still format 1
+        "format_version": FORMAT_VERSION if model.config.og_text_encoder else 1,
         "model_type": "duet",
         "source": str(source) if source is not None else None,
         "minivln_version": __version__,

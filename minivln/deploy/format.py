@@ -13,7 +13,13 @@ from typing import Any
 from minivln.paths import DataError
 
 MANIFEST = "export.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format.  2: models with ``og_text_encoder``, whose ``text_kv`` graph also takes
+``instr_embeds`` (the instructions' sentence embeddings) and gives ``og_text``, an input of every
+``navigation`` call of the episode (see :mod:`minivln.model.tensor_modes`).  An export of any
+other model is written as format 1, as before, so that older code still reads it."""
+READ_VERSIONS = (1, 2)
+"""The formats this code reads."""
 
 
 class ExportError(DataError):

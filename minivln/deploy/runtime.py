@@ -6,7 +6,10 @@
 outputs (torch tensors on the CPU), and ``precompute_text_kv`` gives the per-episode text cache
 (:class:`OnnxTextKV`, accepted as ``batch['txt_kv']``).  Inference only: no taps, no gradient.
 Models with object tokens (REVERIE) take ``obj_img_fts``/``obj_lens`` in the panorama call and give
-``obj_logits`` in the navigation call, as the torch model does.
+``obj_logits`` in the navigation call, as the torch model does; for those with ``og_text_encoder``
+``precompute_text_kv`` also takes ``instr_embeds`` (the instructions' sentence embeddings; in a
+navigation batch without ``txt_kv``, ``batch['instr_embeds']``) and the text cache also holds their
+grounding vector (``og_text``), passed to every navigation call.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import numpy as np
 import torch
 
 from minivln.deploy.format import (
-    FORMAT_VERSION,
     MANIFEST,
+    READ_VERSIONS,
     ExportError,
     make_session,
 )
@@ -51,9 +54,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ExportError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READ_VERSIONS:
         raise ExportError(f"{path}: export format {manifest.get('format_version')!r}, this code reads "
-                          f"{FORMAT_VERSION}; export again")
+                          f"{' and '.join(map(str, READ_VERSIONS))}; export again")
     return manifest
 
 
@@ -63,6 +66,7 @@ class OnnxTextKV:
 
     txt_kv: torch.Tensor  # (2X, B, heads, L, head size), see minivln.model.tensor_modes
     txt_masks: torch.Tensor  # (B, L) bool
+    og_text: torch.Tensor | None = None  # (B, H) the grounding vector (og_text_encoder), else None
 
 
 class OnnxRuntimeDUET:
@@ -117,9 +121,19 @@ class OnnxRuntimeDUET:
             feed[name] = np.ascontiguousarray(value, dtype=dtype)
         return [torch.from_numpy(x) for x in self.sessions[mode].run(None, feed)]
 
-    def precompute_text_kv(self, txt_embeds: torch.Tensor, txt_masks: torch.Tensor) -> OnnxTextKV:
-        (txt_kv,) = self.run("text_kv", {"txt_embeds": txt_embeds})
-        return OnnxTextKV(txt_kv, txt_masks)
+    def precompute_text_kv(self, txt_embeds: torch.Tensor, txt_masks: torch.Tensor,
+                           instr_embeds: torch.Tensor | None = None) -> OnnxTextKV:
+        """As :meth:`DUET.precompute_text_kv`: the graph of a model with ``og_text_encoder`` also
+        takes ``instr_embeds`` (B, og_text_size) and gives ``og_text``; the others ignore it."""
+        feed = {"txt_embeds": txt_embeds}
+        if "instr_embeds" in self._types["text_kv"]:
+            if instr_embeds is None:  # DUET.grounding_text's error
+                raise ValueError(f"this model grounds objects with the instructions' {self.config.og_text_encoder} "
+                                 f"embeddings: give instr_embeds (B, {self.config.og_text_size}) with the text "
+                                 "(minivln.features.embed)")
+            feed["instr_embeds"] = instr_embeds
+        outs = dict(zip(self._outputs["text_kv"], self.run("text_kv", feed)))
+        return OnnxTextKV(outs["txt_kv"], txt_masks, outs.get("og_text"))
 
     def __call__(self, mode: str, batch: Mapping[str, Any], taps: bool = False) -> Any:
         if taps:
@@ -139,11 +153,11 @@ class OnnxRuntimeDUET:
         if mode == "navigation":
             text = batch.get("txt_kv")
             if text is None:
-                text = self.precompute_text_kv(batch["txt_embeds"], batch["txt_masks"])
+                text = self.precompute_text_kv(batch["txt_embeds"], batch["txt_masks"], batch.get("instr_embeds"))
             if not isinstance(text, OnnxTextKV):
                 raise TypeError(f"batch['txt_kv'] must come from this model's precompute_text_kv, "
                                 f"got {type(text).__name__}")
-            inputs = navigation_tensors(batch, text.txt_kv, text.txt_masks, self._objects)
+            inputs = navigation_tensors(batch, text.txt_kv, text.txt_masks, self._objects, text.og_text)
             outs = dict(zip(self._outputs["navigation"], self.run("navigation", inputs)))
             if batch.get("vp_obj_masks") is None:  # as the torch model: no object scores without the masks
                 outs["obj_logits"] = None

@@ -76,7 +76,10 @@ def format_table(summary: dict[str, float], n_scored: int, title: str) -> str:
     lines = [f"{title}  ({n_scored} episodes scored)"]
     width = max(len(k) for k in summary)
     for name, value in summary.items():
-        shown = f"{100 * value:7.2f}" if name in RATE_METRICS else f"{value:7.2f} m"
+        if value is None:  # a share of nothing (e.g. RGS|SR without a success)
+            shown = f"{'-':>7}"
+        else:
+            shown = f"{100 * value:7.2f}" if name in RATE_METRICS else f"{value:7.2f} m"
         lines.append(f"  {name:<{width}}  {shown}")
     return "\n".join(lines)
 

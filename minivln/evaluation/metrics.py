@@ -41,10 +41,10 @@ R2R_METRICS = (
 )
 """Output names of the R2R metrics, in report order."""
 
-REVERIE_METRICS = ("sr", "oracle_sr", "spl", "rgs", "rgspl", "trajectory_length")
+REVERIE_METRICS = ("sr", "oracle_sr", "spl", "rgs", "rgspl", "grounded_share", "trajectory_length")
 """Output names of the REVERIE metrics, in report order."""
 
-RATE_METRICS = frozenset({"sr", "oracle_sr", "spl", "ndtw", "sdtw", "cls", "rgs", "rgspl"})
+RATE_METRICS = frozenset({"sr", "oracle_sr", "spl", "ndtw", "sdtw", "cls", "rgs", "rgspl", "grounded_share"})
 """Metrics that are fractions in [0, 1] (the others are metres)."""
 
 METRIC_LABELS: dict[str, tuple[str, str]] = {
@@ -59,6 +59,7 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "cls": ("CLS", "coverage weighted by length score"),
     "rgs": ("RGS", "remote grounding success"),
     "rgspl": ("RGSPL", "RGS weighted by path length"),
+    "grounded_share": ("RGS|SR", "share of the successes that also name the right object"),
 }
 """Metric name -> (short label, what it is), for summaries printed to people."""
 
@@ -277,9 +278,26 @@ def reverie_episode_metrics(
     }
 
 
+def grounded_share(per_episode: dict[str, dict[str, float]]) -> float | None:
+    """REVERIE: of the successful episodes, the share whose predicted object is the target
+    (sum of sr x rgs over sum of sr); None when no episode succeeds."""
+    successes = sum(ep["sr"] for ep in per_episode.values())
+    if not successes:
+        return None
+    return float(sum(ep["sr"] * ep["rgs"] for ep in per_episode.values()) / successes)
+
+
+DERIVED_METRICS: dict[str, Callable[[dict[str, dict[str, float]]], float | None]] = {
+    "grounded_share": grounded_share,
+}
+"""Summary metrics computed over the episodes together (not per-episode means)."""
+
+
 def mean_metrics(per_episode: dict[str, dict[str, float]], names: Sequence[str]) -> dict[str, float]:
-    """Plain mean over episodes of each metric in ``names`` (insertion order kept)."""
+    """Plain mean over episodes of each metric in ``names`` (insertion order kept); the names of
+    :data:`DERIVED_METRICS` are computed from the episodes together instead (None where undefined)."""
     if not per_episode:
         raise ValueError("no episodes to average")
     n = len(per_episode)
-    return {name: float(sum(ep[name] for ep in per_episode.values()) / n) for name in names}
+    return {name: DERIVED_METRICS[name](per_episode) if name in DERIVED_METRICS
+            else float(sum(ep[name] for ep in per_episode.values()) / n) for name in names}

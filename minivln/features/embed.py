@@ -207,3 +207,18 @@ def default_embedder() -> TextEmbedder:
     if _DEFAULT is None:
         _DEFAULT = TextEmbedder()
     return _DEFAULT
+
+
+def sentence_encoder(name: str) -> TextEmbedder:
+    """The frozen sentence encoder a model's ``og_text_encoder`` names ("minilm": all-MiniLM-L6-v2,
+    the space of the stand-in object features), process-wide."""
+    if name != "minilm":
+        raise ValueError(f"unknown sentence encoder {name!r} (known: 'minilm')")
+    return default_embedder()
+
+
+def embed_instructions(name: str, texts: list[str] | tuple[str, ...]) -> torch.Tensor:
+    """``(len(texts), D)`` float32 sentence embeddings of instructions by the encoder ``name``
+    (memoised per text: an instruction is embedded once per process)."""
+    return torch.from_numpy(sentence_encoder(name).embed(list(texts)))
+

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from minivln import __version__
-from minivln.model.config import DUETConfig
+from minivln.model.config import OG_TEXT_ENCODERS, DUETConfig
 from minivln.model.duet import DUET
 from minivln.paths import DataError, atomic_write_text, write_error
 
@@ -302,6 +302,18 @@ def load_weights(model: DUET, source: str | os.PathLike | Mapping[str, Any], fre
 # ============================================================================ inferring a config
 
 
+def _og_text_encoder(state_dict: Mapping[str, Tensor]) -> str:
+    """The ``og_text_encoder`` of a state dict, by the input size of its ``og_text_proj``."""
+    weight = state_dict.get("og_text_proj.weight")
+    if weight is None:
+        return ""
+    names = [name for name, size in OG_TEXT_ENCODERS.items() if size == weight.shape[1]]
+    if len(names) != 1:
+        raise CheckpointError(message=f"og_text_proj takes {weight.shape[1]}-d instruction embeddings: no known "
+                                      f"sentence encoder ({OG_TEXT_ENCODERS}) has that size; give the config")
+    return names[0]
+
+
 def infer_config(state_dict: Mapping[str, Tensor], **overrides: Any) -> DUETConfig:
     """Read the architecture off a (normalised) state dict.
 
@@ -341,6 +353,7 @@ def infer_config(state_dict: Mapping[str, Tensor], **overrides: Any) -> DUETConf
         max_action_steps=state_dict["global_encoder.gmap_step_embeddings.weight"].shape[0],
         graph_sprels="global_encoder.sprel_linear.weight" in state_dict,
         fusion="dynamic" if "sap_fuse_linear.net.0.weight" in state_dict else "avg",
+        og_text_encoder=_og_text_encoder(state_dict),
     )
     cfg.update(overrides)
     return DUETConfig(**cfg)

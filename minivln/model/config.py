@@ -17,6 +17,10 @@ from typing import Any, Mapping
 
 FUSIONS = ("dynamic", "avg")
 
+OG_TEXT_ENCODERS = {"minilm": 384}
+"""Sentence encoders whose instruction embeddings ``og_text_encoder`` can take, with their sizes
+(the encoders themselves live in :mod:`minivln.features.embed`)."""
+
 # Upstream / HuggingFace spellings -> our field names.
 _ALIASES = {
     "hidden_dropout_prob": "hidden_dropout",
@@ -53,6 +57,13 @@ class DUETConfig:
     # Navigation head.
     graph_sprels: bool = True  # graph-distance bias in the global self-attention
     fusion: str = "dynamic"  # 'dynamic' = learned gate, 'avg' = fixed 0.5
+    # MiniVLN, not DUET (off for DUET/ScaleVLN checkpoints): object grounding gets a second, shallow
+    # term, the dot product of each object token as the panorama encoder gives it with a linear map
+    # (``og_text_proj``, zero at init) of the instruction's embedding by a frozen sentence encoder
+    # whose space the object features share (``instr_embeds``, an input of the text cache).  "" = off;
+    # "minilm" = all-MiniLM-L6-v2 (384-d), the space of the stand-in object features.  DUET's own
+    # grounding path stays at chance in short runs; this one learns in minutes (studies/reverie_grounding).
+    og_text_encoder: str = ""
 
     # Regularisation (identity in eval()).
     hidden_dropout: float = 0.1
@@ -72,6 +83,11 @@ class DUETConfig:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.hidden_act != "gelu":
             raise ValueError(f"only hidden_act='gelu' is supported, got {self.hidden_act!r}")
+        if self.og_text_encoder and self.og_text_encoder not in OG_TEXT_ENCODERS:
+            raise ValueError(f"og_text_encoder must be '' or one of {sorted(OG_TEXT_ENCODERS)}, "
+                             f"got {self.og_text_encoder!r}")
+        if self.og_text_encoder and not self.use_objects:
+            raise ValueError("og_text_encoder needs object inputs (obj_feat_size > 0)")
         for name in ("num_l_layers", "num_pano_layers", "num_x_layers", "obj_feat_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -85,6 +101,11 @@ class DUETConfig:
     @property
     def use_objects(self) -> bool:
         return self.obj_feat_size > 0
+
+    @property
+    def og_text_size(self) -> int:
+        """Size of ``instr_embeds`` (0 without ``og_text_encoder``)."""
+        return OG_TEXT_ENCODERS.get(self.og_text_encoder, 0)
 
     @property
     def separate_obj_projection(self) -> bool:

@@ -584,6 +584,7 @@ class TextKV:
     mask: Tensor | None  # (B, 1, 1, L) additive; None when no token is padded
     global_kv: list[tuple[Tensor, Tensor]]  # per global layer: keys, values (B, h, L, d)
     local_kv: list[tuple[Tensor, Tensor]]  # per local layer
+    og_text: Tensor | None = None  # (B, H) the instruction for the grounding match (og_text_encoder)
 
 
 class GlobalMapEncoder(nn.Module):
@@ -780,10 +781,13 @@ class DUET(nn.Module):
             ClsPrediction(h, input_size=2 * h, eps=eps) if config.fusion == "dynamic" else None
         )
         self.og_head = ClsPrediction(h, eps=eps) if config.use_objects else None
+        self.og_text_proj = nn.Linear(config.og_text_size, h) if config.og_text_encoder else None
         # The upstream agent wrapper's dropout on raw image features (panorama mode only).
         self.feat_dropout = nn.Dropout(config.feat_dropout)
         if not self.embeddings.word_embeddings.weight.is_meta:  # nothing to fill on 'meta'
             self.apply(self._init_weights)
+            if self.og_text_proj is not None:  # zero: at init the grounding is DUET's own
+                nn.init.zeros_(self.og_text_proj.weight)
 
     def clear_inference_cache(self) -> None:
         """Drop the packed projection weights cached for inference (see :func:`packed_linear`);
@@ -857,7 +861,7 @@ class DUET(nn.Module):
         elif mode == "navigation":
             text = batch.get("txt_kv")
             if text is None:
-                text = self.precompute_text_kv(batch["txt_embeds"], batch["txt_masks"])
+                text = self.precompute_text_kv(batch["txt_embeds"], batch["txt_masks"], batch.get("instr_embeds"))
             out = self.forward_navigation(
                 text,
                 gmap_img_embeds=batch["gmap_img_embeds"],
@@ -936,30 +940,44 @@ class DUET(nn.Module):
 
     # ------------------------------------------------------------------------ navigation
 
-    def precompute_text_kv(self, txt_embeds: Tensor, txt_masks: Tensor) -> TextKV:
+    def precompute_text_kv(self, txt_embeds: Tensor, txt_masks: Tensor, instr_embeds: Tensor | None = None) -> TextKV:
         """Project the text keys/values of every cross-modal layer once per episode.
 
         The text is never updated by the cross-modal layers, so the result can be passed as
         ``batch['txt_kv']`` to every 'navigation' call of the episode (outputs are identical).
+        A model with ``og_text_encoder`` also needs ``instr_embeds`` (B, og_text_size): the
+        instructions embedded by that sentence encoder (:meth:`grounding_text`).
         """
         mask = key_mask(txt_masks, txt_embeds.dtype)
         branches = (self.global_encoder.encoder, self.local_encoder.encoder)
         atts = [layer.visual_attention.att for enc in branches for layer in enc.x_layers]
         linears = [lin for a in atts for lin in (a.key, a.value)]
+        og_text = self.grounding_text(instr_embeds)
         kv = None
         if atts and inference_only(*linears):
             # the keys and values of every layer of both branches in one matrix product
             kv = packed_linear(self, "text_kv", txt_embeds, lambda: _pairs(*linears))
         if kv is None:
             g_kv, l_kv = branches[0].text_kv(txt_embeds), branches[1].text_kv(txt_embeds)
-            return TextKV(txt_masks, mask, g_kv, l_kv)
+            return TextKV(txt_masks, mask, g_kv, l_kv, og_text)
         bsz, n, _ = txt_embeds.shape
         heads, size = atts[0].num_heads, atts[0].head_size
         kv = kv.view(bsz, n, 2 * len(atts), heads, size)
         kv = kv.permute(2, 0, 3, 1, 4).contiguous()  # (2 * layers, B, heads, L, head size)
         pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(atts))]
         n_global = len(branches[0].x_layers)
-        return TextKV(txt_masks, mask, pairs[:n_global], pairs[n_global:])
+        return TextKV(txt_masks, mask, pairs[:n_global], pairs[n_global:], og_text)
+
+    def grounding_text(self, instr_embeds: Tensor | None) -> Tensor | None:
+        """The instruction as the grounding match sees it, (B, H): ``og_text_proj`` of its sentence
+        embedding (B, og_text_size); None without ``og_text_encoder``."""
+        if self.og_text_proj is None:
+            return None
+        if instr_embeds is None:
+            raise ValueError(f"this model grounds objects with the instructions' {self.config.og_text_encoder} "
+                             "embeddings: give instr_embeds (B, "
+                             f"{self.config.og_text_size}) with the text (minivln.features.embed)")
+        return self.og_text_proj(instr_embeds.to(self.og_text_proj.weight.dtype))
 
     def forward_navigation(
         self,
@@ -1012,7 +1030,10 @@ class DUET(nn.Module):
 
         obj_logits = None
         if self.og_head is not None and vp_obj_masks is not None:
-            obj_logits = self.og_head(vp_embeds).squeeze(2).masked_fill(~vp_obj_masks, neg_inf)
+            obj_logits = self.og_head(vp_embeds).squeeze(2)
+            if text.og_text is not None:  # the shallow match of og_text_encoder
+                obj_logits = obj_logits + (vp_img_embeds * text.og_text[:, None]).sum(-1)
+            obj_logits = obj_logits.masked_fill(~vp_obj_masks, neg_inf)
 
         if taps is not None:
             taps["action_probs"] = fused_logits.softmax(dim=-1)

@@ -11,6 +11,7 @@ entry point    inputs                                           outputs
 =============  ===============================================  ====================================
 ``language``   txt_ids (B, L) int64, txt_masks (B, L) bool      txt_embeds (B, L, H)
 ``text_kv``    txt_embeds (B, L, H)                             txt_kv (2X, B, heads, L, H/heads)
+               {+ instr_embeds (B, E)}                          {+ og_text (B, H)}
 ``panorama``   view_img_fts (B, N, D), loc_fts (B, N, A+3),     pano_embeds (B, N, H),
                nav_types (B, N) int64, view_lens (B,) int64     pano_masks (B, N) bool
                [+ obj_img_fts (B, O, D_obj), obj_lens (B,)]
@@ -18,17 +19,22 @@ entry point    inputs                                           outputs
                tensors of the batch, and the fusion indices     global_logits, local_logits,
                cand_row, backtrack, bw_rows (see                fused_logits, fuse_weights
                :func:`~minivln.model.duet.fusion_indices`)      [+ obj_logits (B, M)]
-               [+ vp_obj_masks (B, M) bool]
+               [+ vp_obj_masks (B, M) bool] {+ og_text (B, H)}
 =============  ===============================================  ====================================
 
 The bracketed inputs and outputs are those of models with object tokens (REVERIE): their panorama
 packs each sample's views then its objects (:func:`~minivln.model.duet.pack_views_objects`, gathers
 only), and their navigation scores the local tokens as objects too (``obj_logits``, -inf where
-``vp_obj_masks`` is False).  :func:`mode_inputs` / :func:`mode_outputs` give a model's names.
+``vp_obj_masks`` is False).  The braced ones are those of models with ``og_text_encoder`` (which
+have object tokens): ``text_kv`` also takes the instructions' sentence embeddings ``instr_embeds``
+(E = ``config.og_text_size``) and gives their grounding vector (:meth:`DUET.grounding_text`), and
+navigation takes it last and adds its match with the local tokens to ``obj_logits``.
+:func:`mode_inputs` / :func:`mode_outputs` give a model's names.
 
 ``text_kv`` is the per-episode text key/value cache (:meth:`DUET.precompute_text_kv`) as one tensor:
 keys then values of every cross-modal layer, the global branch's layers first (X = both branches'
-layers).  :func:`navigation_tensors` turns a navigation batch dict (with its id lists) into the
+layers); :func:`unstack_text_kv` makes it a :class:`~minivln.model.duet.TextKV` again (with
+``og_text``).  :func:`navigation_tensors` turns a navigation batch dict (with its id lists) into the
 navigation inputs, in :data:`NAVIGATION_INPUTS` order.
 
 """
@@ -69,6 +75,9 @@ OUTPUTS = {"language": LANGUAGE_OUTPUTS, "text_kv": TEXT_KV_OUTPUTS, "panorama":
 OBJECT_INPUTS = {"panorama": ("obj_img_fts", "obj_lens"), "navigation": ("vp_obj_masks",)}
 OBJECT_OUTPUTS = {"navigation": ("obj_logits",)}
 """What models with object tokens add, after the inputs and outputs above."""
+OG_TEXT_INPUTS = {"text_kv": ("instr_embeds",), "navigation": ("og_text",)}
+OG_TEXT_OUTPUTS = {"text_kv": ("og_text",)}
+"""What models with ``og_text_encoder`` add, after the object inputs and outputs."""
 
 # Variable axes of every input and output (axis -> name); the other axes are fixed by the config.
 # B: batch, L: instruction tokens, N: panorama tokens, G: global map slots, M: local tokens (N + 1);
@@ -88,7 +97,7 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "global_logits": {0: "B", 1: "G"}, "local_logits": {0: "B", 1: "M"},
     "fused_logits": {0: "B", 1: "G"}, "fuse_weights": {0: "B"},
     "obj_img_fts": {0: "B", 1: "O"}, "obj_lens": {0: "B"}, "vp_obj_masks": {0: "B", 1: "M"},
-    "obj_logits": {0: "B", 1: "M"},
+    "obj_logits": {0: "B", 1: "M"}, "instr_embeds": {0: "B"}, "og_text": {0: "B"},
 }  # fmt: skip
 
 
@@ -104,21 +113,32 @@ def check_tensor_modes(model: DUET) -> None:
 
 
 def mode_inputs(model: DUET, mode: str) -> tuple[str, ...]:
-    """The input names of ``model``'s entry point ``mode``, in order (object inputs last)."""
-    return INPUTS[mode] + (OBJECT_INPUTS.get(mode, ()) if model.config.use_objects else ())
+    """The input names of ``model``'s entry point ``mode``, in order (object inputs, then those of
+    ``og_text_encoder``, last)."""
+    cfg = model.config
+    return (INPUTS[mode] + (OBJECT_INPUTS.get(mode, ()) if cfg.use_objects else ())
+            + (OG_TEXT_INPUTS.get(mode, ()) if cfg.og_text_encoder else ()))
 
 
 def dynamic_axes(model: DUET) -> dict[str, dict[int, str]]:
     """:data:`DYNAMIC_AXES` for ``model``: with object tokens the views are V of the N panorama
-    tokens (N = V + O after packing), so ``view_img_fts``' second axis is V, not N."""
-    if not model.config.use_objects:
-        return dict(DYNAMIC_AXES)
-    return {**DYNAMIC_AXES, "view_img_fts": {0: "B", 1: "V"}}
+    tokens (N = V + O after packing), so ``view_img_fts``' second axis is V, not N.  ``instr_embeds``
+    and ``og_text`` only for models with ``og_text_encoder`` (the others' export manifests stay as
+    they were)."""
+    axes = dict(DYNAMIC_AXES)
+    if not model.config.og_text_encoder:
+        del axes["instr_embeds"], axes["og_text"]
+    if model.config.use_objects:
+        axes["view_img_fts"] = {0: "B", 1: "V"}
+    return axes
 
 
 def mode_outputs(model: DUET, mode: str) -> tuple[str, ...]:
-    """The output names of ``model``'s entry point ``mode``, in order (object outputs last)."""
-    return OUTPUTS[mode] + (OBJECT_OUTPUTS.get(mode, ()) if model.config.use_objects else ())
+    """The output names of ``model``'s entry point ``mode``, in order (object outputs, then those of
+    ``og_text_encoder``, last)."""
+    cfg = model.config
+    return (OUTPUTS[mode] + (OBJECT_OUTPUTS.get(mode, ()) if cfg.use_objects else ())
+            + (OG_TEXT_OUTPUTS.get(mode, ()) if cfg.og_text_encoder else ()))
 
 
 def text_layers(model: DUET) -> tuple[int, int]:
@@ -143,20 +163,24 @@ class LanguageMode(_Mode):
 
 
 class TextKVMode(_Mode):
-    """The per-episode text cache: txt_embeds -> txt_kv (2X, B, heads, L, head size)."""
+    """The per-episode text cache: txt_embeds -> txt_kv (2X, B, heads, L, head size); with
+    ``og_text_encoder``, (txt_embeds, instr_embeds (B, og_text_size)) -> (txt_kv, og_text (B, H))."""
 
-    def forward(self, txt_embeds: Tensor) -> Tensor:
+    def forward(self, txt_embeds: Tensor, instr_embeds: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         m = self.model
         with plain_ops():
             kv = m.global_encoder.encoder.text_kv(txt_embeds) + m.local_encoder.encoder.text_kv(txt_embeds)
-        return torch.stack([t for pair in kv for t in pair])
+            # None without og_text_encoder; with it, DUET's ValueError when instr_embeds is missing
+            og_text = m.grounding_text(instr_embeds)
+        txt_kv = torch.stack([t for pair in kv for t in pair])
+        return txt_kv if og_text is None else (txt_kv, og_text)
 
 
-def unstack_text_kv(model: DUET, txt_kv: Tensor, txt_masks: Tensor) -> TextKV:
-    """:class:`TextKV` from the stacked cache of :class:`TextKVMode` (mask always applied)."""
+def unstack_text_kv(model: DUET, txt_kv: Tensor, txt_masks: Tensor, og_text: Tensor | None = None) -> TextKV:
+    """:class:`TextKV` from the outputs of :class:`TextKVMode` (mask always applied)."""
     n_global, n_local = text_layers(model)
     pairs = [(txt_kv[2 * i], txt_kv[2 * i + 1]) for i in range(n_global + n_local)]
-    return TextKV(txt_masks, additive_mask(txt_masks, txt_kv.dtype), pairs[:n_global], pairs[n_global:])
+    return TextKV(txt_masks, additive_mask(txt_masks, txt_kv.dtype), pairs[:n_global], pairs[n_global:], og_text)
 
 
 class PanoramaMode(_Mode):
@@ -170,8 +194,9 @@ class PanoramaMode(_Mode):
 
 
 class NavigationMode(_Mode):
-    """``'navigation'`` on the text cache, the map tensors and the fusion indices; outputs in
-    :func:`mode_outputs` order (``obj_logits`` last, for models with object tokens)."""
+    """``'navigation'`` on the text cache, the map tensors and the fusion indices (then
+    ``vp_obj_masks`` and ``og_text``, for the models that take them); outputs in :func:`mode_outputs`
+    order (``obj_logits`` last, for models with object tokens)."""
 
     def forward(
         self,
@@ -191,11 +216,14 @@ class NavigationMode(_Mode):
         backtrack: Tensor,
         bw_rows: Tensor,
         vp_obj_masks: Tensor | None = None,
+        og_text: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         m = self.model
+        if m.config.og_text_encoder and og_text is None:  # obj_logits would silently lack its term
+            raise ValueError("a model with og_text_encoder needs og_text (the text_kv entry point's second output)")
         with plain_ops():
             out = m.forward_navigation(
-                unstack_text_kv(m, txt_kv, txt_masks),
+                unstack_text_kv(m, txt_kv, txt_masks, og_text),
                 gmap_img_embeds=gmap_img_embeds, gmap_step_ids=gmap_step_ids, gmap_pos_fts=gmap_pos_fts,
                 gmap_masks=gmap_masks, gmap_pair_dists=gmap_pair_dists,
                 gmap_visited_masks=gmap_visited_masks, gmap_vpids=[],
@@ -213,11 +241,15 @@ def tensor_modes(model: DUET) -> dict[str, nn.Module]:
 
 
 def navigation_tensors(batch: Mapping[str, Any], txt_kv: Tensor, txt_masks: Tensor,
-                       with_objects: bool = False) -> dict[str, Tensor]:
+                       with_objects: bool = False, og_text: Tensor | None = None) -> dict[str, Tensor]:
     """The navigation entry point's inputs (:data:`NAVIGATION_INPUTS` order, then ``vp_obj_masks``
-    ``with_objects``: all False when the batch has none) from a navigation batch dict (the agent's or
-    the fixture's, with its node-id lists), the stacked text cache and its mask: the id lists become
-    the fusion indices (:func:`~minivln.model.duet.fusion_indices`)."""
+    ``with_objects``: all False when the batch has none, then ``og_text`` when given) from a
+    navigation batch dict (the agent's or the fixture's, with its node-id lists), the stacked text
+    cache and its mask (and the grounding vector of a model with ``og_text_encoder``, from the
+    ``text_kv`` entry point): the id lists become the fusion indices
+    (:func:`~minivln.model.duet.fusion_indices`)."""
+    if og_text is not None and not with_objects:
+        raise ValueError("og_text is an input of models with object tokens only (with_objects=True)")
     cand_row, backtrack, bw_rows = fusion_indices(
         batch["gmap_vpids"], batch["gmap_visited_masks"], batch["vp_cand_vpids"], batch["vp_masks"].size(1)
     )
@@ -227,4 +259,6 @@ def navigation_tensors(batch: Mapping[str, Any], txt_kv: Tensor, txt_masks: Tens
     if with_objects:
         masks = batch.get("vp_obj_masks")
         out["vp_obj_masks"] = masks if masks is not None else torch.zeros_like(batch["vp_masks"])
+    if og_text is not None:
+        out["og_text"] = og_text
     return out

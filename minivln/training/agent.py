@@ -89,6 +89,7 @@ from minivln.data.datasets import Episode
 from minivln.data.reverie import ReverieGoals
 from minivln.data.tokenizer import PAD_ID, get_tokenizer
 from minivln.env import env as E
+from minivln.features.embed import embed_instructions
 from minivln.model import graph_map as G
 from minivln.model.agent_inputs import MapNavigator, NavigationBatch, PanoramaBatch
 from minivln.model.duet import DUET
@@ -295,6 +296,7 @@ class _Rollout:
     txt_embeds: torch.Tensor
     txt_masks: torch.Tensor
     txt_kv: Any
+    instr_embeds: torch.Tensor | None  # the instructions' sentence embeddings (og_text_encoder), else None
     shadow: _TeacherShadow | None
     loss: torch.Tensor  # the summed action cross-entropy so far
     og_loss: torch.Tensor  # the summed object-grounding cross-entropy so far
@@ -308,7 +310,7 @@ class _Rollout:
     split: int | None = None
     compact: bool = False  # build and run only the samples still navigating (see DUETAgent)
     rows: list[int] | None = None  # this step's samples run by the network when compacted (None: all)
-    text_rows: dict = field(default_factory=dict)  # rows -> (txt_embeds, txt_masks, txt_kv) of those rows
+    text_rows: dict = field(default_factory=dict)  # rows -> (txt_embeds, txt_masks, txt_kv, instr_embeds) of those rows
     pano_embeds: torch.Tensor | None = None  # this step's panorama-encoder output and masks (compacted
     #                     without a stage-2 teacher: the rows run only; with one: the whole batch)
     pano_masks: torch.Tensor | None = None
@@ -504,18 +506,20 @@ class DUETAgent:
             max_action_len=self.max_action_len,
             angle_feat_size=getattr(getattr(self.model, "config", None), "angle_feat_size", 4),
         )
-        txt_ids, txt_masks = self.encode_instructions([ep.instruction for ep in eps], device)
+        texts = [ep.instruction for ep in eps]
+        txt_ids, txt_masks = self.encode_instructions(texts, device)
         txt_embeds = self.model("language", {"txt_ids": txt_ids, "txt_masks": txt_masks})
-        txt_kv = self.model.precompute_text_kv(txt_embeds, txt_masks)
+        instr_embeds = instruction_embeddings(self.model, texts, device)
+        txt_kv = text_cache(self.model, txt_embeds, txt_masks, instr_embeds)
         shadow = None
         if teacher is not None:
-            shadow = _TeacherShadow(self._check_teacher(teacher, use_objects), nav, txt_ids, txt_masks)
+            shadow = _TeacherShadow(self._check_teacher(teacher, use_objects), nav, txt_ids, txt_masks, texts)
         return _Rollout(
             feedback=feedback, training=training, generator=generator, device=device, eps=eps,
             houses=[env.house(ep.scan) for ep in eps], goal_sets=[env.goal_viewpoints(i) for i in range(len(eps))],
             use_objects=use_objects, objects=objects, max_objects=max_objects, nav=nav, synced=[1] * len(eps),
             txt_embeds=txt_embeds, txt_masks=txt_masks,
-            txt_kv=txt_kv, shadow=shadow,
+            txt_kv=txt_kv, instr_embeds=instr_embeds, shadow=shadow,
             loss=torch.zeros((), device=device), og_loss=torch.zeros((), device=device),
             n_correct=torch.zeros((), dtype=torch.long, device=device),
             n_og_correct=torch.zeros((), dtype=torch.long, device=device),
@@ -538,7 +542,8 @@ class DUETAgent:
         pano = nav.panorama_inputs(use_objects=True if run.use_objects else None, **kw)
         pano_in = move_inputs(pano.model_inputs(), run.device)
         batch, outs, run.pano_embeds, run.pano_masks = network_step(
-            self.model, nav, pano, pano_in, rows, run.text_rows, (run.txt_embeds, run.txt_masks, run.txt_kv),
+            self.model, nav, pano, pano_in, rows, run.text_rows,
+            (run.txt_embeds, run.txt_masks, run.txt_kv, run.instr_embeds),
             run.use_objects, full_pano=run.shadow is not None)
         return pano, pano_in, rows, batch, outs
 
@@ -749,7 +754,8 @@ class _TeacherShadow:
     """The stage-2 teacher's side of a rollout: its text, and a shadow :class:`MapNavigator` that
     holds the teacher's node features and is stepped with the student's observations and actions."""
 
-    def __init__(self, teacher: DUET, nav: MapNavigator, txt_ids: torch.Tensor, txt_masks: torch.Tensor) -> None:
+    def __init__(self, teacher: DUET, nav: MapNavigator, txt_ids: torch.Tensor, txt_masks: torch.Tensor,
+                 texts: Sequence[str]) -> None:
         self.teacher = teacher
         self.nav = MapNavigator(
             nav.obs, max_action_len=nav.max_action_len, angle_feat_size=teacher.config.angle_feat_size,
@@ -759,7 +765,8 @@ class _TeacherShadow:
         self.txt_masks = txt_masks
         with torch.no_grad():
             self.txt_embeds = teacher("language", {"txt_ids": txt_ids, "txt_masks": txt_masks})
-            self.txt_kv = teacher.precompute_text_kv(self.txt_embeds, txt_masks)
+            self.instr_embeds = instruction_embeddings(teacher, texts, txt_masks.device)
+            self.txt_kv = text_cache(teacher, self.txt_embeds, txt_masks, self.instr_embeds)
         self.text_rows: dict = {}
         self.batch: NavigationBatch | None = None  # the teacher's navigation inputs of this step
 
@@ -775,7 +782,8 @@ class _TeacherShadow:
             pano_in = move_inputs(pano.model_inputs(), self.txt_masks.device)
         with torch.no_grad():
             batch, outs, pano_embeds, pano_masks = network_step(
-                self.teacher, nav, pano, pano_in, rows, self.text_rows, (self.txt_embeds, self.txt_masks, self.txt_kv),
+                self.teacher, nav, pano, pano_in, rows, self.text_rows,
+                (self.txt_embeds, self.txt_masks, self.txt_kv, self.instr_embeds),
                 use_objects, full_pano=True)
         active = [not bool(e) for e in nav.ended]
         if (batch.gmap_vpids != student_batch.gmap_vpids or batch.no_vp_left != student_batch.no_vp_left
@@ -810,7 +818,8 @@ def network_step(model: nn.Module, nav: MapNavigator, pano: PanoramaBatch, pano_
 
 
 def text_of_rows(model: nn.Module, cache: dict, rows: list[int] | None, txt_embeds: torch.Tensor,
-                 txt_masks: torch.Tensor, txt_kv: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+                 txt_masks: torch.Tensor, txt_kv: Any, instr_embeds: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """The text outputs, masks and cross-attention keys/values of samples ``rows`` (all: None),
     computed once per set of rows (the set only shrinks as samples end)."""
     if rows is None:
@@ -820,8 +829,25 @@ def text_of_rows(model: nn.Module, cache: dict, rows: list[int] | None, txt_embe
         cache.clear()  # the previous set is never used again
         index = torch.tensor(rows, dtype=torch.long, device=txt_masks.device)
         emb, masks = txt_embeds.index_select(0, index), txt_masks.index_select(0, index)
-        cache[key] = (emb, masks, model.precompute_text_kv(emb, masks))
+        instr = instr_embeds.index_select(0, index) if instr_embeds is not None else None
+        cache[key] = (emb, masks, text_cache(model, emb, masks, instr))
     return cache[key]
+
+
+def text_cache(model: nn.Module, txt_embeds: torch.Tensor, txt_masks: torch.Tensor,
+               instr_embeds: torch.Tensor | None) -> Any:
+    """``model.precompute_text_kv``, given the instruction embeddings only where the model takes them
+    (a runtime or wrapper of a model without ``og_text_encoder`` may not accept the argument)."""
+    if instr_embeds is None:
+        return model.precompute_text_kv(txt_embeds, txt_masks)
+    return model.precompute_text_kv(txt_embeds, txt_masks, instr_embeds)
+
+
+def instruction_embeddings(model: nn.Module, texts: Sequence[str], device: torch.device) -> torch.Tensor | None:
+    """The instructions' sentence embeddings (B, D) on ``device`` when the model grounds objects with
+    them (``config.og_text_encoder``, see :meth:`~minivln.model.duet.DUET.grounding_text`), else None."""
+    name = getattr(getattr(model, "config", None), "og_text_encoder", "")
+    return embed_instructions(name, list(texts)).to(device) if name else None
 
 
 def expand_rows(nav: MapNavigator, rows: list[int], outs: dict[str, Any], obj_logits: torch.Tensor | None,

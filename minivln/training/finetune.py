@@ -7,6 +7,7 @@ Validation runs arg-max rollouts on every ``val_splits`` split, writes the leade
 ``RUN/submissions/<split>_step<N>.json``, scores it with the :class:`Evaluator` (keys such as
 ``val_unseen.sr``, ``val_unseen.spl``) and keeps ``RUN/best`` by ``train.best_metric``
 (``val_unseen.spl``).  At the end the best weights are exported to ``RUN/model`` (``save_pretrained``)
+(with ``train.ema_decay`` > 0 also the weight average of the last step to ``RUN/model-ema``)
 and ``RUN/metrics.json`` holds the best checkpoint's val_unseen metrics (names of ``minivln eval``),
 a seeded random agent's (``"random"``) and whether the features are stand-in.
 
@@ -29,6 +30,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import random
@@ -532,6 +534,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model.load_state_dict(ckpt.model)
     best_step = int(ckpt.step)
     save_pretrained(model, run_dir / "model", metadata={"step": str(best_step)})
+    ema_src = find_checkpoint(run_dir / "ema", repair=False) if cfg.train.ema_decay else None
+    if ema_src is not None:  # the weight average at the last step, beside the selected weights
+        ema = load_checkpoint(ema_src, with_trainer=False)
+        averaged = copy.deepcopy(model)
+        averaged.load_state_dict(ema.model)
+        save_pretrained(averaged, run_dir / "model-ema",
+                        metadata={"step": str(ema.step), "ema_decay": str(cfg.train.ema_decay),
+                                  "ema_start": str(cfg.train.ema_start)})
     val_file = run_dir / "val" / f"step{best_step}.json"
     val = json.loads(val_file.read_text()) if val_file.exists() else {}
     metrics: dict[str, Any] = dict(val.get("val_unseen", {}))

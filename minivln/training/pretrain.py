@@ -63,6 +63,7 @@ from minivln.model.pretrain_heads import DUETPretrainer, navigation_network
 from minivln.model.registry import create_model, get_config
 from minivln.model.text_init import init_text
 from minivln.paths import DataError, check_writable_dir, resolve_data_dir
+from minivln.training.agent import instruction_embeddings
 from minivln.training.distributed import (
     cleanup,
     init_distributed,
@@ -120,6 +121,8 @@ class PretrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # DUETConfig fields to replace
     text_init: str = ""  # "minilm": text encoder from the offline all-MiniLM-L6-v2 BERT (hidden 384 only)
     init_checkpoint: str = ""  # optional weights to start from (save_pretrained dir or DUET checkpoint)
+    init_fresh: list[str] = field(default_factory=list)  # parameter prefixes that may be missing from
+    #                     init_checkpoint and start fresh (e.g. [og_head]: REVERIE pretraining from R2R weights)
     task: str = "r2r"  # annotations: "r2r" or "reverie" (nearest-goal SAP labels; objects + OG with
     #                    a model that has obj_feat_size > 0)
     data_dir: str = ""  # "" = $MINIVLN_DATA; "toy" = the toy world (built on first use in toy_dir)
@@ -230,6 +233,9 @@ def encode_states(duet: torch.nn.Module, batch: Mapping[str, Any],
     if "obj_img_fts" in batch["pano"]:
         zeros = torch.zeros(b, 1, dtype=torch.bool, device=cur_embeds.device)
         nav["vp_obj_masks"] = torch.cat([zeros, nav_types == 2], 1)
+    instr_embeds = instruction_embeddings(duet, batch["instructions"], cur_embeds.device)
+    if instr_embeds is not None:
+        nav["instr_embeds"] = instr_embeds
     return nav
 
 
@@ -648,7 +654,11 @@ def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretra
     if cfg.text_init:
         init_text(duet, cfg.text_init)
     if cfg.init_checkpoint:
-        load_weights(duet, cfg.init_checkpoint)
+        fresh: list[str] = []
+        load_weights(duet, cfg.init_checkpoint, fresh=cfg.init_fresh, report=fresh)
+        if fresh:
+            print(f"init_checkpoint {cfg.init_checkpoint}: {len(fresh)} tensors start fresh "
+                  f"({', '.join(fresh)})", flush=True)
     return DUETPretrainer(duet, num_classes=num_classes)
 
 

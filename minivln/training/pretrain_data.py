@@ -453,6 +453,7 @@ def collate_states(
     """One batch dict from states (CPU tensors plus python lists).
 
     Keys: ``txt_ids``/``txt_masks`` (masked when ``mlm_rng`` is given, with ``mlm_labels``);
+    ``instructions`` (the texts, for models that also embed them whole: ``og_text_encoder``);
     ``pano`` (the 'panorama' inputs of every visited node of every sample, flattened in sample then
     path order) with ``pano_cand_vpids``; ``node_index`` (per sample, the flat index of each visited
     node, last = current); ``gmap_*`` (everything of the global branch except the image embeddings);
@@ -476,6 +477,7 @@ def collate_states(
         "txt_ids": txt_ids,
         "txt_masks": txt_ids != PAD_ID,
         "mlm_labels": pad_tensors(labels, pad=-100),
+        "instructions": [s.episode.instruction for s in states],
     }
     # panoramas of all visited nodes
     flat_obs: list[NodeObservation] = []

@@ -91,6 +91,9 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on a terminal, a printed line per log step otherwise
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
     compile: bool = False  # torch.compile the model's transformer layers (GPU; see compile_layers)
+    ema_decay: float = 0.0  # >0: also keep an exponential moving average of the weights, updated after
+    #                         every optimizer step from step ema_start on (checkpointed; RUN/ema/ at each save)
+    ema_start: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def check(self) -> None:
@@ -100,9 +103,11 @@ class TrainConfig:
             raise ConfigError(f"max_steps: must be >= 1, got {self.max_steps}")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps: must be >= 1, got {self.grad_accum_steps}")
-        for name in ("log_every", "val_every", "ckpt_every", "max_minutes"):
+        for name in ("log_every", "val_every", "ckpt_every", "max_minutes", "ema_start"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision: expected auto/fp32/bf16/fp16, got {self.precision!r}")
         if self.best_mode not in ("max", "min"):
@@ -400,6 +405,42 @@ class _Window:
 # ----------------------------------------------------------------------------------------- trainer
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point weights (fp32 copies):
+    ``avg = decay * avg + (1 - decay) * w`` after each update; ``restart=True`` sets ``avg = w``.
+    Buffers that are not floating point (e.g. step counters) are taken as they are when read out."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.avg: dict[str, torch.Tensor] = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+                                             if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, restart: bool = False) -> None:
+        current = model.state_dict()
+        for k, a in self.avg.items():
+            if restart:
+                a.copy_(current[k])
+            else:
+                a.lerp_(current[k].float(), 1.0 - self.decay)
+        self.updates = 1 if restart else self.updates + 1
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """A state dict for ``model``: the averages in each weight's own dtype, other entries as they are."""
+        return {k: self.avg[k].to(v.dtype) if k in self.avg else v for k, v in model.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "avg": self.avg}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if set(state["avg"]) != set(self.avg):
+            raise CheckpointError(message="the checkpoint's weight average is of another model")
+        self.updates = int(state["updates"])
+        for k, a in self.avg.items():
+            a.copy_(state["avg"][k])
+
+
 class Trainer:
     """Train ``model`` on ``task`` (see the module docstring and ``docs/training.md``).
 
@@ -464,6 +505,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         self.step = 0
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"}
         self.last_val: dict[str, float] = {}
 
@@ -568,6 +610,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None and self.step >= self.cfg.ema_start:  # self.step: steps before this one
+            self.ema.update(self.model, restart=self.step == self.cfg.ema_start)
         return step_logs
 
     def _eager(self) -> contextlib.AbstractContextManager:
@@ -662,9 +706,14 @@ class Trainer:
                     "world_size": self.dist.world_size,
                     "config": dataclasses.asdict(self.cfg),
                     "rank_states": rank_states,
+                    "ema": self.ema.state_dict() if self.ema is not None else None,
                 },
                 meta={"kind": "latest", "step": self.step, "best": self.best, "metrics": self.last_val},
             )
+            if self.ema is not None:  # the averaged weights as a weights-only checkpoint beside latest/
+                save_checkpoint(self.run_dir / "ema", model_state=self.ema.model_state(self.model),
+                                meta={"kind": "ema", "step": self.step, "ema_decay": self.cfg.ema_decay,
+                                      "ema_start": self.cfg.ema_start, "ema_updates": self.ema.updates})
         D.barrier()
         return path
 
@@ -681,8 +730,9 @@ class Trainer:
         written before the old one goes), ``best/`` twice, and the exported weights, less what the run
         directory already holds of them."""
         weights, latest = self.checkpoint_bytes()
-        need = 2 * latest + (2 * weights if self.cfg.best_metric else 0) + weights
-        for sub in ("latest", "best", "model", "pretrained"):
+        need = (2 * latest + (2 * weights if self.cfg.best_metric else 0) + weights
+                + (2 * weights if self.cfg.ema_decay else 0))
+        for sub in ("latest", "best", "model", "pretrained", "ema"):
             d = self.run_dir / sub
             if d.is_dir():
                 need -= sum(f.stat().st_size for f in d.iterdir() if f.is_file())
@@ -716,6 +766,11 @@ class Trainer:
         self._apply_optim_config()
         self.scaler.load_state_dict(state["scaler"])
         self.best = state["best"]
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise CheckpointError(message=f"cannot resume {self.run_dir} with ema_decay > 0: its checkpoint "
+                                              "has no weight average (the run was started without one)")
+            self.ema.load_state_dict(state["ema"])
         self.last_val = dict(ckpt.meta.get("metrics") or {})
         rank_states = state["rank_states"]
         if len(rank_states) == self.dist.world_size:
