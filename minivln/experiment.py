@@ -90,6 +90,8 @@ class RowSpec:
 
     name: str = ""
     run: str = ""  # a fine-tuning run: its last checkpoint (RUN/model)
+    weights: str = "model"  # with run: "model" (the exported weights) or "model-ema" (the run's weight
+    #                        average at its last step; the run needs train.ema_decay > 0)
     checkpoint: str = ""  # or a given checkpoint (e.g. the teacher)
     random: bool = False  # or the seeded random walker
     stage1: bool = False  # labels of the row (what the runs did)
@@ -174,6 +176,9 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             raise ConfigError(f"{path}: row {row.name!r} needs exactly one of run, checkpoint, random")
         if row.run and (row.run not in recipe.runs or recipe.runs[row.run].command != "finetune"):
             raise ConfigError(f"{path}: row {row.name!r}: run {row.run!r} is not a fine-tuning run of the recipe")
+        if row.weights not in ("model", "model-ema") or (row.weights != "model" and not row.run):
+            raise ConfigError(f"{path}: row {row.name!r}: weights must be 'model' or 'model-ema' (of a run), "
+                              f"got {row.weights!r}")
 
 
 def slug(name: str) -> str:
@@ -183,7 +188,9 @@ def slug(name: str) -> str:
 
 def score_key(row: RowSpec) -> str:
     """What a row scores, so that rows of several tables scoring the same run share one scoring."""
-    return row.run if row.run else "ckpt-" + slug(row.checkpoint.rstrip("/").rsplit("/", 1)[-1])
+    if row.run:
+        return row.run if row.weights == "model" else f"{row.run}-ema"
+    return "ckpt-" + slug(row.checkpoint.rstrip("/").rsplit("/", 1)[-1])
 
 
 #: RunSpec fields added after runs were made: left out of the hash at their default, so that the
@@ -350,7 +357,7 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
     for row in recipe.rows:
         if row.random:
             continue  # scored in-process when the table is written (seconds)
-        ckpt = out / "runs" / row.run / "model" if row.run else Path(_abs(row.checkpoint, root))
+        ckpt = out / "runs" / row.run / row.weights if row.run else Path(_abs(row.checkpoint, root))
         target = score_key(row)
         if f"score:{target}" in {j.name for j in jobs}:
             continue

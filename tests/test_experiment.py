@@ -24,6 +24,7 @@ from minivln.experiment import (
     pin_checkout,
     plan,
     random_submission,
+    repo_root,
     run_experiment,
     score_key,
     slug,
@@ -51,6 +52,31 @@ def test_shipped_recipes_load_and_plan(name, tmp_path):
     for j in jobs:  # dependencies come first
         assert all(names.index(d) < names.index(j.name) for d in j.deps), j
     assert {f"score:{score_key(r)}" for r in recipe.rows if not r.random} <= set(names)
+
+
+def test_no_shipped_config_or_recipe_selects_on_val_unseen_by_default(tmp_path):
+    """The tables report val_unseen: a run that picked its checkpoint by val_unseen would be tuned on
+    the split it is scored on.  Fine-tuning's default, every shipped config and every fine-tuning run
+    of every shipped recipe keep the last checkpoint (or select on another split)."""
+    from minivln.config import load_config
+    from minivln.training.finetune import FinetuneConfig
+
+    assert FinetuneConfig().train.best_metric == ""
+    checked = 0
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if "val_splits" in raw and "ml_weight" in raw:  # a fine-tuning config
+            cfg = load_config(FinetuneConfig, path)
+            assert not cfg.train.best_metric.startswith("val_unseen"), path.name
+            checked += 1
+    assert checked >= 5
+    for name in SHIPPED:
+        for job in plan(load_recipe(name, ["features=x.hdf5"]), tmp_path, tmp_path / "code"):
+            if job.name.startswith("train:") and job.argv[3] == "finetune":
+                cfg = load_config(FinetuneConfig, repo_root() / job.config if job.config else None, job.overrides)
+                assert not cfg.train.best_metric.startswith("val_unseen"), (name, job.name)
+                checked += 1
+    assert checked > 30
 
 
 def test_a_teacher_run_is_trained_before_its_students(tmp_path):
@@ -102,6 +128,16 @@ def test_bad_recipes_are_config_errors(tmp_path):
         load_recipe(write({**base, "runs": {"a": {"command": "finetune", "init": "b"}}}))
     with pytest.raises(ConfigError, match="command must be"):
         load_recipe(write({**base, "runs": {"a": {"command": "train"}}}))
+    with pytest.raises(ConfigError, match="weights must be"):
+        load_recipe(write({**base, "rows": [{"name": "a", "run": "a", "weights": "best"}]}))
+    with pytest.raises(ConfigError, match="weights must be"):
+        load_recipe(write({**base, "rows": [{"name": "a", "random": True, "weights": "model-ema"}]}))
+    # a row of a run's weight average scores RUN/model-ema, apart from the run's own row
+    both = load_recipe(write({**base, "rows": [{"name": "a", "run": "a"},
+                                               {"name": "a, averaged", "run": "a", "weights": "model-ema"}]}))
+    jobs = {j.name: j for j in plan(both, tmp_path, tmp_path / "code")}
+    assert str(tmp_path / "runs" / "a" / "model-ema") in jobs["score:a-ema"].argv
+    assert str(tmp_path / "runs" / "a" / "model") in jobs["score:a"].argv
     with pytest.raises(ConfigError, match="not found"):
         find_recipe("no-such-recipe")
     # an included recipe's run of the same name must be the same run

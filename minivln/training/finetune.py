@@ -5,8 +5,9 @@ with labels from the 'spl' expert (loss x 1) on the next batch, both through the
 :class:`~minivln.training.trainer.Trainer` (AdamW, clipping, checkpoints, resume, logs).
 Validation runs arg-max rollouts on every ``val_splits`` split, writes the leaderboard submission
 ``RUN/submissions/<split>_step<N>.json``, scores it with the :class:`Evaluator` (keys such as
-``val_unseen.sr``, ``val_unseen.spl``) and keeps ``RUN/best`` by ``train.best_metric``
-(``val_unseen.spl``).  At the end the best weights are exported to ``RUN/model`` (``save_pretrained``)
+``val_unseen.sr``, ``val_unseen.spl``) and, only when ``train.best_metric`` names one (default: none,
+no selection on an evaluation split), keeps ``RUN/best`` by it.  At the end the best (else the last)
+weights are exported to ``RUN/model`` (``save_pretrained``)
 (with ``train.ema_decay`` > 0 also the weight average of the last step to ``RUN/model-ema``)
 and ``RUN/metrics.json`` holds the best checkpoint's val_unseen metrics (names of ``minivln eval``),
 a seeded random agent's (``"random"``) and whether the features are stand-in.
@@ -103,7 +104,7 @@ REVERIE_GOALS = ("random", "annotated", "nearest")
 def _default_train() -> TrainConfig:
     return TrainConfig(
         run_dir="runs/finetune", max_steps=200_000, log_every=100, val_every=2000, ckpt_every=2000,
-        best_metric="val_unseen.spl", best_mode="max",
+        best_metric="", best_mode="max",  # no selection on an evaluation split unless asked for
         optim=OptimConfig(lr=1e-5, weight_decay=0.01, schedule="constant", grad_clip=40.0),
     )
 
