@@ -15,15 +15,24 @@ one window in between (the old one parked under ``.latest.old``, nothing at ``la
 
 ``trainer.pt`` is a pickle (RNG and task states are arbitrary Python objects): load only runs you
 trust.  The weights themselves are in safetensors files, which are safe to load from anywhere.
+
+One writer per run directory: :class:`RunLock` (``RUN/.lock``, taken by the trainer before it writes
+anything) refuses a second one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import random
+import secrets
 import shutil
+import socket
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +43,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from minivln.model.checkpoint import CheckpointError, read_safetensors, read_torch
-from minivln.paths import WriteError, describe_os_error, error_number
+from minivln.paths import WriteError, describe_os_error, error_number, write_error
 
+LOCK_FILE = ".lock"
 MODEL_FILE = "model.safetensors"
 LOSS_TERMS_FILE = "loss_terms.safetensors"
 TRAINER_FILE = "trainer.pt"
@@ -250,3 +260,166 @@ def load_checkpoint(path: str | os.PathLike, *, with_trainer: bool = True) -> Ch
             raise CheckpointError(message=f"{p / TRAINER_FILE} is not a trainer state (no step)")
     return Checkpoint(path=p, meta=meta, model=read_safetensors(p / MODEL_FILE), loss_terms=loss_terms,
                       trainer=trainer)
+
+
+# ----------------------------------------------------------------------------------------- one writer
+
+
+class RunLockedError(FileExistsError):
+    """Another process (or another open trainer of this process) writes the run directory."""
+
+
+_HELD: dict[str, RunLock] = {}  # resolved lock path -> the lock this process holds there
+_FRESH_S = 60.0  # an unreadable lock younger than this is being written by its taker, not left behind
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/PID/stat``); None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after "pid (command)": field 3 on; starttime is field 22
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """``RUN/.lock``: the run directory has one writer.
+
+    The file is created with ``O_CREAT | O_EXCL`` (atomic: of two processes one gets it) and holds the
+    holder's pid, host, process start and the time it was taken.  A second writer gets a
+    :class:`RunLockedError` naming the holder.  A lock whose process is gone (not alive on this host,
+    or its pid now another process) is stale: it is taken over with a warning.  A lock taken on
+    another host cannot be checked and is always refused.  :meth:`release` removes the file (only if
+    it is still this lock's); call it when done (the trainer does in ``close()``, and at exit).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._key = str(self.path.resolve())
+        self.pid = os.getpid()
+        self.held = False
+        self._content = b""
+        self._acquire()
+
+    # -- taking it ---------------------------------------------------------------------------------
+    def _acquire(self) -> None:
+        for _ in range(5):  # a stale lock taken over by another process meanwhile: look again
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                raw = self._read()
+                stale = self._judge(raw)  # raises RunLockedError while the holder lives
+                if self._remove_stale(raw):
+                    warnings.warn(f"{self.path}: taking over the lock of {stale}", stacklevel=5)
+                continue
+            except OSError as exc:
+                raise write_error(exc, self.path, "create the lock file") from None
+            self._content = json.dumps({
+                "pid": self.pid, "host": socket.gethostname(), "process_start": _process_start(self.pid),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S %z"), "token": secrets.token_hex(8),
+                "command": " ".join(sys.argv)[:500],
+            }).encode() + b"\n"
+            try:
+                os.write(fd, self._content)
+                os.fsync(fd)
+            except OSError as exc:
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise write_error(exc, self.path) from None
+            os.close(fd)
+            self.held = True
+            _HELD[self._key] = self
+            return
+        raise RunLockedError(f"{self.run_dir}: cannot take {self.path}: other processes keep taking it")
+
+    def _read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None  # released meanwhile
+        except OSError as exc:
+            raise write_error(exc, self.path, "read the lock file") from None
+
+    def _judge(self, raw: bytes | None) -> str:
+        """Who held the stale lock ``raw`` (for the warning); a RunLockedError if it is not stale."""
+        if raw is None:
+            return "nobody"
+        try:
+            info = json.loads(raw)
+            pid, host, since = int(info["pid"]), str(info["host"]), str(info.get("since", "?"))
+        except (ValueError, KeyError, TypeError):
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except OSError:
+                return "nobody"
+            if age < _FRESH_S:  # its taker is writing it right now
+                raise RunLockedError(f"{self.run_dir} is being written by another run (it took {self.path} "
+                                     "a moment ago): one writer per run directory") from None
+            return "an unreadable lock file"
+        holder = f"process {pid} on {host}, since {since}"
+        if host != socket.gethostname():
+            raise RunLockedError(
+                f"{self.run_dir} is being written by another run ({holder}; {self.path}): one writer per run "
+                f"directory; if no process on {host} writes it any more, remove {self.path}")
+        if pid == os.getpid():
+            if self._key in _HELD:
+                gc.collect()  # a trainer dropped without close() releases its lock when collected
+            if self._key in _HELD:
+                raise RunLockedError(
+                    f"{self.run_dir} is being written by another trainer of this process (pid {pid}, since "
+                    f"{since}): close() it first; one writer per run directory")
+            return f"{holder} (an earlier process of the same pid)"
+        start = info.get("process_start")
+        alive = pid > 0 and _pid_alive(pid)
+        if alive and start is not None and _process_start(pid) not in (None, start):
+            alive = False  # the pid belongs to another process now
+        if alive:
+            raise RunLockedError(
+                f"{self.run_dir} is being written by another run ({holder}; {self.path}): one writer per run "
+                "directory; wait for it to finish, or stop it first")
+        return f"{holder}, which is gone"
+
+    def _remove_stale(self, raw: bytes | None) -> bool:
+        """Take the stale lock ``raw`` out of the way; False when someone else changed it meanwhile."""
+        if raw is None:
+            return False
+        aside = self.path.with_name(f"{LOCK_FILE}.stale.{os.getpid()}")
+        try:
+            os.rename(self.path, aside)  # of two processes taking it over, one moves it
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise write_error(exc, self.path, "take over the stale lock") from None
+        if aside.read_bytes() == raw:
+            aside.unlink()
+            return True
+        with contextlib.suppress(OSError):  # a fresh lock, taken meanwhile: put it back
+            os.link(aside, self.path)
+        aside.unlink(missing_ok=True)
+        return False
+
+    # -- letting go --------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Remove ``RUN/.lock`` if this lock still holds it (idempotent; a no-op in a forked child)."""
+        if not self.held or os.getpid() != self.pid:
+            return
+        self.held = False
+        if _HELD.get(self._key) is self:
+            del _HELD[self._key]
+        try:
+            if self.path.read_bytes() == self._content:
+                self.path.unlink()
+        except OSError:
+            pass

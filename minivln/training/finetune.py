@@ -519,15 +519,23 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     trainer = Trainer(model, task, cfg.train, validate=validator, run_config=cfg, teacher=teacher,
                       loss_terms=terms)
     validator.trainer = trainer
-    try:
-        trainer.fit()
+    try:  # RUN/.lock is held until the exported weights and metrics.json are written
+        try:
+            trainer.fit()
+        finally:
+            trainer.close(release_lock=False)
+        D.cleanup()  # on success only: after one rank's error a barrier would hang
+        if not info.is_main:
+            return {}  # under DDP rank 0 alone exports and scores
+        return _export_and_score(cfg, trainer, model, validator, res, run_dir, t0)
     finally:
-        trainer.close()
-    D.cleanup()  # on success only: after one rank's error a barrier would hang
-    if not info.is_main:
-        return {}  # under DDP rank 0 alone exports and scores
+        trainer.release_lock()
 
-    # export the best (else the last) weights, and write metrics.json
+
+def _export_and_score(cfg: FinetuneConfig, trainer: Trainer, model, validator: Validator, res: Resources,
+                      run_dir: Path, t0: float) -> dict[str, Any]:
+    """Export the best (else the last) weights to ``RUN/model`` (and ``RUN/model-ema``), and write
+    ``RUN/metrics.json``; returns its content."""
     best = trainer.best
     src = find_checkpoint(run_dir / "best", repair=False) if best else None
     src = src or find_checkpoint(run_dir / "latest", repair=False)

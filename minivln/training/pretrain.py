@@ -709,15 +709,18 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
                              cross_attention=cfg.kd_cross_attention, embed_encoders=cfg.kd_embed_encoders)
     trainer = Trainer(model, task, cfg.train, validate=validate, run_config=cfg, teacher=teacher,
                       loss_terms=terms)
-    try:
-        record = trainer.fit()
+    try:  # RUN/.lock is held until the weights are exported
+        try:
+            record = trainer.fit()
+        finally:
+            trainer.close(release_lock=False)
+        cleanup()  # on success only: after one rank's error a barrier would hang
+        export = Path(cfg.export) if cfg.export else Path(cfg.train.run_dir) / "pretrained"
+        if trainer.dist.is_main:
+            save_pretrained(model.duet, export, metadata={"source": "minivln pretrain"})
+            print(f"exported navigation weights to {export} (fine-tune with init_checkpoint: {export})", flush=True)
     finally:
-        trainer.close()
-    cleanup()  # on success only: after one rank's error a barrier would hang
-    export = Path(cfg.export) if cfg.export else Path(cfg.train.run_dir) / "pretrained"
-    if trainer.dist.is_main:
-        save_pretrained(model.duet, export, metadata={"source": "minivln pretrain"})
-        print(f"exported navigation weights to {export} (fine-tune with init_checkpoint: {export})", flush=True)
+        trainer.release_lock()
     if cfg.num_workers:
         print(f"data: {cfg.num_workers} workers; the training loop waited {task.data_wait_s:.1f} s for batches",
               flush=True)

@@ -26,6 +26,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from minivln.paths import check_free_space, check_writable_dir, format_bytes
 from minivln.training import distributed as D
 from minivln.training.checkpoint import (
     TRAINER_FILE,
+    RunLock,
     capture_rng_state,
     find_checkpoint,
     load_checkpoint,
@@ -509,22 +511,49 @@ class Trainer:
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"}
         self.last_val: dict[str, float] = {}
 
-        if self.dist.is_main:  # before any work: a run that cannot save its checkpoints fails now
-            check_writable_dir(self.run_dir, "run directory")
-        resumed = self._resume() if cfg.resume else False
-        if not resumed and find_checkpoint(self.run_dir / "latest", repair=False):
-            raise FileExistsError(
-                f"{self.run_dir} already holds a checkpoint: pass resume=true to continue it, "
-                "or choose another run_dir"
+        self._take_run_dir()
+        try:
+            resumed = self._resume() if cfg.resume else False
+            if not resumed and find_checkpoint(self.run_dir / "latest", repair=False):
+                raise FileExistsError(
+                    f"{self.run_dir} already holds a checkpoint: pass resume=true to continue it, "
+                    "or choose another run_dir"
+                )
+            if self.dist.is_main:
+                self._check_free_space()
+            if self.dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(run_config if run_config is not None else cfg, self.run_dir / "config.yaml")
+            self.logger = JsonlLogger(
+                self.run_dir / "log.jsonl", resume_step=self.step if resumed else None, enabled=self.dist.is_main
             )
-        if self.dist.is_main:
-            self._check_free_space()
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(run_config if run_config is not None else cfg, self.run_dir / "config.yaml")
-        self.logger = JsonlLogger(
-            self.run_dir / "log.jsonl", resume_step=self.step if resumed else None, enabled=self.dist.is_main
-        )
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def _take_run_dir(self) -> None:
+        """Before any write: the run directory must take files, and have no other writer (rank 0 takes
+        ``RUN/.lock``, held until :meth:`close` or :meth:`release_lock`, else until this trainer is
+        collected or the process exits).  Under DDP every rank stops with rank 0's reason."""
+        self._lock: RunLock | None = None
+        self._unlock: Callable[[], Any] = lambda: None
+        error: Exception | None = None
+        if self.dist.is_main:  # before any work: a run that cannot save its checkpoints fails now
+            try:
+                check_writable_dir(self.run_dir, "run directory")
+                self._lock = RunLock(self.run_dir)
+            except Exception as exc:
+                error = exc
+        if self.dist.enabled:
+            error = D.broadcast_object(error)
+        if error is not None:
+            raise error
+        if self._lock is not None:
+            self._unlock = weakref.finalize(self, self._lock.release)  # also runs at exit
+
+    def release_lock(self) -> None:
+        """Let go of ``RUN/.lock`` (:meth:`close` does, unless told to keep it); idempotent."""
+        self._unlock()
 
     # ------------------------------------------------------------------------------------- loop
 
@@ -814,8 +843,10 @@ class Trainer:
                 stacklevel=4,
             )
 
-    def close(self) -> None:
-        """Close the log and let go of the DDP wrapper.
+    def close(self, release_lock: bool = True) -> None:
+        """Close the log, let go of the DDP wrapper and (``release_lock``) of ``RUN/.lock``; keep the
+        lock while the caller still writes the run directory (exported weights, metrics), then call
+        :meth:`release_lock`.
 
         The wrapper's reducer holds the process group and its last asynchronous work; left to the
         interpreter's exit, Gloo's threads may free them after Python is gone and abort the process
@@ -826,4 +857,6 @@ class Trainer:
         if self._train_module is not self._step_module:
             self._train_module = self._step_module
             gc.collect()
+        if release_lock:
+            self.release_lock()
 
