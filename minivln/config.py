@@ -2,14 +2,17 @@
 
 A config is a (possibly nested) dataclass.  ``load_config(Cls, yaml_path, overrides)`` starts from the
 dataclass defaults, applies the YAML file, then the overrides, checking every key and converting
-every value to the field's type; unknown keys are an error that names them.  ``save_config`` writes
-the resolved config next to a run so that it can be re-run exactly.
+every value to the field's type; unknown keys are an error that names them.  A float that is NaN or
+infinite is an error naming its key too (:func:`check_finite`; a field that gives such values a meaning
+says so with ``field(metadata={NONFINITE: "what they mean"})``).  ``save_config`` writes the resolved
+config next to a run so that it can be re-run exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -122,6 +125,33 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+#: field metadata key of a float field that may be NaN or infinite (the value says what they mean)
+NONFINITE = "nonfinite"
+
+
+def check_finite(cfg: Any, prefix: str = "") -> None:
+    """A :class:`ConfigError` naming the first float of ``cfg`` (a config dataclass: nested configs,
+    lists and mappings included) that is NaN or infinite; NaN compares false with every bound, so
+    range checks alone let it through (``kd_weight: .nan`` would train with distillation silently off).
+    Fields whose metadata has :data:`NONFINITE` are skipped."""
+    for f in dataclasses.fields(cfg):
+        if not f.metadata.get(NONFINITE):
+            _check_finite_value(getattr(cfg, f.name), prefix + f.name)
+
+
+def _check_finite_value(value: Any, key: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} is not a finite number (NaN and infinities are refused)")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        check_finite(value, key + ".")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite_value(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_finite_value(v, key)
+
+
 def _unknown_keys_error(cls: type, unknown: list[str], prefix: str) -> ConfigError:
     names = sorted(f.name for f in dataclasses.fields(cls))
     shown = []
@@ -210,7 +240,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         data = loaded
     # nested dataclass defaults must merge with partial YAML mappings
     merged = _merge(to_dict(cls()), apply_overrides(data, overrides or []))
-    return _from_dict(cls, merged)
+    cfg = _from_dict(cls, merged)
+    check_finite(cfg)
+    return cfg
 
 
 def _merge(base: dict, new: dict) -> dict:

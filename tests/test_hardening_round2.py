@@ -8,27 +8,39 @@ Tiny models on the toy regression of ``tests/test_trainer.py`` and the 3-house t
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
+import math
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 from conftest import SMALL_DUET as SMALL
 from test_trainer import build  # the toy model and task (tests/ is on sys.path)
 
 import minivln
 from minivln.cli import main as cli_main
+from minivln.config import NONFINITE, ConfigError, load_config
+from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
+from minivln.paths import DataError
 from minivln.training.checkpoint import (
     LOCK_FILE,
     RunLock,
     RunLockedError,
     _process_start,
 )
+from minivln.training.finetune import FinetuneConfig
+from minivln.training.pretrain import PretrainConfig
+from minivln.training.trainer import OptimConfig, TrainConfig
 
 REPO = Path(minivln.__file__).resolve().parents[1]  # the code under test
 
@@ -54,6 +66,15 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
     code = cli_main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained(small_toy, tmp_path_factory, one_thread):
+    """A finished 1-step fine-tuning run (read-only for the tests: they copy it to change it)."""
+    data, feats = small_toy
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert cli_main(["finetune", "--out", str(run), *_finetune_args(data, feats, steps=1)]) == 0
+    return run
 
 
 # ----------------------------------------------------------------------------------- one writer
@@ -154,12 +175,12 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, dead_pid, one_threa
     assert not (run / LOCK_FILE).exists()
 
 
-def test_finetune_on_a_run_dir_in_use_is_one_line_and_writes_nothing(small_toy, tmp_path, live_pid, capsys,
-                                                                      one_thread):
+def test_finetune_on_a_run_dir_in_use_is_one_line_and_writes_nothing(small_toy, trained, tmp_path, live_pid,
+                                                                      capsys, one_thread):
     data, feats = small_toy
     run = tmp_path / "run"
-    assert cli_main(["finetune", "--out", str(run), *_finetune_args(data, feats, steps=1)]) == 0
-    assert not (run / LOCK_FILE).exists()
+    assert not (trained / LOCK_FILE).exists()  # released once the run finished
+    shutil.copytree(trained, run)
     _write_lock(run, live_pid)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     for argv in (["--resume", "train.max_steps=2"], _finetune_args(data, feats, steps=2),
@@ -168,3 +189,150 @@ def test_finetune_on_a_run_dir_in_use_is_one_line_and_writes_nothing(small_toy, 
         assert code == 2
         _one_error_line(err, f"{run} is being written by another run", f"process {live_pid}", "since 2026-01-02")
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("override, key", [
+    ("kd_weight=nan", "kd_weight"), ("kd_weight=inf", "kd_weight"), ("kd_weight=.inf", "kd_weight"),
+    ("kd_weight=-.inf", "kd_weight"), ("train.optim.lr=nan", "train.optim.lr"),
+    ("train.optim.lr=1e400", "train.optim.lr"), ("ml_weight=.nan", "ml_weight"),
+    ("train.max_minutes=inf", "train.max_minutes"), ("kd_terms.fuse=nan", "kd_terms.fuse"),
+    ("train.optim.betas=[0.9, .nan]", "train.optim.betas"),
+    ("model_overrides={hidden_dropout: .nan}", "model_overrides.hidden_dropout"),
+])
+def test_non_finite_config_values_are_one_line_naming_the_key(override, key, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: -?(nan|inf) is not a finite number"):
+        load_config(FinetuneConfig, None, [override])
+    run = tmp_path / "run"
+    code, _, err = _run(["finetune", "--out", str(run), override], capsys)
+    assert code == 2
+    _one_error_line(err, f"{key}: ", "not a finite number")
+    assert not run.exists()
+
+
+def test_non_finite_values_in_a_config_file_and_in_python(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kd_weight: .nan\n")
+    code, _, err = _run(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "pt")], capsys)
+    assert code == 2
+    _one_error_line(err, "kd_weight: nan is not a finite number")
+    with pytest.raises(ConfigError, match="mix.mrc: inf"):
+        load_config(PretrainConfig, None, ["mix.mrc=inf"])
+    load_config(PretrainConfig, None, ["mix.og=null", "kd_weight=0.5"])  # None and finite numbers are fine
+    bad = TrainConfig(run_dir=str(tmp_path / "r"), optim=OptimConfig(lr=float("nan")))  # range checks pass NaN
+    with pytest.raises(ConfigError, match="optim.lr: nan is not a finite number"):
+        bad.check()
+
+    @dataclasses.dataclass
+    class WithBound:  # a field that gives infinity a meaning says so, and keeps it
+        limit: float = dataclasses.field(default=1.0, metadata={NONFINITE: "inf: no limit"})
+        scale: float = 1.0
+
+    assert load_config(WithBound, None, ["limit=inf"]).limit == math.inf
+    with pytest.raises(ConfigError, match="scale"):
+        load_config(WithBound, None, ["scale=inf"])
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_navigate_batch_size_below_one_is_one_line(size, trained, tmp_path, capsys):
+    out = tmp_path / "nav"
+    code, _, err = _run(["navigate", "--checkpoint", str(trained), "--split", "val_unseen", "--out", str(out),
+                         "--batch-size", size], capsys)
+    assert code == 2
+    _one_error_line(err, f"--batch-size must be a whole number >= 1, got {size}")
+    assert not out.exists()
+
+
+def _damaged_copy(src: Path, dst: Path, change) -> list[str]:
+    """A copy of the feature file ``src`` with ``change(h5file, key)`` applied to every viewpoint key."""
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        keys = sorted(k for k in f if isinstance(f[k], h5py.Dataset))
+        for key in keys:
+            change(f, key)
+    return keys
+
+
+def _nan_in_view_3(f, key):
+    data = f[key][()]
+    data[3, 5] = np.nan
+    f[key][...] = data
+
+
+def test_view_features_with_nan_or_inf_are_refused_naming_file_and_key(small_toy, tmp_path, capsys, one_thread):
+    data, feats = small_toy
+    bad = tmp_path / "nan.h5"
+    keys = _damaged_copy(feats, bad, _nan_in_view_3)
+    store = FeatureStore(bad)
+    scan, vp = keys[0].split("_", 1)
+    with pytest.raises(DataError) as info:
+        store.get(scan, vp)
+    msg = str(info.value)
+    assert "\n" not in msg and str(bad) in msg and repr(keys[0]) in msg and "1 non-finite values" in msg
+    assert "in view(s) 3;" in msg
+    inf = tmp_path / "inf.h5"
+    _damaged_copy(feats, inf, lambda f, key: f[key].__setitem__((0, slice(None)), np.inf))
+    with pytest.raises(DataError, match=r"16 non-finite values \(NaN or infinite\), in view\(s\) 0;"):
+        FeatureStore(inf).get(scan, vp)
+    # training on it: one line, not an agent that silently stops
+    code, _, err = _run(["finetune", "--out", str(tmp_path / "run"), *_finetune_args(data, bad)], capsys)
+    assert code == 2
+    _one_error_line(err, str(bad), "non-finite values (NaN or infinite)", "in view(s) 3")
+
+
+def test_a_feature_file_of_strings_is_one_line(small_toy, tmp_path, capsys, one_thread):
+    data, feats = small_toy
+    fixed = tmp_path / "fixed.h5"
+
+    def to_strings(f, key):
+        del f[key]
+        f.create_dataset(key, data=np.full((36, 16), b"0.5", dtype="S3"))
+
+    keys = _damaged_copy(feats, fixed, to_strings)
+    scan, vp = keys[0].split("_", 1)
+    with pytest.raises(DataError, match=rf"{re.escape(str(fixed))}: key '{keys[0]}' holds byte-string values"):
+        FeatureStore(fixed).get(scan, vp)
+    varlen = tmp_path / "varlen.h5"
+    with h5py.File(varlen, "w") as f:
+        f.create_dataset(keys[0], data=np.full((36, 16), "x", dtype=object), dtype=h5py.string_dtype())
+    with pytest.raises(DataError, match=rf"key '{keys[0]}' holds object \(variable-length string\) values"):
+        FeatureStore(varlen, expected_dim=16).get(scan, vp)
+    code, _, err = _run(["finetune", "--out", str(tmp_path / "run"), *_finetune_args(data, fixed)], capsys)
+    assert code == 2
+    _one_error_line(err, str(fixed), "holds byte-string values", "not numbers")
+
+
+def test_object_features_with_nan_or_strings_are_refused(tmp_path):
+    path = tmp_path / "objs.h5"
+    fts = np.ones((3, 16), np.float32)
+    with h5py.File(path, "w") as f:
+        for key, values, directions in (("s_ok", fts, np.zeros((3, 2))), ("s_nan", fts, np.zeros((3, 2))),
+                                        ("s_dir", fts, np.zeros((3, 2))), ("s_str", None, None)):
+            if values is None:
+                f.create_dataset(key, data=np.full((3, 16), b"1", dtype="S1"))
+                continue
+            values = values.copy()
+            if key == "s_nan":
+                values[2, 0] = np.nan
+            if key == "s_dir":
+                directions = directions.copy()
+                directions[1, 1] = np.inf
+            ds = f.create_dataset(key, data=values)
+            ds.attrs["obj_ids"] = np.array([b"7", b"8", b"9"])  # digit strings are ids, as before
+            ds.attrs["directions"] = directions
+        g = f.create_group("s_ids")
+        g.create_dataset("fts", data=fts)
+        g.create_dataset("obj_ids", data=np.array([1.0, np.nan, 3.0]))
+    store = ObjectFeatureStore(path, expected_dim=16)
+    assert list(store.get("s", "ok").obj_ids) == [7, 8, 9]
+    with pytest.raises(DataError, match=r"objs.h5: key 's_nan' has 1 non-finite values .* in object\(s\) 2;"):
+        store.get("s", "nan")
+    with pytest.raises(DataError, match=r"key 's_dir' has 1 non-finite values of attribute 'directions' .* "
+                                        r"in object\(s\) 1;"):
+        store.get("s", "dir")
+    with pytest.raises(DataError, match=r"key 's_str' holds byte-string values"):
+        store.get("s", "str")
+    with pytest.raises(DataError, match=r"key 's_ids' has 1 non-finite values of attribute 'obj_ids'"):
+        store.get("s", "ids")

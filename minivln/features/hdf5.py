@@ -88,6 +88,30 @@ def as_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+_KINDS = {"b": "boolean", "S": "byte-string", "U": "string", "O": "object (variable-length string)",
+          "V": "compound", "M": "date", "m": "time-delta", "c": "complex"}
+
+
+def _require_numbers(path: Path, key: str, arr: np.ndarray) -> None:
+    """A :class:`DataError` naming the file and the key when ``arr`` holds no real numbers (strings,
+    compound records, ...), instead of a conversion traceback."""
+    if arr.dtype.kind not in "fiu":
+        raise DataError(f"{path}: key {key!r} holds {_KINDS.get(arr.dtype.kind, str(arr.dtype))} values "
+                        f"({arr.dtype}), not numbers; a feature file holds float arrays")
+
+
+def _require_finite(path: Path, key: str, arr: np.ndarray, rows: str, what: str = "values") -> None:
+    """A :class:`DataError` naming the file, the key and the rows (views, objects) where ``arr`` (read
+    from ``key``) has a NaN or an infinity: the agent would just stop there, with no word why."""
+    if arr.dtype.kind != "f" or np.isfinite(arr).all():
+        return
+    bad = ~np.isfinite(arr)
+    where = np.unique(np.nonzero(bad)[0]) if arr.ndim > 1 else np.nonzero(bad)[0]
+    shown = ", ".join(str(int(i)) for i in where[:5]) + (", ..." if len(where) > 5 else "")
+    raise DataError(f"{path}: key {key!r} has {int(bad.sum()):,} non-finite {what} (NaN or infinite), "
+                    f"in {rows} {shown}; a damaged or badly converted feature file?")
+
+
 def probs_to_logits(probs: np.ndarray) -> np.ndarray:
     """Logits whose softmax gives back ``probs`` (up to a 1e-6 floor): ``log(p + 1e-6)``."""
     return np.log(np.asarray(probs, dtype=np.float32) + _LOGIT_EPS)
@@ -355,12 +379,15 @@ class FeatureStore(_StoreMetadata):
             if key not in self._f.file():
                 raise MissingFeatureError(f"{self.path} has no features for key {key!r}")
             raise DataError(f"{self.path}: key {key!r} has shape a group; expected ({NUM_VIEWS}, {stored})")
+        _require_numbers(self.path, key, arr)
         if arr.shape != (NUM_VIEWS, stored):
             raise DataError(f"{self.path}: key {key!r} has shape {arr.shape}; expected ({NUM_VIEWS}, {stored})")
         fts = as_float32(arr[:, :dim])
+        _require_finite(self.path, key, fts, "view(s)")
         classes = None
         if layout == "concat":
             classes = softmax(arr[:, dim:])
+            _require_finite(self.path, key, classes, "view(s)", "class probabilities (from its logits)")
         value = (fts, classes)
         self._f.remember(key, value)
         return value
@@ -382,9 +409,12 @@ class FeatureStore(_StoreMetadata):
         group = self._f.file()[CLASS_GROUP]
         if key not in group:
             raise MissingFeatureError(f"{self.path} has no class distribution for key {key!r}")
-        probs = np.asarray(group[key][()], dtype=np.float32)
+        raw = np.asarray(group[key][()])
+        _require_numbers(self.path, f"{CLASS_GROUP}/{key}", raw)
+        probs = np.asarray(raw, dtype=np.float32)
         if probs.ndim != 2 or probs.shape[0] != NUM_VIEWS:
             raise DataError(f"{self.path}: {CLASS_GROUP}/{key} has shape {probs.shape}; expected ({NUM_VIEWS}, C)")
+        _require_finite(self.path, f"{CLASS_GROUP}/{key}", probs, "view(s)")
         return probs
 
     def cache_info(self) -> dict[str, int]:
@@ -500,31 +530,46 @@ class ObjectFeatureStore(_StoreMetadata):
         else:
             raw = obj[()]
             meta = {k: v for k, v in obj.attrs.items()}
+        raw = np.asarray(raw)
+        _require_numbers(self.path, key, raw)
         if raw.ndim != 2 or raw.shape[1] not in (dim, dim + NUM_CLASSES):
             raise DataError(f"{self.path}: key {key!r} has shape {raw.shape}; expected (K, {dim}) "
                             f"or (K, {dim + NUM_CLASSES})")
         k = raw.shape[0]
+        fts = np.ascontiguousarray(raw[:, :dim], dtype=np.float32)
+        _require_finite(self.path, key, fts, "object(s)")
 
         def field(name: str, shape: tuple[int, ...], dtype: type, fill: float = 0) -> np.ndarray:
             if name not in meta:
                 return np.full(shape, fill, dtype=dtype)
-            arr = np.asarray(meta[name], dtype=dtype)
+            src = np.asarray(meta[name])
+            if src.dtype.kind == "f":  # before a cast to int, which would turn NaN into any number
+                _require_finite(self.path, key, src, "object(s)", f"values of attribute {name!r}")
+            try:
+                arr = np.asarray(src, dtype=dtype)
+            except (ValueError, TypeError, OverflowError):
+                raise DataError(f"{self.path}: {key!r} attribute {name!r} holds {src.dtype} values that are not "
+                                "numbers") from None
+            _require_finite(self.path, key, arr, "object(s)", f"values of attribute {name!r}")
             if arr.size == 0 and k == 0:
                 return np.zeros(shape, dtype)
             if arr.shape != shape:
                 raise DataError(f"{self.path}: {key!r} attribute {name!r} has shape {arr.shape}, expected {shape}")
             return arr
 
+        class_probs = softmax(raw[:, dim:]) if raw.shape[1] > dim else None
+        if class_probs is not None:
+            _require_finite(self.path, key, class_probs, "object(s)", "class probabilities (from its logits)")
         names = meta.get("names")
         value = ObjectFeatures(
-            fts=np.ascontiguousarray(raw[:, :dim], dtype=np.float32),
+            fts=fts,
             obj_ids=field("obj_ids", (k,), np.int64, -1),
             directions=field("directions", (k, 2), np.float32),
             sizes=field("sizes", (k, 2), np.float32),
             bboxes=field("bboxes", (k, 4), np.float32),
             view_ids=field("view_ids", (k,), np.int64, -1),
             names=_attr(np.asarray(names)) if names is not None else None,
-            class_probs=softmax(raw[:, dim:]) if raw.shape[1] > dim else None,
+            class_probs=class_probs,
         )
         self._f.remember(key, value)
         return value

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from minivln.config import read_yaml
+from minivln.config import ConfigError, read_yaml
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
 from minivln.env.env import NavBatchEnv, check_split_features, write_submission
@@ -79,6 +79,8 @@ def navigate(checkpoint: str | Path, task: str, split: str, out: str | Path, *, 
 
     if task not in ("r2r", "reverie"):
         raise DataError(f"navigate: task must be 'r2r' or 'reverie', got {task!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"navigate: --batch-size must be a whole number >= 1, got {batch_size!r}")
     out = check_writable_dir(out, "output directory")  # before loading anything
     defaults = _run_defaults(Path(defaults_from or checkpoint))
     data_dir = data_dir or defaults.get("data_dir")

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from minivln.config import ConfigError, save_config
+from minivln.config import ConfigError, check_finite, save_config
 from minivln.distill.losses import LossTerm  # noqa: F401 - re-exported: the trainer's plug-in interface
 from minivln.model.checkpoint import CheckpointError
 from minivln.model.duet import compile_layers
@@ -100,6 +100,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
+        check_finite(self)  # a NaN passes every range check below
         o = self.optim
         if self.max_steps < 1:
             raise ConfigError(f"max_steps: must be >= 1, got {self.max_steps}")
