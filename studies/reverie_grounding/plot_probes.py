@@ -18,17 +18,17 @@ HERE = Path(__file__).resolve().parent
 RUNS = (
     ("og-control", "student, DUET's OG head alone (from scratch)"),
     ("og-student-minilm", "student + og_text_encoder: minilm (from scratch)"),
+    ("og-teacher-control", "teacher, DUET's OG head alone (from R2R pretraining)"),
     ("og-teacher-minilm", "teacher + og_text_encoder: minilm (from R2R pretraining)"),
 )
 
 
 def main() -> None:
-    fig = new_figure(6.4, 3.8)
+    fig = new_figure(7.0, 4.4)
     ax = fig.add_subplot(1, 1, 1)
     for name, label in RUNS:
         val = [r for r in read_jsonl(HERE / "results" / f"{name}.jsonl") if r.get("kind") == "val"]
-        ax.plot([0] + [r["step"] for r in val], [None] + [100 * r["val_unseen.og_acc"] for r in val],
-                marker="o", label=label)
+        ax.plot([r["step"] for r in val], [100 * r["val_unseen.og_acc"] for r in val], marker="o", label=label)
     frozen = json.loads((HERE / "frozen_probe.json").read_text())
     ax.axhline(100 * frozen["chance"], color="grey", ls=":", label="chance (1 / objects at the goal)")
     ax.axhline(100 * frozen["picker_minilm_cosine"], color="grey", ls="--",
@@ -38,7 +38,7 @@ def main() -> None:
     ax.set_title("Object grounding at the goal, REVERIE, STAND-IN features (256 fixed val_unseen samples)", fontsize=8)
     ax.set_ylim(0, 80)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     print(save_png(fig, HERE / "og_probes.png", tight=True))
 
 
