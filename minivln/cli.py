@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, FileExistsError) as exc:  # bad input: a message, exit 2, nothing overwritten
         print(f"minivln: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (training names its last checkpoint), 128 + SIGINT
+        print(f"minivln: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
     except OSError as exc:  # a read-only or full disk, a missing file: the same one line
         if error_number(exc) not in ENVIRONMENT_ERRNOS:
             raise

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +26,12 @@ import h5py
 import numpy as np
 import pytest
 from conftest import SMALL_DUET as SMALL
-from test_trainer import build  # the toy model and task (tests/ is on sys.path)
+from test_trainer import (  # the toy (tests/ is on sys.path)
+    MLP,
+    RegressionTask,
+    build,
+    make_cfg,
+)
 
 import minivln
 from minivln.cli import main as cli_main
@@ -37,10 +43,18 @@ from minivln.training.checkpoint import (
     RunLock,
     RunLockedError,
     _process_start,
+    read_meta,
 )
+from minivln.training.distributed import seed_everything
 from minivln.training.finetune import FinetuneConfig
+from minivln.training.logging import read_jsonl
 from minivln.training.pretrain import PretrainConfig
-from minivln.training.trainer import OptimConfig, TrainConfig
+from minivln.training.trainer import (
+    OptimConfig,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+)
 
 REPO = Path(minivln.__file__).resolve().parents[1]  # the code under test
 
@@ -336,3 +350,85 @@ def test_object_features_with_nan_or_strings_are_refused(tmp_path):
         store.get("s", "str")
     with pytest.raises(DataError, match=r"key 's_ids' has 1 non-finite values of attribute 'obj_ids'"):
         store.get("s", "ids")
+
+
+# ----------------------------------------------------------------------------------- Ctrl-C
+
+
+class _Interrupting(RegressionTask):
+    """The toy task, with a Ctrl-C arriving when micro-batch ``at`` is fetched."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def next_batch(self, index: int):
+        if index == self.at:
+            raise KeyboardInterrupt
+        return super().next_batch(index)
+
+
+@pytest.mark.parametrize("at, message", [
+    (6, r"interrupted after step 6; the last checkpoint is {latest} \(step 4\); continue it with --resume"),
+    (1, r"interrupted after step 1, before the first checkpoint of {run}: nothing to resume"),
+])
+def test_ctrl_c_in_fit_names_the_last_checkpoint(at, message, tmp_path, one_thread):
+    run = tmp_path / "run"
+    seed_everything(0)
+    trainer = Trainer(MLP(), _Interrupting(at), make_cfg(run, max_steps=10, ckpt_every=4))
+    caught: BaseException | None = None
+    try:
+        trainer.fit()
+    except KeyboardInterrupt as exc:  # (a bare one would abort pytest itself: caught here, checked below)
+        caught = exc
+    finally:
+        trainer.close()
+    assert isinstance(caught, TrainingInterrupted), repr(caught)  # still a KeyboardInterrupt for callers
+    assert re.fullmatch(message.format(latest=re.escape(str(run / "latest")), run=re.escape(str(run))) + ".*",
+                        str(caught)), str(caught)
+    assert trainer.step == at and not (run / LOCK_FILE).exists() and not (run / ".latest.tmp").exists()
+
+
+def test_ctrl_c_during_finetune_is_one_line_exit_130_and_resumes(small_toy, tmp_path, capsys, one_thread):
+    """A real run in another process: a second writer is refused while it trains; SIGINT after its first
+    checkpoint ends it with one line naming that checkpoint and exit 130; --resume continues it."""
+    data, feats = small_toy
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "minivln.cli", "finetune", "--out", str(run),
+                             *_finetune_args(data, feats, steps=100_000)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "latest" / "meta.json").is_file():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.2)
+        # meanwhile, a second writer (the same run resumed in this process) is refused
+        code, _, err = _run(["finetune", "--out", str(run), "--resume"], capsys)
+        assert code == 2
+        _one_error_line(err, f"{run} is being written by another run", f"process {proc.pid} on", "since ")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    found = re.fullmatch(rf"minivln: interrupted after step (\d+); the last checkpoint is "
+                         rf"{re.escape(str(run / 'latest'))} \(step (\d+)\); continue it with --resume", lines[0])
+    assert found, lines[0]
+    reached, saved = int(found[1]), int(found[2])
+    assert 1 <= saved <= reached and read_meta(run / "latest")["step"] == saved
+    assert not (run / LOCK_FILE).exists() and not (run / ".latest.tmp").exists()
+    # --resume continues from that checkpoint: every step logged once
+    with pytest.warns(UserWarning, match="max_steps differ"):
+        code, _, err = _run(["finetune", "--out", str(run), "--resume", f"train.max_steps={saved + 1}"], capsys)
+    assert code == 0, err
+    steps = [r["step"] for r in read_jsonl(run / "log.jsonl") if r.get("kind") == "train"]
+    assert steps == list(range(1, saved + 2))
+    assert read_meta(run / "latest")["step"] == saved + 1 and (run / "metrics.json").is_file()

@@ -48,6 +48,7 @@ from minivln.training.checkpoint import (
     capture_rng_state,
     find_checkpoint,
     load_checkpoint,
+    read_meta,
     restore_rng_state,
     save_checkpoint,
 )
@@ -444,6 +445,12 @@ class WeightAverage:
             a.copy_(state["avg"][k])
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :meth:`Trainer.fit`; the message names the step reached and the last
+    checkpoint, from which ``resume`` continues (checkpoint writes are atomic: an interrupted save
+    leaves the previous one)."""
+
+
 class Trainer:
     """Train ``model`` on ``task`` (see the module docstring and ``docs/training.md``).
 
@@ -561,7 +568,8 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train until ``cfg.max_steps`` (or until ``cfg.max_minutes`` of wall time have passed in this
         process: that step is then treated as the last one, validated and saved, and a ``kind: "stop"``
-        record is logged); returns the last training log record."""
+        record is logged); returns the last training log record.  Ctrl-C raises
+        :class:`TrainingInterrupted` naming the last checkpoint."""
         cfg = self.cfg
         show_bar = cfg.progress and self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True,
@@ -598,9 +606,25 @@ class Trainer:
                     self.save()
                 if final:
                     break
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupted()) from None
         finally:
             bar.close()
         return last_record
+
+    def _interrupted(self) -> str:
+        """What a Ctrl-C in :meth:`fit` left: the step reached and the checkpoint to resume from."""
+        latest = self.run_dir / "latest"
+        try:  # (no repair here: the resume does it, and a swap cut short is found under .latest.old)
+            found = find_checkpoint(latest, repair=False)
+            saved = read_meta(found).get("step") if found is not None else None
+        except Exception:  # a damaged checkpoint: the resume names it
+            found, saved = None, None
+        if found is None:
+            return (f"interrupted after step {self.step}, before the first checkpoint of {self.run_dir}: nothing "
+                    "to resume; start the run again")
+        return (f"interrupted after step {self.step}; the last checkpoint is {latest} (step {saved}); continue "
+                "it with --resume")
 
     def _out_of_time(self, t_start: float) -> bool:
         """Whether the wall-time budget is spent; under DDP rank 0 decides for every rank."""
