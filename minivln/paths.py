@@ -170,13 +170,176 @@ def cache_dir(sub: str = "") -> Path:
     return path
 
 
+# ------------------------------------------------------------------ temporaries and directory swaps
+#
+# A file or directory is written beside its target under ``.NAME.tmpPID`` (PID: the writer's process)
+# and renamed into place when complete; a directory replaces the previous one with two renames
+# (old -> ``.NAME.old``, new -> ``NAME``), then the old one is deleted.  A killed writer leaves its
+# temporary behind, and a crash between the two renames leaves the old directory complete under
+# ``.NAME.old`` with nothing at ``NAME``: :func:`remove_stale_temporaries` and
+# :func:`recover_parked_dir` are how the next writer or reader tidies up.
+
+
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """``.NAME.tmpPID`` beside ``path``: where this process writes ``path`` before renaming it in."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def parked_sibling(path: str | os.PathLike) -> Path:
+    """``.NAME.old`` beside ``path``: where :func:`swap_dir_into_place` parks the previous directory."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.old")
+
+
+def _process_running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (this process counts as not running: it is about to write
+    the target itself, so its own leftovers are stale).  Outside POSIX: always True (keep the file)."""
+    if pid == os.getpid():
+        return False
+    if os.name != "posix" or pid <= 0:
+        return os.name != "posix"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, under another user
+        return True
+    return True
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started, in seconds since the epoch (Linux ``/proc``); None if unknown."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The ``.NAME.tmpPID`` files or directories beside ``path`` whose process no longer runs (a
+    killed or crashed writer of ``path``), or runs but started after the temporary was last written
+    (its PID was reused, e.g. after a restart); those of a running writer are not listed."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp(\d+)")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:  # no parent yet, or unreadable: nothing to clean
+        return []
+    stale = []
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if not found:
+            continue
+        pid = int(found.group(1))
+        if _process_running(pid):
+            started = _process_started(pid)
+            try:
+                written = entry.lstat().st_mtime
+            except OSError:  # gone meanwhile
+                continue
+            if started is None or written >= started - 2:  # 2 s: the boot time is in whole seconds
+                continue
+        stale.append(entry)
+    return sorted(stale)
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file or a directory tree (nothing if it is not there)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove :func:`stale_temporaries` of ``path`` (call it before writing ``path``); returns them.
+    A failure to remove one is a :class:`WriteError` naming it."""
+    removed = []
+    for entry in stale_temporaries(path):
+        try:
+            remove_path(entry)
+        except OSError as exc:
+            raise write_error(exc, entry, "remove the stale temporary") from exc
+        removed.append(entry)
+    return removed
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """One rename (a separate function so that tests can interrupt a swap between its renames)."""
+    os.rename(src, dst)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_dir_into_place(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Replace the directory ``final`` by the complete directory ``staging`` (its sibling): ``final``
+    -> :func:`parked_sibling`, ``staging`` -> ``final``, then the parked one is deleted.  At every
+    instant the old complete directory or the new one is at ``final``, or (between the two renames)
+    the old one is complete under ``.NAME.old``, which :func:`recover_parked_dir` moves back."""
+    staging, final = Path(staging), Path(final)
+    parked = parked_sibling(final)
+    if parked.exists():
+        remove_path(parked)
+    if final.exists() or final.is_symlink():
+        _rename(final, parked)
+    _rename(staging, final)
+    _fsync_dir(final.parent)
+    try:  # the new directory is in place: an old one that resists is tidied by the next reader
+        remove_path(parked)
+    except OSError:
+        pass
+
+
+def recover_parked_dir(final: str | os.PathLike, complete, *, repair: bool = True) -> Path | None:
+    """The complete directory at ``final`` (``complete(path)`` says whether one is), or ``None``.
+
+    After a crash between the two renames of :func:`swap_dir_into_place` the previous directory is
+    still complete under ``.NAME.old``: with ``repair`` it is moved back to ``final`` (whatever
+    incomplete thing is there is removed) and ``final`` is returned; without, or when the move fails
+    (a read-only file system), the parked path itself.  A parked directory beside a complete
+    ``final`` is a leftover of a swap that completed: removed with ``repair``."""
+    final = Path(final)
+    parked = parked_sibling(final)
+    if complete(final):
+        if repair and parked.exists():
+            try:
+                remove_path(parked)
+            except OSError:
+                pass
+        return final
+    if not complete(parked):
+        return None
+    if not repair:
+        return parked
+    try:
+        if final.exists() or final.is_symlink():
+            remove_path(final)
+        _rename(parked, final)
+    except OSError:
+        return parked
+    return final
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file.
 
     A failure is a :class:`WriteError` naming ``path`` and the cause; the temporary file is removed
     and an existing ``path`` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from minivln.deploy.export import ExportError, export_model
+from minivln.deploy.format import verify_files
 from minivln.deploy.runtime import OnnxRuntimeDUET, is_export_dir, read_manifest
-from minivln.model.checkpoint import load_agent_model
+from minivln.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_agent_model
 
 BACKENDS: dict[str, str] = {
     "torch": "eager PyTorch",
@@ -56,8 +57,11 @@ def load_backend(name: str, checkpoint: str | Path, *, threads: int = 0) -> Back
     checkpoint = Path(checkpoint)
     source = checkpoint
     if is_export_dir(checkpoint):
-        recorded = read_manifest(checkpoint).get("source")
+        manifest = read_manifest(checkpoint)
+        recorded = manifest.get("source")
         source = Path(recorded) if recorded and Path(recorded).exists() else checkpoint
+        if name == "torch":  # the export's weights, as its manifest recorded them
+            verify_files(checkpoint, manifest, [CONFIG_NAME, WEIGHTS_NAME])
     if name == "torch":
         return Backend(name, load_agent_model(checkpoint), checkpoint, source=source)
     variant = ONNX_VARIANTS[name]

@@ -16,12 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help=EXPORT_HELP, description=export_module.__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="RUN/model, a finetune run dir, or a DUET checkpoint")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty, unless --overwrite)")
+    p.add_argument("--out", required=True,
+                   help="output directory (new or empty; with --overwrite an export directory, replaced whole)")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 variant")
     p.add_argument("--per-channel", action="store_true", help="int8: one weight scale per output channel")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch comparison after writing")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the export in --out (atomically: the old one stays until the new one is "
+                        "complete)")
     p.set_defaults(func=_export_main)
 
     from minivln.training import navigate as navigate_module
@@ -50,15 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_main(args: argparse.Namespace) -> int:
-    from minivln.deploy.export import export_model
+    from minivln.deploy.export import check_export_target, export_model
     from minivln.model.checkpoint import load_agent_model
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not an empty directory (--overwrite to write into it)")
+    out = check_export_target(args.out, overwrite=args.overwrite)  # before any work; nothing written
     model = load_agent_model(args.checkpoint)
     res = export_model(model, out, source=str(args.checkpoint), int8=args.int8, per_channel=args.per_channel,
-                       check=args.check)
+                       check=args.check, overwrite=args.overwrite)
     m = res.manifest
     print(f"exported {args.checkpoint} -> {out} ({m['export_seconds']} s, opset {m['opset']})")
     for variant, graphs in m["graphs"].items():

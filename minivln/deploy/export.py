@@ -13,7 +13,17 @@ of the linear layers' matrix products: int8 weights, activations quantized per c
 
 After writing, every graph is run with ONNX Runtime on seeded inputs of two shapes (neither the
 traced one) and compared with eager PyTorch (:func:`check_export`); the largest absolute
-differences are recorded in the manifest (``check``).
+differences are recorded in the manifest (``check``), with the size and SHA-256 of every file
+(``files``), which the runtime checks before it loads a graph.
+
+The export is atomic: everything is written into a temporary sibling ``.DIR.tmpPID`` and swapped in
+whole when complete (DIR -> ``.DIR.old``, the new one -> DIR, then the old one is deleted), so DIR
+always holds either the previous complete export or the new one; a failure (a full disk) removes the
+temporary and names DIR on one line.  A crash between the two renames leaves the previous export
+complete under ``.DIR.old``, which the next export or read moves back
+(:func:`~minivln.deploy.format.find_export`); temporaries of a killed export are removed by the
+next one.  DIR must be new or empty, or (``overwrite``) an export directory, replaced whole:
+a directory holding anything else is refused.
 
 Exporter: the TorchScript-based one (``torch.onnx.export(..., dynamo=False)``, opset 17).  In
 torch 2.13 the default is the ``torch.export``-based exporter (``dynamo=True``); it needs the extra
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -39,13 +50,16 @@ import torch
 
 from minivln import __version__
 from minivln.deploy.format import (  # noqa: F401 (re-exported)
+    EXPORT_ENTRIES,
     FORMAT_VERSION,
     MANIFEST,
     ExportError,
+    file_record,
+    find_export,
     make_session,
     require_onnx,
 )
-from minivln.model.checkpoint import save_pretrained
+from minivln.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 from minivln.model.duet import DUET
 from minivln.model.tensor_modes import (
     MODES,
@@ -57,7 +71,17 @@ from minivln.model.tensor_modes import (
     tensor_modes,
     text_layers,
 )
-from minivln.paths import atomic_write_text
+from minivln.paths import (
+    WriteError,
+    atomic_write_text,
+    describe_os_error,
+    error_number,
+    free_bytes,
+    remove_stale_temporaries,
+    swap_dir_into_place,
+    temporary_sibling,
+    write_error,
+)
 
 OPSET = 17
 VARIANTS = ("fp32", "int8")
@@ -196,7 +220,9 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = False) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to pre-process the graph: no change here (measured)
     try:
-        with tempfile.TemporaryDirectory() as tmp:  # the quantizer writes helper files beside its output
+        # the quantizer writes helper files beside its output: in a folder beside dst (inside the
+        # export's temporary directory, so that a killed export leaves nothing elsewhere)
+        with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
             out = Path(tmp) / dst.name
             quantize_dynamic(src, out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
                              weight_type=QuantType.QInt8)
@@ -211,6 +237,71 @@ class ExportResult:
     manifest: dict[str, Any]
 
 
+def check_export_target(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Where an export to ``out`` will go, checked before any work (nothing is written): ``out`` must
+    be new, an empty directory, or (``overwrite``) an export directory, which the export replaces
+    whole; a directory holding anything an export does not write is refused even with
+    ``overwrite`` (its files would be lost).  A swap cut short by a crash is repaired first (the
+    previous export is moved back).  A symbolic link is followed.  Returns the target."""
+    out = Path(os.path.abspath(out))  # "." or "x/..": the swap needs the directory's own name
+    if out.is_symlink():
+        out = out.resolve()
+    try:
+        find_export(out)
+    except OSError as exc:
+        raise write_error(exc, out, "repair the export") from None
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory: choose another output directory")
+    entries = sorted(p.name for p in out.iterdir())
+    foreign = [e for e in entries if e not in EXPORT_ENTRIES]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ExportError(f"{out} is not empty and not an export directory (it holds {shown}): an export "
+                          "replaces its directory whole; choose another output directory")
+    if entries and not overwrite:
+        what = "an export" if MANIFEST in entries else "a checkpoint or part of an export"
+        raise ExportError(f"{out} is not empty: it holds {what} (--overwrite to replace it)")
+    return out
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk (before the rename that publishes it)."""
+    if os.name != "posix":
+        return
+    for dirpath, _, files in os.walk(root):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _after_failure(staging: Path, out: Path) -> None:
+    """An export failed (or was interrupted): remove its temporary directory and, when the failure
+    hit between the two renames of the swap, move the previous export back (a separate function so
+    that tests can leave everything as a killed process would)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        find_export(out)
+    except OSError:
+        pass
+
+
+def _is_write_failure(exc: BaseException, where: Path) -> bool:
+    """Whether an exception of the exporter, the quantizer or safetensors reports a failed write
+    (a full or read-only disk): an ``OSError``, an error quoting an errno, or any error with less
+    than 1 MB left where the export goes."""
+    if isinstance(exc, ExportError) or not isinstance(exc, Exception):
+        return False
+    if isinstance(exc, OSError) or error_number(exc) is not None:
+        return True
+    free = free_bytes(where)
+    return free is not None and free < 2**20
+
+
 def export_model(
     model: DUET,
     out: str | Path,
@@ -219,15 +310,44 @@ def export_model(
     int8: bool = True,
     per_channel: bool = False,
     check: bool = True,
+    overwrite: bool = False,
 ) -> ExportResult:
-    """Export ``model`` into the directory ``out`` (see the module docstring); returns its manifest."""
+    """Export ``model`` into the directory ``out`` (see the module docstring), atomically; returns its
+    manifest.  ``out`` must be new or empty, or, with ``overwrite``, an export directory (replaced
+    whole); see :func:`check_export_target`.  A failed write is one :class:`WriteError` line naming
+    ``out``; ``out`` is then as it was."""
     require_onnx()
+    check_tensor_modes(model)
+    model = model.eval()
+    out = check_export_target(out, overwrite=overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)  # a killed export's, and this process's own leftovers
+    except OSError as exc:
+        raise write_error(exc, out, "export to") from None
+    staging = temporary_sibling(out)
+    try:
+        staging.mkdir()
+        manifest = _write_export(model, staging, source=source, int8=int8, per_channel=per_channel, check=check)
+        _fsync_tree(staging)
+        swap_dir_into_place(staging, out)
+    except BaseException as exc:
+        _after_failure(staging, out)
+        if not _is_write_failure(exc, out.parent):
+            raise
+        kept = ("the previous export is kept" if find_export(out, repair=False) is not None
+                else "nothing was written")
+        raise WriteError(f"cannot export to {out}: {describe_os_error(exc, out.parent)}; {kept}",
+                         error_number(exc)) from exc
+    return ExportResult(out, manifest)
+
+
+def _write_export(model: DUET, out: Path, *, source: str | None, int8: bool, per_channel: bool,
+                  check: bool) -> dict[str, Any]:
+    """Write the export into the (new, empty) directory ``out``; the manifest last."""
     import onnx
     import onnxruntime
 
-    check_tensor_modes(model)
-    model = model.eval()
-    out = Path(out)
     variants = VARIANTS if int8 else VARIANTS[:1]
     for v in variants:
         (out / v).mkdir(parents=True, exist_ok=True)
@@ -246,6 +366,7 @@ def export_model(
             quantize_int8(path, qpath, per_channel=per_channel)
             graphs["int8"][mode] = qpath.relative_to(out).as_posix()
     n_global, n_local = text_layers(model)
+    files = [CONFIG_NAME, WEIGHTS_NAME] + [rel for variant in graphs.values() for rel in variant.values()]
     manifest: dict[str, Any] = {
         # the grounding vector is new in format 2; any other model's export is still format 1
         "format_version": FORMAT_VERSION if model.config.og_text_encoder else 1,
@@ -259,6 +380,9 @@ def export_model(
         "opset": OPSET,
         "export_seconds": round(time.perf_counter() - started, 2),
         "graphs": graphs,
+        # size and SHA-256 of every file, checked by the runtime before it loads one (a directory
+        # that mixes the files of two exports, a truncated or changed file, is refused)
+        "files": {rel: file_record(out / rel) for rel in files},
         "inputs": {m: list(mode_inputs(model, m)) for m in MODES},
         "outputs": {m: list(mode_outputs(model, m)) for m in MODES},
         "objects": model.config.use_objects,
@@ -270,7 +394,7 @@ def export_model(
     if check:
         manifest["check"] = check_export(model, out, graphs)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return ExportResult(out, manifest)
+    return manifest
 
 
 def check_export(model: DUET, directory: Path, graphs: dict[str, dict[str, str]]) -> dict[str, Any]:

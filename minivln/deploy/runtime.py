@@ -26,7 +26,9 @@ from minivln.deploy.format import (
     MANIFEST,
     READ_VERSIONS,
     ExportError,
+    find_export,
     make_session,
+    verify_files,
 )
 from minivln.model.checkpoint import CONFIG_NAME
 from minivln.model.config import DUETConfig
@@ -40,13 +42,14 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(
 
 
 def is_export_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by :func:`~minivln.deploy.export.export_model`."""
-    return (Path(path) / MANIFEST).is_file()
+    """Whether ``path`` is a directory written by :func:`~minivln.deploy.export.export_model` (an
+    export swap cut short by a crash is repaired first: :func:`~minivln.deploy.format.find_export`)."""
+    return find_export(path) is not None
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest of an export directory; :class:`ExportError` when it is not one."""
-    directory = Path(directory)
+    directory = find_export(directory) or Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
         raise ExportError(f"not an export directory (no {MANIFEST}): {directory}; run `minivln export` first")
@@ -75,7 +78,7 @@ class OnnxRuntimeDUET:
     training = False
 
     def __init__(self, directory: str | Path, variant: str = "fp32", threads: int = 0) -> None:
-        directory = Path(directory)
+        directory = find_export(directory) or Path(directory)
         manifest = read_manifest(directory)
         graphs = manifest.get("graphs", {})
         if variant not in graphs:
@@ -83,16 +86,23 @@ class OnnxRuntimeDUET:
         cfg_path = directory / CONFIG_NAME
         if not cfg_path.is_file():
             raise ExportError(f"incomplete export directory, missing {cfg_path}")
+        for mode in MODES:
+            path = directory / graphs[variant].get(mode, "")
+            if not graphs[variant].get(mode) or not path.is_file():
+                raise ExportError(f"incomplete export directory, missing the {variant} {mode} graph ({path})")
+        # every file this model reads must be the one the manifest was written with (not a file of
+        # another export in a directory that mixes two, not truncated): one line naming it otherwise
+        verify_files(directory, manifest, [CONFIG_NAME, *(graphs[variant][mode] for mode in MODES)])
         self.directory = directory
         self.variant = variant
         self.manifest = manifest
-        self.config = DUETConfig.from_dict(json.loads(cfg_path.read_text()))
+        try:
+            self.config = DUETConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ExportError(f"{cfg_path}: not a model config ({exc}); export again") from None
         self.sessions: dict[str, Any] = {}
         for mode in MODES:
-            path = directory / graphs[variant].get(mode, "")
-            if not path.is_file():
-                raise ExportError(f"incomplete export directory, missing the {variant} {mode} graph ({path})")
-            self.sessions[mode] = make_session(path, threads)
+            self.sessions[mode] = make_session(directory / graphs[variant][mode], threads)
         self._types = {
             mode: {i.name: _NUMPY_TYPES[i.type] for i in sess.get_inputs()} for mode, sess in self.sessions.items()
         }

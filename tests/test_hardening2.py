@@ -1,0 +1,352 @@
+"""Hardening, second round (issue 22), in the style of ``test_hardening.py``: every fault is one line
+``minivln: error: ...`` naming the file, exit status 2, nothing overwritten.
+
+* atomic exports: ``minivln export`` builds the whole directory beside the target and swaps it in;
+  a crash at any point (an exception, or a kill: nothing cleaned up) leaves the old complete export or
+  the new one, repaired by the next read or export; a full disk keeps the old export; a refused
+  pre-check leaves nothing; the runtime refuses a directory whose files do not match its manifest
+  (sizes and SHA-256), and a truncated or empty graph is one line.
+
+Tiny models (hidden 16, one layer each) on the 3-house toy world of ``conftest.small_toy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL_DUET as SMALL
+
+import minivln
+import minivln.paths as paths_mod
+from minivln.cli import main as cli_main
+from minivln.model.checkpoint import save_pretrained
+from minivln.model.registry import create_model
+
+REPO = Path(minivln.__file__).resolve().parents[1]
+
+
+def _one_error_line(err: str, *needles: str) -> str:
+    """The single ``minivln: error:`` line of ``err`` (nothing else there: no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("minivln: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli_main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, options: str):
+    """A tmpfs mounted at ``path`` (skip, with the reason, where mounting is not allowed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: the tmpfs variant of this test needs one")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or 'not permitted'}); the injected-error "
+                    "tests cover the same code")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# ===================================================================================== atomic exports
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, one_thread):
+    """Two tiny students A and B (other weights), saved as checkpoints ``A/`` and ``B/``."""
+    pytest.importorskip("onnx", reason="onnx not installed (optional extra: pip install -e '.[deploy]')")
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (optional extra)")
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for seed, name in enumerate("AB"):
+        torch.manual_seed(seed)
+        model = create_model("duet-cpu", **SMALL).eval()
+        save_pretrained(model, root / name)
+        out[name] = model
+    return out, root
+
+
+def _export(model, out: Path, source: str, **kw):
+    from minivln.deploy.export import export_model
+
+    return export_model(model, out, source=source, check=False, **kw)
+
+
+def _siblings(out: Path) -> list[str]:
+    """Whatever an export of ``out`` left beside it (temporaries, a parked old export)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def _which_export(out: Path) -> str:
+    """The source ('A' or 'B') of the complete, self-consistent export at ``out`` (both variants load,
+    the weights match the manifest)."""
+    from minivln.deploy.format import verify_files
+    from minivln.deploy.runtime import OnnxRuntimeDUET, read_manifest
+
+    manifest = read_manifest(out)
+    for variant in ("fp32", "int8"):
+        OnnxRuntimeDUET(out, variant, threads=1)
+    verify_files(out, manifest, ["config.json", "model.safetensors"])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export.json", "fp32", "int8",
+                                                      "model.safetensors"]
+    return manifest["source"]
+
+
+class _Killed(BaseException):
+    """Stands for the process dying at that point."""
+
+
+def _crash_at(point: str, out: Path, monkeypatch) -> None:
+    """Make the export raise :class:`_Killed` at ``point``."""
+    import minivln.deploy.export as export_mod
+
+    def nth(func, n, *, when=lambda *a, **k: True):
+        calls = {"n": 0}
+
+        def wrapper(*args, **kwargs):
+            if when(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == n:
+                    raise _Killed(point)
+            return func(*args, **kwargs)
+        return wrapper
+
+    if point == "graph":  # the third fp32 graph (panorama)
+        monkeypatch.setattr(export_mod, "_export_graph", nth(export_mod._export_graph, 3))
+    elif point == "quantize":  # the last int8 graph
+        monkeypatch.setattr(export_mod, "quantize_int8", nth(export_mod.quantize_int8, 4))
+    elif point == "weights":
+        monkeypatch.setattr(export_mod, "save_pretrained", nth(export_mod.save_pretrained, 1))
+    elif point == "manifest":
+        monkeypatch.setattr(export_mod, "atomic_write_text", nth(export_mod.atomic_write_text, 1))
+    elif point == "park":  # the first rename: the old export -> .E.old
+        monkeypatch.setattr(paths_mod, "_rename", nth(paths_mod._rename, 1))
+    elif point == "between":  # the second: the new one -> E (the old one is parked, E is missing)
+        monkeypatch.setattr(paths_mod, "_rename", nth(paths_mod._rename, 2))
+    elif point == "tidy":  # deleting the parked old export, the new one in place
+        monkeypatch.setattr(paths_mod, "remove_path", nth(
+            paths_mod.remove_path, 1, when=lambda p: Path(p).name == f".{out.name}.old" and out.exists()))
+    else:
+        raise AssertionError(point)
+
+
+CRASH_POINTS = ("weights", "graph", "quantize", "manifest", "park", "between", "tidy")
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["exception", "killed"])
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_export_crash_at_any_point_leaves_the_old_or_the_new_export(point, killed, models, tmp_path, monkeypatch):
+    """``export A --out E``, then ``export B --out E --overwrite`` dies at ``point``: E is A's complete
+    export (B's once B's is in place), never a mixture; with a kill (nothing cleaned up) the next
+    read repairs a swap cut short and the next export removes the temporaries."""
+    import minivln.deploy.export as export_mod
+    from minivln.deploy.runtime import is_export_dir
+
+    nets, _ = models
+    out = tmp_path / "E"
+    _export(nets["A"], out, "A")
+    with monkeypatch.context() as m:
+        _crash_at(point, out, m)
+        if killed:  # a killed process runs no clean-up
+            m.setattr(export_mod, "_after_failure", lambda staging, out: None)
+        with pytest.raises(_Killed):
+            _export(nets["B"], out, "B", overwrite=True)
+    expected = "B" if point == "tidy" else "A"
+    if not killed:
+        assert _siblings(out) == [], "an interrupted export cleans up after itself"
+    assert is_export_dir(out)  # a read: repairs a swap cut short between its renames
+    assert _which_export(out) == expected
+    # the next export removes whatever the killed one left, and the same command works
+    _export(nets["B"], out, "B", overwrite=True)
+    assert _which_export(out) == "B" and _siblings(out) == []
+
+
+def test_export_killed_between_the_renames_in_a_real_process(models, tmp_path):
+    """A real process dies (``os._exit``, no clean-up) between the two renames: E is missing, the old
+    export is parked; ``navigate``'s read puts it back, the next export removes the dead process's
+    temporary."""
+    from minivln.deploy.runtime import is_export_dir
+
+    nets, root = models
+    out = tmp_path / "E"
+    _export(nets["A"], out, "A")
+    script = f"""
+import os, torch
+import minivln.paths as p
+from minivln.deploy.export import export_model
+from minivln.model.checkpoint import load_agent_model
+torch.set_num_threads(1)
+real, calls = p._rename, []
+def rename(src, dst):
+    calls.append(dst)
+    if len(calls) == 2:
+        os._exit(9)
+    real(src, dst)
+p._rename = rename
+export_model(load_agent_model({str(root / "B")!r}), {str(out)!r}, source="B", check=False, overwrite=True)
+"""
+    res = subprocess.run([sys.executable, "-c", script], env=_subprocess_env(), capture_output=True, text=True)
+    assert res.returncode == 9, res.stderr
+    left = _siblings(out)
+    assert not out.exists() and f".{out.name}.old" in left and any(".tmp" in n for n in left), left
+    assert is_export_dir(out) and _which_export(out) == "A"
+    _export(nets["B"], out, "B", overwrite=True)
+    assert _which_export(out) == "B" and _siblings(out) == []
+
+
+def test_export_disk_full_keeps_the_old_export_and_the_command_works_again(models, tmp_path, monkeypatch, capsys):
+    """An ENOSPC while a graph is written (injected: the file is half written, then the write fails):
+    one line naming E and the cause, E is A's export, no temporary; once there is room, the same
+    command works (it is not refused for a half-written directory)."""
+    import minivln.deploy.export as export_mod
+
+    _, root = models
+    out = tmp_path / "E"
+    assert cli_main(["export", str(root / "A"), "--out", str(out), "--no-check"]) == 0
+    real = export_mod._export_graph
+
+    def fills_up(module, mode, args, path):
+        real(module, mode, args, path)
+        if mode == "panorama":
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size // 2)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    argv = ["export", str(root / "B"), "--out", str(out), "--overwrite", "--no-check"]
+    with monkeypatch.context() as m:
+        m.setattr(export_mod, "_export_graph", fills_up)
+        code, _, err = _run(argv, capsys)
+    assert code == 2
+    _one_error_line(err, f"cannot export to {out}", "no space left on device", "the previous export is kept")
+    assert _which_export(out) == str(root / "A") and _siblings(out) == []
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    assert _which_export(out) == str(root / "B") and _siblings(out) == []
+
+
+def test_export_on_a_really_full_disk(models, tmp_path, capsys):
+    """A 10 MB tmpfs holds one export (about 6.5 MB) but not a second beside it: the overwrite fails
+    with one line, the first export stays whole, nothing else is left."""
+    _, root = models
+    with _tmpfs(tmp_path / "small", "size=10m") as d:
+        out = d / "E"
+        assert cli_main(["export", str(root / "A"), "--out", str(out), "--no-check"]) == 0
+        code, _, err = _run(["export", str(root / "B"), "--out", str(out), "--overwrite", "--no-check"], capsys)
+        assert code == 2
+        _one_error_line(err, f"cannot export to {out}", "no space left on device", "the previous export is kept")
+        assert _which_export(out) == str(root / "A") and _siblings(out) == []
+
+
+def test_a_refused_export_leaves_nothing_behind(models, tmp_path, capsys):
+    from minivln.deploy.export import export_model
+    from minivln.model.tensor_modes import UnsupportedModelError
+
+    nets, root = models
+    new = tmp_path / "new" / "E"
+    code, _, err = _run(["export", str(tmp_path / "missing"), "--out", str(new)], capsys)
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "new").exists()
+    with pytest.raises(UnsupportedModelError):
+        export_model(torch.nn.Linear(2, 2), new)
+    assert not (tmp_path / "new").exists()
+    # a directory holding anything an export does not write is never replaced, even with --overwrite
+    foreign = tmp_path / "run"
+    foreign.mkdir()
+    (foreign / "log.jsonl").write_text("precious\n")
+    for extra in ([], ["--overwrite"]):
+        code, _, err = _run(["export", str(root / "A"), "--out", str(foreign), *extra], capsys)
+        assert code == 2
+        _one_error_line(err, str(foreign), "log.jsonl", "not an export directory")
+        assert sorted(p.name for p in foreign.iterdir()) == ["log.jsonl"] and _siblings(foreign) == []
+    # an export without --overwrite, a file
+    out = tmp_path / "E"
+    assert cli_main(["export", str(root / "A"), "--out", str(out), "--no-check"]) == 0
+    code, _, err = _run(["export", str(root / "B"), "--out", str(out)], capsys)
+    assert code == 2
+    _one_error_line(err, str(out), "--overwrite")
+    assert _which_export(out) == str(root / "A") and _siblings(out) == []
+    (tmp_path / "file").write_text("x")
+    code, _, err = _run(["export", str(root / "A"), "--out", str(tmp_path / "file"), "--overwrite"], capsys)
+    assert code == 2
+    _one_error_line(err, str(tmp_path / "file"), "not a directory")
+
+
+@pytest.fixture
+def two_exports(models, tmp_path):
+    nets, _ = models
+    _export(nets["A"], tmp_path / "EA", "A")
+    _export(nets["B"], tmp_path / "EB", "B")
+    return tmp_path / "EA", tmp_path / "EB"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-int8", "torch"])
+def test_a_directory_mixing_two_exports_is_refused_at_load(backend, two_exports, tmp_path, capsys):
+    """A's export with one file of B's (what a half-done overwrite used to leave): navigate refuses it
+    in one line naming the file, before any data is read."""
+    ea, eb = two_exports
+    mixed = tmp_path / "mixed"
+    shutil.copytree(ea, mixed)
+    name = {"onnxruntime": "fp32/language.onnx", "onnxruntime-int8": "int8/navigation.onnx",
+            "torch": "model.safetensors"}[backend]
+    shutil.copy(eb / name, mixed / name)
+    code, _, err = _run(["navigate", "--checkpoint", str(mixed), "--split", "val_unseen", "--out",
+                         str(tmp_path / "nav"), "--backend", backend], capsys)
+    assert code == 2
+    _one_error_line(err, str(mixed / name), "does not match", "export.json")
+    assert not (tmp_path / "nav").exists()
+
+
+def test_a_changed_graph_of_the_same_size_is_refused(two_exports):
+    from minivln.deploy.format import ExportError
+    from minivln.deploy.runtime import OnnxRuntimeDUET
+
+    ea, _ = two_exports
+    graph = ea / "fp32" / "panorama.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"panorama.onnx does not match .*same size, another SHA-256"):
+        OnnxRuntimeDUET(ea, "fp32")
+    OnnxRuntimeDUET(ea, "int8")  # the other variant's files are untouched
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty"])
+@pytest.mark.parametrize("checksums", [True, False], ids=["manifest-with-files", "older-manifest"])
+def test_truncated_or_empty_graphs_are_one_line(how, checksums, two_exports, tmp_path, capsys):
+    """With the manifest's sizes and digests the size differs; an older manifest (no ``files``) gets to
+    ONNX Runtime, whose refusal is one line naming the file too."""
+    ea, _ = two_exports
+    if not checksums:
+        manifest = json.loads((ea / "export.json").read_text())
+        del manifest["files"]
+        (ea / "export.json").write_text(json.dumps(manifest))
+    graph = ea / "fp32" / "navigation.onnx"
+    with open(graph, "r+b") as f:
+        f.truncate(graph.stat().st_size // 3 if how == "truncated" else 0)
+    code, _, err = _run(["navigate", "--checkpoint", str(ea), "--split", "val_unseen", "--out",
+                         str(tmp_path / "nav"), "--backend", "onnxruntime"], capsys)
+    assert code == 2
+    needle = "does not match" if checksums else ("is empty" if how == "empty" else "not a valid ONNX graph")
+    _one_error_line(err, str(graph), needle)
