@@ -5,7 +5,8 @@
   a crash at any point (an exception, or a kill: nothing cleaned up) leaves the old complete export or
   the new one, repaired by the next read or export; a full disk keeps the old export; a refused
   pre-check leaves nothing; the runtime refuses a directory whose files do not match its manifest
-  (sizes and SHA-256), and a truncated or empty graph is one line.
+  (sizes and SHA-256), and a truncated or empty graph is one line;
+* ``minivln features build`` removes the temporaries that a killed build of its target left.
 
 Tiny models (hidden 16, one layer each) on the 3-house toy world of ``conftest.small_toy``.
 """
@@ -17,6 +18,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +50,13 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
     code = cli_main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -350,3 +359,40 @@ def test_truncated_or_empty_graphs_are_one_line(how, checksums, two_exports, tmp
     assert code == 2
     needle = "does not match" if checksums else ("is empty" if how == "empty" else "not a valid ONNX graph")
     _one_error_line(err, str(graph), needle)
+
+
+# ============================================================================ features build
+
+
+def test_features_build_removes_the_temporaries_of_a_killed_build(small_toy, tmp_path, capsys):
+    """A build killed mid-write (SIGKILL, in a real process) leaves ``.views.h5.tmpPID``; the next build
+    of the same target removes it, and one whose PID was taken since by a later process.  A temporary
+    of a running process (a concurrent build) and those of other targets stay."""
+    data, _ = small_toy
+    out = tmp_path / "views.h5"
+    script = f"""
+import os, signal
+from minivln.cli import main
+from minivln.features.hdf5 import FeatureWriter
+real, calls = FeatureWriter.add, []
+def add(self, *a, **k):
+    calls.append(1)
+    if len(calls) == 20:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *a, **k)
+FeatureWriter.add = add
+main(["features", "build", "--data-dir", {str(data)!r}, "--out", {str(out)!r}, "--no-progress"])
+"""
+    res = subprocess.run([sys.executable, "-c", script], env=_subprocess_env(), capture_output=True, text=True)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    (killed,) = [p.name for p in tmp_path.iterdir()]
+    assert killed.startswith(".views.h5.tmp") and not out.exists()
+    other = f".other.h5.tmp{_dead_pid()}"
+    (tmp_path / ".views.h5.tmp1").write_bytes(b"a running build's")  # pid 1 runs
+    (tmp_path / other).write_bytes(b"another target's")
+    reused = tmp_path / f".views.h5.tmp{os.getppid()}"  # a live pid, but it started after the file was written
+    reused.write_bytes(b"a killed build's, its pid taken since")
+    os.utime(reused, (1e9, 1e9))
+    code, _, err = _run(["features", "build", "--data-dir", str(data), "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other, ".views.h5.tmp1", "views.h5"])

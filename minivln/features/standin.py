@@ -70,6 +70,7 @@ from minivln.paths import (
     WriteError,
     check_free_space,
     check_writable_dir,
+    remove_stale_temporaries,
     resolve_data_dir,
     same_file,
 )
@@ -712,11 +713,14 @@ def build_standin(data_dir: str | os.PathLike | None, out: str | os.PathLike, *,
     if objects_out is not None and same_file(objects_out, out):
         raise DataError(f"the object features and the view features would both go to {out}: give each its own file")
     # before any work: the output folder must take files, and the view file (whose size is known from
-    # the number of viewpoints) must fit beside whatever it replaces
+    # the number of viewpoints) must fit beside whatever it replaces.  The temporary files that a
+    # killed build of the same target left beside it (.NAME.tmpPID, PID no longer running; see
+    # minivln.features.hdf5) are removed first: they only take space.
     for target in [out] + ([Path(objects_out)] if objects_out is not None else []):
         if target.is_dir():
             raise WriteError(f"cannot write {target}: it is a directory")
         check_writable_dir(target.parent, "output directory")
+        remove_stale_temporaries(target)
     scans = scans if scans is not None else list_scans(root)
     n_views = sum(len(load_house(s, root)) for s in scans)
     expected = FeatureWriter.estimate_bytes(n_views, cfg.dim, class_layout, dtype)
