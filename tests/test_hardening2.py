@@ -6,7 +6,9 @@
   the new one, repaired by the next read or export; a full disk keeps the old export; a refused
   pre-check leaves nothing; the runtime refuses a directory whose files do not match its manifest
   (sizes and SHA-256), and a truncated or empty graph is one line;
-* ``minivln features build`` removes the temporaries that a killed build of its target left.
+* ``minivln features build`` removes the temporaries that a killed build of its target left;
+* a teacher that cannot teach the student (another task, feature width, or a layer map that does
+  not divide) is one ConfigError line, before any training step.
 
 Tiny models (hidden 16, one layer each) on the 3-house toy world of ``conftest.small_toy``.
 """
@@ -30,8 +32,10 @@ from conftest import SMALL_DUET as SMALL
 import minivln
 import minivln.paths as paths_mod
 from minivln.cli import main as cli_main
+from minivln.config import ConfigError
+from minivln.distill.compat import check_teacher
 from minivln.model.checkpoint import save_pretrained
-from minivln.model.registry import create_model
+from minivln.model.registry import create_model, get_config
 
 REPO = Path(minivln.__file__).resolve().parents[1]
 
@@ -396,3 +400,88 @@ main(["features", "build", "--data-dir", {str(data)!r}, "--out", {str(out)!r}, "
     code, _, err = _run(["features", "build", "--data-dir", str(data), "--out", str(out), "--no-progress"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other, ".views.h5.tmp1", "views.h5"])
+
+
+# ============================================================================ teachers
+
+
+STUDENT = get_config("duet-cpu", **SMALL)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_teacher_of_another_task_is_refused(stage):
+    reverie = STUDENT.replace(obj_feat_size=16)
+    with pytest.raises(ConfigError, match=r"teacher T cannot teach this student in stage \d: it takes 16-d object "
+                                          r"tokens \(student: no object tokens; an object-grounding \(REVERIE\) "
+                                          r"teacher for a student without objects \(R2R\)\)"):
+        check_teacher(STUDENT, reverie, stage=stage, source="teacher T")
+    with pytest.raises(ConfigError, match=r"it takes no object tokens \(student: 16-d object tokens; a teacher "
+                                          r"without objects \(R2R\) for an object-grounding \(REVERIE\) student\)"):
+        check_teacher(reverie, STUDENT, stage=stage, source="teacher T")
+    with pytest.raises(ConfigError, match=r"it takes 24-d object tokens \(student 16-d\)"):
+        check_teacher(reverie, STUDENT.replace(obj_feat_size=24), stage=stage)
+    check_teacher(reverie, reverie.replace(hidden_size=32, intermediate_size=64), stage=stage)
+
+
+def test_a_teacher_of_another_feature_width_is_refused():
+    for stage in (1, 2):
+        with pytest.raises(ConfigError, match=r"view features 24-d \(student 16-d\)"):
+            check_teacher(STUDENT, STUDENT.replace(image_feat_size=24), stage=stage)
+    with pytest.raises(ConfigError, match=r"6-d angle features \(student 4-d\)"):
+        check_teacher(STUDENT, STUDENT.replace(angle_feat_size=6), stage=1)
+    check_teacher(STUDENT, STUDENT.replace(angle_feat_size=6), stage=2)  # stage 2: its own panorama inputs
+
+
+def test_a_teacher_whose_layers_do_not_map_is_refused_in_stage_1():
+    student = STUDENT.replace(num_l_layers=2, num_x_layers=2)
+    teacher = STUDENT.replace(num_l_layers=3, num_x_layers=4, num_attention_heads=4, hidden_size=32,
+                              intermediate_size=64)
+    with pytest.raises(ConfigError) as info:
+        check_teacher(student, teacher, stage=1, source="teacher T")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("teacher T cannot teach this student in stage 1: ")
+    assert "it has 4 attention heads, the student 2" in msg
+    assert "its text encoder has 3 layers, the student's 2" in msg and "multiple" in msg
+    assert "global" not in msg and "pano" not in msg  # 4 / 2 and 1 / 1 map
+    # the heads matter to the attentions only; the layer map to the attentions and hidden states
+    with pytest.raises(ConfigError, match="text encoder") as info:
+        check_teacher(student, teacher, stage=1, kd_terms={"att": 0})
+    assert "heads" not in str(info.value)
+    check_teacher(student, teacher, stage=1, kd_terms={"att": 0, "hid": 0.0, "emb": 1})
+    check_teacher(student, teacher, stage=2)  # stage 2 maps no layers
+    with pytest.raises(ConfigError, match="pano encoder has 0 layers, the student's 1"):
+        check_teacher(STUDENT, STUDENT.replace(num_pano_layers=0), stage=1)
+
+
+def _cli_args(data, feats, teacher: Path) -> list[str]:
+    return ["model=duet-cpu", f"model_overrides={json.dumps(SMALL)}", f"data_dir={data}", f"features={feats}",
+            f"teacher={teacher}", "batch_size=2", "max_action_len=5", "max_instr_len=40", "val_splits=[val_unseen]",
+            "num_threads=1", "train.max_steps=2", "train.progress=false"]
+
+
+def test_a_reverie_teacher_for_an_r2r_run_is_one_line_before_any_step(small_toy, tmp_path, capsys):
+    data, feats = small_toy
+    torch.manual_seed(1)
+    teacher = save_pretrained(create_model("duet-cpu", **{**SMALL, "obj_feat_size": 16}), tmp_path / "reverie")
+    for cmd in ("finetune", "pretrain"):
+        args = _cli_args(data, feats, teacher)
+        if cmd == "pretrain":
+            args = [a for a in args if not a.startswith(("max_action_len", "val_splits"))] + ["val_batches=1"]
+        code, _, err = _run([cmd, "--out", str(tmp_path / cmd), *args], capsys)
+        assert code == 2
+        _one_error_line(err, f"teacher {teacher} cannot teach", "16-d object tokens", "(REVERIE) teacher")
+        assert not (tmp_path / cmd / "log.jsonl").exists()
+
+
+def test_a_teacher_whose_layers_do_not_map_is_one_line_before_any_step(small_toy, tmp_path, capsys):
+    """Stage 1 with a teacher of 4 heads for a 2-head student: was a ValueError traceback from the
+    loss term (after the data had been read)."""
+    data, feats = small_toy
+    torch.manual_seed(1)
+    teacher = save_pretrained(create_model("duet-cpu", **{**SMALL, "hidden_size": 32, "intermediate_size": 64,
+                                                          "num_attention_heads": 4}), tmp_path / "t")
+    args = [a for a in _cli_args(data, feats, teacher) if not a.startswith(("max_action_len", "val_splits"))]
+    code, _, err = _run(["pretrain", "--out", str(tmp_path / "pt"), *args, "val_batches=1"], capsys)
+    assert code == 2
+    _one_error_line(err, f"teacher {teacher} cannot teach this student in stage 1", "4 attention heads")
+    assert not (tmp_path / "pt" / "log.jsonl").exists()
