@@ -269,6 +269,20 @@ def test_weight_average_is_the_exponential_average_of_the_steps(tmp_path):
         make_cfg(tmp_path / "x", ema_decay=1.0).check()
 
 
+def test_resume_with_another_architecture_is_one_error_line(tmp_path):
+    """--resume with a model of other shapes than the checkpoint's: one CheckpointError naming the run
+    and what differs, not a state-dict traceback."""
+    from minivln.model.checkpoint import CheckpointError
+
+    trainer = build(tmp_path / "run", max_steps=2, ckpt_every=1)
+    trainer.fit()
+    trainer.close()
+    seed_everything(0)
+    with pytest.raises(CheckpointError, match=r"cannot resume .*run.*fc1\.weight") as err:
+        Trainer(MLP(d_hidden=8), RegressionTask(), make_cfg(tmp_path / "run", max_steps=2, resume=True))
+    assert "16 vs 8" in str(err.value)
+
+
 def test_teacher_frozen_and_loss_term_trained_saved_restored(tmp_path):
     run = tmp_path / "run"
     trainer = build(run, teacher=True, max_steps=6)

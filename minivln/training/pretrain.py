@@ -674,7 +674,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     teacher = None
     if cfg.teacher:  # stage 1: distillation while pretraining (docs/distillation.md)
         teacher = load_agent_model(cfg.teacher)
-        check_teacher(student_cfg, teacher.config, stage=1, source=f"teacher {cfg.teacher}")
+        check_teacher(student_cfg, teacher.config, stage=1, source=f"teacher {cfg.teacher}",
+                      kd_terms={k: cfg.kd_weight * v for k, v in dataclasses.asdict(cfg.kd_terms).items()})
         if cfg.teacher_dtype not in TEACHER_DTYPES:
             raise ConfigError(f"teacher_dtype: one of {sorted(TEACHER_DTYPES)}, got {cfg.teacher_dtype!r}")
         teacher_autocast(teacher, cfg.teacher_dtype)

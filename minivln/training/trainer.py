@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from minivln.config import ConfigError, check_finite, save_config
 from minivln.distill.losses import LossTerm  # noqa: F401 - re-exported: the trainer's plug-in interface
-from minivln.model.checkpoint import CheckpointError
+from minivln.model.checkpoint import CheckpointError, load_state_dict_strict
 from minivln.model.duet import compile_layers
 from minivln.paths import check_free_space, check_writable_dir, format_bytes
 from minivln.training import distributed as D
@@ -814,7 +814,10 @@ class Trainer:
                                           "(a weights-only checkpoint cannot be resumed)")
         self.step = int(state["step"])
         self._warn_if_trajectory_changed(state.get("config") or {})
-        self.model.load_state_dict(ckpt.model)
+        try:  # another architecture than the checkpoint's: one line naming what differs
+            load_state_dict_strict(self.model, ckpt.model, found)
+        except CheckpointError as exc:
+            raise CheckpointError(message=f"cannot resume {self.run_dir}: {exc}") from None
         self._load_loss_terms_state(ckpt.loss_terms)
         self.optimizer.load_state_dict(state["optimizer"])
         self._apply_optim_config()
