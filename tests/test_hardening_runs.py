@@ -25,7 +25,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import SMALL_DUET as SMALL
+from cli_checks import finetune_args as _finetune_args
+from cli_checks import one_error_line as _one_error_line
+from cli_checks import run_cli as _run
 from test_trainer import (  # the toy (tests/ is on sys.path)
     MLP,
     RegressionTask,
@@ -57,29 +59,6 @@ from minivln.training.trainer import (
 )
 
 REPO = Path(minivln.__file__).resolve().parents[1]  # the code under test
-
-
-def _finetune_args(data, feats, steps: int = 2) -> list[str]:
-    return ["model=duet-cpu", f"model_overrides={json.dumps(SMALL)}", f"data_dir={data}", f"features={feats}",
-            "batch_size=2", "max_action_len=5", "max_instr_len=40", "val_splits=[val_unseen]",
-            "val_max_episodes=2", "num_threads=1", f"train.max_steps={steps}", "train.log_every=1",
-            "train.ckpt_every=1", "train.progress=false"]
-
-
-def _one_error_line(err: str, *needles: str) -> str:
-    """The single ``minivln: error:`` line of ``err`` (nothing else there: no traceback)."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("minivln: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def _run(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli_main(args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

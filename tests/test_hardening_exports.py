@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import one_error_line as _one_error_line
+from cli_checks import run_cli as _run
 from conftest import SMALL_DUET as SMALL
 
 import minivln
@@ -38,22 +40,6 @@ from minivln.model.checkpoint import save_pretrained
 from minivln.model.registry import create_model, get_config
 
 REPO = Path(minivln.__file__).resolve().parents[1]
-
-
-def _one_error_line(err: str, *needles: str) -> str:
-    """The single ``minivln: error:`` line of ``err`` (nothing else there: no traceback)."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("minivln: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def _run(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli_main(args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _dead_pid() -> int:
