@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
+import minivln.paths as paths_mod
 from minivln.config import ConfigError, load_config
 from minivln.training import checkpoint as ckpt_mod
 from minivln.training.checkpoint import find_checkpoint, load_checkpoint, read_meta
@@ -345,21 +346,21 @@ def test_crash_while_writing_leaves_latest_intact(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod, "save_file", real_save)
 
     # a crash between the two renames of the swap: the old checkpoint is parked and found again
-    real_rename = ckpt_mod._rename
+    real_rename = paths_mod._rename
 
     def rename_once(src, dst):
         if Path(src).name == ".latest.tmp":
             raise KeyboardInterrupt  # killed right after parking the old one
         real_rename(src, dst)
 
-    monkeypatch.setattr(ckpt_mod, "_rename", rename_once)
+    monkeypatch.setattr(paths_mod, "_rename", rename_once)
     resumed = build(run, max_steps=4, ckpt_every=2, resume=True)
     assert resumed.step == 2
     with pytest.raises(KeyboardInterrupt):
         resumed.fit()
     resumed.close()
     assert not (run / "latest").exists() and (run / ".latest.old").exists()
-    monkeypatch.setattr(ckpt_mod, "_rename", real_rename)
+    monkeypatch.setattr(paths_mod, "_rename", real_rename)
     again = build(run, max_steps=4, ckpt_every=2, resume=True)
     assert again.step == 2 and (run / "latest" / "meta.json").is_file()
     again.fit()

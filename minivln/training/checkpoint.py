@@ -43,7 +43,14 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from minivln.model.checkpoint import CheckpointError, read_safetensors, read_torch
-from minivln.paths import WriteError, describe_os_error, error_number, write_error
+from minivln.paths import (
+    WriteError,
+    describe_os_error,
+    error_number,
+    recover_parked_dir,
+    swap_dir_into_place,
+    write_error,
+)
 
 LOCK_FILE = ".lock"
 MODEL_FILE = "model.safetensors"
@@ -125,23 +132,6 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     _fsync_file(path)
 
 
-def _rename(src: Path, dst: Path) -> None:
-    """One directory rename (a separate function so that tests can interrupt the swap)."""
-    os.rename(src, dst)
-
-
-def _swap_into_place(staging: Path, final: Path) -> None:
-    parked = final.with_name(f".{final.name}.old")
-    if parked.exists():
-        shutil.rmtree(parked)
-    if final.exists():
-        _rename(final, parked)
-    _rename(staging, final)
-    _fsync_dir(final.parent)
-    if parked.exists():
-        shutil.rmtree(parked)
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -197,7 +187,7 @@ def _write_checkpoint(final: Path, staging: Path, model_state: dict[str, torch.T
         (staging / META_FILE).write_text(json.dumps(full_meta, indent=1, sort_keys=True))
         _fsync_file(staging / META_FILE)
         _fsync_dir(staging)
-        _swap_into_place(staging, final)
+        swap_dir_into_place(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -216,18 +206,7 @@ def find_checkpoint(path: str | os.PathLike, *, repair: bool = True) -> Path | N
     If a crash hit between the two renames of a swap, the previous checkpoint is still complete under
     ``.<name>.old``; with ``repair`` it is moved back to ``path`` (call it from one process only).
     """
-    final = Path(path)
-    if _complete(final):
-        return final
-    parked = final.with_name(f".{final.name}.old")
-    if _complete(parked):
-        if not repair:
-            return parked
-        if final.exists():
-            shutil.rmtree(final)
-        _rename(parked, final)
-        return final
-    return None
+    return recover_parked_dir(path, _complete, repair=repair)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
