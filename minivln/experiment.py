@@ -13,9 +13,10 @@ The runner executes every run and every scoring as a separate process, up to ``-
 (one torch thread each), in dependency order, from a **pinned checkout**: the first call records the
 commit (``--commit``, default ``HEAD``; the working tree must be clean) in ``DIR/pin.json`` and makes
 a git worktree of it at ``DIR/code``; later calls use the same code, so commits landing meanwhile
-never mix versions inside a table.  It resumes: a finished run or scoring is skipped (``DIR/done/``),
-an interrupted run continues from its last checkpoint (``--resume``), so a grid can span sittings.
-Several recipes may share one ``DIR``: a run of the same name and the same spec is reused (Tables
+never mix versions inside a table.  Before any job starts, :func:`preflight` checks that every input
+of the pending runs and rows exists and fits (one line per problem, exit 2).  It resumes: a finished
+run or scoring is skipped (``DIR/done/``), an interrupted run continues from its last checkpoint
+(``--resume``), so a grid can span sittings.  Several recipes may share one ``DIR``: a run of the same name and the same spec is reused (Tables
 IV and V reuse Table III's two-stage row); the same name with another spec is an error.
 
 When every row is scored, each row's submission is gzipped into the recipe's ``submissions`` folder
@@ -41,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from minivln.config import (
     CONFIG_DIR,
     RUN_CONFIG,
@@ -54,19 +57,26 @@ from minivln.config import (
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
 from minivln.data.reverie import ReverieGoals
+from minivln.distill.compat import check_teacher
 from minivln.env.env import NavBatchEnv, random_walker_submission
 from minivln.evaluation.evaluator import Evaluator, load_submission
-from minivln.features.hdf5 import FeatureStore
+from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
+from minivln.model.checkpoint import read_agent_config
+from minivln.model.config import DUETConfig
+from minivln.model.duet import DUET
+from minivln.model.registry import get_config
 from minivln.paths import (
     DataError,
     atomic_write_text,
+    check_free_space,
     check_writable_dir,
+    format_bytes,
     resolve_data_dir,
 )
 from minivln.training.finetune import FinetuneConfig
 from minivln.training.logging import read_jsonl
 from minivln.training.plot import new_figure, save_png
-from minivln.training.pretrain import PretrainConfig
+from minivln.training.pretrain import PretrainConfig, resolve_mix
 
 COMMANDS = ("pretrain", "finetune")
 PATH_KEYS = ("teacher", "features", "objects", "data_dir", "init_checkpoint", "init")
@@ -437,6 +447,282 @@ def adopt_run(recipe: Recipe, out: Path, run: str, src: Path, *, commit: str, no
     return rec
 
 
+# ------------------------------------------------------------------------------------------ pre-flight
+
+
+class PreflightError(ConfigError):
+    """What a recipe's pending runs and rows need and lack: ``problems``, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        super().__init__(f"pre-flight: {n} problem{'s' if n != 1 else ''}, nothing started:\n"
+                         + "\n".join(f"  {p}" for p in self.problems))
+
+
+#: the least a run leaves on disk per parameter of its network: fp32 weights and Adam's two moments in
+#: its checkpoint, and the exported weights (4 bytes each; several checkpoints or pretraining heads only
+#: add to it)
+CHECKPOINT_BYTES_PER_PARAM = 4 * 4
+NO_FEATURES = "features: no view feature file given (features=FILE)"
+NO_OBJECTS = "objects: no object feature file given (REVERIE and networks with object tokens need one: objects=FILE)"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _input_path(value: str, root: Path) -> Path:
+    """A path of a run's config as the run will see it (relative ones from the repository root; the
+    pinned checkout has the same layout and the same ``../shared``)."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (root / p).resolve()  # as plan() makes the recipe's paths absolute
+
+
+def _student(command: str, cfg: Any) -> DUETConfig:
+    """The network a run trains (as ``minivln pretrain`` / ``finetune`` build it)."""
+    if command == "pretrain":
+        return get_config(cfg.model, **cfg.network_overrides)
+    return get_config(cfg.model, **{**cfg.model_overrides, "feat_dropout": cfg.feat_dropout})
+
+
+def _check_config(command: str, cfg: Any) -> None:
+    """The checks the command makes of its config before any work (ConfigError)."""
+    if command == "pretrain":
+        resolve_mix(cfg)
+    else:
+        cfg.check()
+
+
+def _parameters(cfg: DUETConfig, cache: dict[str, int]) -> int:
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    if key not in cache:
+        with torch.device("meta"):  # no memory, no initialisation
+            cache[key] = sum(p.numel() for p in DUET(cfg).parameters())
+    return cache[key]
+
+
+class _Problems:
+    """Problems keyed by their text, each with what needs it (``run a``, ``row 'b'``, ``the recipe``)."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, list[str]] = {}
+
+    def add(self, who: str, message: str) -> None:
+        whom = self.found.setdefault(message, [])
+        if who not in whom:
+            whom.append(who)
+
+    def lines(self) -> list[str]:
+        out = []
+        for message, whom in self.found.items():
+            runs = [w[4:] for w in whom if w.startswith("run ")]
+            rows = [w[4:] for w in whom if w.startswith("row ")]
+            other = [w for w in whom if not w.startswith(("run ", "row "))]
+            parts = [self._names("run", runs), self._names("row", rows), *other]
+            out.append(f"{message} ({'; '.join(p for p in parts if p)})")
+        return out
+
+    @staticmethod
+    def _names(kind: str, names: list[str], shown: int = 3) -> str:
+        if not names:
+            return ""
+        more = f" and {len(names) - shown} more" if len(names) > shown + 1 else ""
+        return f"{kind}{'s' if len(names) > 1 else ''} {', '.join(names[:shown] if more else names)}{more}"
+
+
+def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
+    """Check, before any job starts, that what the recipe's pending runs and rows need exists and fits;
+    the summary line when it does, else one :class:`PreflightError` listing every problem.
+
+    For every training run not done yet: its config loads and passes the command's own checks; its
+    inputs exist (``data_dir`` or ``$MINIVLN_DATA``, ``features``, ``objects`` where the task or the
+    model reads them, ``init_checkpoint`` and ``teacher`` unless another run of the recipe makes them:
+    ``init:``, ``teacher_run:``); the feature files are as wide as the network's ``image_feat_size``
+    and ``obj_feat_size``; a teacher (its ``config.json``; a linked run: the network that run trains)
+    passes :func:`~minivln.distill.compat.check_teacher` for the run's stage.  For every row not scored
+    yet: its checkpoint exists and the recipe's feature files fit it.  And the experiment directory's
+    file system has room for the pending runs' checkpoints (a lower bound:
+    :data:`CHECKPOINT_BYTES_PER_PARAM` per parameter and run).  ``code``: the checkout whose base configs
+    the runs use (default: ``out/code`` once pinned, else this repository)."""
+    out = Path(out).resolve()
+    root = repo_root()
+    if code is None:
+        code = out / "code" if (out / "code").is_dir() else root
+    problems = _Problems()
+    jobs = plan(recipe, out, code)
+    done: dict[str, bool] = {}
+    for job in jobs:
+        try:
+            done[job.name] = is_done(out, job)
+        except (ConfigError, DataError) as exc:  # e.g. a recipe changed under a finished run
+            problems.add("the recipe", str(exc))
+            done[job.name] = True  # nothing more to say about it
+    configs: dict[str, Any] = {}  # run -> its resolved config
+    students: dict[str, DUETConfig] = {}  # run -> the network it trains
+    for job in jobs:
+        if not job.name.startswith("train:"):
+            continue
+        run = job.name.split(":", 1)[1]
+        command = recipe.runs[run].command
+        cls = PretrainConfig if command == "pretrain" else FinetuneConfig
+        base = None
+        if job.config:
+            base = code / job.config if (code / job.config).is_file() else root / job.config
+        try:
+            configs[run] = load_config(cls, base, job.overrides + [f"train.run_dir={job.run_dir}"])
+            students[run] = _student(command, configs[run])
+        except (ConfigError, DataError) as exc:
+            if not done[job.name]:
+                problems.add(f"run {run}", f"the config does not load: {exc}")
+    stores: dict[tuple[str, str, int], str] = {}  # (kind, path, width) -> problem ("" = none)
+
+    def feature_problem(kind: str, path: Path, width: int | None) -> str:
+        key = (kind, str(path), width or 0)
+        if key not in stores:
+            what = "view features" if kind == "features" else "object features"
+            msg = ""
+            if not path.is_file():
+                msg = f"{kind} {path} does not exist" + ("" if not path.exists() else " (not a file)")
+            elif width:
+                store_cls = FeatureStore if kind == "features" else ObjectFeatureStore
+                try:
+                    store_cls(path, expected_dim=width).dim
+                except DataError as exc:
+                    msg = f"{kind}: {exc}"
+                    try:
+                        found = store_cls(path).dim
+                    except DataError:
+                        found = None
+                    if found is not None and found != width:
+                        size = "image_feat_size" if kind == "features" else "obj_feat_size"
+                        msg = f"{kind} {path} hold {found}-d {what}, the network's {size} is {width}"
+            stores[key] = msg
+        return stores[key]
+
+    def data_problem(value: str) -> str:
+        try:
+            resolve_data_dir(_input_path(value, root) if value else None)
+        except DataError as exc:
+            return f"data_dir: {exc}"
+        return ""
+
+    space, pending_runs = 0, 0
+    params: dict[str, int] = {}  # pending run -> parameters of its network
+    sizes: dict[str, int] = {}  # network config -> parameters
+    for job in jobs:
+        if not job.name.startswith("train:") or done[job.name]:
+            continue
+        run = job.name.split(":", 1)[1]
+        pending_runs += 1
+        if run not in configs:
+            continue
+        who, spec, cfg, student = f"run {run}", recipe.runs[run], configs[run], students.get(run)
+        try:
+            _check_config(spec.command, cfg)
+        except (ConfigError, DataError) as exc:
+            problems.add(who, str(exc))
+        toy = cfg.data_dir == "toy"
+        if not toy and (msg := data_problem(cfg.data_dir)):
+            problems.add(who, msg)
+        width = student.image_feat_size if student else None
+        if cfg.features and cfg.features != "synthetic":
+            if msg := feature_problem("features", _input_path(cfg.features, root), width):
+                problems.add(who, msg)
+        elif not cfg.features and not toy:
+            problems.add(who, NO_FEATURES)
+        if spec.command == "pretrain":
+            needs_objects = bool(student and student.use_objects) and cfg.features != "synthetic"
+        else:
+            needs_objects = cfg.task == "reverie"
+            if needs_objects and student is not None and not student.use_objects:
+                problems.add(who, f"task reverie needs a network with object tokens (obj_feat_size > 0); "
+                                  f"{cfg.model!r} has none")
+        if needs_objects and cfg.objects and cfg.objects != "synthetic":
+            obj_width = student.obj_feat_size if student and student.use_objects else None
+            if msg := feature_problem("objects", _input_path(cfg.objects, root), obj_width):
+                problems.add(who, msg)
+        elif needs_objects and not cfg.objects and not toy:
+            problems.add(who, NO_OBJECTS)
+        if cfg.init_checkpoint and not spec.init:
+            path = _input_path(cfg.init_checkpoint, root)
+            if not path.exists():
+                problems.add(who, f"init_checkpoint {path} does not exist")
+        teacher, source = None, ""
+        if spec.teacher_run:
+            teacher = students.get(spec.teacher_run)
+            source = f"teacher_run {spec.teacher_run} (the network that run trains)"
+        elif cfg.teacher:
+            path = _input_path(cfg.teacher, root)
+            source = f"teacher {path}"
+            if not path.exists():
+                problems.add(who, f"teacher {path} does not exist")
+            else:
+                try:
+                    teacher = read_agent_config(path)
+                except DataError as exc:
+                    problems.add(who, f"teacher {path} cannot be read: {exc}")
+        if teacher is not None and student is not None:
+            stage = 1 if spec.command == "pretrain" else 2
+            kd_terms = None
+            if stage == 1:
+                kd_terms = {k: cfg.kd_weight * v for k, v in to_dict(cfg.kd_terms).items()}
+            try:
+                check_teacher(student, teacher, stage=stage, source=source, kd_terms=kd_terms)
+            except ConfigError as exc:
+                problems.add(who, str(exc))
+        if student is not None:
+            params[run] = _parameters(student, sizes)
+            space += params[run] * CHECKPOINT_BYTES_PER_PARAM
+    pending_rows = 0
+    scored = {j.name for j in jobs if j.name.startswith("score:") and done[j.name]}
+    for row in recipe.rows:
+        if f"score:{score_key(row)}" in scored:
+            continue
+        pending_rows += 1
+        who = f"row {row.name!r}"
+        if msg := data_problem(recipe.data_dir):
+            problems.add(who, msg)
+        if row.random:
+            continue
+        network = None
+        if row.checkpoint:
+            path = Path(_abs(row.checkpoint, root))
+            if not path.exists():
+                problems.add(who, f"checkpoint {path} does not exist")
+            else:
+                try:
+                    network = read_agent_config(path)
+                except DataError as exc:
+                    problems.add(who, f"checkpoint {path} cannot be read: {exc}")
+        else:
+            network = students.get(row.run)
+        if not recipe.features:
+            problems.add(who, NO_FEATURES)
+        elif msg := feature_problem("features", Path(_abs(recipe.features, root)),
+                                    network.image_feat_size if network else None):
+            problems.add(who, msg)
+        if recipe.task == "reverie":
+            if not recipe.objects:
+                problems.add(who, NO_OBJECTS)
+            elif msg := feature_problem("objects", Path(_abs(recipe.objects, root)),
+                                        network.obj_feat_size if network and network.use_objects else None):
+                problems.add(who, msg)
+    if space:
+        try:
+            check_free_space(out, space, f"the checkpoints of {_count(len(params), 'run')} left "
+                                         f"({CHECKPOINT_BYTES_PER_PARAM} bytes per parameter and run)")
+        except DataError as exc:
+            problems.add("the experiment directory", str(exc))
+    if problems.found:
+        raise PreflightError(problems.lines())
+    finished = sum(1 for j in jobs if j.name.startswith("train:") and done[j.name])
+    notes = ([f"{_count(finished, 'run')} done already"] if finished else []) \
+        + ([f"their checkpoints need at least {format_bytes(space)}"] if space else [])
+    return (f"pre-flight: {_count(pending_runs, 'run')}, {_count(pending_rows, 'row')} checked, nothing missing"
+            + (f" ({'; '.join(notes)})" if notes else ""))
+
+
 def _start(job: Job, out: Path, code: Path, threads: int) -> subprocess.Popen:
     argv = list(job.argv)
     if job.run_dir is not None and job.run_dir.exists():
@@ -674,7 +960,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="experiment directory (shared by recipes that reuse runs)")
     p.add_argument("--jobs", type=int, default=2, help="processes at a time (one torch thread each by default)")
     p.add_argument("--commit", default=None, help="code to pin on the first call (default HEAD)")
-    p.add_argument("--dry-run", action="store_true", help="print the jobs and their commands, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the jobs, their commands and the pre-flight check (exit 2 on any problem); "
+                        "run nothing")
     p.add_argument("--table-only", action="store_true", help="write the table from what has finished")
     p.add_argument("--adopt", metavar="RUN=DIR", default=None,
                    help="take DIR, a finished run trained outside this command with the recipe's config of "
@@ -706,6 +994,7 @@ def _main(args: argparse.Namespace) -> int:
         for j in plan(recipe, out, code):
             print(f"{j.name}  after {', '.join(j.deps) or '-'}\n    {' '.join(j.argv)}")
         print(f"code: {commit} at {code}")
+        print(preflight(recipe, out), flush=True)  # every problem at once: PreflightError, exit 2
         return 0
     ok, table = run_experiment(recipe, out, jobs=args.jobs, commit=args.commit, table_only=args.table_only)
     print(format_table(table))
@@ -725,6 +1014,8 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     if recipe.results:
         check_writable_dir((root / recipe.results).parent, "results directory")
     check_writable_dir(root / (recipe.submissions or f"docs/results/{recipe.name}"), "submissions directory")
+    if not table_only:  # before the pin and any job: what the runs and rows need (PreflightError)
+        print(preflight(recipe, out, None if pin else root), flush=True)
     if pin:
         commit, code = pin_checkout(out, commit)
     else:
@@ -736,4 +1027,5 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     return ok, write_table(recipe, out, commit)
 
 
-__all__ = ["Recipe", "RowSpec", "RunSpec", "adopt_run", "load_recipe", "pin_checkout", "plan", "run_experiment", "write_table"]
+__all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "adopt_run", "load_recipe", "pin_checkout", "plan",
+           "preflight", "run_experiment", "write_table"]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import SMALL_DUET
 from safetensors.torch import load_file
 
 from minivln.model.checkpoint import (
@@ -15,13 +16,14 @@ from minivln.model.checkpoint import (
     load_pretrained,
     load_weights,
     navigation_state_dict,
+    read_agent_config,
     save_duet_checkpoint,
     save_pretrained,
 )
 from minivln.model.config import DUETConfig
 from minivln.model.duet import DUET
 from minivln.model.fixture import Fixture, run_fixture
-from minivln.model.registry import preset_parameters
+from minivln.model.registry import create_model, preset_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # `fixture` comes from conftest.py
 
@@ -194,3 +196,21 @@ def test_reverie_model_from_r2r_weights_with_fresh_og_head(tmp_path):
     state = rev.state_dict()
     assert all(torch.equal(state[k], before[k]) for k in fresh)  # kept their own init
     assert torch.equal(state["embeddings.word_embeddings.weight"], r2r.state_dict()["embeddings.word_embeddings.weight"])
+
+
+def test_read_agent_config_reads_the_config_without_the_weights(tmp_path):
+    """What load_agent_model would build, cheaply: a saved model's (or RUN/model's) config.json, a DUET
+    checkpoint's shapes; a missing or corrupt one is a CheckpointError."""
+    model = create_model("duet-cpu", **SMALL_DUET)
+    run = tmp_path / "run"
+    save_pretrained(model, run / "model")
+    (run / "model" / "model.safetensors").write_bytes(b"not read")  # the weights are not opened
+    assert read_agent_config(run) == read_agent_config(run / "model") == model.config
+    pt = save_duet_checkpoint(model, tmp_path / "duet.pt")
+    assert read_agent_config(pt) == infer_config(navigation_state_dict(torch.load(pt))[0])
+    assert read_agent_config(pt).hidden_size == SMALL_DUET["hidden_size"]
+    with pytest.raises(CheckpointError, match="not found"):
+        read_agent_config(tmp_path / "nothing")
+    (run / "model" / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_agent_config(run / "model")

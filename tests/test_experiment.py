@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,20 +19,23 @@ from minivln.data.datasets import load_episodes
 from minivln.data.reverie import ReverieGoals
 from minivln.evaluation.evaluator import Evaluator
 from minivln.experiment import (
+    PreflightError,
     Recipe,
     adopt_run,
     find_recipe,
     load_recipe,
     pin_checkout,
     plan,
+    preflight,
     random_submission,
     repo_root,
     run_experiment,
     score_key,
     slug,
 )
+from minivln.features.hdf5 import FeatureWriter, ObjectFeatures, ObjectFeatureWriter
 from minivln.model.checkpoint import save_pretrained
-from minivln.model.registry import create_model
+from minivln.model.registry import create_model, get_config
 
 TEACHER = {**SMALL, "hidden_size": 32, "intermediate_size": 64, "num_l_layers": 3}
 
@@ -303,3 +308,158 @@ def test_random_walker_of_a_reverie_table_picks_a_visible_object(small_toy):
     assert random_submission(recipe) == subs
     metrics = Evaluator("reverie", "val_unseen", data).score(subs)[0]
     assert 0.0 <= metrics["rgs"] <= metrics["sr"]
+
+
+# ------------------------------------------------------------------------------------------ pre-flight
+
+
+def _tiny_recipe(tmp_path, data, feats, runs, rows):
+    """A recipe on the small toy world (2-step runs of the tiny network), written to tmp_path/r.yaml."""
+    recipe = {"name": "tiny", "table": "tiny", "data_dir": str(data), "features": str(feats),
+              "results": str(tmp_path / "table.json"), "submissions": str(tmp_path / "subs"),
+              "max_action_len": 5, "runs": runs, "rows": rows}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def _pre(**extra):
+    return {"model": "duet-cpu", "model_overrides": SMALL, "max_instr_len": 40, "batch_size": 2, "val_batches": 0,
+            "train": {"max_steps": 2, "progress": False}, **extra}
+
+
+def _ft(**extra):
+    return {"model": "duet-cpu", "model_overrides": SMALL, "max_instr_len": 40, "batch_size": 2,
+            "max_action_len": 5, "val_splits": [], "train": {"max_steps": 2, "progress": False}, **extra}
+
+
+def _problem_lines(err):
+    """The problems of a refused pre-flight, one per line (after the 'minivln: error:' head line)."""
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("minivln: error: pre-flight: ") and "nothing started" in lines[0]
+    return [ln.strip() for ln in lines[1:]]
+
+
+def test_preflight_lists_every_missing_or_misfit_input_at_once(small_toy, tmp_path, capsys):
+    """A missing teacher, missing features, a teacher and features of another width, a missing
+    checkpoint: --dry-run names each on its own line and exits 2; a real run refuses with the same lines
+    and starts nothing."""
+    data, feats = small_toy
+    torch.manual_seed(0)
+    wide = save_pretrained(create_model("duet-cpu", **{**TEACHER, "image_feat_size": 32}), tmp_path / "wide")
+    runs = {
+        "pre": {"command": "pretrain", "overrides": _pre(teacher=str(tmp_path / "no-teacher"))},
+        "ft": {"command": "finetune", "init": "pre", "overrides": _ft(teacher=str(wide))},
+        "elsewhere": {"command": "finetune", "overrides": _ft(features=str(tmp_path / "no-feats.h5"))},
+        "wider": {"command": "finetune", "overrides": _ft(model_overrides={**SMALL, "image_feat_size": 32})},
+    }
+    rows = [{"name": "ft", "run": "ft"}, {"name": "elsewhere", "run": "elsewhere"}, {"name": "wider", "run": "wider"},
+            {"name": "teacher", "checkpoint": str(tmp_path / "no-ckpt")}]
+    path = _tiny_recipe(tmp_path, data, feats, runs, rows)
+    out = tmp_path / "exp"
+    assert cli_main(["experiment", path, "--out", str(out), "--dry-run"]) == 2
+    printed, err = capsys.readouterr()
+    assert "train:ft  after train:pre" in printed  # the plan is still shown
+    lines = _problem_lines(err)
+    expected = [
+        f"teacher {tmp_path / 'no-teacher'} does not exist (run pre)",
+        f"teacher {wide} cannot teach this student in stage 2: it takes view features 32-d (student 16-d)",
+        f"features {tmp_path / 'no-feats.h5'} does not exist (run elsewhere)",
+        f"features {feats} hold 16-d view features, the network's image_feat_size is 32 (run wider; row 'wider')",
+        f"checkpoint {tmp_path / 'no-ckpt'} does not exist (row 'teacher')",
+    ]
+    assert len(lines) == len(expected), lines
+    for want in expected:
+        assert sum(want in ln for ln in lines) == 1, (want, lines)
+    assert "2 problems" not in err and "5 problems" in err
+    # the real run: the same lines, before the pin and any job
+    with pytest.raises(PreflightError) as caught:
+        run_experiment(load_recipe(path), out, jobs=1, pin=False)
+    assert caught.value.problems == lines
+    assert not (out / "logs").exists() and not (out / "runs").exists() and not (out / "pin.json").exists()
+
+
+def test_preflight_accepts_a_teacher_trained_by_the_recipe_and_checks_it_against_its_student(
+        small_toy, tmp_path, capsys):
+    """teacher_run names a run that does not exist yet: fine, and checked with the network that run
+    will train (stage 1 for pretraining, stage 2 for fine-tuning)."""
+    data, feats = small_toy
+    teacher_arch = {"model_overrides": TEACHER}
+    runs = {
+        "t-pre": {"command": "pretrain", "overrides": _pre(**teacher_arch)},
+        "t": {"command": "finetune", "init": "t-pre", "overrides": _ft(**teacher_arch)},
+        "s-pre": {"command": "pretrain", "teacher_run": "t-pre", "overrides": _pre()},
+        "s": {"command": "finetune", "init": "s-pre", "teacher_run": "t", "overrides": _ft()},
+    }
+    rows = [{"name": "teacher", "run": "t"}, {"name": "student", "run": "s"}, {"name": "random", "random": True}]
+    path = _tiny_recipe(tmp_path, data, feats, runs, rows)
+    assert cli_main(["experiment", path, "--out", str(tmp_path / "exp"), "--dry-run"]) == 0
+    printed, _ = capsys.readouterr()
+    assert "pre-flight: 4 runs, 3 rows checked, nothing missing" in printed
+    # a pretraining teacher with other attention heads cannot teach stage 1's attention term
+    runs["t-pre"]["overrides"]["model_overrides"] = {**TEACHER, "num_attention_heads": 4}
+    path = _tiny_recipe(tmp_path, data, feats, runs, rows)
+    assert cli_main(["experiment", path, "--out", str(tmp_path / "exp"), "--dry-run"]) == 2
+    lines = _problem_lines(capsys.readouterr()[1])
+    assert len(lines) == 1 and lines[0].startswith("teacher_run t-pre") and "stage 1" in lines[0]
+    assert "4 attention heads" in lines[0] and lines[0].endswith("(run s-pre)")
+
+
+def test_preflight_wants_room_for_the_pending_checkpoints(small_toy, tmp_path, monkeypatch):
+    data, feats = small_toy
+    path = _tiny_recipe(tmp_path, data, feats, {"a": {"command": "finetune", "overrides": _ft()}},
+                        [{"name": "a", "run": "a"}])
+    out = tmp_path / "exp"
+    summary = preflight(load_recipe(path), out)
+    assert summary.startswith("pre-flight: 1 run, 1 row checked, nothing missing (their checkpoints need ")
+    monkeypatch.setattr("minivln.paths.free_bytes", lambda p: 1000)
+    with pytest.raises(PreflightError) as caught:
+        preflight(load_recipe(path), out)
+    assert len(caught.value.problems) == 1 and "not enough space" in caught.value.problems[0]
+    assert "of 1 run left" in caught.value.problems[0] and "1 KB left" in caught.value.problems[0]
+
+
+def _features_file(path, dim, objects=False):
+    if objects:
+        k = 2
+        with ObjectFeatureWriter(path, dim=dim, standin=True, description="test", dtype="float16") as w:
+            w.add("scan", "vp", ObjectFeatures(np.zeros((k, dim)), np.arange(k), np.zeros((k, 2)), np.ones((k, 2)),
+                                               np.zeros((k, 4)), np.arange(k), None))
+    else:
+        with FeatureWriter(path, dim=dim, standin=True, description="test", dtype="float16") as w:
+            w.add("scan", "vp", np.zeros((36, dim)))
+    return path
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipes_pass_the_preflight_given_their_inputs(name, tmp_path, monkeypatch):
+    """Every shipped recipe, given feature files of the widths its networks read and the shared teachers
+    it names (here: tmp stand-ins with the shared teachers' config, so that the test does not depend
+    on the ../shared of the machine), passes the pre-flight; without the teachers it names them."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "configs").symlink_to(CONFIG_DIR, target_is_directory=True)
+    monkeypatch.setattr("minivln.experiment.repo_root", lambda: repo)
+    monkeypatch.setattr("minivln.paths.free_bytes", lambda p: 2**50)
+    (tmp_path / "data").mkdir()
+    args = [f"features={_features_file(tmp_path / 'v.h5', 768)}", f"data_dir={tmp_path / 'data'}"]
+    if name.startswith("reverie"):
+        args.append(f"objects={_features_file(tmp_path / 'o.h5', 768, objects=True)}")
+    recipe = load_recipe(name, args)
+    try:
+        summary = preflight(recipe, tmp_path / "exp")
+        shared = []
+    except PreflightError as exc:  # only the shared teachers, which this tmp repository lacks
+        shared = exc.problems
+        assert all(p.split()[1].startswith(str(tmp_path.resolve() / "shared" / "teachers"))
+                   and "does not exist" in p for p in shared), shared
+        teacher = {"model_type": "duet", **get_config("duet-cpu", feat_dropout=0.0).to_dict()}
+        for p in shared:
+            folder = tmp_path / "shared" / "teachers" / p.split()[1].rsplit("/", 1)[-1]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.json").write_text(json.dumps(teacher))
+        summary = preflight(recipe, tmp_path / "exp")
+    n_runs = sum(1 for j in plan(recipe, tmp_path, tmp_path) if j.name.startswith("train:"))
+    assert re.match(rf"pre-flight: {n_runs} runs?, {len(recipe.rows)} rows? checked, nothing missing", summary)
+    if any(v.get("teacher") for r in recipe.runs.values() for v in [r.overrides]):
+        assert shared  # a recipe naming a shared teacher is refused where it is missing

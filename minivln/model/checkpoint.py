@@ -409,6 +409,17 @@ def save_pretrained(
     return directory
 
 
+def _read_config_json(cfg_path: Path) -> DUETConfig:
+    try:
+        return DUETConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(message=f"{cfg_path} is not valid JSON (truncated or corrupt?): {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(message=f"{cfg_path} is not a DUET config: {_cause(exc)}") from None
+    except OSError as exc:
+        raise CheckpointError(message=f"cannot read {cfg_path}: {exc.strerror or _cause(exc)}") from None
+
+
 def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> DUET:
     """Inverse of :func:`save_pretrained`: rebuild the model from ``config.json`` and load weights."""
     directory = Path(directory)
@@ -416,13 +427,7 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     for p in (cfg_path, weights_path):
         if not p.exists():
             raise CheckpointError(message=f"not a saved model directory, missing {p}")
-    try:
-        config = DUETConfig.from_dict(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(message=f"{cfg_path} is not valid JSON (truncated or corrupt?): {exc}") from None
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise CheckpointError(message=f"{cfg_path} is not a DUET config: {_cause(exc)}") from None
-    model = DUET(config)
+    model = DUET(_read_config_json(cfg_path))
     load_state_dict_strict(model, read_safetensors(weights_path, device=str(map_location)), weights_path)
     return model.to(map_location)
 
@@ -442,10 +447,30 @@ def save_duet_checkpoint(model: DUET, path: str | os.PathLike) -> Path:
     return path
 
 
+def _agent_dir(checkpoint: str | Path) -> Path:
+    """A run directory's exported ``RUN/model``, else ``checkpoint`` itself."""
+    path = Path(checkpoint)
+    return path / "model" if (path / "model" / CONFIG_NAME).exists() else path
+
+
 def load_agent_model(checkpoint: str | Path):
     """The DUET network of a checkpoint (see the module docstring), in eval mode."""
-    path = Path(checkpoint)
-    if (path / "model" / CONFIG_NAME).exists():
-        path = path / "model"
+    path = _agent_dir(checkpoint)
     model = load_pretrained(path) if (path / CONFIG_NAME).exists() else load_duet(path)
     return model.eval()
+
+
+def read_agent_config(checkpoint: str | Path) -> DUETConfig:
+    """The :class:`DUETConfig` of the network :func:`load_agent_model` would load, cheaply: the
+    ``config.json`` of a saved model directory (or of ``RUN/model``), read without the weights; for a
+    DUET checkpoint file, inferred from its tensor shapes (the tensors are read, no model is built).
+    A missing or unreadable checkpoint is a one-line :class:`CheckpointError`."""
+    path = _agent_dir(checkpoint)
+    if (path / CONFIG_NAME).exists():
+        return _read_config_json(path / CONFIG_NAME)
+    state_dict, _ = navigation_state_dict(read_checkpoint(path))
+    try:
+        return infer_config(state_dict)
+    except KeyError as exc:
+        raise CheckpointError(message=f"{path} is not a DUET checkpoint: it has no {exc.args[0]} "
+                                      f"({len(state_dict)} tensors)") from None
