@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from minivln.paths import DataError, resolve_data_dir
 
@@ -32,6 +34,18 @@ class Episode:
     instruction: str
     obj_id: int | None = None  # REVERIE target object
     distance: float | None = None  # R2R annotated path length, absent in test
+    # the instruction's token ids as a file gave them (DUET's ``instr_encoding``: BERT uncased ids
+    # with [CLS]/[SEP]), int32 little-endian bytes (compact for millions of augmented pairs); None =
+    # tokenise ``instruction``.  Read them with ``token_ids``.
+    encoded: bytes | None = field(default=None, repr=False)
+    # REVERIE goal viewpoints given by the file (DUET's ``pos_vps``: where the target is visible);
+    # None = derive them from the BBox files
+    goal_vps: tuple[str, ...] | None = None
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        """The given token ids (``encoded``), or None when the instruction is to be tokenised."""
+        return None if self.encoded is None else np.frombuffer(self.encoded, dtype="<i4").tolist()
 
     @property
     def start(self) -> str:
@@ -52,9 +66,10 @@ def split_file(data_dir: Path, task: str, split: str) -> Path:
     return path
 
 
-def _episodes_from_items(task: str, items: list[dict], source: str) -> list[Episode]:
+def _episodes_from_items(task: str, items: list[dict], source: str, first: int = 0) -> list[Episode]:
+    """Episodes of path ``items`` (``first``: the index of ``items[0]`` in its file, for messages)."""
     episodes: list[Episode] = []
-    for n, item in enumerate(items):
+    for n, item in enumerate(items, start=first):
         try:
             instrs = item["instructions"]
             if task == "r2r":

@@ -1,7 +1,8 @@
 """Matterport3D navigation graphs: one ``House`` per scan, with all-pairs shortest paths.
 
 A connectivity file is a JSON list, one entry per viewpoint (``image_id``, ``pose``, ``included``,
-``visible``, ``unobstructed``, ``height``).  As in the official evaluators, the graph has the
+``visible``, ``unobstructed``, ``height``; ``visible`` and ``height`` may be absent, as DUET's loader
+reads neither: visibility is then the navigation edges, height 0).  As in the official evaluators, the graph has the
 ``included`` viewpoints as nodes and an undirected edge wherever ``unobstructed`` says so (in
 either direction) between two included viewpoints, weighted by the straight-line distance between
 the camera positions (pose elements 3, 7, 11).  Distances are shortest paths (scipy's Dijkstra).
@@ -79,6 +80,18 @@ class House:
     def is_neighbor(self, a: str, b: str) -> bool:
         return bool(self.adjacency[self.idx(a), self.idx(b)])
 
+    def path_problem(self, path: list[str] | tuple[str, ...]) -> str | None:
+        """Why ``path`` is not a walk along this graph's edges (a viewpoint that is not an included
+        one, or a step between viewpoints that are not neighbours, a repeat included), else None."""
+        for k, vp in enumerate(path):
+            if vp not in self.index:
+                return f"path[{k}] = {vp!r} is not an included viewpoint of scan {self.scan}"
+        for k in range(1, len(path)):
+            if not self.is_neighbor(path[k - 1], path[k]):
+                return (f"path step {k} ({path[k - 1]!r} -> {path[k]!r}) is not an edge of scan "
+                        f"{self.scan}'s navigation graph")
+        return None
+
     def distance(self, a: str, b: str) -> float:
         """Shortest-path distance on the graph (metres)."""
         return float(self.dist[self.idx(a), self.idx(b)])
@@ -114,7 +127,10 @@ def build_house(scan: str, entries: list[dict]) -> House:
         pos = np.stack([_position(entries[i]) for i in keep]) if keep else np.zeros((0, 3))
         heights = np.array([float(entries[i].get("height", 0.0)) for i in keep])
         unob = np.array([entries[i]["unobstructed"] for i in keep], dtype=bool)[:, keep]
-        vis = np.array([entries[i]["visible"] for i in keep], dtype=bool)[:, keep]
+        # ``visible`` (and ``height``) are not read by DUET's graph loader; a file without them (as
+        # generated graphs may be) gets visibility = the navigation edges
+        has_vis = all("visible" in entries[i] for i in keep)
+        vis = np.array([entries[i]["visible"] for i in keep], dtype=bool)[:, keep] if has_vis else unob.copy()
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         raise DataError(f"connectivity of scan {scan} is malformed: {exc!r}") from exc
     adj = unob | unob.T
@@ -126,11 +142,22 @@ def build_house(scan: str, entries: list[dict]) -> House:
     return House(scan, vp_ids, pos, heights, adj, vis, dist, pred.astype(np.int32))
 
 
-def connectivity_file(data_dir: Path, scan: str) -> Path:
-    path = data_dir / "connectivity" / f"{scan}_connectivity.json"
-    if not path.is_file():
-        raise DataError(f"no connectivity file for scan {scan!r}: {path} is missing")
-    return path
+def connectivity_file(data_dir: Path, scan: str, extra_dirs: tuple[str, ...] = ()) -> Path:
+    """``<scan>_connectivity.json`` in ``data_dir/connectivity``, else in the first of ``extra_dirs``
+    (folders of connectivity files in the same format, e.g. ScaleVLN's HM3D/Gibson houses) that has it."""
+    dirs = [data_dir / "connectivity"] + [Path(d) for d in extra_dirs]
+    for d in dirs:
+        path = d / f"{scan}_connectivity.json"
+        if path.is_file():
+            return path
+    where = str(dirs[0] / f"{scan}_connectivity.json") if len(dirs) == 1 else \
+        f"{scan}_connectivity.json is in none of {', '.join(str(d) for d in dirs)}"
+    raise DataError(f"no connectivity file for scan {scan!r}: {where}" + (" is missing" if len(dirs) == 1 else ""))
+
+
+def has_connectivity(data_dir: Path, scan: str, extra_dirs: tuple[str, ...] = ()) -> bool:
+    dirs = [data_dir / "connectivity"] + [Path(d) for d in extra_dirs]
+    return any((d / f"{scan}_connectivity.json").is_file() for d in dirs)
 
 
 def list_scans(data_dir: str | os.PathLike | None = None) -> list[str]:
@@ -180,10 +207,13 @@ def _load(scan: str, path: Path) -> House:
         )
 
 
-def load_house(scan: str, data_dir: str | os.PathLike | None = None, *, use_cache: bool = True) -> House:
-    """Load (and cache) the graph of ``scan``."""
+def load_house(scan: str, data_dir: str | os.PathLike | None = None, *, use_cache: bool = True,
+               extra_dirs: tuple[str | os.PathLike, ...] = ()) -> House:
+    """Load (and cache) the graph of ``scan`` (``extra_dirs``: more connectivity folders, searched
+    after ``data_dir/connectivity``)."""
     root = resolve_data_dir(data_dir)
-    return _load_house_cached(str(root.resolve()), scan, use_cache)
+    extra = tuple(str(Path(d).resolve()) for d in extra_dirs)
+    return _load_house_cached(str(root.resolve()), scan, use_cache, extra)
 
 
 _cache_warned = False
@@ -199,8 +229,8 @@ def _cache_unavailable(exc: WriteError) -> None:
 
 
 @lru_cache(maxsize=None)
-def _load_house_cached(root: str, scan: str, use_cache: bool) -> House:
-    src = connectivity_file(Path(root), scan)
+def _load_house_cached(root: str, scan: str, use_cache: bool, extra_dirs: tuple[str, ...] = ()) -> House:
+    src = connectivity_file(Path(root), scan, extra_dirs)
     cached = None
     if use_cache:
         try:
@@ -226,17 +256,34 @@ def _load_house_cached(root: str, scan: str, use_cache: bool) -> House:
 
 
 class Graphs:
-    """Lazy map scan -> ``House`` for one data directory."""
+    """Lazy map scan -> ``House`` for one data directory.
 
-    def __init__(self, data_dir: str | os.PathLike | None = None):
+    ``extra_dirs``: more folders of ``<scan>_connectivity.json`` files in the Matterport3D format
+    (houses beyond the 90 of ``data_dir/connectivity``, e.g. ScaleVLN's HM3D and Gibson graphs),
+    searched in order after it; ``scans()`` lists the data directory's houses only."""
+
+    def __init__(self, data_dir: str | os.PathLike | None = None,
+                 extra_dirs: tuple[str | os.PathLike, ...] | list[str] = ()):
         self.data_dir = resolve_data_dir(data_dir)
+        self.extra_dirs = tuple(str(Path(d).resolve()) for d in extra_dirs)
+        for d in self.extra_dirs:
+            if not Path(d).is_dir():
+                raise DataError(f"connectivity folder {d} does not exist")
         self._houses: dict[str, House] = {}
 
     def __getitem__(self, scan: str) -> House:
         house = self._houses.get(scan)
         if house is None:
-            house = self._houses[scan] = load_house(scan, self.data_dir)
+            house = self._houses[scan] = load_house(scan, self.data_dir, extra_dirs=self.extra_dirs)
         return house
+
+    def has(self, scan: str) -> bool:
+        """Whether ``scan`` has a connectivity file (without loading it)."""
+        return scan in self._houses or has_connectivity(self.data_dir, scan, self.extra_dirs)
+
+    def where(self) -> str:
+        """The connectivity folders searched, for messages."""
+        return ", ".join([str(self.data_dir / "connectivity"), *self.extra_dirs])
 
     def scans(self) -> list[str]:
         return list_scans(self.data_dir)

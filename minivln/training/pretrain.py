@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from minivln.config import ConfigError, load_run_config
-from minivln.data.datasets import load_episodes
+from minivln.data.datasets import Episode, load_episodes
+from minivln.data.duet_files import load_annotation_files
 from minivln.data.graph import Graphs
 from minivln.data.reverie import ReverieGoals
 from minivln.data.tokenizer import get_tokenizer
@@ -133,8 +134,18 @@ class PretrainConfig:
     objects: str = ""  # REVERIE object HDF5 (models with obj_feat_size > 0); "" with toy: stand-in at
     #                    TOY_DIR/standin_objects.h5; "synthetic" (default with features: synthetic):
     #                    seeded random features at the BBox objects (timing/tests only)
-    train_split: str = "train"
+    train_split: str = "train"  # the official split file of data_dir (unless train_files is given)
     val_splits: list[str] = field(default_factory=lambda: ["val_seen", "val_unseen"])
+    # DUET's / ScaleVLN's processed annotation files (docs/data.md, "DUET's release files"):
+    train_files: list[str] = field(default_factory=list)  # *_enc.jsonl (or .json) training files, in
+    #                      place of train_split's file; token ids used as given (instr_encoding)
+    aug_files: list[str] = field(default_factory=list)  # augmented pairs (R2R_prevalent_aug_train_enc.jsonl,
+    #                      REVERIE_speaker_aug_enc.jsonl, ScaleVLN's *_aug_*_enc.jsonl), appended to the
+    #                      training instructions (DUET concatenates its train_traj_files)
+    val_files: dict[str, list[str]] = field(default_factory=dict)  # more validation sets, name -> files
+    #                      (e.g. {val_unseen_enc: [R2R_val_unseen_enc.jsonl]}), besides val_splits
+    connectivity_dirs: list[str] = field(default_factory=list)  # more <scan>_connectivity.json folders
+    #                      (houses beyond data_dir/connectivity, e.g. ScaleVLN's HM3D/Gibson graphs)
     val_batches: int = 4  # batches per split and task in each validation
     max_instr_len: int = 80
     batch_size: int = 8  # global batch (split over DDP ranks)
@@ -158,6 +169,9 @@ class PretrainConfig:
     toy: bool = False  # = data_dir: toy
 
     def __post_init__(self) -> None:
+        clash = sorted(set(self.val_files) & set(self.val_splits))
+        if clash:
+            raise ConfigError(f"val_files: {clash} already name val_splits; give these validation sets other names")
         if self.init:
             if self.init_checkpoint and self.init_checkpoint != self.init:
                 raise ConfigError(f"init ({self.init}) and init_checkpoint ({self.init_checkpoint}) differ: "
@@ -631,22 +645,43 @@ def resolve_objects(cfg: PretrainConfig, data_dir: Path) -> Any:
 def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_classes: bool,
                    objects: Any = None) -> tuple[PrefixDataset, dict[str, PrefixDataset]]:
     """Train and validation :class:`PrefixDataset` of a config (REVERIE: nearest-goal labels from
-    the BBox goal sets, and object tokens when ``objects`` is given)."""
+    the files' ``pos_vps`` or the BBox goal sets, and object tokens when ``objects`` is given).
 
-    graphs = Graphs(data_dir)
+    Training instructions: ``train_files`` (DUET's ``*_enc.jsonl``) or the official ``train_split``
+    file, then ``aug_files`` appended (DUET concatenates its ``train_traj_files``); validation sets:
+    ``val_splits`` (official files) and ``val_files`` (named file lists)."""
+
+    graphs = Graphs(data_dir, cfg.connectivity_dirs)
     tok = get_tokenizer()
     goals = None
     if cfg.task == "reverie":
-        # goal set = the included viewpoints that see the target (the evaluator's success test)
-        goals = ReverieGoals(data_dir, graphs).episode_goals
+        # goal set = the file's pos_vps (DUET's files), else the included viewpoints that see the
+        # target in the BBox files (the evaluator's success test)
+        bbox_goals = ReverieGoals(data_dir, graphs).episode_goals
 
-    def make(split: str) -> PrefixDataset:
-        eps = load_episodes(cfg.task, split, data_dir)
-        check_split_features(features, eps, graphs, f"the {cfg.task} {split} split")
+        def goals(ep: Episode) -> frozenset[str]:
+            return frozenset(ep.goal_vps) if ep.goal_vps else bbox_goals(ep)
+
+    def make(eps: list[Episode], what: str) -> PrefixDataset:
+        check_split_features(features, eps, graphs, what)
         return PrefixDataset(eps, graphs, features, tok.encode, max_instr_len=cfg.max_instr_len,
                              angle_feat_size=4, with_classes=with_classes, objects=objects, goals=goals)
 
-    return make(cfg.train_split), {s: make(s) for s in cfg.val_splits}
+    def from_files(paths: Sequence[str]) -> list[Episode]:
+        return load_annotation_files(list(paths), cfg.task, graphs, vocab_size=tok.vocab_size)
+
+    if cfg.train_files:
+        train_eps, what = from_files(cfg.train_files), f"train_files ({len(cfg.train_files)})"
+    else:
+        train_eps, what = load_episodes(cfg.task, cfg.train_split, data_dir), f"the {cfg.task} {cfg.train_split} split"
+    if cfg.aug_files:
+        n = len(train_eps)
+        train_eps = train_eps + from_files(cfg.aug_files)
+        what += f" + aug_files ({len(cfg.aug_files)})"
+        print(f"pretraining on {n} instructions + {len(train_eps) - n} augmented ones (aug_files)", flush=True)
+    val = {s: make(load_episodes(cfg.task, s, data_dir), f"the {cfg.task} {s} split") for s in cfg.val_splits}
+    val.update({name: make(from_files(paths), f"val_files.{name}") for name, paths in cfg.val_files.items()})
+    return make(train_eps, what), val
 
 
 def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretrainer:
@@ -688,14 +723,14 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     if mix["mrc"] > 0 and not has_classes:
         print(f"MRC skipped: {getattr(features, 'path', features)} stores no class distributions", flush=True)
         mix["mrc"] = 0.0
+    train_ds, val_ds = build_datasets(cfg, data_dir, features, with_classes=mix["mrc"] > 0, objects=objects)
     num_classes = 1000
     if has_classes:
         try:
-            ds0 = load_episodes(cfg.task, cfg.train_split, data_dir)[0]
+            ds0 = train_ds.episodes[0]
             num_classes = int(np.asarray(features.classes(ds0.scan, ds0.path[0])).shape[1])
-        except (DataError, IndexError):  # no episode, or no class distribution there: keep the default
+        except (DataError, IndexError, KeyError):  # no class distribution there: keep the default
             num_classes = 1000
-    train_ds, val_ds = build_datasets(cfg, data_dir, features, with_classes=mix["mrc"] > 0, objects=objects)
     seed_everything(cfg.train.seed)
     model = build_pretrainer(cfg, num_classes=num_classes)
     task = PretrainTask(train_ds, cfg.batch_size, mix, seed=cfg.train.seed, sap_stop_prob=cfg.sap_stop_prob,

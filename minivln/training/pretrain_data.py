@@ -340,8 +340,9 @@ class PrefixDataset:
 
     ``episodes`` are R2R/REVERIE :class:`~minivln.data.datasets.Episode` objects, ``graphs`` maps a
     scan to its :class:`~minivln.data.graph.House` (e.g. :class:`~minivln.data.graph.Graphs`),
-    ``tokenize(text) -> ids`` encodes instructions (``[CLS] ... [SEP]``).  Items are pure functions
-    of the index (deterministic).  :meth:`state` builds any (episode, prefix end) pair.
+    ``tokenize(text) -> ids`` encodes instructions (``[CLS] ... [SEP]``) that come without token ids
+    (episodes read from DUET's files keep theirs, :attr:`~minivln.data.datasets.Episode.token_ids`).
+    Items are pure functions of the index (deterministic).  :meth:`state` builds any (episode, prefix end) pair.
     REVERIE: ``objects`` (an object store) puts object tokens into every panorama and gives
     ``og_label``; ``goals(episode) -> goal viewpoints`` (e.g.
     :meth:`~minivln.data.reverie.ReverieGoals.episode_goals`) switches the SAP labels to "nearest goal".
@@ -380,12 +381,18 @@ class PrefixDataset:
         return len(self.episodes)
 
     def txt_ids(self, e: int) -> list[int]:
-        ids = self._tokens.get(e)
+        """The instruction's ids: the file's own (``Episode.token_ids``, e.g. DUET's
+        ``instr_encoding``) when it has them, else ``tokenize(instruction)``; cut to ``max_instr_len``
+        with [SEP] kept last."""
+        ep = self.episodes[e]
+        given = ep.token_ids  # decoded from compact bytes each time: not cached (millions of pairs)
+        ids = self._tokens.get(e) if given is None else None
         if ids is None:
-            ids = list(self.tokenize(self.episodes[e].instruction))[: self.max_instr_len]
+            ids = (given if given is not None else list(self.tokenize(ep.instruction)))[: self.max_instr_len]
             if len(ids) > 1 and ids[-1] != SEP_ID:
                 ids[-1] = SEP_ID
-            self._tokens[e] = ids
+            if given is None:
+                self._tokens[e] = ids
         return ids
 
     def locate(self, i: int) -> tuple[int, int]:
@@ -403,6 +410,16 @@ class PrefixDataset:
 
     def __getitem__(self, i: int) -> PrefixState:
         return self.state(*self.locate(i))
+
+
+def episode_text(ep: Episode) -> str:
+    """The instruction's text: ``ep.instruction``, or (a file that gave token ids only) the ids
+    decoded with the BERT tokenizer."""
+    if ep.instruction or ep.encoded is None:
+        return ep.instruction
+    from minivln.data.tokenizer import get_tokenizer
+
+    return get_tokenizer().decode(ep.token_ids or [])
 
 
 # ----------------------------------------------------------------------------------- masking
@@ -477,7 +494,7 @@ def collate_states(
         "txt_ids": txt_ids,
         "txt_masks": txt_ids != PAD_ID,
         "mlm_labels": pad_tensors(labels, pad=-100),
-        "instructions": [s.episode.instruction for s in states],
+        "instructions": [episode_text(s.episode) for s in states],
     }
     # panoramas of all visited nodes
     flat_obs: list[NodeObservation] = []
