@@ -397,6 +397,13 @@ def _done_file(out: Path, job: Job) -> Path:
     return out / "done" / f"{job.name.replace(':', '-')}.json"
 
 
+def _trained_commit(out: Path, run: str, default: str) -> str:
+    """The commit run ``run`` was trained with, as its done mark records it (an adopted run's own
+    commit), else ``default`` (the experiment's pin)."""
+    f = out / "done" / f"train-{run}.json"
+    return (_read_json(f, "the done mark").get("commit") or default) if f.exists() else default
+
+
 def is_done(out: Path, job: Job) -> bool:
     f = _done_file(out, job)
     if not f.exists():
@@ -850,9 +857,15 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
                 "pretrain_steps": (pre.get("train") or {}).get("max_steps"),
                 "pretrain_batch_size": pre.get("batch_size"),
                 "seed": (ft.get("train") or {}).get("seed"),
-                "commit": commit,
+                "commit": _trained_commit(out, row.run, commit),
                 "run": row.run,
             })
+            if init:  # the run it started from: a pretraining run of its own seed, or another fine-tuning
+                rec.update({"pretrain_run": init, "pretrain_seed": (pre.get("train") or {}).get("seed"),
+                            "pretrain_commit": _trained_commit(out, init, commit)})
+            teacher_run = recipe.runs[row.run].teacher_run
+            if teacher_run:
+                rec.update({"teacher_run": teacher_run, "teacher_commit": _trained_commit(out, teacher_run, commit)})
         elif row.checkpoint:
             rec.update({"checkpoint": row.checkpoint, "commit": commit})
         else:

@@ -225,6 +225,9 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
     assert ok and table["complete"] and [r["name"] for r in table["rows"]] == ["none", "two stage", "teacher", "random"]
     kd_row = table["rows"][1]
     assert kd_row["terms"] == ["pano", "fuse"] and kd_row["kd_weight"] == 0.1 and kd_row["steps"] == 2
+    # the run each row started from, with its seed and commit (issue 21: a pretraining run per seed)
+    assert kd_row["pretrain_run"] == "pre" and kd_row["pretrain_seed"] == 0
+    assert kd_row["pretrain_commit"] == kd_row["commit"] == table["commit"]
     for row in table["rows"]:
         assert row["episodes"] == 9 and 0 <= row["sr"] <= 1 and row["sr_se"] >= 0
         # every number can be re-scored from the gzipped submission with minivln eval
@@ -281,13 +284,14 @@ def test_a_run_trained_outside_the_driver_is_adopted_only_when_it_is_the_recipes
     src = train(tmp_path / "by-hand")
     with pytest.raises(ConfigError, match="no commit"):
         adopt_run(rec, out, "a", src, commit="no-such-ref")
-    done = adopt_run(rec, out, "a", src, commit="HEAD", note="trained by hand")
+    done = adopt_run(rec, out, "a", src, commit="HEAD~1", note="trained by hand")
     assert done["note"] == "trained by hand" and (out / "runs" / "a" / "model").is_dir()
     with pytest.raises(ConfigError, match="exists already"):
         adopt_run(rec, out, "a", src, commit="HEAD")
     # the driver takes it as done: it scores it, and trains nothing
     ok, table = run_experiment(rec, out, jobs=1, pin=False)
     assert ok and table["rows"][0]["episodes"] == 9
+    assert table["rows"][0]["commit"] == done["commit"] != table["commit"]  # the commit it was trained at
     assert not (out / "logs" / "train-a.log").exists() and (out / "logs" / "score-a.log").exists()
 
 
