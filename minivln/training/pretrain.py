@@ -679,9 +679,10 @@ def build_datasets(cfg: PretrainConfig, data_dir: Path, features: Any, with_clas
         train_eps = train_eps + from_files(cfg.aug_files)
         what += f" + aug_files ({len(cfg.aug_files)})"
         print(f"pretraining on {n} instructions + {len(train_eps) - n} augmented ones (aug_files)", flush=True)
+    train = make(train_eps, what)  # first: a file without the training houses is named for them
     val = {s: make(load_episodes(cfg.task, s, data_dir), f"the {cfg.task} {s} split") for s in cfg.val_splits}
     val.update({name: make(from_files(paths), f"val_files.{name}") for name, paths in cfg.val_files.items()})
-    return make(train_eps, what), val
+    return train, val
 
 
 def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretrainer:
