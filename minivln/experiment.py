@@ -538,6 +538,19 @@ class _Problems:
         return f"{kind}{'s' if len(names) > 1 else ''} {', '.join(names[:shown] if more else names)}{more}"
 
 
+def _network_of(path: Path, what: str, who: str, problems: _Problems) -> DUETConfig | None:
+    """The network config of a teacher or checkpoint at ``path`` (read without the weights), or None
+    with the reason added to ``problems`` (missing, unreadable)."""
+    if not path.exists():
+        problems.add(who, f"{what} {path} does not exist")
+        return None
+    try:
+        return read_agent_config(path)
+    except DataError as exc:
+        problems.add(who, f"{what} {path} cannot be read: {exc}")
+        return None
+
+
 def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
     """Check, before any job starts, that what the recipe's pending runs and rows need exists and fits;
     the summary line when it does, else one :class:`PreflightError` listing every problem.
@@ -662,13 +675,7 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
         elif cfg.teacher:
             path = _input_path(cfg.teacher, root)
             source = f"teacher {path}"
-            if not path.exists():
-                problems.add(who, f"teacher {path} does not exist")
-            else:
-                try:
-                    teacher = read_agent_config(path)
-                except DataError as exc:
-                    problems.add(who, f"teacher {path} cannot be read: {exc}")
+            teacher = _network_of(path, "teacher", who, problems)
         if teacher is not None and student is not None:
             stage = 1 if spec.command == "pretrain" else 2
             kd_terms = None
@@ -694,14 +701,7 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
             continue
         network = None
         if row.checkpoint:
-            path = Path(_abs(row.checkpoint, root))
-            if not path.exists():
-                problems.add(who, f"checkpoint {path} does not exist")
-            else:
-                try:
-                    network = read_agent_config(path)
-                except DataError as exc:
-                    problems.add(who, f"checkpoint {path} cannot be read: {exc}")
+            network = _network_of(Path(_abs(row.checkpoint, root)), "checkpoint", who, problems)
         else:
             network = students.get(row.run)
         if not recipe.features:

@@ -1,10 +1,15 @@
-"""What the hardening tests share: running the command line in-process, and checking that an error
-is one line (tests/ is on sys.path, as for conftest)."""
+"""What the hardening tests share: running the command line in-process, checking that an error is
+one line, and a small file system to fill (tests/ is on sys.path, as for conftest)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
+import pytest
 from conftest import SMALL_DUET as SMALL
 
 from minivln.cli import main as cli_main
@@ -33,3 +38,19 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     code = cli_main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at ``path`` (skip, with the reason, where mounting is not allowed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: the tmpfs variant of this test needs one")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or 'not permitted'}); the injected-error "
+                    "tests cover the same code")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -14,7 +14,6 @@ Tiny models (hidden 16, one layer each) on the 3-house toy world of ``conftest.s
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -31,6 +30,7 @@ import yaml
 from cli_checks import finetune_args as _finetune_args
 from cli_checks import one_error_line as _one_error_line
 from cli_checks import run_cli as _run
+from cli_checks import tmpfs as _tmpfs
 from conftest import SMALL_DUET as SMALL
 from safetensors.torch import load_file
 
@@ -57,22 +57,6 @@ def trained(small_toy, tmp_path_factory, one_thread):
 
 
 # ----------------------------------------------------------------------------------- file systems
-
-
-@contextlib.contextmanager
-def _tmpfs(path: Path, options: str):
-    """A tmpfs mounted at ``path`` (skip, with the reason, where mounting is not allowed)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: the tmpfs variant of this test needs one")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or 'not permitted'}); the injected-error "
-                    "tests cover the same code")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 @pytest.fixture
