@@ -104,15 +104,18 @@ def test_sample_and_argmax_rollouts(toy):
         assert all(house.is_neighbor(a, b) for a, b in zip(vps, vps[1:]))
 
 
+def _tiny_finetune(data, feats, steps: int) -> list[str]:
+    """Overrides of a tiny toy-world fine-tuning run of ``steps`` iterations."""
+    return ["model=duet-cpu", f"model_overrides={json.dumps(TINY)}", f"data_dir={data}", f"features={feats}",
+            "batch_size=2", "val_batch_size=8", "max_action_len=8", "max_instr_len=64", "num_threads=1",
+            f"train.max_steps={steps}", "train.val_every=0", "train.log_every=1", "train.optim.lr=1e-3",
+            "train.progress=false"]
+
+
 def test_finetune_cli_end_to_end_navigate_eval_resume(toy, tmp_path, capsys):
     data, feats = toy
     run = tmp_path / "run"
-    overrides = [
-        "model=duet-cpu", f"model_overrides={json.dumps(TINY)}", f"data_dir={data}", f"features={feats}",
-        "batch_size=2", "val_batch_size=8", "max_action_len=8", "max_instr_len=64", "num_threads=1",
-        "train.max_steps=2", "train.val_every=0", "train.log_every=1", "train.optim.lr=1e-3",
-        "train.progress=false",
-    ]
+    overrides = _tiny_finetune(data, feats, steps=2)
     assert cli_main(["finetune", "--out", str(run), *overrides]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     # the same run directory again, without --resume: an error (exit 2), nothing overwritten
@@ -154,17 +157,11 @@ def test_finetune_with_a_weight_average_exports_it_beside_the_model(toy, tmp_pat
     same config, other weights than RUN/model); without it no model-ema is written."""
     data, feats = toy
     run = tmp_path / "run"
-    overrides = [
-        "model=duet-cpu", f"model_overrides={json.dumps(TINY)}", f"data_dir={data}", f"features={feats}",
-        "batch_size=2", "val_batch_size=8", "max_action_len=8", "max_instr_len=64", "num_threads=1",
-        "train.max_steps=3", "train.val_every=0", "train.log_every=1", "train.optim.lr=1e-3",
-        "train.progress=false", "train.ema_decay=0.5", "train.ema_start=1", "val_splits=[val_unseen]",
-    ]
-    assert cli_main(["finetune", "--out", str(run), *overrides]) == 0
+    plain = [*_tiny_finetune(data, feats, steps=3), "val_splits=[val_unseen]"]
+    assert cli_main(["finetune", "--out", str(run), *plain, "train.ema_decay=0.5", "train.ema_start=1"]) == 0
     last, avg = load_pretrained(run / "model"), load_pretrained(run / "model-ema")
     assert last.config == avg.config
     sl, sa = last.state_dict(), avg.state_dict()
     assert any(not torch.equal(sl[k], sa[k]) for k in sl if sl[k].is_floating_point())
-    plain = tmp_path / "plain"
-    assert cli_main(["finetune", "--out", str(plain), *overrides[:-3], "val_splits=[val_unseen]"]) == 0
-    assert (plain / "model").is_dir() and not (plain / "model-ema").exists()
+    assert cli_main(["finetune", "--out", str(tmp_path / "plain"), *plain]) == 0
+    assert (tmp_path / "plain" / "model").is_dir() and not (tmp_path / "plain" / "model-ema").exists()
