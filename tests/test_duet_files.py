@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from cli_checks import one_error_line, run_cli
-from conftest import SMALL_DUET
+from conftest import SMALL_DUET, SMALL_TOY_DIM
 from tinyworld import POS, write_tiny_data
 
 from minivln.data.datasets import Episode, load_episodes
@@ -312,3 +313,93 @@ def test_real_r2r_and_reverie_lines_on_real_connectivity(real_data_dir, tmp_path
 def test_episode_ids_are_compact_and_hashable():
     ep = Episode("1_0", "r2r", "s", 1, ("a",), 0.0, "", encoded=b"\x65\x00\x00\x00\x66\x00\x00\x00")
     assert ep.token_ids == [101, 102] and hash(ep) == hash(ep)
+
+
+# ----------------------------------------------------------------------------------- fine-tuning
+
+
+def _features_with_hm3d(small_feats: Path, out: Path) -> Path:
+    """The small toy world's 16-d features plus the HM3D-style house's, in the community layout
+    (``{scan}_{viewpoint}`` -> (36, D), as ScaleVLN's one file holds every house)."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    with h5py.File(small_feats, "r") as src, h5py.File(out, "w") as dst:
+        for key in src:
+            dst[key] = src[key][...]
+        for vp in ("000000", "000001", "000002", "000003", "000004"):
+            dst[f"{HM3D_SCAN}_{vp}"] = rng.standard_normal((36, SMALL_TOY_DIM)).astype(np.float32)
+    return out
+
+
+def _finetune_args(data: Path, feats: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--out", str(out), "model=duet-cpu", f"model_overrides={json.dumps(SMALL_DUET)}",
+            f"data_dir={data}", f"features={feats}", "batch_size=2", "val_batch_size=8", "max_action_len=6",
+            "max_instr_len=40", "num_threads=1", "val_splits=[val_unseen]", "train.val_every=0",
+            "train.log_every=1", "train.progress=false", *extra]
+
+
+def test_finetune_alternates_training_and_augmented_iterations(small_toy, tmp_path, capsys):
+    """``minivln finetune aug_files=[...] aug_times=2`` (ScaleVLN's --aug, --aug_times): iterations 0, 3,
+    6, ... draw from the training split, the others from the augmented pairs, which live in an HM3D-style
+    house of another connectivity folder and come with token ids only (their ids are what the agent
+    encodes, not their text); 3 iterations, then resumed to 4."""
+    from minivln.training.finetune import FinetuneConfig, build_model, make_task, prepare_data
+
+    data, small_feats = small_toy
+    feats = _features_with_hm3d(small_feats, tmp_path / "feats_hm3d.h5")
+    # a text that is not what the ids say: the ids are what the agent must encode
+    aug = write_jsonl(tmp_path / "R2R_hm3d_aug_envdrop_generated_enc.jsonl",
+                      [{**line, "instruction": "turn left"} for line in hm3d_lines(4)])
+    hm3d = write_hm3d_house(tmp_path / "hm3d_connectivity")
+    extra = (f"aug_files=[{aug}]", "aug_times=2", f"connectivity_dirs=[{hm3d}]")
+    run = tmp_path / "run"
+    code, out, err = run_cli(_finetune_args(data, feats, run, "train.max_steps=3", *extra), capsys)
+    assert code == 0, err
+    assert "and 4 augmented ones (aug_files), 2 augmented iteration(s) after each one on train" in out
+    code, _, err = run_cli(["finetune", "--resume", *_finetune_args(data, feats, run, "train.max_steps=4", *extra)[1:]],
+                           capsys)
+    assert code == 0, err
+
+    cfg = load_config_for_test(_finetune_args(data, feats, tmp_path / "probe", *extra))
+    res = prepare_data(cfg, tmp_path / "probe", SMALL_TOY_DIM)
+    task = make_task(cfg, build_model(cfg), res)
+    sources = [task.source(i) for i in range(7)]
+    assert sources == [task.env, task.aug_env, task.aug_env, task.env, task.aug_env, task.aug_env, task.env]
+    drawn = task.next_batch(1)["sample"]
+    assert {ep.scan for ep in drawn} == {HM3D_SCAN} and all(ep.instruction == "turn left" for ep in drawn)
+    txt_ids, _ = task.agent.encode_instructions([ep.text for ep in drawn], torch.device("cpu"),
+                                                [ep.token_ids for ep in drawn])
+    for row, ep in zip(txt_ids.tolist(), drawn):
+        assert row[: len(ep.token_ids)] == ep.token_ids and len(ep.token_ids) > 5  # not "turn left"
+    assert {ep.scan for ep in task.next_batch(0)["sample"]} != {HM3D_SCAN}
+    assert isinstance(cfg, FinetuneConfig) and task.state_dict()["aug_env"]
+
+
+def load_config_for_test(args: list[str]):
+    from minivln.config import load_config
+    from minivln.training.finetune import FinetuneConfig
+
+    overrides = [a for a in args[3:] if "=" in a and not a.startswith("--")]
+    return load_config(FinetuneConfig, None, overrides + [f"train.run_dir={args[2]}"])
+
+
+def test_finetune_with_bad_augmented_files_is_one_error_line(small_toy, tmp_path, capsys):
+    data, feats = small_toy
+    aug = write_jsonl(tmp_path / "aug_enc.jsonl", hm3d_lines(2))  # its house's folder is not given
+    code, _, err = run_cli(_finetune_args(data, feats, tmp_path / "r1", f"aug_files=[{aug}]"), capsys)
+    assert code == 2
+    one_error_line(err, f"{aug}:1:", f"scan '{HM3D_SCAN}' has no connectivity file", "connectivity_dirs")
+    hm3d = write_hm3d_house(tmp_path / "hm3d_connectivity")  # now the house is known but has no features
+    code, _, err = run_cli(_finetune_args(data, feats, tmp_path / "r2", f"aug_files=[{aug}]",
+                                          f"connectivity_dirs=[{hm3d}]"), capsys)
+    assert code == 2
+    one_error_line(err, "the augmented pairs (aug_files)", HM3D_SCAN)
+    code, _, err = run_cli(_finetune_args(data, feats, tmp_path / "r3", "task=reverie", f"aug_files=[{aug}]"),
+                           capsys)
+    assert code == 2
+    one_error_line(err, "aug_files", "R2R")
+    code, _, err = run_cli(_finetune_args(data, feats, tmp_path / "r4", "aug_times=0"), capsys)
+    assert code == 2
+    one_error_line(err, "aug_times")

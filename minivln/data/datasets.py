@@ -48,6 +48,16 @@ class Episode:
         return None if self.encoded is None else np.frombuffer(self.encoded, dtype="<i4").tolist()
 
     @property
+    def text(self) -> str:
+        """The instruction's text: ``instruction``, or (a file that gave token ids only) the ids
+        decoded with the BERT tokenizer."""
+        if self.instruction or self.encoded is None:
+            return self.instruction
+        from minivln.data.tokenizer import get_tokenizer  # the vocabulary is loaded on first use only
+
+        return get_tokenizer().decode(self.token_ids or [])
+
+    @property
     def start(self) -> str:
         return self.path[0]
 

@@ -54,6 +54,15 @@ class Tokenizer:
         return self._tok.decode(ids)
 
 
+def cut_ids(ids: list[int], max_len: int) -> list[int]:
+    """Given token ids (e.g. DUET's ``instr_encoding``) cut to ``max_len`` with [SEP] kept last, as
+    :class:`Tokenizer` truncates a text."""
+    ids = list(ids[:max_len])
+    if len(ids) > 1 and ids[-1] != SEP_ID:
+        ids[-1] = SEP_ID
+    return ids
+
+
 @lru_cache(maxsize=4)
 def get_tokenizer(max_len: int = 200) -> Tokenizer:
     return Tokenizer(max_len=max_len)

@@ -87,7 +87,7 @@ from tqdm import tqdm
 
 from minivln.data.datasets import Episode
 from minivln.data.reverie import ReverieGoals
-from minivln.data.tokenizer import PAD_ID, get_tokenizer
+from minivln.data.tokenizer import PAD_ID, cut_ids, get_tokenizer
 from minivln.env import env as E
 from minivln.features.embed import embed_instructions
 from minivln.model import graph_map as G
@@ -372,9 +372,14 @@ class DUETAgent:
 
     # ---------------------------------------------------------------------------------- inputs
 
-    def encode_instructions(self, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(txt_ids (B, L) int64, txt_masks (B, L) bool), zero-padded."""
-        ids = self.tokenizer.encode_batch(list(texts))
+    def encode_instructions(self, texts: Sequence[str], device: torch.device,
+                            given: Sequence[list[int] | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(txt_ids (B, L) int64, txt_masks (B, L) bool), zero-padded.  ``given``: token ids a file gave
+        (DUET's ``instr_encodings``; :attr:`~minivln.data.datasets.Episode.token_ids`), used instead of
+        tokenising the text where not None (cut to ``max_instr_len``, [SEP] last)."""
+        given = list(given) if given is not None else [None] * len(texts)
+        encoded = iter(self.tokenizer.encode_batch([t for t, g in zip(texts, given) if g is None]))
+        ids = [next(encoded) if g is None else cut_ids(g, self.max_instr_len) for g in given]
         width = max(len(x) for x in ids)
         out = torch.full((len(ids), width), PAD_ID, dtype=torch.long)
         for i, x in enumerate(ids):
@@ -506,8 +511,8 @@ class DUETAgent:
             max_action_len=self.max_action_len,
             angle_feat_size=getattr(getattr(self.model, "config", None), "angle_feat_size", 4),
         )
-        texts = [ep.instruction for ep in eps]
-        txt_ids, txt_masks = self.encode_instructions(texts, device)
+        texts = [ep.text for ep in eps]
+        txt_ids, txt_masks = self.encode_instructions(texts, device, [ep.token_ids for ep in eps])
         txt_embeds = self.model("language", {"txt_ids": txt_ids, "txt_masks": txt_masks})
         instr_embeds = instruction_embeddings(self.model, texts, device)
         txt_kv = text_cache(self.model, txt_embeds, txt_masks, instr_embeds)

@@ -44,6 +44,7 @@ import torch
 
 from minivln.config import ConfigError, load_run_config
 from minivln.data.datasets import load_episodes, split_file
+from minivln.data.duet_files import load_annotation_files
 from minivln.data.graph import Graphs
 from minivln.data.reverie import ReverieGoals, with_random_endpoint
 from minivln.data.toyworld import ensure_toy_world
@@ -136,6 +137,13 @@ class FinetuneConfig:
     features: str = ""  # view features (HDF5); "" with data_dir=toy: RUN/toy_features.h5, built if missing
     objects: str = ""  # REVERIE object features (HDF5); "" with data_dir=toy: RUN/toy_objects.h5, built if missing
     train_split: str = "train"
+    # augmented pairs (R2R), as DUET's and ScaleVLN's --aug: DUET's prevalent_aug_train_enc.json,
+    # ScaleVLN's R2R_scalevln_ft_aug_enc.json (or any *_enc.jsonl; docs/data.md, "DUET's release files")
+    aug_files: list[str] = field(default_factory=list)
+    aug_times: int = 1  # with aug_files: each cycle is 1 iteration on train_split, then aug_times on the
+    #                     augmented pairs (DUET: 1, alternating; ScaleVLN's R2R script: 9)
+    connectivity_dirs: list[str] = field(default_factory=list)  # more <scan>_connectivity.json folders
+    #                     (the augmented pairs' houses, e.g. ScaleVLN's HM3D/Gibson graphs)
     val_splits: list[str] = field(default_factory=lambda: ["val_seen", "val_unseen"])
     val_max_episodes: int = 0  # validate on the first N episodes of each split (0 = all)
     batch_size: int = 8
@@ -175,6 +183,11 @@ class FinetuneConfig:
             raise ConfigError(f"kd_terms: weights must be >= 0, got {self.kd_terms}")
         if self.og_weight < 0 or self.max_objects < 0:
             raise ConfigError("og_weight and max_objects must be >= 0")
+        if self.aug_times < 1:
+            raise ConfigError(f"aug_times: must be >= 1, got {self.aug_times}")
+        if self.aug_files and self.task != "r2r":
+            raise ConfigError("aug_files: fine-tuning on augmented pairs is implemented for R2R (DUET's and "
+                              "ScaleVLN's R2R scripts); DUET's REVERIE script fine-tunes without them")
         if self.feedback not in ("sample", "teacher"):
             raise ConfigError(f"feedback: 'sample' (DAgger) or 'teacher' (imitation), got {self.feedback!r}")
         if self.expert != "spl":
@@ -240,7 +253,7 @@ def prepare_data(cfg: FinetuneConfig, run_dir: Path, image_feat_size: int = 768,
                 raise ConfigError("objects: an object feature file is required for REVERIE (or use data_dir=toy)")
             objs = Path(cfg.objects)
     store = FeatureStore(feats, expected_dim=image_feat_size)
-    graphs = Graphs(data_dir)
+    graphs = Graphs(data_dir, cfg.connectivity_dirs)
     res = Resources(Path(data_dir), store, graphs)
     if objs is not None:
         res.objects = ObjectFeatureStore(objs, expected_dim=obj_feat_size)
@@ -295,6 +308,11 @@ class FinetuneTask:
     over its share, and DDP's gradient average makes it the mean over the global batch.  Sampled
     actions come from each rank's own random stream.
 
+    ``aug_env`` (R2R augmented pairs, config ``aug_files``): iteration ``index`` draws its batches from
+    ``env`` when ``index % (aug_times + 1) == 0``, else from ``aug_env`` (DUET's and ScaleVLN's ``--aug``:
+    one iteration on the training split, then ``aug_times`` on the augmented pairs; every rollout runs
+    in ``env``, whose graphs hold the augmented pairs' houses too).
+
     ``random_endpoints`` (REVERIE, ``reverie_goal: random``; needs ``goals``): each drawn episode's
     goal is replaced by a viewpoint drawn among those from which its target is visible, and its path by
     a shortest path to it (VLN-DUET's ``--multi_endpoints``), with a seeded generator kept in the
@@ -303,7 +321,8 @@ class FinetuneTask:
 
     def __init__(self, agent, env, ml_weight: float = 0.2, *, goals=None, random_endpoints: bool = False,
                  seed: int = 0, feedback: str = "sample", teacher_weight: float = 1.0,
-                 rank: int | None = None, world_size: int | None = None, merge: bool = False) -> None:
+                 rank: int | None = None, world_size: int | None = None, merge: bool = False,
+                 aug_env=None, aug_times: int = 1) -> None:
 
         if random_endpoints and goals is None:
             raise ValueError("random_endpoints needs goals (ReverieGoals)")
@@ -319,9 +338,17 @@ class FinetuneTask:
         self.goals = goals
         self.random_endpoints = random_endpoints
         self.endpoint_rng = random.Random(seed)
+        self.aug_env = aug_env
+        self.aug_times = aug_times
 
-    def _draw(self) -> list:
-        episodes = self.env.next_batch()
+    def source(self, index: int):
+        """The environment iteration ``index`` draws its episodes from (``env`` or ``aug_env``)."""
+        if self.aug_env is None or index % (self.aug_times + 1) == 0:
+            return self.env
+        return self.aug_env
+
+    def _draw(self, index: int) -> list:
+        episodes = self.source(index).next_batch()
         if not self.random_endpoints:
             return episodes
 
@@ -330,8 +357,8 @@ class FinetuneTask:
 
     def next_batch(self, index: int) -> dict[str, list]:
         if self.feedback == "teacher":
-            return {"teacher": list(shard(self._draw(), self.rank, self.world_size))}
-        return {k: list(shard(self._draw(), self.rank, self.world_size)) for k in ("teacher", "sample")}
+            return {"teacher": list(shard(self._draw(index), self.rank, self.world_size))}
+        return {k: list(shard(self._draw(index), self.rank, self.world_size)) for k in ("teacher", "sample")}
 
     def compute(self, model, batch, teacher=None) -> TaskOutput:
         self.agent.model = model
@@ -377,12 +404,17 @@ class FinetuneTask:
         return TaskOutput(loss=loss, metrics=metrics, outputs=outputs, teacher_outputs={"kd": teacher_kd})
 
     def state_dict(self) -> dict:
-        if not self.random_endpoints:
-            return {"env": self.env.state_dict()}
-        return {"env": self.env.state_dict(), "endpoint_rng": self.endpoint_rng.getstate()}
+        state = {"env": self.env.state_dict()}
+        if self.aug_env is not None:
+            state["aug_env"] = self.aug_env.state_dict()
+        if self.random_endpoints:
+            state["endpoint_rng"] = self.endpoint_rng.getstate()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.env.load_state_dict(state["env"])
+        if self.aug_env is not None and "aug_env" in state:
+            self.aug_env.load_state_dict(state["aug_env"])
         if "endpoint_rng" in state:
             rng = state["endpoint_rng"]
             self.endpoint_rng.setstate((rng[0], tuple(rng[1]), rng[2]))
@@ -483,9 +515,20 @@ def make_task(cfg: FinetuneConfig, model, res: Resources) -> FinetuneTask:
                       og_weight=cfg.og_weight, max_objects=cfg.max_objects or None)
     train_env = make_env(cfg, res, cfg.train_split, batch_size=cfg.batch_size, shuffle=True,
                          seed=cfg.train.seed, goal_sets=reverie and cfg.reverie_goal == "nearest")
+    aug_env = None
+    if cfg.aug_files:
+        episodes = load_annotation_files(cfg.aug_files, cfg.task, res.graphs)  # DataError naming file and line
+        if not episodes:
+            raise DataError(f"aug_files {cfg.aug_files} hold no instructions")
+        check_split_features(res.features, episodes, res.graphs, "the augmented pairs (aug_files)")
+        aug_env = NavBatchEnv(episodes, res.graphs, batch_size=cfg.batch_size, features=res.features,
+                              max_steps=cfg.max_action_len, shuffle=True, seed=cfg.train.seed)
+        print(f"fine-tuning on {len(train_env)} instructions and {len(episodes)} augmented ones (aug_files), "
+              f"{cfg.aug_times} augmented iteration(s) after each one on {cfg.train_split}", flush=True)
     return FinetuneTask(agent, train_env, cfg.ml_weight, goals=res.goals,
                         random_endpoints=reverie and cfg.reverie_goal == "random", seed=cfg.train.seed,
-                        feedback=cfg.feedback, teacher_weight=cfg.teacher_weight, merge=cfg.merge_rollouts)
+                        feedback=cfg.feedback, teacher_weight=cfg.teacher_weight, merge=cfg.merge_rollouts,
+                        aug_env=aug_env, aug_times=cfg.aug_times)
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:

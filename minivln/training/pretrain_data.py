@@ -46,7 +46,7 @@ import torch
 from minivln import geometry as geo
 from minivln.data.datasets import Episode
 from minivln.data.graph import Graphs, House
-from minivln.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from minivln.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, cut_ids
 from minivln.env.env import candidates_at
 from minivln.features.hdf5 import ObjectFeatures
 from minivln.features.standin import EMBED_DIM, _object_features, load_house_objects
@@ -388,9 +388,7 @@ class PrefixDataset:
         given = ep.token_ids  # decoded from compact bytes each time: not cached (millions of pairs)
         ids = self._tokens.get(e) if given is None else None
         if ids is None:
-            ids = (given if given is not None else list(self.tokenize(ep.instruction)))[: self.max_instr_len]
-            if len(ids) > 1 and ids[-1] != SEP_ID:
-                ids[-1] = SEP_ID
+            ids = cut_ids(given if given is not None else list(self.tokenize(ep.instruction)), self.max_instr_len)
             if given is None:
                 self._tokens[e] = ids
         return ids
@@ -413,13 +411,8 @@ class PrefixDataset:
 
 
 def episode_text(ep: Episode) -> str:
-    """The instruction's text: ``ep.instruction``, or (a file that gave token ids only) the ids
-    decoded with the BERT tokenizer."""
-    if ep.instruction or ep.encoded is None:
-        return ep.instruction
-    from minivln.data.tokenizer import get_tokenizer
-
-    return get_tokenizer().decode(ep.token_ids or [])
+    """The instruction's text (:attr:`~minivln.data.datasets.Episode.text`)."""
+    return ep.text
 
 
 # ----------------------------------------------------------------------------------- masking
