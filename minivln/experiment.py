@@ -56,7 +56,7 @@ from minivln.config import (
 )
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
-from minivln.data.reverie import ReverieGoals
+from minivln.data.reverie import ReverieGoals, with_name_overlap_objects
 from minivln.distill.compat import check_teacher
 from minivln.env.env import NavBatchEnv, random_walker_submission
 from minivln.evaluation.evaluator import Evaluator, load_submission
@@ -106,7 +106,13 @@ class RowSpec:
     random: bool = False  # or the seeded random walker
     stage1: bool = False  # labels of the row (what the runs did)
     stage2: bool = False
+    picker: str = ""  # REVERIE: "name-overlap" replaces the agent's object choices by the training-free
+    #                   word match at the same final viewpoints (a reference row; see
+    #                   minivln.data.reverie.name_overlap_pick); "" keeps the agent's own
     note: str = ""
+
+
+PICKERS = ("", "name-overlap")
 
 
 @dataclass
@@ -129,6 +135,9 @@ class Recipe:
     random_stop_prob: float = 1.0 / 6.0
     max_action_len: int = 15
     include: list[str] = field(default_factory=list)  # recipes whose runs this one reuses
+    order: str = "teacher-first"  # which runs start first: "teacher-first" (the runs with a teacher, the
+    #                               slowest, and what they need) or "listed" (the recipe's own order,
+    #                               after the included recipes' runs; each run after what it needs)
     runs: dict[str, RunSpec] = field(default_factory=dict)
     rows: list[RowSpec] = field(default_factory=list)
 
@@ -168,6 +177,8 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
 
 
 def check_recipe(recipe: Recipe, path: Path) -> None:
+    if recipe.order not in ("teacher-first", "listed"):
+        raise ConfigError(f"{path}: order must be 'teacher-first' or 'listed', got {recipe.order!r}")
     for run_name, spec in recipe.runs.items():
         if spec.command not in COMMANDS:
             raise ConfigError(f"{path}: run {run_name}: command must be one of {COMMANDS}, got {spec.command!r}")
@@ -189,6 +200,9 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
         if row.weights not in ("model", "model-ema") or (row.weights != "model" and not row.run):
             raise ConfigError(f"{path}: row {row.name!r}: weights must be 'model' or 'model-ema' (of a run), "
                               f"got {row.weights!r}")
+        if row.picker not in PICKERS or (row.picker and (recipe.task != "reverie" or row.random)):
+            raise ConfigError(f"{path}: row {row.name!r}: picker must be '' or 'name-overlap', the latter on a "
+                              f"REVERIE run or checkpoint row; got {row.picker!r} (task {recipe.task})")
 
 
 def slug(name: str) -> str:
@@ -340,8 +354,11 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
     def with_teacher(name: str) -> bool:
         return "teacher" in recipe.runs[name].overrides or bool(recipe.runs[name].teacher_run)
 
-    # runs with a teacher are the slowest: start them (and what they need) first
-    for name in sorted(needed, key=lambda n: (not with_teacher(n), n)):
+    if recipe.order == "listed":
+        first = [n for n in recipe.runs if n in needed]
+    else:  # runs with a teacher are the slowest: start them (and what they need) first
+        first = sorted(needed, key=lambda n: (not with_teacher(n), n))
+    for name in first:
         visit(name)
     for name in order:
         spec = recipe.runs[name]
@@ -379,6 +396,10 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
                 argv += [f"--{key.replace('_', '-')}", str(_abs(getattr(recipe, key), root))]
         spec = run_hash(row.run) if row.run else hashlib.sha256(str(ckpt).encode()).hexdigest()[:16]
         jobs.append(Job(f"score:{target}", [f"train:{row.run}"] if row.run else [], argv, spec=spec))
+    if recipe.order == "listed":  # each run scored as soon as it is trained
+        trains = [j for j in jobs if j.name.startswith("train:")]
+        jobs = [j for t in trains for j in [t] + [s for s in jobs if s.deps == [t.name] and s.name.startswith("score:")]] \
+            + [j for j in jobs if j.name.startswith("score:") and not j.deps]
     return jobs
 
 
@@ -841,7 +862,11 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
             if not src.exists():
                 missing.append(row.name)
                 continue
-            write_gz(gz, json.loads(src.read_text()))
+            entries = json.loads(src.read_text())
+            if row.picker == "name-overlap":
+                entries = with_name_overlap_objects(entries, load_episodes(recipe.task, recipe.split, evaluator.data_dir),
+                                                    evaluator.data_dir)
+            write_gz(gz, entries)
         summary, per_ep = evaluator.score(load_submission(gz))
         rec: dict[str, Any] = {"name": row.name, "stage1": row.stage1, "stage2": row.stage2}
         if row.run:
@@ -878,6 +903,8 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
             if k in evaluator.metric_names:
                 rec[f"{k}_se"] = _se([float(e[k]) for e in per_ep.values()])
         rec["submission"] = str(gz.relative_to(root)) if gz.is_relative_to(root) else str(gz)
+        if row.picker:
+            rec["picker"] = row.picker
         if row.note:
             rec["note"] = row.note
         rows.append(rec)

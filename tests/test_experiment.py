@@ -467,3 +467,49 @@ def test_shipped_recipes_pass_the_preflight_given_their_inputs(name, tmp_path, m
     assert re.match(rf"pre-flight: {n_runs} runs?, {len(recipe.rows)} rows? checked, nothing missing", summary)
     if any(v.get("teacher") for r in recipe.runs.values() for v in [r.overrides]):
         assert shared  # a recipe naming a shared teacher is refused where it is missing
+
+
+def test_listed_order_runs_the_recipes_runs_as_written_and_scores_each_when_trained(tmp_path):
+    """``order: listed`` (the REVERIE pre-registration's): seed 0's student alone is trained and
+    scored before any distillation run, though the teacher-first default would start those first."""
+    recipe = load_recipe("reverie-prereg-table3", ["features=x"])
+    names = [j.name for j in plan(recipe, tmp_path, tmp_path)]
+    assert names[:7] == ["train:rev-teacher-pre", "train:rev-teacher", "score:rev-teacher", "train:rev-pre-plain-s0",
+                         "train:rev-ft-none-s0", "score:rev-ft-none-s0", "train:rev-pre-kd-s0"]
+    assert names.index("score:rev-ft-both-s0") < names.index("train:rev-pre-plain-s1")
+    default = [j.name for j in plan(load_recipe("reverie-prereg-table3", ["features=x", "order=teacher-first"]),
+                                    tmp_path, tmp_path)]
+    assert sorted(default) == sorted(names) and default.index("train:rev-ft-none-s0") > default.index(
+        "train:rev-ft-both-s0")
+
+
+def test_reverie_prereg_rows_are_seeded_pretrained_per_seed_and_distil_from_the_reverie_teacher(tmp_path):
+    recipe = load_recipe("reverie-prereg-table3", ["features=x"])
+    jobs = {j.name: j for j in plan(recipe, tmp_path, tmp_path)}
+    for s in (0, 1, 2):
+        for arm, pre, teacher in (("none", "plain", None), ("s1", "kd", None), ("s2", "plain", "rev-teacher"),
+                                  ("both", "kd", "rev-teacher")):
+            argv = jobs[f"train:rev-ft-{arm}-s{s}"].argv
+            assert f"train.seed={s}" in argv and "train.best_metric=" in argv
+            assert f"init_checkpoint={tmp_path / 'runs' / f'rev-pre-{pre}-s{s}' / 'pretrained'}" in argv
+            assert any(a.startswith("teacher=") for a in argv) == bool(teacher)
+        kd = jobs[f"train:rev-pre-kd-s{s}"].argv
+        assert f"train.seed={s}" in kd and f"teacher={tmp_path / 'runs' / 'rev-teacher-pre' / 'pretrained'}" in kd
+        assert f"train.seed={s}" in jobs[f"train:rev-pre-plain-s{s}"].argv
+    pickers = [r for r in recipe.rows if r.picker]
+    assert {r.run for r in pickers} == {"rev-ft-none-s0", "rev-ft-none-s1", "rev-ft-none-s2", "rev-teacher"}
+
+
+def test_a_picker_row_needs_a_reverie_run(tmp_path):
+    p = tmp_path / "r.yaml"
+    base = {"name": "x", "task": "reverie", "runs": {"a": {"command": "finetune"}}}
+    for rows, task in (([{"name": "a", "run": "a", "picker": "nearest"}], "reverie"),
+                       ([{"name": "a", "random": True, "picker": "name-overlap"}], "reverie"),
+                       ([{"name": "a", "run": "a", "picker": "name-overlap"}], "r2r")):
+        p.write_text(yaml.safe_dump({**base, "task": task, "rows": rows}))
+        with pytest.raises(ConfigError, match="picker"):
+            load_recipe(str(p))
+    p.write_text(yaml.safe_dump({**base, "rows": [{"name": "a", "run": "a"}, {"name": "b", "run": "a",
+                                                                               "picker": "name-overlap"}]}))
+    jobs = [j.name for j in plan(load_recipe(str(p)), tmp_path, tmp_path)]
+    assert jobs.count("score:a") == 1  # the reference row re-uses the run's scoring

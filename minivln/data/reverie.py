@@ -19,10 +19,11 @@ import os
 import random
 from dataclasses import replace
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Iterable, Mapping
 
 from minivln.data.datasets import Episode
 from minivln.data.graph import Graphs, House
+from minivln.data.words import content_words
 from minivln.paths import DataError, resolve_data_dir
 
 
@@ -40,15 +41,51 @@ def read_visible_objects(data_dir: str | os.PathLike, scan: str, vp: str) -> fro
 
 def visible_objects_in_file(path: str | os.PathLike, vp: str) -> frozenset[str] | None:
     """:func:`read_visible_objects` for an explicit BBox file ``path`` of viewpoint ``vp``."""
+    names = visible_names_in_file(path, vp)
+    return None if names is None else frozenset(names)
+
+
+def visible_names_in_file(path: str | os.PathLike, vp: str) -> dict[str, str] | None:
+    """``{object id: name}`` of the objects visible from ``vp`` in BBox file ``path`` (names as
+    annotated, e.g. ``picture#frame``); ``None`` when the file does not exist."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         objects = data.get(vp, {})
-        return frozenset(str(obj) for obj, info in objects.items() if info.get("visible_pos"))
+        return {str(obj): str(info.get("name", "")) for obj, info in objects.items() if info.get("visible_pos")}
     except (json.JSONDecodeError, AttributeError, TypeError) as exc:
         raise DataError(f"BBox file {path} is malformed: {exc!r}") from exc
+
+
+def name_overlap_pick(instruction: str, names: Mapping[str, str]) -> int | None:
+    """The training-free REVERIE object picker: of the visible objects ``names`` (``{id: name}``), the
+    one whose name shares the most content words (:func:`~minivln.data.words.content_words`) with the
+    instruction; ties, no overlap included, go to the smallest id; ``None`` when nothing is visible."""
+    if not names:
+        return None
+    words = content_words(instruction)
+    return min((-len(words & content_words(name)), int(obj)) for obj, name in names.items())[1]
+
+
+def with_name_overlap_objects(submission: list[dict], episodes: Iterable[Episode],
+                              data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """A REVERIE submission with each ``predObjId`` replaced by :func:`name_overlap_pick` at the
+    trajectory's final viewpoint (-1 where nothing is visible there); trajectories are unchanged.
+    The reference row of the REVERIE tables: how far the same trajectories get with a word match
+    for grounding instead of the agent's own choice."""
+    root = resolve_data_dir(data_dir)
+    by_id = {ep.instr_id: ep for ep in episodes}
+    out = []
+    for item in submission:
+        ep = by_id.get(item["instr_id"])
+        if ep is None:
+            raise DataError(f"submission item {item['instr_id']!r} is no instruction of the episodes given")
+        vp = item["trajectory"][-1][0]
+        pick = name_overlap_pick(ep.instruction, visible_names_in_file(bbox_path(root, ep.scan, vp), vp) or {})
+        out.append({**item, "predObjId": -1 if pick is None else pick})
+    return out
 
 
 class ReverieGoals:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -28,19 +27,12 @@ import numpy as np
 
 from minivln.data.datasets import Episode, load_episodes
 from minivln.data.graph import House, load_house
+from minivln.data.words import content_words as words
 from minivln.features.embed import MODEL_NAME, TextEmbedder, default_embedder
 from minivln.features.hdf5 import FeatureStore
 from minivln.features.standin import text_query
 from minivln.geometry import direction, nearest_view
 from minivln.paths import DataError, resolve_data_dir
-
-STOP_WORDS = frozenset(
-    "a an the and or of to in on at by for with from into onto up down out off over under past "
-    "through toward towards between left right straight forward ahead back around turn walk go "
-    "stop wait continue take make head enter exit until when then you your it its is are be this "
-    "that there here near next end side room way".split()
-)
-
 
 @dataclass(frozen=True)
 class ProbeStep:
@@ -146,17 +138,6 @@ def probe_features(steps: list[ProbeStep], instr_emb: np.ndarray,
 
 
 # -- word-overlap baselines -----------------------------------------------------------------------
-def _stem(w: str) -> str:
-    if len(w) > 4 and w.endswith("ies"):
-        return w[:-3] + "y"
-    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
-        return w[:-1]
-    return w
-
-
-def words(text: str) -> set[str]:
-    """Content words of a text, lower-cased and crudely singularised."""
-    return {_stem(w) for w in re.findall(r"[a-z]+", text.lower().replace("#", " ")) if w not in STOP_WORDS}
 
 
 def word_overlap_baselines(steps: list[ProbeStep], episodes: list[Episode],
