@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from minivln.config import (
     CONFIG_DIR,
@@ -60,6 +61,7 @@ from minivln.data.reverie import ReverieGoals, with_name_overlap_objects
 from minivln.distill.compat import check_teacher
 from minivln.env.env import NavBatchEnv, random_walker_submission
 from minivln.evaluation.evaluator import Evaluator, load_submission
+from minivln.evaluation.stats import arm_summary, arms, compare_over_seeds, gap_over_episodes
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.model.checkpoint import read_agent_config
 from minivln.model.config import DUETConfig
@@ -116,6 +118,32 @@ PICKERS = ("", "name-overlap")
 
 
 @dataclass
+class ComparisonSpec:
+    """A group of pre-registered comparisons, computed when the table is written
+    (:mod:`minivln.evaluation.stats`)."""
+
+    name: str = ""
+    over: str = "seeds"  # "seeds": arms (rows "ARM, seed S"), paired by seed, two-sided t-tests Holm-corrected
+    #                      across the group; "episodes": two rows (an arm: each of its seeds) paired over
+    #                      the instructions, the difference in paired standard errors
+    pairs: list[list[str]] = field(default_factory=list)  # [A, B]: A - B
+    metrics: list[str] = field(default_factory=lambda: ["sr"])
+    alpha: float = 0.0  # over seeds: > 0 gives each test a verdict at this (Holm-corrected) threshold
+
+
+@dataclass
+class SummarySpec:
+    """A summary table of the rows (e.g. the paper's Table II): each entry an arm (its mean and standard
+    error over seeds) or a row, with its share of the reference row per metric."""
+
+    results: str = ""  # its JSON, relative to the repository root ("" = none)
+    table: str = ""  # its title
+    entries: list[str] = field(default_factory=list)  # arms or row names, in order
+    reference: str = ""  # a row name (e.g. the teacher)
+    metrics: list[str] = field(default_factory=lambda: ["sr", "spl"])
+
+
+@dataclass
 class Recipe:
     """A table: runs, rows, where its results land."""
 
@@ -140,6 +168,8 @@ class Recipe:
     #                               after the included recipes' runs; each run after what it needs)
     runs: dict[str, RunSpec] = field(default_factory=dict)
     rows: list[RowSpec] = field(default_factory=list)
+    comparisons: list[ComparisonSpec] = field(default_factory=list)  # written into the table's JSON
+    summary: SummarySpec = field(default_factory=SummarySpec)
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -179,6 +209,10 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
 def check_recipe(recipe: Recipe, path: Path) -> None:
     if recipe.order not in ("teacher-first", "listed"):
         raise ConfigError(f"{path}: order must be 'teacher-first' or 'listed', got {recipe.order!r}")
+    for c in recipe.comparisons:
+        if c.over not in ("seeds", "episodes") or not c.pairs or any(len(p) != 2 for p in c.pairs):
+            raise ConfigError(f"{path}: comparison {c.name!r}: over must be 'seeds' or 'episodes' and pairs a "
+                              f"list of [A, B]; got over={c.over!r}, pairs={c.pairs!r}")
     for run_name, spec in recipe.runs.items():
         if spec.command not in COMMANDS:
             raise ConfigError(f"{path}: run {run_name}: command must be one of {COMMANDS}, got {spec.command!r}")
@@ -852,7 +886,7 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
     root = repo_root()
     evaluator = Evaluator(recipe.task, recipe.split, resolve_data_dir(recipe.data_dir or None))
     sub_dir = root / (recipe.submissions or f"docs/results/{recipe.name}")
-    rows, missing = [], []
+    rows, missing, per_episode = [], [], {}
     for row in recipe.rows:
         gz = sub_dir / f"{slug(row.name)}.json.gz"
         if row.random:
@@ -868,6 +902,7 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
                                                     evaluator.data_dir)
             write_gz(gz, entries)
         summary, per_ep = evaluator.score(load_submission(gz))
+        per_episode[row.name] = per_ep
         rec: dict[str, Any] = {"name": row.name, "stage1": row.stage1, "stage2": row.stage2}
         if row.run:
             ft = _run_config(out, row.run)
@@ -905,6 +940,9 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
         rec["submission"] = str(gz.relative_to(root)) if gz.is_relative_to(root) else str(gz)
         if row.picker:
             rec["picker"] = row.picker
+        weights = out / "runs" / row.run / row.weights if row.run else Path(_abs(row.checkpoint, root))
+        if (weights / "model.safetensors").is_file():
+            rec["parameters"] = count_parameters(weights / "model.safetensors")
         if row.note:
             rec["note"] = row.note
         rows.append(rec)
@@ -912,6 +950,11 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
              if _standin(recipe) else "real", "task": recipe.task, "split": recipe.split,
              "complete": not missing, "pending": missing, "commit": commit,
              "written": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+    if recipe.comparisons:
+        table["arms"] = arm_summary(rows, sorted({m for c in recipe.comparisons for m in c.metrics}))
+        table["comparisons"] = analyse(recipe, rows, per_episode)
+    if recipe.summary.results:
+        atomic_write_text(root / recipe.summary.results, json.dumps(summary_table(recipe, table), indent=1) + "\n")
     if recipe.results:
         atomic_write_text(root / recipe.results, json.dumps(table, indent=1) + "\n")
     atomic_write_text(out / f"{recipe.name}.json", json.dumps(table, indent=1) + "\n")
@@ -920,6 +963,79 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
         plot_bars(table, prefix.with_name(prefix.name + "_bars.png"))
         plot_curves(recipe, out, prefix.with_name(prefix.name + "_curves.png"))
     return table
+
+
+def count_parameters(path: Path) -> int:
+    """Elements of every tensor in a safetensors file (read from its header)."""
+    with safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, dict]) -> list[dict[str, Any]]:
+    """The recipe's comparisons on the rows written so far (a pair whose rows are not there yet is
+    listed as pending)."""
+    out: list[dict[str, Any]] = []
+    for c in recipe.comparisons:
+        group: dict[str, Any] = {"name": c.name, "over": c.over, "metrics": c.metrics}
+        pairs = [tuple(p) for p in c.pairs]
+        if c.over == "seeds":
+            try:
+                group["tests"] = compare_over_seeds(rows, pairs, c.metrics, c.alpha)
+            except KeyError as exc:
+                group["pending"] = str(exc.args[0])
+        else:
+            by_arm = arms(rows)
+            gaps, pending = [], []
+
+            def names(x: str) -> list[str]:
+                return [r["name"] for _, r in sorted(by_arm[x].items())] if x in by_arm else [x]
+            for a, b in pairs:
+                for na in names(a):
+                    for nb in names(b):
+                        if na in per_episode and nb in per_episode:
+                            gaps += [{"a": na, "b": nb, **gap_over_episodes(per_episode[na], per_episode[nb], m)}
+                                     for m in c.metrics]
+                        else:
+                            pending.append(f"{na} - {nb}")
+            group["gaps"] = gaps
+            if pending:
+                group["pending"] = pending
+        out.append(group)
+    return out
+
+
+def summary_table(recipe: Recipe, table: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's summary (e.g. Table II): each entry's metrics (an arm: mean and standard error over
+    its seeds), parameters, and share of the reference row."""
+    spec, rows = recipe.summary, table["rows"]
+    by_name = {r["name"]: r for r in rows}
+    per_arm = arm_summary(rows, spec.metrics)
+    ref = by_name.get(spec.reference)
+    entries = []
+    for name in spec.entries:
+        if name in per_arm:
+            seeds = arms(rows)[name]
+            rec: dict[str, Any] = {"name": name, "seeds": per_arm[name]["seeds"],
+                                   "parameters": next(iter(seeds.values())).get("parameters")}
+            for m in spec.metrics:
+                rec[m], rec[f"{m}_se_over_seeds"] = per_arm[name][m]["mean"], per_arm[name][m]["se"]
+        elif name in by_name:
+            rec = {"name": name, "parameters": by_name[name].get("parameters"),
+                   **{m: by_name[name].get(m) for m in spec.metrics},
+                   **{f"{m}_se": by_name[name].get(f"{m}_se") for m in spec.metrics if f"{m}_se" in by_name[name]}}
+        else:
+            entries.append({"name": name, "pending": True})
+            continue
+        if ref is not None:
+            rec["share_of_reference"] = {m: (rec[m] / ref[m] if ref.get(m) and rec.get(m) is not None else None)
+                                         for m in spec.metrics}
+            if rec.get("parameters") and ref.get("parameters"):
+                rec["share_of_reference"]["parameters"] = rec["parameters"] / ref["parameters"]
+        entries.append(rec)
+    return {"table": spec.table, "recipe": recipe.name, "from": recipe.results, "reference": spec.reference,
+            "features": table["features"], "task": table["task"], "split": table["split"],
+            "complete": table["complete"] and not any(e.get("pending") for e in entries),
+            "commit": table["commit"], "written": table["written"], "entries": entries}
 
 
 def plot_bars(table: dict[str, Any], path: Path) -> None:
