@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,10 @@ from minivln.training.pretrain import PretrainConfig, resolve_mix
 COMMANDS = ("pretrain", "finetune")
 PATH_KEYS = ("teacher", "features", "objects", "data_dir", "init_checkpoint", "init")
 """Override keys holding paths: made absolute (from the repository root) before a run starts."""
+LIST_PATH_KEYS = ("train_files", "aug_files", "val_files", "connectivity_dirs")
+"""Override keys holding lists of paths (``val_files``: a mapping of name -> list), made absolute too
+and checked by the pre-flight (DUET's / ScaleVLN's annotation files, more connectivity folders)."""
+INPUT_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass
@@ -155,6 +160,9 @@ class Recipe:
     plots: str = ""  # prefix of the table's pictures (PREFIX_bars.png, PREFIX_curves.png), relative to the root
     submissions: str = ""  # folder for the rows' gzipped submissions, relative to the repository root
     data_dir: str = ""  # "" = $MINIVLN_DATA
+    inputs: dict[str, str] = field(default_factory=dict)  # named input paths (a teacher, a release folder),
+    #   written ${NAME} in data_dir, features, objects, the runs' overrides and the rows' checkpoints;
+    #   given on the command line as inputs.NAME=PATH (see expand_inputs)
     features: str = ""  # view features (HDF5); required
     objects: str = ""  # REVERIE object features
     threads: int = 1  # torch threads per process
@@ -202,8 +210,77 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
             raise ConfigError(f"{path}: run {run_name!r} differs from the included recipe's run of that name")
         runs[run_name] = spec
     recipe.runs = runs
+    expand_inputs(recipe, path)
     check_recipe(recipe, path)
     return recipe
+
+
+def _resolve_inputs(inputs: dict[str, str], path: Path) -> dict[str, str | None]:
+    """The recipe's inputs with the ``${NAME}`` of other inputs in them replaced (a default such as
+    ``${datasets}/R2R/...``) and ``~`` expanded; None for an input that is empty or uses an empty one."""
+    resolved: dict[str, str | None] = {}
+
+    def get(name: str, seen: tuple[str, ...]) -> str | None:
+        if name in seen:
+            raise ConfigError(f"{path}: inputs refer to each other in a circle ({' -> '.join((*seen, name))})")
+        if name not in resolved:
+            unset = not inputs[name]
+
+            def sub(m: re.Match) -> str:
+                nonlocal unset
+                ref = m.group(1)
+                if ref not in inputs:
+                    raise ConfigError(f"{path}: inputs.{name}: ${{{ref}}} names no input of the recipe "
+                                      f"(inputs: {', '.join(inputs)})")
+                value = get(ref, (*seen, name))
+                unset = unset or value is None
+                return value or ""
+            text = INPUT_REF.sub(sub, inputs[name])
+            resolved[name] = None if unset else os.path.expanduser(text)
+        return resolved[name]
+
+    for name in inputs:
+        get(name, ())
+    return resolved
+
+
+def _expand(value: Any, inputs: dict[str, str | None], where: str, unset: set[str]) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            name = m.group(1)
+            if name not in inputs:
+                raise ConfigError(f"{where}: ${{{name}}} names no input of the recipe "
+                                  f"(inputs: {', '.join(inputs) or 'none'})")
+            if inputs[name] is None:
+                unset.add(name)
+            return inputs[name] or ""
+        return INPUT_REF.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v, inputs, where, unset) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, inputs, f"{where}.{k}", unset) for k, v in value.items()}
+    return value
+
+
+def expand_inputs(recipe: Recipe, path: Path) -> None:
+    """Replace every ``${NAME}`` of the recipe (``data_dir``, ``features``, ``objects``, the runs'
+    overrides, the rows' checkpoints) by ``inputs.NAME`` (itself possibly made of other inputs, ``~``
+    expanded).  A name that is not an input, or an input used but left empty, is one
+    :class:`ConfigError` (the empty ones listed with the ``inputs.NAME=PATH`` to give)."""
+    inputs = _resolve_inputs(recipe.inputs, path)
+    unset: set[str] = set()
+    for key in ("data_dir", "features", "objects"):
+        setattr(recipe, key, _expand(getattr(recipe, key), inputs, key, unset))
+    for name, spec in recipe.runs.items():
+        spec.overrides = _expand(spec.overrides, inputs, f"runs.{name}.overrides", unset)
+    for row in recipe.rows:
+        row.checkpoint = _expand(row.checkpoint, inputs, f"row {row.name!r}", unset)
+    if unset:
+        # the empty inputs to give, not those made of them (e.g. datasets, not ${datasets}/R2R/...)
+        empty = sorted(n for n, v in recipe.inputs.items()
+                       if not v and (n in unset or any(f"${{{n}}}" in recipe.inputs[u] for u in unset))) or sorted(unset)
+        raise ConfigError(f"{path}: the recipe needs its inputs {', '.join(empty)}: give "
+                          + " ".join(f"inputs.{n}=PATH" for n in empty))
 
 
 def check_recipe(recipe: Recipe, path: Path) -> None:
@@ -336,6 +413,27 @@ def _abs(value: Any, base: Path) -> Any:
     return value
 
 
+def _abs_paths(key: str, value: Any, base: Path) -> Any:
+    """An override's value with its paths made absolute (:data:`PATH_KEYS`, :data:`LIST_PATH_KEYS`;
+    ``val_files.NAME`` as the flattened overrides give it)."""
+    if key in PATH_KEYS:
+        return _abs(value, base)
+    if key.split(".")[0] in LIST_PATH_KEYS and isinstance(value, list):
+        return [_abs(v, base) for v in value]
+    return value
+
+
+def listed_paths(cfg: Any) -> list[tuple[str, str]]:
+    """``(key, path)`` for every path of a run config's :data:`LIST_PATH_KEYS` (those it has)."""
+    found = []
+    for key in LIST_PATH_KEYS:
+        value = getattr(cfg, key, None) or []
+        groups = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, paths in groups:
+            found.extend((key if name is None else f"{key}.{name}", p) for p in paths)
+    return found
+
+
 def _override_items(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     items = []
     for k, v in d.items():
@@ -351,10 +449,13 @@ def _fmt(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (dict, list, bool)) or v is None else str(v)
 
 
-def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
-    """Every job of the recipe, in an order that respects dependencies."""
+def plan(recipe: Recipe, out: Path, code: Path, launcher: list[str] | None = None) -> list[Job]:
+    """Every job of the recipe, in an order that respects dependencies.  ``launcher``: what starts the
+    training runs instead of this Python (e.g. ``["torchrun", "--standalone", "--nproc_per_node", "4"]``:
+    each run on 4 GPUs, ``-m minivln.cli ...`` after it); scorings run in one process either way."""
     root = repo_root()
     py = [sys.executable, "-m", "minivln.cli"]
+    train_py = [*launcher, "-m", "minivln.cli"] if launcher else py
     jobs: list[Job] = []
     hashes: dict[str, str] = {}
 
@@ -406,8 +507,8 @@ def plan(recipe: Recipe, out: Path, code: Path) -> list[Job]:
             items["init_checkpoint"] = str(_init_weights(recipe, out, spec.init))
         if spec.teacher_run:
             items["teacher"] = str(_init_weights(recipe, out, spec.teacher_run))
-        items = {k: (_abs(v, root) if k in PATH_KEYS else v) for k, v in items.items()}
-        argv = [*py, spec.command, "--out", str(run_dir)]
+        items = {k: _abs_paths(k, v, root) for k, v in items.items()}
+        argv = [*train_py, spec.command, "--out", str(run_dir)]
         if spec.config:
             argv += ["--config", str(code / spec.config)]
         overrides = [f"{k}={_fmt(v)}" for k, v in items.items()]
@@ -723,6 +824,10 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
             path = _input_path(cfg.init_checkpoint, root)
             if not path.exists():
                 problems.add(who, f"init_checkpoint {path} does not exist")
+        for key, value in listed_paths(cfg):
+            path = _input_path(value, root)
+            if not path.exists():
+                problems.add(who, f"{key}: {path} does not exist")
         teacher, source = None, ""
         if spec.teacher_run:
             teacher = students.get(spec.teacher_run)
@@ -1120,6 +1225,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the jobs, their commands and the pre-flight check (exit 2 on any problem); "
                         "run nothing")
     p.add_argument("--table-only", action="store_true", help="write the table from what has finished")
+    p.add_argument("--launcher", default="",
+                   help="command that starts each training run instead of python, e.g. 'torchrun --standalone "
+                        "--nproc_per_node 4' (several GPUs per run; use with --jobs 1)")
     p.add_argument("--adopt", metavar="RUN=DIR", default=None,
                    help="take DIR, a finished run trained outside this command with the recipe's config of "
                         "RUN, as RUN (copied into OUT/runs, marked done); needs --adopt-commit; runs nothing")
@@ -1136,6 +1244,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     out = Path(args.out).resolve()
+    launcher = shlex.split(args.launcher)
     if args.adopt:
         run, _, src = args.adopt.partition("=")
         if not src or not args.adopt_commit:
@@ -1147,12 +1256,13 @@ def _main(args: argparse.Namespace) -> int:
         pin = out / "pin.json"
         commit = _read_json(pin, "the pin file").get("commit", "?") if pin.exists() else "(HEAD)"
         code = out / "code"
-        for j in plan(recipe, out, code):
+        for j in plan(recipe, out, code, launcher):
             print(f"{j.name}  after {', '.join(j.deps) or '-'}\n    {' '.join(j.argv)}")
         print(f"code: {commit} at {code}")
         print(preflight(recipe, out), flush=True)  # every problem at once: PreflightError, exit 2
         return 0
-    ok, table = run_experiment(recipe, out, jobs=args.jobs, commit=args.commit, table_only=args.table_only)
+    ok, table = run_experiment(recipe, out, jobs=args.jobs, commit=args.commit, table_only=args.table_only,
+                               launcher=launcher)
     print(format_table(table))
     if recipe.results:
         print(f"table: {recipe.results}")
@@ -1160,7 +1270,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | None = None, pin: bool = True,
-                   table_only: bool = False) -> tuple[bool, dict[str, Any]]:
+                   table_only: bool = False, launcher: list[str] | None = None) -> tuple[bool, dict[str, Any]]:
     """Pin the code (``pin=False``: run this checkout in place, for tests), run what is pending,
     write the table; ``(every job finished, table)``."""
     out = Path(out).resolve()
@@ -1179,7 +1289,7 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     print(f"{recipe.name}: code {commit[:12]} at {code}; runs in {out / 'runs'}", flush=True)
     ok = True
     if not table_only:
-        ok = execute(plan(recipe, out, code), out, code, commit, max_jobs=jobs, threads=recipe.threads)
+        ok = execute(plan(recipe, out, code, launcher), out, code, commit, max_jobs=jobs, threads=recipe.threads)
     return ok, write_table(recipe, out, commit)
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from cli_checks import one_error_line, run_cli
 from conftest import SMALL_DUET, SMALL_TOY_DIM
-from tinyworld import POS, write_tiny_data
+from duet_release import HM3D_SCAN, hm3d_lines, r2r_lines, write_hm3d_house, write_jsonl
+from tinyworld import write_tiny_data
 
 from minivln.data.datasets import Episode, load_episodes
 from minivln.data.duet_files import load_annotation_file, load_annotation_files
@@ -26,53 +27,6 @@ from minivln.training.pretrain_data import (
     SyntheticFeatures,
     collate_states,
 )
-
-HM3D_SCAN = "00000-kfPV7w3FaU5"  # ScaleVLN/HM3D-style house name and viewpoint ids
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def r2r_lines(items: list[dict], *, with_text: bool = True) -> list[dict]:
-    """R2R path items -> DUET pretraining lines (one per instruction), ids from the BERT tokenizer."""
-    tok = get_tokenizer()
-    rows = []
-    for item in items:
-        for k, text in enumerate(item["instructions"]):
-            row = {"instr_id": f"{item['path_id']}_{k}", "scan": item["scan"], "path": item["path"],
-                   "heading": item["heading"], "instr_encoding": tok.encode(text)}
-            if with_text:
-                row["instruction"] = text
-            rows.append(row)
-    return rows
-
-
-def write_hm3d_house(folder: Path) -> Path:
-    """A generated-graph house in the Matterport3D connectivity format, without ``visible`` and
-    ``height`` (DUET's loader reads neither): the tiny house's layout, ids 000000..000004."""
-    names = [n for n in POS if n != "f"]
-    ids = {n: f"{i:06d}" for i, n in enumerate(names)}
-    edges = {("a", "b"), ("b", "c"), ("c", "d"), ("b", "e")}
-    entries = []
-    for n in names:
-        x, y, z = POS[n]
-        entries.append({"image_id": ids[n], "pose": [1, 0, 0, x, 0, 1, 0, y, 0, 0, 1, z, 0, 0, 0, 1],
-                        "included": True,
-                        "unobstructed": [(n, m) in edges or (m, n) in edges for m in names]})
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{HM3D_SCAN}_connectivity.json").write_text(json.dumps(entries))
-    (folder / "scans.txt").write_text(HM3D_SCAN + "\n")
-    return folder
-
-
-def hm3d_lines(n: int = 4) -> list[dict]:
-    tok = get_tokenizer()
-    paths = [["000000", "000001", "000002", "000003"], ["000004", "000001", "000000"]]
-    return [{"instr_id": f"hm3d{i}_0", "scan": HM3D_SCAN, "path": paths[i % 2], "heading": 0.5 * i,
-             "instr_encoding": tok.encode(f"walk past the sofa and stop number {i}")} for i in range(n)]
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
