@@ -28,7 +28,9 @@ network on every sample at every step as the reference does (the agent's default
 still navigating only), ``--merge-rollouts`` runs DAgger's two rollouts as one batch: together they
 reproduce the iteration before and after those changes in one process.  Fine-tuning
 iterations of untrained models are the slowest kind: their sampled rollouts wander until
-``max_action_len``.
+``max_action_len``.  On a GPU each preset's row also has ``step_extra_gb``: the most memory one of its
+iterations allocated beyond what was resident before it (activations, gradients, AdamW's state on the
+first step), the part of the memory per GPU that grows with the batch.
 """
 
 from __future__ import annotations
@@ -239,13 +241,19 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
         times: dict[str, list[float]] = {p: [] for p in presets}
         parts: dict[str, list[tuple[float, float]]] = {p: [] for p in presets}
         warm: dict[str, list[float]] = {p: [] for p in presets}
+        extra: dict[str, int] = {p: 0 for p in presets}  # CUDA: peak bytes an iteration adds to what is resident
         for i in range(warmup + iters):
             order = list(presets) if i % 2 == 0 else list(reversed(presets))
             for p in order:
                 _sync(dev)
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    resident = torch.cuda.memory_allocated(dev)
                 t0 = time.perf_counter()
                 data_s, step_s = steps[p](i)
                 dt = time.perf_counter() - t0
+                if dev.type == "cuda":
+                    extra[p] = max(extra[p], torch.cuda.max_memory_allocated(dev) - resident)
                 if i >= warmup:
                     times[p].append(dt)
                     parts[p].append((data_s, step_s))
@@ -265,7 +273,8 @@ def bench_train(presets: Sequence[str], phases: Sequence[str], data_dir: str, fe
             p: {"s_per_it": statistics.median(t), "it_s": 1.0 / statistics.median(t),
                 "ratio_to_first": statistics.median(t) / ref, "all_s": [round(x, 4) for x in t],
                 "data_s": statistics.median(d for d, _ in parts[p]),
-                "step_s": statistics.median(s for _, s in parts[p]), "warmup_s": warm[p], **ops.get(p, {})}
+                "step_s": statistics.median(s for _, s in parts[p]), "warmup_s": warm[p], **ops.get(p, {}),
+                **({"step_extra_gb": round(extra[p] / 2**30, 3)} if dev.type == "cuda" else {})}
             for p, t in times.items()
         }
     return report
@@ -281,7 +290,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  {p:<16} {r['s_per_it']:8.3f} s/it  {r['it_s']:7.3f} it/s  "
                          f"x{r['ratio_to_first']:.2f} of the first  (data {r['data_s']:.3f} s + "
                          f"step {r['step_s']:.3f} s)"
-                         + (f"  {r['compute_ops_per_it']} ops/it" if "compute_ops_per_it" in r else ""))
+                         + (f"  {r['compute_ops_per_it']} ops/it" if "compute_ops_per_it" in r else "")
+                         + (f"  +{r['step_extra_gb']:.2f} GB at peak" if "step_extra_gb" in r else ""))
     return "\n".join(lines)
 
 
