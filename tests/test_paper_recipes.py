@@ -36,6 +36,7 @@ from minivln.data.reverie import ReverieGoals
 from minivln.data.tokenizer import get_tokenizer
 from minivln.experiment import load_recipe, plan, repo_root
 from minivln.model.checkpoint import read_agent_config
+from minivln.model.registry import get_config
 from minivln.training.finetune import FinetuneConfig
 from minivln.training.pretrain import PretrainConfig
 
@@ -149,8 +150,8 @@ def test_recipe_resolves_plans_and_passes_the_preflight(recipe, release, tmp_pat
         command = rec.runs[name.split(":", 1)[1]].command
         cfg = load_config(PretrainConfig if command == "pretrain" else FinetuneConfig, _base(job), job.overrides)
         assert (cfg.train.max_steps, cfg.batch_size, cfg.max_instr_len) == (steps, batch, 200), name
-        assert cfg.model == ("minivln-r2r" if r2r else "minivln-reverie")
-        assert cfg.model_overrides.get("image_feat_size", 768) == (512 if r2r else 768)
+        assert cfg.model == ("minivln-scalevln-r2r" if r2r else "minivln-reverie") and not cfg.model_overrides
+        assert get_config(cfg.model).image_feat_size == (512 if r2r else 768)
         if command == "finetune" and r2r:
             assert cfg.aug_times == 9 and cfg.aug_files and cfg.connectivity_dirs
         if cfg.teacher:

@@ -177,6 +177,10 @@ register_preset(
     "minivln-reverie", _STUDENT.replace(obj_feat_size=768),
     "MiniVLN student, REVERIE (as minivln-r2r + 768-d objects, og_head)",
 )
+register_preset(
+    "minivln-scalevln-r2r", _STUDENT.replace(image_feat_size=512),
+    "MiniVLN student of scalevln-r2r, R2R, its 512-d CLIP ViT-B/16 views",
+)
 
 # Scaled-down pair for experiments on a 2-core CPU: same depths as the full teacher/student.
 register_preset(
