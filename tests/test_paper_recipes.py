@@ -8,6 +8,8 @@ The guide's commands (docs/guide-gpu.md) are these."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -222,3 +224,42 @@ def test_two_stage_runs_train_at_paper_dimensions(recipe, runs, release, tmp_pat
     assert student.use_objects == (recipe == REVERIE_RECIPE)
     log = [json.loads(line) for line in (out / "runs" / runs[1] / "log.jsonl").read_text().splitlines()]
     assert any(k.startswith("kd/") or "kd_" in k for r in log for k in r), log[:2]
+
+
+# ----------------------------------------------------------------------------------- the guide's commands
+
+
+def _commands(page: Path, prefix: str) -> list[str]:
+    """The commands of a page's ```bash blocks that start with ``prefix`` (continuation lines joined)."""
+    text = page.read_text()
+    commands = []
+    for block in text.split("```bash\n")[1:]:
+        body = block.split("```", 1)[0].replace("\\\n", " ")
+        for line in body.splitlines():
+            for part in line.split("&&"):
+                part = part.split("  #", 1)[0].strip()
+                if part.startswith(prefix):
+                    commands.append(part)
+    return commands
+
+
+def test_the_guides_experiment_commands_plan(release, tmp_path, capsys, monkeypatch):
+    """Every paper-scale ``minivln experiment`` command of docs/guide-gpu.md and the README, with the release folder
+    and teachers where they say, plans and passes the pre-flight as a dry run."""
+    data, ds, rev_pre = release
+    monkeypatch.setenv("DATASETS", str(ds))
+    monkeypatch.setenv("DUET_DATASETS", str(ds))
+    monkeypatch.setenv("TEACHER_PRE", str(rev_pre))
+    monkeypatch.setenv("MINIVLN_DATA", str(data))
+    checked = 0
+    for page in (repo_root() / "docs" / "guide-gpu.md", repo_root() / "README.md"):
+        for n, cmd in enumerate(_commands(page, "minivln experiment")):
+            if R2R_RECIPE not in cmd and REVERIE_RECIPE not in cmd:
+                continue  # the README's other recipes: CPU scale, other files
+            args = shlex.split(os.path.expandvars(cmd.replace("~/ScaleVLN/VLN-DUET/datasets", str(ds))))[1:]
+            args[args.index("--out") + 1] = str(tmp_path / f"{page.stem}{n}")
+            code, text, err = run_cli(args + ([] if "--dry-run" in args else ["--dry-run"]), capsys)
+            assert code == 0, (page.name, cmd, err)
+            assert "nothing missing" in text
+            checked += 1
+    assert checked >= 5
