@@ -16,17 +16,25 @@ from conftest import SMALL_DUET, SMALL_TOY_DIM
 from duet_release import HM3D_SCAN, hm3d_lines, r2r_lines, write_hm3d_house, write_jsonl
 from tinyworld import write_tiny_data
 
+from minivln.config import load_config
 from minivln.data.datasets import Episode, load_episodes
 from minivln.data.duet_files import load_annotation_file, load_annotation_files
 from minivln.data.graph import Graphs
 from minivln.data.tokenizer import BERT_VOCAB_SIZE, CLS_ID, SEP_ID, get_tokenizer
 from minivln.paths import DataError
+from minivln.training.finetune import (
+    FinetuneConfig,
+    build_model,
+    make_task,
+    prepare_data,
+)
 from minivln.training.pretrain import PretrainConfig, build_datasets
 from minivln.training.pretrain_data import (
     PrefixDataset,
     SyntheticFeatures,
     collate_states,
 )
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -299,8 +307,6 @@ def test_finetune_alternates_training_and_augmented_iterations(small_toy, tmp_pa
     6, ... draw from the training split, the others from the augmented pairs, which live in an HM3D-style
     house of another connectivity folder and come with token ids only (their ids are what the agent
     encodes, not their text); 3 iterations, then resumed to 4."""
-    from minivln.training.finetune import FinetuneConfig, build_model, make_task, prepare_data
-
     data, small_feats = small_toy
     feats = _features_with_hm3d(small_feats, tmp_path / "feats_hm3d.h5")
     # a text that is not what the ids say: the ids are what the agent must encode
@@ -331,10 +337,7 @@ def test_finetune_alternates_training_and_augmented_iterations(small_toy, tmp_pa
     assert isinstance(cfg, FinetuneConfig) and task.state_dict()["aug_env"]
 
 
-def load_config_for_test(args: list[str]):
-    from minivln.config import load_config
-    from minivln.training.finetune import FinetuneConfig
-
+def load_config_for_test(args: list[str]) -> FinetuneConfig:
     overrides = [a for a in args[3:] if "=" in a and not a.startswith("--")]
     return load_config(FinetuneConfig, None, overrides + [f"train.run_dir={args[2]}"])
 

@@ -30,7 +30,6 @@ from duet_release import (
     write_view_features,
 )
 
-from minivln.cli import main as cli_main
 from minivln.config import load_config
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs

@@ -53,7 +53,8 @@ class Episode:
         decoded with the BERT tokenizer."""
         if self.instruction or self.encoded is None:
             return self.instruction
-        from minivln.data.tokenizer import get_tokenizer  # the vocabulary is loaded on first use only
+        # the vocabulary is loaded on first use only
+        from minivln.data.tokenizer import get_tokenizer
 
         return get_tokenizer().decode(self.token_ids or [])
 
