@@ -385,7 +385,7 @@ def test_masked_rows_cover_embedding_outputs():
 
 def test_fused_attention_on_a_gpu_leaves_out_cudnn():
     """cuDNN's fused attention re-plans for every new sequence length (ours change each batch and
-    step): it cost 0.4-0.5 s per bf16 pretraining step on an H200 (docs/training.md)."""
+    step): it cost 0.4-0.5 s per bf16 pretraining step on an H200 (docs/results.md, "On a GPU")."""
     import minivln.model.duet as D
 
     if D.CUDA_SDPA_BACKENDS is None:

@@ -29,7 +29,7 @@ Exporter: the TorchScript-based one (``torch.onnx.export(..., dynamo=False)``, o
 torch 2.13 the default is the ``torch.export``-based exporter (``dynamo=True``); it needs the extra
 package ``onnxscript``, took 2-10 s per graph instead of 0.03-0.4 s, and failed on the navigation
 graph (a view of the attention output under symbolic shapes, in its decomposition step); the
-numbers are in docs/deploy.md.
+numbers are in docs/results.md ("Parity measured").
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ _ONEDNN_LINEAR = (
 
 # Fused attention kernels allowed on a GPU: all but cuDNN's.  With bf16 autocast PyTorch picks the
 # cuDNN kernel for head sizes 32 and 64, and our sequence lengths change from batch to batch and
-# step to step: see docs/training.md (GPU) for what it cost.  None: PyTorch's own choice.
+# step to step: see docs/results.md ("On a GPU") for what it cost.  None: PyTorch's own choice.
 CUDA_SDPA_BACKENDS = (
     [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if SDPBackend else None
 )

@@ -268,7 +268,7 @@ def make_optimizer(groups: list[dict[str, Any]], o: OptimConfig) -> torch.optim.
 
     "auto" picks the fused kernels when every parameter lives on a CPU or a CUDA device: one pass
     per step instead of about ten operations per tensor (the same update up to rounding; measured in
-    ``docs/training.md``, "AdamW's kernels").
+    ``docs/results.md``, "AdamW's kernels").
     """
     kw: dict[str, Any] = {}
     impl = o.implementation
