@@ -890,7 +890,7 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
             + (f" ({'; '.join(notes)})" if notes else ""))
 
 
-def _start(job: Job, out: Path, code: Path, threads: int) -> subprocess.Popen:
+def _start(job: Job, out: Path, code: Path, threads: int, gpu: str | None = None) -> subprocess.Popen:
     argv = list(job.argv)
     if job.run_dir is not None and job.run_dir.exists():
         if (job.run_dir / "latest").exists():
@@ -898,6 +898,8 @@ def _start(job: Job, out: Path, code: Path, threads: int) -> subprocess.Popen:
         else:  # crashed before its first checkpoint: nothing to keep
             shutil.rmtree(job.run_dir)
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if gpu is not None:  # the run sees only its own GPUs (cuda:0 is the first of them)
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     log = out / "logs" / f"{job.name.replace(':', '-')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log, "a")
@@ -909,8 +911,24 @@ def _start(job: Job, out: Path, code: Path, threads: int) -> subprocess.Popen:
     return proc
 
 
-def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: int, threads: int) -> bool:
-    """Run the pending jobs, up to ``max_jobs`` at a time; True when every job has finished."""
+def parse_gpus(text: str) -> list[str]:
+    """``--gpus``: ``"0,1,2,3"`` (four runs side by side, one GPU each) or ``"0+1,2+3"`` (two runs, two GPUs
+    each, e.g. under ``--launcher 'torchrun --nproc_per_node 2'``) -> each run slot's
+    ``CUDA_VISIBLE_DEVICES``."""
+    slots = [s.strip().replace("+", ",") for s in text.split(",")] if text.strip() else []
+    if not all(re.fullmatch(r"\d+(,\d+)*", s) for s in slots):
+        raise ConfigError(f"--gpus {text!r}: GPU numbers separated by ',' (one run each), or joined by '+' "
+                          "(one run on several), e.g. 0,1,2,3 or 0+1,2+3")
+    return slots
+
+
+def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: int, threads: int,
+            gpus: list[str] | None = None) -> bool:
+    """Run the pending jobs, up to ``max_jobs`` at a time; True when every job has finished.  ``gpus``
+    (:func:`parse_gpus`): each training run takes a free slot and sees only its GPUs, so that at most
+    one run trains per slot; scorings (CPU) take none."""
+    free = list(gpus or [])
+    slot_of: dict[str, str] = {}
     pending = [j for j in jobs if not is_done(out, j)]
     finished = {j.name for j in jobs if j not in pending}
     running: dict[str, tuple[Job, subprocess.Popen]] = {}
@@ -929,15 +947,23 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
                 failed.add(j.name)
                 print(f"skipped  {j.name}: a run it needs failed", flush=True)
             elif all(d in finished for d in j.deps):
+                train = j.name.startswith("train:")
+                if gpus and train and not free:
+                    continue  # every GPU slot is busy: a scoring further down may still start
                 pending.remove(j)
-                running[j.name] = (j, _start(j, out, code, threads))
-                print(f"started  {j.name} ({time.strftime('%H:%M:%S')})", flush=True)
+                gpu = free.pop(0) if gpus and train else None
+                if gpu is not None:
+                    slot_of[j.name] = gpu
+                running[j.name] = (j, _start(j, out, code, threads, gpu))
+                print(f"started  {j.name} ({time.strftime('%H:%M:%S')}{f', GPU {gpu}' if gpu else ''})", flush=True)
         time.sleep(2)
         for name, (j, proc) in list(running.items()):
             if proc.poll() is None:
                 continue
             proc._minivln_log.close()  # type: ignore[attr-defined]
             del running[name]
+            if name in slot_of:
+                free.append(slot_of.pop(name))
             took = time.time() - proc._minivln_t0  # type: ignore[attr-defined]
             if proc.returncode == 0:
                 finished.add(name)
@@ -1228,6 +1254,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--launcher", default="",
                    help="command that starts each training run instead of python, e.g. 'torchrun --standalone "
                         "--nproc_per_node 4' (several GPUs per run; use with --jobs 1)")
+    p.add_argument("--gpus", default="",
+                   help="GPU slots for training runs side by side: '0,1,2,3' (one GPU per run) or '0+1,2+3' "
+                        "(two GPUs per run, with a --launcher of 2 processes); each run sees only its slot")
     p.add_argument("--adopt", metavar="RUN=DIR", default=None,
                    help="take DIR, a finished run trained outside this command with the recipe's config of "
                         "RUN, as RUN (copied into OUT/runs, marked done); needs --adopt-commit; runs nothing")
@@ -1245,6 +1274,7 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError("--jobs must be >= 1")
     out = Path(args.out).resolve()
     launcher = shlex.split(args.launcher)
+    gpus = parse_gpus(args.gpus)
     if args.adopt:
         run, _, src = args.adopt.partition("=")
         if not src or not args.adopt_commit:
@@ -1262,7 +1292,7 @@ def _main(args: argparse.Namespace) -> int:
         print(preflight(recipe, out), flush=True)  # every problem at once: PreflightError, exit 2
         return 0
     ok, table = run_experiment(recipe, out, jobs=args.jobs, commit=args.commit, table_only=args.table_only,
-                               launcher=launcher)
+                               launcher=launcher, gpus=gpus)
     print(format_table(table))
     if recipe.results:
         print(f"table: {recipe.results}")
@@ -1270,7 +1300,8 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | None = None, pin: bool = True,
-                   table_only: bool = False, launcher: list[str] | None = None) -> tuple[bool, dict[str, Any]]:
+                   table_only: bool = False, launcher: list[str] | None = None,
+                   gpus: list[str] | None = None) -> tuple[bool, dict[str, Any]]:
     """Pin the code (``pin=False``: run this checkout in place, for tests), run what is pending,
     write the table; ``(every job finished, table)``."""
     out = Path(out).resolve()
@@ -1289,7 +1320,8 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     print(f"{recipe.name}: code {commit[:12]} at {code}; runs in {out / 'runs'}", flush=True)
     ok = True
     if not table_only:
-        ok = execute(plan(recipe, out, code, launcher), out, code, commit, max_jobs=jobs, threads=recipe.threads)
+        ok = execute(plan(recipe, out, code, launcher), out, code, commit, max_jobs=jobs, threads=recipe.threads,
+                     gpus=gpus)
     return ok, write_table(recipe, out, commit)
 
 

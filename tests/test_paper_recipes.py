@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import h5py
@@ -30,12 +31,12 @@ from duet_release import (
     write_view_features,
 )
 
-from minivln.config import load_config
+from minivln.config import ConfigError, load_config
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
 from minivln.data.reverie import ReverieGoals
 from minivln.data.tokenizer import get_tokenizer
-from minivln.experiment import load_recipe, plan, repo_root
+from minivln.experiment import Job, execute, load_recipe, parse_gpus, plan, repo_root
 from minivln.model.checkpoint import read_agent_config
 from minivln.model.registry import get_config
 from minivln.training.finetune import FinetuneConfig
@@ -262,3 +263,25 @@ def test_the_guides_experiment_commands_plan(release, tmp_path, capsys, monkeypa
             assert "nothing missing" in text
             checked += 1
     assert checked >= 5
+
+
+def test_gpu_slots_run_training_side_by_side_one_slot_each(tmp_path, capsys):
+    """``--gpus 0,1``: at most two training runs at a time, each seeing only its own GPU; a freed slot
+    goes to the next run; scorings take none."""
+    record = tmp_path / "seen"
+    record.mkdir()
+    script = ("import os, sys, time, pathlib; p = pathlib.Path(sys.argv[1]); "
+              "p.write_text(os.environ.get('CUDA_VISIBLE_DEVICES', '-') + ' ' + str(time.time())); time.sleep(1.0); "
+              "p.write_text(p.read_text() + ' ' + str(time.time()))")
+    jobs = [Job(f"train:{n}", deps, [sys.executable, "-c", script, str(record / n)], spec=n)
+            for n, deps in (("a", []), ("b", []), ("c", []))]
+    jobs.append(Job("score:a", ["train:a"], [sys.executable, "-c", script, str(record / "score")], spec="s"))
+    assert execute(jobs, tmp_path / "exp", tmp_path, "abc", max_jobs=4, threads=1, gpus=parse_gpus("0,1"))
+    seen = {n: (lambda f: (f[0], float(f[1]), float(f[2])))(
+        (record / n).read_text().split()) for n in ("a", "b", "c", "score")}
+    assert {seen["a"][0], seen["b"][0]} == {"0", "1"} and seen["c"][0] in ("0", "1") and seen["score"][0] == "-"
+    first = min(("a", "b"), key=lambda n: seen[n][2])  # c started after a slot was freed
+    assert seen["c"][1] >= seen[first][2] - 0.05
+    assert parse_gpus("0+1,2+3") == ["0,1", "2,3"]
+    with pytest.raises(ConfigError, match="--gpus"):
+        parse_gpus("0;1")
