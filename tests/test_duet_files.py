@@ -13,7 +13,14 @@ import pytest
 import torch
 from cli_checks import one_error_line, run_cli
 from conftest import SMALL_DUET, SMALL_TOY_DIM
-from duet_release import HM3D_SCAN, hm3d_lines, r2r_lines, write_hm3d_house, write_jsonl
+from duet_release import (
+    HM3D_SCAN,
+    hm3d_lines,
+    r2r_lines,
+    write_hm3d_house,
+    write_jsonl,
+    write_view_features,
+)
 from tinyworld import write_tiny_data
 
 from minivln.config import load_config
@@ -280,21 +287,6 @@ def test_episode_ids_are_compact_and_hashable():
 # ----------------------------------------------------------------------------------- fine-tuning
 
 
-def _features_with_hm3d(small_feats: Path, out: Path) -> Path:
-    """The small toy world's 16-d features plus the HM3D-style house's, in the community layout
-    (``{scan}_{viewpoint}`` -> (36, D), as ScaleVLN's one file holds every house)."""
-    import h5py
-    import numpy as np
-
-    rng = np.random.default_rng(1)
-    with h5py.File(small_feats, "r") as src, h5py.File(out, "w") as dst:
-        for key in src:
-            dst[key] = src[key][...]
-        for vp in ("000000", "000001", "000002", "000003", "000004"):
-            dst[f"{HM3D_SCAN}_{vp}"] = rng.standard_normal((36, SMALL_TOY_DIM)).astype(np.float32)
-    return out
-
-
 def _finetune_args(data: Path, feats: Path, out: Path, *extra: str) -> list[str]:
     return ["finetune", "--out", str(out), "model=duet-cpu", f"model_overrides={json.dumps(SMALL_DUET)}",
             f"data_dir={data}", f"features={feats}", "batch_size=2", "val_batch_size=8", "max_action_len=6",
@@ -307,12 +299,12 @@ def test_finetune_alternates_training_and_augmented_iterations(small_toy, tmp_pa
     6, ... draw from the training split, the others from the augmented pairs, which live in an HM3D-style
     house of another connectivity folder and come with token ids only (their ids are what the agent
     encodes, not their text); 3 iterations, then resumed to 4."""
-    data, small_feats = small_toy
-    feats = _features_with_hm3d(small_feats, tmp_path / "feats_hm3d.h5")
+    data, _ = small_toy
     # a text that is not what the ids say: the ids are what the agent must encode
     aug = write_jsonl(tmp_path / "R2R_hm3d_aug_envdrop_generated_enc.jsonl",
                       [{**line, "instruction": "turn left"} for line in hm3d_lines(4)])
     hm3d = write_hm3d_house(tmp_path / "hm3d_connectivity")
+    feats = write_view_features(tmp_path / "feats_hm3d.h5", data, SMALL_TOY_DIM, [hm3d])  # every house, one file
     extra = (f"aug_files=[{aug}]", "aug_times=2", f"connectivity_dirs=[{hm3d}]")
     run = tmp_path / "run"
     code, out, err = run_cli(_finetune_args(data, feats, run, "train.max_steps=3", *extra), capsys)
