@@ -180,14 +180,16 @@ def unpack_teacher(dest: Path, release: Path = TEACHER_DIR) -> dict[str, Any]:
     return manifest
 
 
-def train_teacher(out: str | Path, jobs: int = 1, progress: bool = True) -> dict[str, Any]:
+def train_teacher(out: str | Path, jobs: int = 1, overrides: list[str] | tuple[str, ...] = (),
+                  progress: bool = True) -> dict[str, Any]:
     """``minivln demo --train-teacher OUT``: run the ``demo-teacher`` recipe on the demo's world (pinned
-    to HEAD, resumable) and pack the result into ``OUT/release`` (the files of ``minivln/demo_teacher``)."""
+    to HEAD, resumable) and pack the result into ``OUT/release`` (the files of ``minivln/demo_teacher``).
+    ``overrides``: ``key=value`` for the recipe (e.g. a test's tiny budget)."""
     out = Path(out).resolve()
     t0 = time.perf_counter()
     data_dir, feats = prepare_world(out, progress)
-    recipe = load_recipe("demo-teacher", [f"data_dir={data_dir}", f"features={feats}",
-                                          f"results={out / 'table.json'}", f"submissions={out / 'submissions'}"])
+    recipe = load_recipe("demo-teacher", [f"data_dir={data_dir}", f"features={feats}", f"results={out / 'table.json'}",
+                                          f"submissions={out / 'submissions'}", *overrides])
     ok, table = run_experiment(recipe, out / "experiment", jobs=jobs, commit="HEAD")
     if not ok:
         raise DataError(f"a training run of the teacher failed: see {out / 'experiment' / 'logs'}")
@@ -240,8 +242,11 @@ def verdict(teacher: float, kd: float, alone: float, gaps: dict[str, tuple[float
     sizes = (f"paired differences in SR points over the same instructions, {sizes} (one training seed: "
              "these standard errors are over instructions, not over training runs)")
     if holds:
+        weak = [name for name, (m, se) in gaps.items() if not m > 2 * se]
+        caveat = (f" A gap under two standard errors ({' and '.join(weak)}) is not established by one run: "
+                  "another training seed may reverse it." if weak else "")
         return True, (f"The order holds: teacher {100 * teacher:.1f} > two-stage student {100 * kd:.1f} > "
-                      f"student alone {100 * alone:.1f} (SR); {sizes}.")
+                      f"student alone {100 * alone:.1f} (SR); {sizes}.{caveat}")
     broken = [what for what, ok in (("the teacher is not ahead of the two-stage student", teacher > kd),
                                     ("distillation did not beat the student alone", kd > alone)) if not ok]
     return False, (f"The order teacher > two-stage > alone does NOT hold in this run: {'; '.join(broken)} "
@@ -256,13 +261,15 @@ def sr_gaps(table: dict[str, Any]) -> dict[str, tuple[float, float]]:
             for c in table.get("comparisons", []) for g in c.get("gaps", []) if g["metric"] == "sr"}
 
 
-def prune(experiment: Path) -> None:
-    """Drop what a finished demo no longer needs: every run's resume state (``latest/``) and the
-    students' pretrained weights (their fine-tuning runs have started from them)."""
-    for run in (experiment / "runs").iterdir():
+def prune(out: Path) -> None:
+    """Drop what a finished demo no longer needs: every run's resume state (``latest/``), the students'
+    pretrained weights (their fine-tuning runs have started from them) and the unpacked stage-1 teacher
+    (a later call unpacks it again if a run needs it)."""
+    for run in (out / "experiment" / "runs").iterdir():
         for sub in [*run.glob("latest*"), *run.glob(".latest*"), run / "pretrained"]:
             if sub.is_dir():
                 shutil.rmtree(sub)
+    shutil.rmtree(out / "teacher" / "pretrained", ignore_errors=True)
 
 
 def parameters(checkpoint: Path) -> int:
@@ -335,7 +342,7 @@ def run_demo(out: str | Path | None = None, jobs: int = 2, train: bool = True, d
         results.update({"order_holds": holds, "reading": reading, "sr_gaps": gaps, "table": str(out / "table.json"),
                         "parameters": {"teacher": parameters(out / "teacher" / "model"),
                                        "student": parameters(out / "experiment" / "runs" / "student-kd" / "model")}})
-        prune(out / "experiment")
+        prune(out)
 
     print(f"\n[5/6] R2R-style val_unseen of the toy world, {len(episodes)} instructions, "
           f"{results['features'].upper()} features")

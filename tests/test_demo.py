@@ -68,7 +68,10 @@ def test_packing_keeps_the_toy_vocabulary_and_unpacking_checks_the_sums(tmp_path
 
 def test_the_reading_says_when_the_order_does_not_hold():
     holds, text = demo.verdict(0.5, 0.4, 0.3, {"teacher - two-stage": (0.1, 0.02), "two-stage - alone": (0.1, 0.03)})
-    assert holds and text.startswith("The order holds") and "under 2 s.e." not in text
+    assert holds and text.startswith("The order holds") and "under 2 s.e." not in text and "established" not in text
+    holds, text = demo.verdict(0.6, 0.25, 0.22,
+                               {"teacher - two-stage": (0.35, 0.03), "two-stage - alone": (0.03, 0.03)})
+    assert holds and "+3.0 ± 3.0 (under 2 s.e.)" in text and "two-stage - alone) is not established" in text
     holds, text = demo.verdict(0.5, 0.3, 0.32, {"teacher - two-stage": (0.2, 0.03), "two-stage - alone": (-0.02, 0.03)})
     assert not holds and "does NOT hold" in text and "distillation did not beat the student alone" in text
     assert "-2.0 ± 3.0 (under 2 s.e.)" in text
