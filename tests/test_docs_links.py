@@ -105,3 +105,23 @@ def test_the_task_pages_commands_parse():
             assert not options, (page.name, cmd, options)
             checked += 1
     assert checked >= 20
+
+
+#: pages that are records or plans themselves, and may carry dated figures
+RECORD_PAGES = {"results.md", "demo.md", "guide-gpu.md"}
+DATED = re.compile(r"commit [0-9a-f]{7}\b|older figures?:|re-run at|load average (about )?\d|when written")
+
+
+def test_the_task_and_reference_pages_leave_dated_measurements_to_the_record():
+    """A measurement that came from a run (its commit, machine load, 'older figure', 're-run at') lives in
+    docs/results.md; the other pages link to it (issue 23, item 5)."""
+    found = {}
+    for page in sorted((REPO / "docs").glob("*.md")):
+        if page.name in RECORD_PAGES or page.name.startswith("preregistration"):
+            continue
+        hits = [line.strip()[:100] for line in _prose(page.read_text()).splitlines()
+                if DATED.search(line) and "results.md#" not in line]
+        if hits:
+            found[page.name] = hits
+    assert not found, found
+    assert DATED.search("(older figure: commit 0494b45, AMD EPYC)")
