@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import shutil
 import statistics
 import time
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from minivln.bench.common import cpu_info
 from minivln.bench.model import record_episode, run_episode
 from minivln.data.datasets import load_episodes
 from minivln.data.graph import Graphs
@@ -180,25 +180,27 @@ def unpack_teacher(dest: Path, release: Path = TEACHER_DIR) -> dict[str, Any]:
     return manifest
 
 
-def train_teacher(out: str | Path, jobs: int = 1, overrides: list[str] | tuple[str, ...] = (),
+def train_teacher(out: str | Path, jobs: int = 1, overrides: list[str] | tuple[str, ...] = (), pin: bool = True,
                   progress: bool = True) -> dict[str, Any]:
     """``minivln demo --train-teacher OUT``: run the ``demo-teacher`` recipe on the demo's world (pinned
     to HEAD, resumable) and pack the result into ``OUT/release`` (the files of ``minivln/demo_teacher``).
-    ``overrides``: ``key=value`` for the recipe (e.g. a test's tiny budget)."""
+    ``overrides``: ``key=value`` for the recipe (e.g. a test's tiny budget); ``pin=False`` runs this
+    checkout in place (tests)."""
     out = Path(out).resolve()
     t0 = time.perf_counter()
     data_dir, feats = prepare_world(out, progress)
     recipe = load_recipe("demo-teacher", [f"data_dir={data_dir}", f"features={feats}", f"results={out / 'table.json'}",
                                           f"submissions={out / 'submissions'}", *overrides])
-    ok, table = run_experiment(recipe, out / "experiment", jobs=jobs, commit="HEAD")
+    ok, table = run_experiment(recipe, out / "experiment", jobs=jobs, commit="HEAD" if pin else None, pin=pin)
     if not ok:
         raise DataError(f"a training run of the teacher failed: see {out / 'experiment' / 'logs'}")
     runs = out / "experiment" / "runs"
     row = next(r for r in table["rows"] if r["name"] == "teacher")
     done = [json.loads(f.read_text()) for f in sorted((out / "experiment" / "done").glob("train-*.json"))]
+    cpu = cpu_info()
     provenance = {
         "recipe": "configs/experiments/demo-teacher.yaml", "commit": table["commit"],
-        "packed": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+        "packed": time.strftime("%Y-%m-%d"), "machine": f"{cpu['model_name']}, {cpu['logical_cpus']} CPUs",
         "torch": torch.__version__, "train_seconds": sum(d.get("seconds", 0.0) for d in done),
         "val_unseen_before_packing": {k: row[k] for k in ("episodes", "sr", "sr_se", "spl", "spl_se")},
         "reproduce": f"minivln demo --train-teacher {out}",

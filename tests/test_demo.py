@@ -104,3 +104,14 @@ def test_the_demo_pipeline_on_a_tiny_budget(tmp_path, capsys):
     again = demo.run_demo(out, train=False, progress=False)["agents"][demo.RANDOM_ROW]
     assert {k: again[k] for k in res["agents"][demo.RANDOM_ROW]} == pytest.approx(res["agents"][demo.RANDOM_ROW])
     assert "reading" in json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_training_the_teacher_again_packs_a_release_the_demo_reads(tmp_path):
+    tiny = [f"runs.{run}.overrides.train.max_steps=2" for run in ("teacher-pre", "teacher")]
+    manifest = demo.train_teacher(tmp_path / "t", overrides=tiny, pin=False, progress=False)
+    release = tmp_path / "t" / "release"
+    assert sorted(p.name for p in release.iterdir()) == ["manifest.json", "model.safetensors", "pretrained.safetensors"]
+    assert manifest["val_unseen_before_packing"]["episodes"] >= 300 and manifest["train_seconds"] > 0
+    assert demo.unpack_teacher(tmp_path / "u", release=release) == manifest
+    assert load_agent_model(tmp_path / "u" / "model").config.hidden_size == 128
