@@ -366,7 +366,9 @@ def run_demo(out: str | Path | None = None, jobs: int = 2, train: bool = True, d
 
 def closing(out: Path, results: dict[str, Any], manifest: dict[str, Any], release: Path = TEACHER_DIR) -> str:
     """The demo's last paragraph: what it showed, where the files are, what to run next."""
-    took = f"this call {results['seconds'] / 60:.1f} min; {results['bytes_written'] / 1e6:.0f} MB under {out}"
+    secs = results["seconds"]
+    took = f"this call {secs / 60:.1f} min" if secs >= 120 else f"this call {secs:.0f} s"
+    took += f"; {results['bytes_written'] / 1e6:.0f} MB under {out}"
     if "reading" not in results:
         return (f"Shown ({took}): the toy world, its stand-in features and the official metrics, with the expert "
                 f"and the random walker, and the released teacher ({release}) checked. `minivln demo` without "
