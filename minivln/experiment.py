@@ -62,7 +62,7 @@ from minivln.data.reverie import ReverieGoals, with_name_overlap_objects
 from minivln.distill.compat import check_teacher
 from minivln.env.env import NavBatchEnv, random_walker_submission
 from minivln.evaluation.evaluator import Evaluator, load_submission
-from minivln.evaluation.stats import arm_summary, arms, compare_over_seeds, gap_over_episodes
+from minivln.evaluation.stats import arm_summary, arms, compare_over_seeds, gap_over_episodes, mean_se
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.model.checkpoint import read_agent_config
 from minivln.model.config import DUETConfig
@@ -321,6 +321,12 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.")
 
 
+def row_weights(row: RowSpec, out: Path, root: Path) -> Path:
+    """The weights a (non-random) row scores: its run's ``model`` / ``model-ema`` in the experiment
+    directory ``out``, or its checkpoint (relative to the repository ``root``)."""
+    return out / "runs" / row.run / row.weights if row.run else Path(_abs(row.checkpoint, root))
+
+
 def score_key(row: RowSpec) -> str:
     """What a row scores, so that rows of several tables scoring the same run share one scoring."""
     if row.run:
@@ -519,7 +525,7 @@ def plan(recipe: Recipe, out: Path, code: Path, launcher: list[str] | None = Non
     for row in recipe.rows:
         if row.random:
             continue  # scored in-process when the table is written (seconds)
-        ckpt = out / "runs" / row.run / row.weights if row.run else Path(_abs(row.checkpoint, root))
+        ckpt = row_weights(row, out, root)
         target = score_key(row)
         if f"score:{target}" in {j.name for j in jobs}:
             continue
@@ -980,14 +986,6 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
 # ------------------------------------------------------------------------------------------ table
 
 
-def _se(values: list[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def write_gz(path: Path, entries: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -1067,13 +1065,13 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
         rec.update({k: summary[k] for k in evaluator.metric_names})
         for k in ("sr", "spl", "rgs", "rgspl"):
             if k in evaluator.metric_names:
-                rec[f"{k}_se"] = _se([float(e[k]) for e in per_ep.values()])
+                rec[f"{k}_se"] = mean_se([float(e[k]) for e in per_ep.values()])[1]
         rec["submission"] = str(gz.relative_to(root)) if gz.is_relative_to(root) else str(gz)
         if row.picker:
             rec["picker"] = row.picker
-        weights = out / "runs" / row.run / row.weights if row.run else Path(_abs(row.checkpoint, root))
-        if (weights / "model.safetensors").is_file():
-            rec["parameters"] = count_parameters(weights / "model.safetensors")
+        weights = row_weights(row, out, root) / "model.safetensors"
+        if weights.is_file():
+            rec["parameters"] = count_parameters(weights)
         if row.note:
             rec["note"] = row.note
         rows.append(rec)
