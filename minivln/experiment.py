@@ -1027,8 +1027,7 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
                 continue
             entries = json.loads(src.read_text())
             if row.picker == "name-overlap":
-                entries = with_name_overlap_objects(entries, load_episodes(recipe.task, recipe.split, evaluator.data_dir),
-                                                    evaluator.data_dir)
+                entries = with_name_overlap_objects(entries, evaluator.episodes.values(), evaluator.data_dir)
             write_gz(gz, entries)
         summary, per_ep = evaluator.score(load_submission(gz))
         per_episode[row.name] = per_ep
@@ -1138,14 +1137,13 @@ def summary_table(recipe: Recipe, table: dict[str, Any]) -> dict[str, Any]:
     its seeds), parameters, and share of the reference row."""
     spec, rows = recipe.summary, table["rows"]
     by_name = {r["name"]: r for r in rows}
-    per_arm = arm_summary(rows, spec.metrics)
+    per_arm, by_arm = arm_summary(rows, spec.metrics), arms(rows)
     ref = by_name.get(spec.reference)
     entries = []
     for name in spec.entries:
         if name in per_arm:
-            seeds = arms(rows)[name]
             rec: dict[str, Any] = {"name": name, "seeds": per_arm[name]["seeds"],
-                                   "parameters": next(iter(seeds.values())).get("parameters")}
+                                   "parameters": next(iter(by_arm[name].values())).get("parameters")}
             for m in spec.metrics:
                 rec[m], rec[f"{m}_se_over_seeds"] = per_arm[name][m]["mean"], per_arm[name][m]["se"]
         elif name in by_name:
