@@ -12,7 +12,7 @@ the demo cannot afford) ships with the package in ``minivln/demo_teacher/`` (fp1
    distilled in two stages from the released teacher (stage 1 while pretraining, stage 2 while
    fine-tuning), and the same student trained alone with the same steps; scores every row;
 5. prints the rows with standard errors, says whether teacher > two-stage > alone holds (and how far
-   apart), draws the bars of the table;
+   apart), draws the bars of the table (``table_bars.svg``: no matplotlib needed);
 6. exports the distilled student to ONNX (fp32 and int8, with the ``deploy`` extra) and times one
    episode of the teacher and of the student on each runtime;
 
@@ -31,7 +31,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -47,12 +47,20 @@ from minivln.deploy.runtime import OnnxRuntimeDUET
 from minivln.env.env import NavBatchEnv, evaluate_policy, expert_policy
 from minivln.evaluation.evaluator import Evaluator
 from minivln.evaluation.stats import mean_se
-from minivln.experiment import Recipe, load_recipe, plot_bars, random_submission, run_experiment
+from minivln.experiment import Job, Recipe, load_recipe, random_submission, run_experiment
 from minivln.features.hdf5 import FeatureStore
 from minivln.features.standin import build_standin
-from minivln.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_agent_model, read_agent_config, read_safetensors
+from minivln.model.checkpoint import (
+    CONFIG_NAME,
+    ROWS_KEY,
+    WEIGHTS_NAME,
+    load_agent_model,
+    read_agent_config,
+    read_safetensors,
+)
 from minivln.model.duet import DUET
 from minivln.paths import DataError, atomic_write_text, cache_dir
+from minivln.training.plot import bars_svg
 
 DEMO_SEED = 0
 DEMO_WORLD = ToyWorldConfig(r2r_val_unseen=100)  # 100 paths x 3 instructions: 300 val_unseen instructions
@@ -85,8 +93,8 @@ def prepare_world(out: Path, progress: bool = True) -> tuple[Path, Path]:
     """The demo's toy world and its stand-in view features under ``out`` (reused when present)."""
     data_dir = ensure_toy_world(out / "toyworld", seed=DEMO_SEED, config=DEMO_WORLD)
     feats = out / "features" / "standin_views.hdf5"
-    if not feats.is_file():
-        build_standin(data_dir, feats, progress=progress)
+    if not feats.is_file():  # compressed: lossless, 0.6x the disk
+        build_standin(data_dir, feats, progress=progress, compress=True)
     return data_dir, feats
 
 
@@ -156,7 +164,9 @@ def read_manifest(release: Path = TEACHER_DIR) -> dict[str, Any]:
 def unpack_teacher(dest: Path, release: Path = TEACHER_DIR) -> dict[str, Any]:
     """Check the released teacher's files against their sha256 and write each part as a saved model
     directory ``dest/PART`` (fp16; word-embedding rows no toy instruction uses are zero), reusing one
-    unpacked from the same file; returns the manifest."""
+    unpacked from the same file; returns the manifest.  The weights file keeps the release's compact
+    tables, its header saying how to expand them (``minivln.rows``: every reader of saved models does),
+    so that the zero rows take no disk."""
     manifest = read_manifest(release)
     for part in TEACHER_PARTS:
         info = manifest["parts"][part]
@@ -167,14 +177,9 @@ def unpack_teacher(dest: Path, release: Path = TEACHER_DIR) -> dict[str, Any]:
         target, stamp = dest / part, dest / part / "released.sha256"
         if stamp.is_file() and stamp.read_text().strip() == info["sha256"]:
             continue
-        tensors = load_file(str(path))
-        rows = tensors.pop(VOCAB_ROWS).long()
-        for key in info["compact"]:
-            full = torch.zeros(info["config"]["vocab_size"], tensors[key].shape[1], dtype=tensors[key].dtype)
-            full[rows] = tensors[key]
-            tensors[key] = full
+        rows = {"index": VOCAB_ROWS, "rows": info["config"]["vocab_size"], "keys": info["compact"]}
         target.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(target / WEIGHTS_NAME))
+        save_file(load_file(str(path)), str(target / WEIGHTS_NAME), metadata={ROWS_KEY: json.dumps(rows)})
         atomic_write_text(target / CONFIG_NAME, json.dumps(info["config"], indent=2) + "\n")
         atomic_write_text(stamp, info["sha256"] + "\n")
     return manifest
@@ -263,6 +268,32 @@ def sr_gaps(table: dict[str, Any]) -> dict[str, tuple[float, float]]:
             for c in table.get("comparisons", []) for g in c.get("gaps", []) if g["metric"] == "sr"}
 
 
+def pruner(out: Path, recipe: Recipe) -> Callable[[Job], None]:
+    """The runner's ``on_finished`` for the demo: as soon as a training run has finished, what no job
+    still to run needs goes, so that the demo's disk stays small: the run's resume checkpoint
+    (``latest/``: a finished run is not run again), a pretraining run's weights once every run that
+    starts from them has finished, and the unpacked stage-1 teacher once every run that learns from it
+    has finished.  A demo stopped mid-way still resumes: a running run keeps its ``latest/``."""
+    runs, stage1 = out / "experiment" / "runs", out / "teacher" / "pretrained"
+    starts_from = {name: {r for r, spec in recipe.runs.items() if spec.init == name} for name in recipe.runs}
+    learn_stage1 = {r for r, spec in recipe.runs.items() if Path(str(spec.overrides.get("teacher", ""))) == stage1}
+    finished: set[str] = set()
+
+    def on_finished(job: Job) -> None:
+        if not job.name.startswith("train:"):
+            return
+        run = job.name.split(":", 1)[1]
+        finished.add(run)
+        drop = [runs / run / "latest", runs / run / ".latest.old"]
+        drop += [runs / name / "pretrained" for name, users in starts_from.items() if users and users <= finished]
+        if learn_stage1 and learn_stage1 <= finished:
+            drop.append(stage1)
+        for path in drop:
+            shutil.rmtree(path, ignore_errors=True)
+
+    return on_finished
+
+
 def prune(out: Path) -> None:
     """Drop what a finished demo no longer needs: every run's resume state (``latest/``), the students'
     pretrained weights (their fine-tuning runs have started from them) and the unpacked stage-1 teacher
@@ -333,12 +364,12 @@ def run_demo(out: str | Path | None = None, jobs: int = 2, train: bool = True, d
         print(f"[4/6] training: the student distilled in two stages from the released teacher, and the same "
               f"student alone ({jobs} process{'es' if jobs != 1 else ''} at a time; each line is a run or a "
               "scoring starting or finishing)", flush=True)
-        ok, table = run_experiment(recipe, out / "experiment", jobs=jobs, pin=False)
+        ok, table = run_experiment(recipe, out / "experiment", jobs=jobs, pin=False, on_finished=pruner(out, recipe))
         if not ok:
             raise DataError(f"a training run of the demo failed: see {out / 'experiment' / 'logs'}")
         for row in table["rows"]:
             rows[row["name"]] = {k: row[k] for k in (*SHOWN, "sr_se", "spl_se")}
-        plot_bars(table, out / "table_bars.png")
+        bars_svg(table, out / "table_bars.svg")
         gaps = sr_gaps(table)
         holds, reading = verdict(rows[TEACHER_ROW]["sr"], rows[KD_ROW]["sr"], rows[ALONE_ROW]["sr"], gaps)
         results.update({"order_holds": holds, "reading": reading, "sr_gaps": gaps, "table": str(out / "table.json"),
@@ -354,7 +385,7 @@ def run_demo(out: str | Path | None = None, jobs: int = 2, train: bool = True, d
         print(metric_row(name, m))
     if train:
         print(reading)
-        print(f"(bars of this table: {out / 'table_bars.png'})")
+        print(f"(bars of this table: {out / 'table_bars.svg'})")
         results["speed"] = speed(out) if deploy else None
     results["seconds"] = time.perf_counter() - t0
     results["bytes_written"] = disk_bytes(out)
@@ -391,7 +422,7 @@ def closing(out: Path, results: dict[str, Any], manifest: dict[str, Any], releas
         f"{100 * a[KD_ROW]['sr']:.1f}, and the same student trained alone with the same steps "
         f"{100 * a[ALONE_ROW]['sr']:.1f} (random walker {100 * a[RANDOM_ROW]['sr']:.1f}). {order}{speed_text} "
         f"Toy world, stand-in features: the method and its code at work, not the paper's numbers.\n"
-        f"Files: {out / 'metrics.json'} (everything above), {out / 'table.json'} and {out / 'table_bars.png'} (the "
+        f"Files: {out / 'metrics.json'} (everything above), {out / 'table.json'} and {out / 'table_bars.svg'} (the "
         f"table and its bars), {out / 'submissions'} (each row's trajectories: `minivln eval --task r2r --split "
         f"val_unseen --data-dir {out / 'toyworld'} --preds FILE` re-scores one), {out / 'experiment'} (runs, "
         f"logs){exported}.\n"

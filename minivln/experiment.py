@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -78,7 +78,7 @@ from minivln.paths import (
 )
 from minivln.training.finetune import FinetuneConfig
 from minivln.training.logging import read_jsonl
-from minivln.training.plot import new_figure, save_png
+from minivln.training.plot import new_figure, require_matplotlib, save_png
 from minivln.training.pretrain import PretrainConfig, resolve_mix
 
 COMMANDS = ("pretrain", "finetune")
@@ -929,10 +929,11 @@ def parse_gpus(text: str) -> list[str]:
 
 
 def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: int, threads: int,
-            gpus: list[str] | None = None) -> bool:
+            gpus: list[str] | None = None, on_finished: Callable[[Job], None] | None = None) -> bool:
     """Run the pending jobs, up to ``max_jobs`` at a time; True when every job has finished.  ``gpus``
     (:func:`parse_gpus`): each training run takes a free slot and sees only its GPUs, so that at most
-    one run trains per slot; scorings (CPU) take none."""
+    one run trains per slot; scorings (CPU) take none.  ``on_finished(job)``: called once a job's done
+    mark is written, before the next job starts (e.g. to delete what no pending job needs)."""
     free = list(gpus or [])
     slot_of: dict[str, str] = {}
     pending = [j for j in jobs if not is_done(out, j)]
@@ -977,6 +978,8 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
                        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": j.argv}
                 atomic_write_text(_done_file(out, j), json.dumps(rec, indent=1) + "\n")
                 print(f"finished {name} in {took / 60:.1f} min", flush=True)
+                if on_finished is not None:
+                    on_finished(j)
             else:
                 failed.add(name)
                 print(f"FAILED   {name} (exit {proc.returncode}); see {out / 'logs'}", flush=True)
@@ -1297,9 +1300,10 @@ def _main(args: argparse.Namespace) -> int:
 
 def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | None = None, pin: bool = True,
                    table_only: bool = False, launcher: list[str] | None = None,
-                   gpus: list[str] | None = None) -> tuple[bool, dict[str, Any]]:
-    """Pin the code (``pin=False``: run this checkout in place, for tests), run what is pending,
-    write the table; ``(every job finished, table)``."""
+                   gpus: list[str] | None = None,
+                   on_finished: Callable[[Job], None] | None = None) -> tuple[bool, dict[str, Any]]:
+    """Pin the code (``pin=False``: run this checkout in place, for tests), run what is pending
+    (``on_finished``: see :func:`execute`), write the table; ``(every job finished, table)``."""
     out = Path(out).resolve()
     # before any work: the experiment directory and where the table and submissions go must take files
     check_writable_dir(out, "experiment directory")
@@ -1307,6 +1311,8 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     if recipe.results:
         check_writable_dir((root / recipe.results).parent, "results directory")
     check_writable_dir(root / (recipe.submissions or f"docs/results/{recipe.name}"), "submissions directory")
+    if recipe.plots:  # the pictures need the plot extra: say so before hours of training, not after
+        require_matplotlib()
     if not table_only:  # before the pin and any job: what the runs and rows need (PreflightError)
         print(preflight(recipe, out, None if pin else root), flush=True)
     if pin:
@@ -1317,7 +1323,7 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     ok = True
     if not table_only:
         ok = execute(plan(recipe, out, code, launcher), out, code, commit, max_jobs=jobs, threads=recipe.threads,
-                     gpus=gpus)
+                     gpus=gpus, on_finished=on_finished)
     return ok, write_table(recipe, out, commit)
 
 

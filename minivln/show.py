@@ -16,10 +16,9 @@ import argparse
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Circle
 
 from minivln.data.datasets import Episode, load_episodes
 from minivln.data.graph import Graphs, House
@@ -27,7 +26,10 @@ from minivln.evaluation.evaluator import Evaluator, load_submission
 from minivln.evaluation.metrics import SUCCESS_DISTANCE
 from minivln.paths import DataError, resolve_data_dir
 from minivln.training.navigate import navigate
-from minivln.training.plot import new_figure, save_png
+from minivln.training.plot import new_figure, require_matplotlib, save_png
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FLOOR_GAP = 1.5  # metres: viewpoints more than this above/below every path node are on another floor
 
@@ -48,6 +50,10 @@ def draw_episode(house: House, episode: Episode, trajectory: list[str], metrics:
     z = pos[on_path, 2]
     same_floor = np.any(np.abs(pos[:, 2][:, None] - z[None, :]) < FLOOR_GAP, axis=1)
     fig = new_figure(7.5, 7.5)
+    from matplotlib.patches import (
+        Circle,  # the optional plot extra: new_figure says how to install it
+    )
+
     ax = fig.add_subplot(1, 1, 1)
     ii, jj = np.nonzero(np.triu(house.adjacency))
     for i, j in zip(ii, jj):
@@ -89,6 +95,7 @@ def show(task: str, split: str, instr_id: str, out: str | Path, *, preds: str | 
     """Draw ``instr_id`` from a submission file or by running a checkpoint; returns the PNG path."""
     if (preds is None) == (checkpoint is None):
         raise DataError("show: give exactly one of --preds (a submission) and --checkpoint (an agent to run)")
+    require_matplotlib()  # before the agent runs
     root = resolve_data_dir(data_dir)
     episodes = {e.instr_id: e for e in load_episodes(task, split, root)}
     if instr_id not in episodes:

@@ -11,6 +11,7 @@ import torch
 
 from minivln import demo
 from minivln.data.toyworld import ensure_toy_world
+from minivln.experiment import Job
 from minivln.model.checkpoint import load_agent_model, save_pretrained
 from minivln.model.duet import DUET
 from minivln.model.registry import get_config
@@ -30,6 +31,9 @@ def test_the_released_teacher_matches_its_manifest(tmp_path):
         total += (demo.TEACHER_DIR / info["file"]).stat().st_size
         model = load_agent_model(tmp_path / part)
         assert model.config.hidden_size == info["config"]["hidden_size"] == 128
+        # unpacked, the zero rows of the word-embedding table take no disk (the header says how to expand)
+        assert (tmp_path / part / "model.safetensors").stat().st_size < 1.01 * info["bytes"]
+        assert model.embeddings.word_embeddings.weight.shape[0] == info["config"]["vocab_size"]
     assert total < 15e6  # the package stays small
     teacher_pre, teacher = (load_agent_model(tmp_path / p).state_dict() for p in demo.TEACHER_PARTS)
     assert teacher_pre.keys() == teacher.keys()
@@ -66,6 +70,32 @@ def test_packing_keeps_the_toy_vocabulary_and_unpacking_checks_the_sums(tmp_path
         demo.unpack_teacher(tmp_path / "out2", release=tmp_path / "release")
 
 
+def test_the_pruner_drops_what_no_run_still_to_come_needs(tmp_path):
+    recipe = demo.demo_recipe(tmp_path, tmp_path / "toyworld", tmp_path / "features.hdf5")
+    runs = tmp_path / "experiment" / "runs"
+    for run in recipe.runs:
+        (runs / run / "latest").mkdir(parents=True)
+        (runs / run / ("pretrained" if run.endswith("-pre") or "-pre-" in run else "model")).mkdir()
+    for part in demo.TEACHER_PARTS:
+        (tmp_path / "teacher" / part).mkdir(parents=True)
+    on_finished = demo.pruner(tmp_path, recipe)
+
+    def left() -> set[str]:
+        return {str(p.relative_to(tmp_path)) for p in tmp_path.glob("*/*") if p.parent.name == "teacher"} | {
+            str(p.relative_to(runs)) for p in runs.glob("*/*")}
+
+    start = left()
+    on_finished(Job("score:student alone", [], []))
+    assert left() == start
+    on_finished(Job("train:student-pre", [], []))  # its weights wait for the student that starts from them
+    assert left() == start - {"student-pre/latest"}
+    on_finished(Job("train:student-pre-kd", [], []))  # stage 1 over: its teacher goes
+    assert left() == start - {"student-pre/latest", "student-pre-kd/latest", "teacher/pretrained"}
+    on_finished(Job("train:student", [], []))
+    on_finished(Job("train:student-kd", [], []))
+    assert left() == {"student/model", "student-kd/model", "teacher/model"}
+
+
 def test_the_reading_says_when_the_order_does_not_hold():
     holds, text = demo.verdict(0.5, 0.4, 0.3, {"teacher - two-stage": (0.1, 0.02), "two-stage - alone": (0.1, 0.03)})
     assert holds and text.startswith("The order holds") and "under 2 s.e." not in text and "established" not in text
@@ -95,7 +125,7 @@ def test_the_demo_pipeline_on_a_tiny_budget(tmp_path, capsys):
         assert row["steps"] == 2 and row["pretrain_steps"] == 2
     assert set(res["sr_gaps"]) == {"teacher - two-stage", "two-stage - alone"}
     assert res["order_holds"] == (table["rows"][0]["sr"] > table["rows"][1]["sr"] > table["rows"][2]["sr"])
-    assert (out / "table_bars.png").stat().st_size > 0
+    assert (out / "table_bars.svg").read_text().startswith("<svg") and not list(out.glob("*.png"))
     assert res["bytes_written"] < 100e6 and not list((out / "experiment" / "runs").glob("*/latest"))
     printed = capsys.readouterr().out
     assert res["reading"] in printed and "What this showed" in printed and "Next, on real data" in printed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from scipy.sparse import csr_matrix
 
 from minivln.features.hdf5 import (
     NUM_CLASSES,
@@ -16,6 +17,7 @@ from minivln.features.hdf5 import (
     ObjectFeatureWriter,
     probs_to_logits,
 )
+from minivln.features.standin import Sparse
 from minivln.paths import DataError
 
 SCAN, VP = "scanA", "0123abcd"
@@ -28,6 +30,38 @@ def _write_raw(path, arrays: dict[str, np.ndarray], attrs: dict | None = None) -
             f.create_dataset(k, data=v)
         for k, v in (attrs or {}).items():
             f.attrs[k] = v
+
+
+# -- the stand-in builder's sparse products ----------------------------------------------------------
+def test_sparse_products_are_scipys_bit_for_bit():
+    """The builder's NumPy sparse matrix gives the same floats as scipy's CSR (each row summed in column
+    order, a position given twice summed), so the stand-in features did not change when scipy left."""
+    rng = np.random.default_rng(0)
+    shape = (300, 40)
+    cells = rng.choice(shape[0] * shape[1], 2000, replace=False)
+    cells = np.concatenate([cells, cells[:300]])  # 300 positions given twice (more: scipy's order is its own)
+    rows, cols = cells // shape[1], cells % shape[1]
+    nnz = len(cells)
+    vals = rng.random(nnz) ** 3  # float64 values, stored as float32
+    ours = Sparse.of(vals, rows, cols, shape)
+    ref = csr_matrix((vals, (rows, cols)), shape=shape, dtype=np.float32)
+    ref.sum_duplicates()
+    assert len(ours.vals) == ref.nnz < nnz  # some positions repeat
+    for x in (rng.standard_normal((shape[1], 384)).astype(np.float32), rng.standard_normal((shape[1], 7))):
+        got, want = ours.dot(x), np.asarray(ref @ x)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+    y = rng.standard_normal((shape[0], 5)).astype(np.float32)
+    assert ours.transpose().dot(y).tobytes() == np.asarray(ref.T @ y).tobytes()
+    counts = Sparse.of(np.ones(nnz), rows, cols, shape)  # the builder sums counts (exact in any order)
+    ref_counts = csr_matrix((np.ones(nnz), (rows, cols)), shape=shape, dtype=np.float32)
+    for axis in (0, 1):
+        assert counts.sum(axis).tobytes() == np.asarray(ref_counts.sum(axis)).ravel().tobytes()
+    assert counts.vals.max() == 2 and counts.sum(1).sum() == nnz
+    other = Sparse.of(rng.random(50), rng.integers(0, shape[0], 50), rng.integers(0, shape[1], 50), shape)
+    both = ours.plus(other)
+    dense = np.asarray((ref + csr_matrix((other.vals, (other.rows, other.cols)), shape=shape)).todense())
+    np.testing.assert_array_equal(np.asarray(csr_matrix((both.vals, (both.rows, both.cols)), shape=shape).todense()),
+                                  dense)
 
 
 # -- reader / writer -------------------------------------------------------------------------------
@@ -77,6 +111,24 @@ def test_writer_class_layouts(tmp_path, layout):
     assert store.class_layout == layout
     np.testing.assert_allclose(store.get(SCAN, VP), fts, rtol=1e-6)
     np.testing.assert_allclose(store.classes(SCAN, VP), probs, atol=2e-3)
+
+
+def test_compressed_features_read_back_the_same_and_take_less_disk(tmp_path):
+    rng = np.random.default_rng(2)
+    views = {f"vp{i}": rng.standard_normal((36, 768)).astype(np.float16) for i in range(20)}
+    for fts in views.values():
+        fts[:12, :256] = 0  # views with nothing near, as stand-in features have
+    sizes = {}
+    for compress in (False, True):
+        path = tmp_path / f"f{compress}.hdf5"
+        with FeatureWriter(path, dim=768, standin=True, description="x", compress=compress) as w:
+            for vp, fts in views.items():
+                w.add(SCAN, vp, fts)
+        store = FeatureStore(path, expected_dim=768)
+        for vp, fts in views.items():
+            assert np.asarray(store.get(SCAN, vp), np.float32).tobytes() == fts.astype(np.float32).tobytes()
+        sizes[compress] = path.stat().st_size
+    assert sizes[True] < 0.95 * sizes[False]
 
 
 def test_wrong_dim_names_expected_and_found(tmp_path):

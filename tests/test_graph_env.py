@@ -2,11 +2,14 @@ import math
 
 import numpy as np
 import pytest
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
 from tinyworld import SCAN, write_tiny_data
 
 from minivln import geometry as geo
 from minivln.data.datasets import load_episodes
-from minivln.data.graph import Graphs, list_scans, load_house
+from minivln.data.graph import Graphs, build_house, list_scans, load_house, shortest_paths
+from minivln.data.toyworld import ToyWorldConfig, ensure_toy_world
 from minivln.env.env import (
     NavBatchEnv,
     candidates_at,
@@ -53,6 +56,55 @@ def test_graph_cache_round_trip(tiny):
     assert h2.vp_ids == h1.vp_ids
     np.testing.assert_array_equal(h1.dist, h2.dist)
     np.testing.assert_array_equal(h1.pred, h2.pred)
+
+
+def _scipys(weights):
+    dist, pred = dijkstra(csr_matrix(weights), directed=False, return_predecessors=True)
+    return dist, pred.astype(np.int32)
+
+
+def test_shortest_paths_are_scipys_on_random_graphs():
+    """Same distances (bit for bit) and predecessors as scipy's Dijkstra, disconnected parts included."""
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 9, 60):
+        edge = rng.random((n, n)) < 0.1
+        edge = np.triu(edge | edge.T, 1)
+        edge[: n // 2, n // 2:] = False  # two parts that no path joins
+        weights = rng.uniform(0.5, 3.0, (n, n)) * edge
+        weights = weights + weights.T
+        dist, pred = shortest_paths(weights)
+        ref_dist, ref_pred = _scipys(weights)
+        assert dist.dtype == np.float64 and pred.dtype == np.int32
+        np.testing.assert_array_equal(dist, ref_dist)
+        np.testing.assert_array_equal(pred, ref_pred)
+        if n == 60:
+            assert np.isinf(dist).sum() == 2 * 30 * 30 and (pred >= 0).sum() > 2 * n
+
+
+def _graph_weights(house):
+    return np.linalg.norm(house.positions[:, None] - house.positions[None], axis=-1) * house.adjacency
+
+
+def test_shortest_paths_are_scipys_on_the_toy_world(tmp_path):
+    data = ensure_toy_world(tmp_path / "toy", 0, ToyWorldConfig())
+    graphs = Graphs(data)
+    for scan in graphs.scans():
+        house = graphs[scan]
+        ref_dist, ref_pred = _scipys(_graph_weights(house))
+        np.testing.assert_array_equal(house.dist, ref_dist)
+        np.testing.assert_array_equal(house.pred, ref_pred)
+
+
+@pytest.mark.realdata
+def test_shortest_paths_are_scipys_on_every_real_house(real_data_dir):
+    import json
+
+    for scan in list_scans(real_data_dir):
+        entries = json.loads((real_data_dir / "connectivity" / f"{scan}_connectivity.json").read_text())
+        house = build_house(scan, entries)
+        ref_dist, ref_pred = _scipys(_graph_weights(house))
+        np.testing.assert_array_equal(house.dist, ref_dist, err_msg=scan)
+        np.testing.assert_array_equal(house.pred, ref_pred, err_msg=scan)
 
 
 def test_missing_and_malformed_connectivity(tmp_path):

@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import yaml
+from scipy import special as scipy_special
 from scipy import stats as scipy_stats
 
 from minivln.data.datasets import load_episodes
-from minivln.evaluation.stats import arm_summary, arms, compare_over_seeds, gap_over_episodes, holm, t_test
+from minivln.evaluation.stats import (
+    arm_summary,
+    arms,
+    betainc,
+    compare_over_seeds,
+    gap_over_episodes,
+    holm,
+    t_test,
+    t_two_sided_p,
+)
 from minivln.experiment import load_recipe, write_table
 
 
@@ -20,6 +31,28 @@ def test_t_test_is_scipys_one_sample_test():
     assert ours["t"] == pytest.approx(ref.statistic) and ours["p"] == pytest.approx(ref.pvalue)
     assert ours["df"] == 5 and ours["se"] == pytest.approx(scipy_stats.sem(diffs))
     assert math.isnan(t_test([0.1])["p"]) and t_test([0.1, 0.1])["p"] == 0.0 and t_test([0.0, 0.0])["p"] == 1.0
+
+
+def test_t_p_values_are_scipys_without_scipy():
+    """The p-values come from our incomplete beta function (scipy is only in the test extra)."""
+    for df in [*range(1, 60), 99, 500, 1000]:
+        for t in (0.0, 0.01, 0.1, 0.5, 1.0, 1.96, 2.5, 3.0, 5.0, 8.0, 20.0, 100.0):
+            ref = 2 * scipy_stats.t.sf(t, df)
+            assert t_two_sided_p(t, df) == pytest.approx(ref, rel=1e-9, abs=1e-300), (df, t)
+            assert t_two_sided_p(-t, df) == t_two_sided_p(t, df)
+    # one degree of freedom is Cauchy's: p = 1 - 2 atan(t) / pi, also for a t scipy rounds
+    assert t_two_sided_p(1e-8, 1) == pytest.approx(1 - 2 * math.atan(1e-8) / math.pi, rel=1e-15)
+    assert t_two_sided_p(math.inf, 3) == 0.0
+
+
+def test_betainc_is_scipys():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        a, b, x = math.exp(rng.uniform(-3, 6)), math.exp(rng.uniform(-3, 6)), rng.random()
+        ref = scipy_special.betainc(a, b, x)
+        if ref > 1e-280:  # below, scipy's and ours are subnormal numbers
+            assert betainc(a, b, x) == pytest.approx(ref, rel=1e-10), (a, b, x)
+    assert betainc(2.0, 3.0, 0.0) == 0.0 and betainc(2.0, 3.0, 1.0) == 1.0
 
 
 def test_holm_by_hand():

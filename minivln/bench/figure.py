@@ -26,11 +26,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from matplotlib.ticker import FuncFormatter
-
 from minivln.bench.common import read_bench_report, read_json_input
 from minivln.paths import DataError, check_writable_dir, refuse_overwriting_inputs
-from minivln.training.plot import new_figure, save_png
+from minivln.training.plot import new_figure, require_matplotlib, save_png
 
 
 def read_score(spec: str) -> dict[str, Any]:
@@ -137,6 +135,8 @@ def draw(bench: dict[str, Any], points: list[dict[str, Any]], batch_size: int, o
     splits = sorted({str(p["split"]) for p in points if p["split"]})
     kinds = sorted({str(p["features"]) for p in points if p["features"]})
     fig = new_figure(7.0, 4.8)
+    from matplotlib.ticker import FuncFormatter  # the optional plot extra: new_figure says how to install it
+
     ax = fig.add_subplot(1, 1, 1)
     markers = "osD^vP*Xh"
     top = max(100 * p["sr"] for p in points)
@@ -193,6 +193,7 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def _figure(args: argparse.Namespace) -> int:
+    require_matplotlib()
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise DataError(f"--out {out}: the figure is written as PNG, name it *.png")

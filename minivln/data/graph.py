@@ -5,7 +5,8 @@ A connectivity file is a JSON list, one entry per viewpoint (``image_id``, ``pos
 reads neither: visibility is then the navigation edges, height 0).  As in the official evaluators, the graph has the
 ``included`` viewpoints as nodes and an undirected edge wherever ``unobstructed`` says so (in
 either direction) between two included viewpoints, weighted by the straight-line distance between
-the camera positions (pose elements 3, 7, 11).  Distances are shortest paths (scipy's Dijkstra).
+the camera positions (pose elements 3, 7, 11).  Distances are shortest paths (:func:`shortest_paths`,
+Dijkstra from every viewpoint at once in NumPy).
 
 Everything derived is cached on disk per house (``$MINIVLN_CACHE/graphs``), keyed by the file's
 path, size and modification time, so that building all 90 houses happens once.
@@ -23,8 +24,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import dijkstra
 from tqdm import tqdm
 
 from minivln.paths import (
@@ -138,8 +137,49 @@ def build_house(scan: str, entries: list[dict]) -> House:
     vis = vis | vis.T
     np.fill_diagonal(vis, False)
     weights = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1) * adj
-    dist, pred = dijkstra(csr_matrix(weights), directed=False, return_predecessors=True)
-    return House(scan, vp_ids, pos, heights, adj, vis, dist, pred.astype(np.int32))
+    dist, pred = shortest_paths(weights)
+    return House(scan, vp_ids, pos, heights, adj, vis, dist, pred)
+
+
+def shortest_paths(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All-pairs shortest paths of a symmetric weight matrix (an edge wherever the weight is > 0):
+    ``(dist, pred)``, ``dist`` (N, N) float64 (inf when unreachable), ``pred`` (N, N) int32, the
+    predecessor of the column on a shortest path from the row (-9999 for none, as scipy's csgraph).
+
+    Dijkstra from every source at once: each round settles, per source, the nearest node not yet
+    settled (the lowest index among equal distances) and relaxes its edges; a distance changes only
+    when strictly shorter.  Each distance is summed edge by edge from the source, so it is the same
+    float as scipy's ``dijkstra`` gives; the predecessors are too wherever shortest paths do not tie
+    exactly (every house of the real data and of the toy world; ``tests/test_graph_env.py``)."""
+    n = len(weights)
+    adj = weights > 0
+    width = max(1, int(adj.sum(1).max(initial=0)))
+    nbr = np.zeros((n, width), np.int64)  # the neighbours of each node, padded with edges of weight inf
+    nbr_w = np.full((n, width), np.inf)
+    for i in range(n):
+        js = np.flatnonzero(adj[i])
+        nbr[i, :len(js)], nbr_w[i, :len(js)] = js, weights[i, js]
+    dist = np.full((n, n), np.inf)
+    np.fill_diagonal(dist, 0.0)
+    pred = np.full((n, n), -9999, np.int32)
+    frontier = dist.copy()  # the distances of the nodes not settled yet (inf once settled)
+    sources = np.arange(n)
+    for _ in range(n):
+        u = frontier.argmin(1)
+        du = frontier[sources, u]
+        live = np.isfinite(du)  # sources with a node left to settle
+        if not live.any():
+            break
+        src, u, du = sources[live], u[live], du[live]
+        frontier[src, u] = np.inf
+        cols = nbr[u]
+        cand = du[:, None] + nbr_w[u]
+        rows = np.broadcast_to(src[:, None], cols.shape)
+        better = cand < dist[rows, cols]
+        rows, cols, cand = rows[better], cols[better], cand[better]
+        dist[rows, cols] = frontier[rows, cols] = cand
+        pred[rows, cols] = np.broadcast_to(u[:, None], better.shape)[better]
+    return dist, pred
 
 
 def connectivity_file(data_dir: Path, scan: str, extra_dirs: tuple[str, ...] = ()) -> Path:

@@ -21,8 +21,6 @@ import math
 import re
 from typing import Any, Iterable, Mapping
 
-from scipy import stats as _scipy_stats
-
 SEED_ROW = re.compile(r"^(?P<arm>.+), seed (?P<seed>\d+)$")
 """A row of one seed of an arm: ``"ARM, seed S"``."""
 
@@ -59,7 +57,47 @@ def t_test(diffs: list[float]) -> dict[str, Any]:
         t = math.copysign(math.inf, mean) if mean else 0.0
         return {"n": n, "mean": mean, "se": se, "t": t, "df": n - 1, "p": 0.0 if mean else 1.0}
     t = mean / se
-    return {"n": n, "mean": mean, "se": se, "t": t, "df": n - 1, "p": float(2 * _scipy_stats.t.sf(abs(t), n - 1))}
+    return {"n": n, "mean": mean, "se": se, "t": t, "df": n - 1, "p": t_two_sided_p(t, n - 1)}
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with ``df`` degrees of freedom: I_x(df/2, 1/2), x = df/(df + t^2)."""
+    if math.isinf(t):
+        return 0.0
+    return betainc(df / 2, 0.5, df / (df + t * t), t * t / (df + t * t))
+
+
+def betainc(a: float, b: float, x: float, y: float | None = None) -> float:
+    """The regularized incomplete beta function I_x(a, b), a, b > 0, 0 <= x <= 1 (``y``: 1 - x where the
+    caller has it without rounding): its continued fraction (Numerical Recipes, 6.4), evaluated by the
+    modified Lentz method on the side of x where it converges fast (I_x(a, b) = 1 - I_{1-x}(b, a)).
+    ``tests/test_stats.py`` checks it against scipy."""
+    y = 1.0 - x if y is None else y
+    if x <= 0.0 or y <= 0.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y))
+    if x < (a + 1) / (a + b + 2):
+        return front * _beta_fraction(a, b, x) / a
+    return 1.0 - front * _beta_fraction(b, a, y) / b
+
+
+def _beta_fraction(a: float, b: float, x: float, eps: float = 1e-16, tiny: float = 1e-300) -> float:
+    """The continued fraction of :func:`betainc` (modified Lentz: f = prod of c * d)."""
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 1000):
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        for coef in (even, odd):
+            d = 1.0 + coef * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + coef / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < eps:
+            return f
+    raise ArithmeticError(f"betainc({a}, {b}, {x}): the continued fraction did not converge")
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -127,5 +165,5 @@ def arm_summary(rows: Iterable[Mapping[str, Any]], metrics: list[str]) -> dict[s
     return out
 
 
-__all__ = ["SEED_ROW", "arm_summary", "arms", "compare_over_seeds", "gap_over_episodes", "holm", "mean_se",
-           "t_test"]
+__all__ = ["SEED_ROW", "arm_summary", "arms", "betainc", "compare_over_seeds", "gap_over_episodes", "holm",
+           "mean_se", "t_test", "t_two_sided_p"]

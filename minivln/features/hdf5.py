@@ -761,11 +761,14 @@ class FeatureWriter(_AtomicH5Writer):
     ``class_layout``: "none"; "separate" (a ``class_probs/{key}`` dataset of probabilities, compact);
     or "concat" (the community 768+1000 layout: log-probabilities appended as logits).
     ``standin`` must be given explicitly: True for anything not computed from real images.
+    ``compress``: store the features gzip-compressed (byte-shuffled, lossless; about 0.6x the size for
+    stand-in features, whose empty views are zeros; reads go through h5py instead of one ``preadv``).
     """
 
     def __init__(self, path: str | os.PathLike, *, dim: int, standin: bool, description: str,
                  class_layout: str = "none", class_names: list[str] | None = None,
-                 dtype: str = "float16", attrs: dict[str, Any] | None = None, expected_bytes: int | None = None):
+                 dtype: str = "float16", attrs: dict[str, Any] | None = None, expected_bytes: int | None = None,
+                 compress: bool = False):
         if class_layout not in CLASS_LAYOUTS:
             raise ValueError(f"class_layout must be one of {CLASS_LAYOUTS}, got {class_layout!r}")
         if class_layout == "concat" and class_names is not None and len(class_names) != NUM_CLASSES:
@@ -774,6 +777,7 @@ class FeatureWriter(_AtomicH5Writer):
         self.class_layout = class_layout
         self.num_classes = len(class_names) if class_names is not None else NUM_CLASSES
         self.dtype = np.dtype(dtype)
+        self.filters = {"compression": "gzip", "compression_opts": 1, "shuffle": True} if compress else {}
         base = {
             "standin": bool(standin),
             "description": description,
@@ -804,9 +808,9 @@ class FeatureWriter(_AtomicH5Writer):
         with self._writing():
             if self.class_layout == "concat":
                 data = np.concatenate([fts.astype(np.float32), probs_to_logits(class_probs)], axis=1)
-                self.h5.create_dataset(key, data=data.astype(self.dtype))
+                self.h5.create_dataset(key, data=data.astype(self.dtype), **self.filters)
             else:
-                self.h5.create_dataset(key, data=fts.astype(self.dtype))
+                self.h5.create_dataset(key, data=fts.astype(self.dtype), **self.filters)
             if self._classes is not None:
                 self._classes.create_dataset(key, data=np.asarray(class_probs, np.float16), compression="lzf")
         self.count += 1

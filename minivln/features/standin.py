@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
 from minivln.data.graph import House, list_scans, load_house
@@ -313,6 +312,56 @@ class RoomModel:
         return out
 
 
+@dataclass
+class Sparse:
+    """A sparse matrix as its entries in row-major order, duplicates summed (scipy's canonical CSR
+    form), with the few operations the builder needs.  :meth:`dot` sums each output row over the row's
+    entries in column order, in the matrix's float type, as scipy's CSR product does: the same floats as
+    when this module used scipy (``tests/test_features.py`` checks it against scipy)."""
+
+    rows: np.ndarray  # (nnz,) int64, sorted by (row, column)
+    cols: np.ndarray  # (nnz,) int64
+    vals: np.ndarray  # (nnz,)
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, vals: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int],
+           dtype: type = np.float32) -> Sparse:
+        """From entries in any order (``vals`` cast to ``dtype``; repeated positions summed)."""
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        order = np.lexsort((cols, rows))
+        rows, cols, vals = rows[order], cols[order], np.asarray(vals).astype(dtype)[order]
+        first = np.ones(len(rows), bool)
+        first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+        starts = np.flatnonzero(first)
+        if len(starts) < len(rows):
+            vals = np.add.reduceat(vals, starts)
+        return cls(rows[starts], cols[starts], vals, (int(shape[0]), int(shape[1])))
+
+    def transpose(self) -> Sparse:
+        return Sparse.of(self.vals, self.cols, self.rows, (self.shape[1], self.shape[0]), self.vals.dtype)
+
+    def plus(self, other: Sparse) -> Sparse:
+        return Sparse.of(np.concatenate([self.vals, other.vals]), np.concatenate([self.rows, other.rows]),
+                         np.concatenate([self.cols, other.cols]), self.shape, self.vals.dtype)
+
+    def sum(self, axis: int) -> np.ndarray:
+        """Row sums (``axis=1``) or column sums (``axis=0``), in the matrix's float type."""
+        m = self if axis == 1 else self.transpose()
+        return m.dot(np.ones((m.shape[1], 1), self.vals.dtype))[:, 0]
+
+    def dot(self, x: np.ndarray) -> np.ndarray:
+        """``self @ x`` for a dense ``x`` (K, D): round k adds every row's k-th entry times its row of x."""
+        y = np.zeros((self.shape[0], x.shape[1]), np.result_type(self.vals, x))
+        rank = np.arange(len(self.rows)) - np.searchsorted(self.rows, self.rows)  # place within its row
+        order = np.argsort(rank, kind="stable")
+        bounds = np.searchsorted(rank[order], np.arange(int(rank.max(initial=-1)) + 2))
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            k = order[lo:hi]  # at most one entry per row
+            y[self.rows[k]] += self.vals[k, None] * x[self.cols[k]]
+        return y
+
+
 def _softmax_rows(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -331,19 +380,20 @@ def fit_room_model(res: Resources, temperature: float, iterations: int, alpha: f
     start = (sim - sim.mean(1, keepdims=True)) / temperature  # (V, R)
     rows = [i for i, vs in enumerate(res._train_vp_names) for _ in vs]
     cols = [index[n] for vs in res._train_vp_names for n in vs]
-    m = csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(res._train_vp_names), len(names)))
-    counts = np.asarray(m.sum(1)).ravel()
-    post = _softmax_rows(np.asarray(m @ start) / np.maximum(counts, 1)[:, None])  # mean start evidence
+    m = Sparse.of(np.ones(len(rows), np.float32), rows, cols, (len(res._train_vp_names), len(names)))
+    m_t = m.transpose()
+    counts = m.sum(1)
+    post = _softmax_rows(m.dot(start) / np.maximum(counts, 1)[:, None])  # mean start evidence
     evidence = start
     n_u, n_v = m.shape
-    df = np.asarray(m.sum(0)).ravel()
+    df = m.sum(0)
     for _ in range(iterations):
-        c = np.asarray(m.T @ post)  # (V, R) soft co-occurrence counts
+        c = m_t.dot(post)  # (V, R) soft co-occurrence counts
         z = post.sum(0)  # (R,)
         evidence = (np.log((c + alpha) / (z + alpha * n_v))
                     - np.log((df + alpha) / (n_u + alpha * n_v))[:, None])
         # A uniform prior: frequent room types must not swallow the rest as rounds go on.
-        post = _softmax_rows(np.asarray(m @ evidence))
+        post = _softmax_rows(m.dot(evidence))
     scale = 1.0
     if iterations:
         scale = float(np.abs(evidence).mean() / max(np.abs(start).mean(), 1e-8))
@@ -578,12 +628,12 @@ def house_parts(house: House, objs: HouseObjects, res: Resources,
     ob_view = np.array([ob.view for ob in objs.observations], dtype=np.int64)
     area = np.array([ob.box[2] * ob.box[3] for ob in objs.observations], dtype=np.float32) / (IMAGE_W * IMAGE_H)
     near_val = np.maximum(area, 1e-4) ** cfg.area_power
-    near_w = csr_matrix((near_val, (ob_vp * nv + ob_view, ob_obj)), shape=(n * nv, n_obj), dtype=np.float32)
+    near_w = Sparse.of(near_val, ob_vp * nv + ob_view, ob_obj, (n * nv, n_obj))
     obj_weight = np.zeros((n, n_obj), np.float32)  # per viewpoint, summed over views
     np.add.at(obj_weight, (ob_vp, ob_obj), near_val)
 
     # Far: objects seen from viewpoints visible from u (and not near u), where they would appear.
-    far_w = csr_matrix((n * nv, n_obj), dtype=np.float32)
+    far_w = Sparse.of(np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64), (n * nv, n_obj))
     if n_obj:
         seen_by = np.zeros((n, n_obj), dtype=np.float32)
         seen_by[ob_vp, ob_obj] = 1.0
@@ -598,12 +648,11 @@ def house_parts(house: House, objs: HouseObjects, res: Resources,
             hd, el = heading_elevation(vec[pu, po])
             kern = view_kernel(hd, el) * scalar[:, None]  # (P, 36)
             pi, vi = np.nonzero(kern)
-            far_w = csr_matrix((kern[pi, vi], (pu[pi] * nv + vi, po[pi])), shape=(n * nv, n_obj),
-                               dtype=np.float32)
+            far_w = Sparse.of(kern[pi, vi], pu[pi] * nv + vi, po[pi], (n * nv, n_obj))
 
     weighted_emb = emb * idf[:, None]
-    near = _unit(np.asarray(near_w @ weighted_emb).reshape(n, nv, EMBED_DIM))
-    far = _unit(np.asarray(far_w @ weighted_emb).reshape(n, nv, EMBED_DIM))
+    near = _unit(near_w.dot(weighted_emb).reshape(n, nv, EMBED_DIM))
+    far = _unit(far_w.dot(weighted_emb).reshape(n, nv, EMBED_DIM))
 
     # Rooms: of u, and of the viewpoints visible in each direction (nearer ones weigh more).
     rooms = room_distributions(house, objs, res, cfg, obj_weight)
@@ -623,8 +672,10 @@ def house_parts(house: House, objs: HouseObjects, res: Resources,
     stairs = (vkern * steep[:, None, :]).max(-1) if n else np.zeros((0, nv), np.float32)
 
     # Class distribution per view: area shares of classes (background when nothing is annotated).
-    onehot = csr_matrix((np.ones(n_obj, np.float32), (np.arange(n_obj), cls)), shape=(n_obj, NUM_CLASSES))
-    probs = np.asarray(((near_w + far_w) @ onehot).todense(), dtype=np.float32).reshape(n, nv, NUM_CLASSES)
+    views = near_w.plus(far_w)  # (N * 36, O): the weight of each object in each view
+    probs = np.zeros((n * nv, NUM_CLASSES), np.float32)
+    np.add.at(probs, (views.rows, cls[views.cols]), views.vals)  # in column order, as a sparse product sums
+    probs = probs.reshape(n, nv, NUM_CLASSES)
     tot = probs.sum(-1, keepdims=True)
     probs /= np.maximum(tot, 1e-12)
     probs[tot[..., 0] <= 0, 0] = 1.0
@@ -701,9 +752,10 @@ def build_standin(data_dir: str | os.PathLike | None, out: str | os.PathLike, *,
                   objects_out: str | os.PathLike | None = None, scans: list[str] | None = None,
                   cfg: StandinConfig = StandinConfig(), dtype: str = "float16",
                   class_layout: str = "separate", progress: bool = False,
-                  res: Resources | None = None,
+                  res: Resources | None = None, compress: bool = False,
                   on_house: Callable[[HouseFeatures], None] | None = None) -> dict:
-    """Build stand-in view features (and optionally object features) into HDF5 files, atomically.
+    """Build stand-in view features (and optionally object features) into HDF5 files, atomically
+    (``compress``: the view features gzip-compressed, lossless: :class:`FeatureWriter`).
 
     Returns a summary: houses, viewpoints, seconds, paths.
     """
@@ -739,7 +791,8 @@ def build_standin(data_dir: str | os.PathLike | None, out: str | os.PathLike, *,
         "created_unix": int(time.time()),
     }
     writer = FeatureWriter(out, dim=cfg.dim, standin=True, description=desc, class_layout=class_layout,
-                           class_names=res.class_names, dtype=dtype, attrs=attrs, expected_bytes=expected)
+                           class_names=res.class_names, dtype=dtype, attrs=attrs, expected_bytes=expected,
+                           compress=compress)
     obj_writer = None
     n_vp = n_house = n_obj = 0
     try:

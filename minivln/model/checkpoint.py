@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -119,19 +119,42 @@ def _cause(exc: BaseException) -> str:
     return first
 
 
+#: safetensors header keys of the two space savings a minivln writer may use (:func:`expand_stored`)
+TIED_KEY, ROWS_KEY = "minivln.tied", "minivln.rows"
+
+
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tensor]:
-    """The tensors of a ``.safetensors`` file; a missing, truncated or garbage file is a one-line
-    :class:`CheckpointError` naming it."""
+    """The tensors of a ``.safetensors`` file (tied and compact tables expanded: :func:`expand_stored`);
+    a missing, truncated or garbage file is a one-line :class:`CheckpointError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(message=f"checkpoint not found: {path}")
     try:
-        return load_file(str(path), device=device)
+        tensors = load_file(str(path), device=device)
+        with safe_open(str(path), framework="pt") as f:
+            return expand_stored(tensors, f.metadata() or {})
     except SafetensorError as exc:
         raise CheckpointError(message=f"{path} is not a valid safetensors file (truncated or corrupt?): "
                                       f"{_cause(exc)}") from None
     except OSError as exc:
         raise CheckpointError(message=f"cannot read {path}: {exc.strerror or _cause(exc)}") from None
+
+
+def expand_stored(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> dict[str, Tensor]:
+    """Undo what a safetensors header records of two space savings: ``minivln.tied``, JSON ``{name:
+    source}``, a tied tensor stored once under its source's name (training checkpoints); ``minivln.rows``,
+    JSON ``{"index": NAME, "rows": N, "keys": [...]}``, tables stored as only the rows that the tensor
+    NAME lists, the other rows of the N zero (the demo's unpacked teacher)."""
+    if ROWS_KEY in metadata:
+        spec = json.loads(metadata[ROWS_KEY])
+        index = tensors.pop(spec["index"]).long()
+        for key in spec["keys"]:
+            part = tensors[key]
+            tensors[key] = part.new_zeros((spec["rows"], *part.shape[1:]))
+            tensors[key][index] = part
+    for name, source in json.loads(metadata.get(TIED_KEY, "{}")).items():
+        tensors[name] = tensors[source].clone()
+    return tensors
 
 
 #: what a damaged torch pickle raises while loading (truncated zip, garbage, cut-off pickle stream)

@@ -8,6 +8,12 @@ A checkpoint directory (``RUN/latest/`` or ``RUN/best/``) holds::
                             rank the RNG states (Python, NumPy, torch, CUDA) and the task's position
     meta.json               step, kind, best metric, validation metrics, time; written last
 
+Two savings keep a checkpoint near the size of its information, and are undone on reading, bit for bit:
+tied weights (a pretraining head's decoder and the word embeddings) are stored once (the safetensors
+header names the copies), and an optimizer state tensor whose rows are mostly zero (AdamW's moments of
+the 30,522-row word-embedding table: only the rows of words seen in training have gradients) is stored
+as its non-zero rows.
+
 It is written into a hidden staging directory (``RUN/.latest.tmp``) and then swapped in with two
 renames (old -> ``RUN/.latest.old``, staging -> ``RUN/latest``), so a crash at any moment leaves
 either the previous checkpoint or the new one, never a mixture.  :func:`find_checkpoint` repairs the
@@ -42,7 +48,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from minivln.model.checkpoint import CheckpointError, read_safetensors, read_torch
+from minivln.model.checkpoint import TIED_KEY, CheckpointError, read_safetensors, read_torch
 from minivln.paths import (
     WriteError,
     describe_os_error,
@@ -118,18 +124,59 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors refuses tensors that share memory (tied weights): give each name its own copy."""
-    seen: set[tuple[int, int]] = set()
+    """safetensors refuses tensors that share memory: a tied weight (the same tensor under a second
+    name) is stored once and named in the header (``minivln.tied``, undone by ``read_safetensors``);
+    a view into a larger storage gets its own copy."""
+    first: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
+        if key in first:
+            tied[name] = first[key]
+            continue
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()
-        seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
+        first[key] = name
         out[name] = t
-    save_file(out, str(path))
+    if tied:
+        save_file(out, str(path), metadata={TIED_KEY: json.dumps(tied)})
+    else:  # the file as before ties were stored once
+        save_file(out, str(path))
     _fsync_file(path)
+
+
+ZERO_ROWS = "minivln.zero_rows"  # in trainer.pt: a tensor stored as its non-zero rows (its shape here)
+
+
+def _pack_rows(t: torch.Tensor) -> torch.Tensor | dict[str, Any]:
+    """``t`` as ``{ZERO_ROWS: shape, "rows", "values"}`` when most of its rows are zero, bit for bit."""
+    if t.ndim < 2 or len(t) < 64:
+        return t
+    nonzero = t.detach().contiguous().view(torch.uint8).reshape(len(t), -1).any(1)  # any bit set: -0.0 counts
+    if 2 * int(nonzero.sum()) > len(t):
+        return t
+    rows = nonzero.nonzero().squeeze(1)
+    return {ZERO_ROWS: list(t.shape), "rows": rows.cpu(), "values": t[rows].detach().cpu().clone()}
+
+
+def _unpack_rows(v: Any) -> Any:
+    if isinstance(v, dict) and ZERO_ROWS in v:
+        full = v["values"].new_zeros(v[ZERO_ROWS])
+        full[v["rows"]] = v["values"]
+        return full
+    return v
+
+
+def _map_optimizer_state(trainer_state: dict[str, Any], fn) -> dict[str, Any]:
+    """``trainer_state`` with ``fn`` applied to every value of the optimizer's per-parameter state
+    (new dicts: the live optimizer is not touched)."""
+    opt = trainer_state.get("optimizer")
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict):
+        return trainer_state
+    state = {p: {k: fn(v) for k, v in s.items()} if isinstance(s, dict) else s for p, s in opt["state"].items()}
+    return {**trainer_state, "optimizer": {**opt, "state": state}}
 
 
 def save_checkpoint(
@@ -181,7 +228,8 @@ def _write_checkpoint(final: Path, staging: Path, model_state: dict[str, torch.T
         if loss_terms_state:
             _save_tensors(loss_terms_state, staging / LOSS_TERMS_FILE)
         if trainer_state is not None:
-            torch.save(trainer_state, staging / TRAINER_FILE)
+            packed = _map_optimizer_state(trainer_state, lambda v: _pack_rows(v) if torch.is_tensor(v) else v)
+            torch.save(packed, staging / TRAINER_FILE)
             _fsync_file(staging / TRAINER_FILE)
         full_meta = {"format": FORMAT, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
         (staging / META_FILE).write_text(json.dumps(full_meta, indent=1, sort_keys=True))
@@ -237,6 +285,7 @@ def load_checkpoint(path: str | os.PathLike, *, with_trainer: bool = True) -> Ch
         trainer = read_torch(p / TRAINER_FILE, weights_only=False)
         if not isinstance(trainer, dict) or "step" not in trainer:
             raise CheckpointError(message=f"{p / TRAINER_FILE} is not a trainer state (no step)")
+        trainer = _map_optimizer_state(trainer, _unpack_rows)
     return Checkpoint(path=p, meta=meta, model=read_safetensors(p / MODEL_FILE), loss_terms=loss_terms,
                       trainer=trainer)
 

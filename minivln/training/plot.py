@@ -4,6 +4,11 @@ Reads ``RUN/log.jsonl`` (see :mod:`minivln.training.logging`).  The first panel 
 key starting with ``loss``; then one panel per validation metric the run logged (fine-tuning: SR,
 SPL, oracle SR, navigation error, nDTW, REVERIE's RGS/RGSPL; pretraining: SAP/MLM/MRC/OG accuracy),
 a line with markers per split, rates in percent.
+
+The PNG pictures (this command, ``minivln show``, ``bench figure``, an experiment's ``plots``) are drawn
+with matplotlib, the optional ``plot`` extra: without it they stop with one line saying how to install
+it (:func:`require_matplotlib`).  :func:`bars_svg` draws a results table's bars (the demo's picture)
+as a small SVG file with no dependency.
 """
 
 from __future__ import annotations
@@ -11,18 +16,23 @@ from __future__ import annotations
 import argparse
 import io
 import os
+from html import escape
 from pathlib import Path
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from minivln.paths import (
     DataError,
     atomic_write_bytes,
+    atomic_write_text,
     check_writable_dir,
     refuse_overwriting_inputs,
 )
 from minivln.training.logging import read_jsonl
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+PLOT_EXTRA = "pip install -e '.[plot]' in the clone (or pip install matplotlib)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    require_matplotlib()
     out = plot_run(args.run_dir, args.out)
     print(out)
     return 0
@@ -59,8 +70,21 @@ NAMES = {"sr": "SR (success rate)", "spl": "SPL (success weighted by path length
 RATES = {"sr", "spl", "oracle_sr", "ndtw", "rgs", "rgspl", "sap_fused_acc", "mlm_acc", "mrc_acc", "og_acc"}
 
 
+def require_matplotlib() -> None:
+    """A :class:`DataError` with the install line when matplotlib (the ``plot`` extra) is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise DataError(f"drawing PNG pictures needs matplotlib, not installed (the optional 'plot' extra): "
+                        f"{PLOT_EXTRA}") from None
+
+
 def new_figure(width: float, height: float) -> Figure:
     """A matplotlib figure on the Agg canvas (no display needed), at the project's 110 dpi."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)
     return fig
@@ -140,3 +164,59 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     fig.suptitle(run.resolve().name)
     fig.tight_layout()
     return save_png(fig, target)
+
+
+# ------------------------------------------------------------------------------ SVG, no dependency
+
+SR_COLOR, SPL_COLOR = "#1f77b4", "#ff7f0e"  # matplotlib's first two colours, as the PNG bars have
+
+
+def bars_svg(table: dict[str, Any], path: str | os.PathLike) -> Path:
+    """SR and SPL of every row of a results table (``minivln experiment``'s JSON: ``rows`` with ``name``,
+    ``sr``, ``sr_se``, ``spl``, ``spl_se``, ``episodes``) as bars with +-1 standard error, in percent of
+    episodes on a 0-100 axis, written as an SVG file (any browser shows it) without matplotlib."""
+    rows = table["rows"]
+    left, top, plot_h, slot, bar = 70, 58, 260, 110, 38
+    width, height = max(left + slot * len(rows) + 20, 480), top + plot_h + 110
+
+    def y(pct: float) -> float:  # the page's y of a percentage (0 at the bottom of the plot)
+        return top + plot_h * (1 - min(max(pct, 0.0), 100.0) / 100)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-size="12">{escape(str(table["table"]))}</text>',
+           f'<text x="{width / 2:.0f}" y="34" text-anchor="middle">{escape(str(table["split"]))}, '
+           f'{rows[0]["episodes"] if rows else 0} episodes, {escape(str(table["features"]))} features</text>']
+    for pct in range(0, 101, 20):  # grid and axis labels
+        out.append(f'<line x1="{left}" x2="{width - 20}" y1="{y(pct):.1f}" y2="{y(pct):.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{y(pct) + 4:.1f}" text-anchor="end">{pct}</text>')
+    out.append(f'<text transform="translate(16,{top + plot_h / 2:.0f}) rotate(-90)" text-anchor="middle">'
+               '% of episodes (+-1 s.e.)</text>')
+    for i, r in enumerate(rows):
+        centre = left + slot * (i + 0.5)
+        for off, key, color in ((-0.5, "sr", SR_COLOR), (0.5, "spl", SPL_COLOR)):
+            value, se = 100 * r[key], 100 * (r.get(f"{key}_se") or 0.0)
+            x = centre + off * (bar + 2) - bar / 2
+            tip = f'{escape(str(r["name"]))}: {key.upper()} {value:.1f} +- {se:.1f}'  # shown on hover
+            out.append(f'<rect x="{x:.1f}" y="{y(value):.1f}" width="{bar}" height="{y(0) - y(value):.1f}" '
+                       f'fill="{color}"><title>{tip}</title></rect>')
+            mid = x + bar / 2
+            if se:
+                lo, hi = y(value - se), y(value + se)
+                out.append(f'<path d="M{mid:.1f},{lo:.1f}V{hi:.1f}M{mid - 4:.1f},{lo:.1f}h8M{mid - 4:.1f},{hi:.1f}h8" '
+                           'stroke="black"/>')
+            out.append(f'<text x="{mid:.1f}" y="{y(value + se) - 4:.1f}" text-anchor="middle" font-size="9">'
+                       f'{value:.1f}</text>')
+        out.append(f'<text transform="translate({centre + 20:.1f},{y(0) + 14:.1f}) rotate(-20)" text-anchor="end">'
+                   f'{escape(str(r["name"]))}</text>')
+    out.append(f'<line x1="{left}" x2="{width - 20}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="black"/>')
+    for k, (label, color) in enumerate((("SR (success rate)", SR_COLOR),
+                                        ("SPL (success weighted by path length)", SPL_COLOR))):
+        out.append(f'<rect x="{left + 8 + 150 * k}" y="{height - 26}" width="10" height="10" fill="{color}"/>'
+                   f'<text x="{left + 22 + 150 * k}" y="{height - 17}">{label}</text>')
+    out.append("</svg>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(out) + "\n")
+    return path
