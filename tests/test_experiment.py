@@ -14,7 +14,7 @@ import yaml
 from conftest import SMALL_DUET as SMALL
 
 from minivln.cli import main as cli_main
-from minivln.config import CONFIG_DIR, ConfigError
+from minivln.config import CONFIG_DIR, ConfigError, config_changes, load_config
 from minivln.data.datasets import load_episodes
 from minivln.data.reverie import ReverieGoals
 from minivln.evaluation.evaluator import Evaluator
@@ -481,7 +481,7 @@ def test_listed_order_runs_the_recipes_runs_as_written_and_scores_each_when_trai
     scored before any distillation run, though the teacher-first default would start those first."""
     recipe = load_recipe("reverie-prereg-table3", ["features=x"])
     names = [j.name for j in plan(recipe, tmp_path, tmp_path)]
-    assert names[:7] == ["train:rev-teacher-pre", "train:rev-teacher", "score:rev-teacher", "train:rev-pre-plain-s0",
+    assert names[:7] == ["train:rev-teacher-v2-pre", "train:rev-teacher-v2", "score:rev-teacher-v2", "train:rev-pre-plain-s0",
                          "train:rev-ft-none-s0", "score:rev-ft-none-s0", "train:rev-pre-kd-s0"]
     assert names.index("score:rev-ft-both-s0") < names.index("train:rev-pre-plain-s1")
     default = [j.name for j in plan(load_recipe("reverie-prereg-table3", ["features=x", "order=teacher-first"]),
@@ -491,20 +491,31 @@ def test_listed_order_runs_the_recipes_runs_as_written_and_scores_each_when_trai
 
 
 def test_reverie_prereg_rows_are_seeded_pretrained_per_seed_and_distil_from_the_reverie_teacher(tmp_path):
+    """Amended before any distillation run (docs/preregistration_reverie.md, Notes): both stages distil
+    from the second teacher (recipe reverie-teacher-v2), whose fine-tuning is the student's own."""
     recipe = load_recipe("reverie-prereg-table3", ["features=x"])
     jobs = {j.name: j for j in plan(recipe, tmp_path, tmp_path)}
     for s in (0, 1, 2):
-        for arm, pre, teacher in (("none", "plain", None), ("s1", "kd", None), ("s2", "plain", "rev-teacher"),
-                                  ("both", "kd", "rev-teacher")):
+        for arm, pre, teacher in (("none", "plain", None), ("s1", "kd", None), ("s2", "plain", "rev-teacher-v2"),
+                                  ("both", "kd", "rev-teacher-v2")):
             argv = jobs[f"train:rev-ft-{arm}-s{s}"].argv
             assert f"train.seed={s}" in argv and "train.best_metric=" in argv
             assert f"init_checkpoint={tmp_path / 'runs' / f'rev-pre-{pre}-s{s}' / 'pretrained'}" in argv
             assert any(a.startswith("teacher=") for a in argv) == bool(teacher)
+            if teacher:
+                assert f"teacher={tmp_path / 'runs' / teacher / 'model'}" in argv
         kd = jobs[f"train:rev-pre-kd-s{s}"].argv
-        assert f"train.seed={s}" in kd and f"teacher={tmp_path / 'runs' / 'rev-teacher-pre' / 'pretrained'}" in kd
+        assert f"train.seed={s}" in kd and f"teacher={tmp_path / 'runs' / 'rev-teacher-v2-pre' / 'pretrained'}" in kd
         assert f"train.seed={s}" in jobs[f"train:rev-pre-plain-s{s}"].argv
     pickers = [r for r in recipe.rows if r.picker]
-    assert {r.run for r in pickers} == {"rev-ft-none-s0", "rev-ft-none-s1", "rev-ft-none-s2", "rev-teacher"}
+    assert {r.run for r in pickers} == {"rev-ft-none-s0", "rev-ft-none-s1", "rev-ft-none-s2", "rev-teacher-v2"}
+    # the teacher is fine-tuned exactly as the students are, the network aside
+    from minivln.training.finetune import FinetuneConfig
+
+    student, teacher = (load_config(FinetuneConfig, repo_root() / jobs[j].config, jobs[j].overrides)
+                        for j in ("train:rev-ft-none-s0", "train:rev-teacher-v2"))
+    changes = config_changes(student, teacher, ignore=("train.run_dir", "init_checkpoint"))
+    assert set(changes) == {"model"}, changes
 
 
 def test_a_picker_row_needs_a_reverie_run(tmp_path):
