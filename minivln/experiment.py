@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 
 from minivln.config import (
     CONFIG_DIR,
@@ -64,7 +63,7 @@ from minivln.env.env import NavBatchEnv, random_walker_submission
 from minivln.evaluation.evaluator import Evaluator, load_submission
 from minivln.evaluation.stats import arm_summary, arms, compare_over_seeds, gap_over_episodes, mean_se
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
-from minivln.model.checkpoint import read_agent_config
+from minivln.model.checkpoint import read_agent_config, stored_shapes
 from minivln.model.config import DUETConfig
 from minivln.model.duet import DUET
 from minivln.model.registry import get_config
@@ -1097,9 +1096,9 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
 
 
 def count_parameters(path: Path) -> int:
-    """Elements of every tensor in a safetensors file (read from its header)."""
-    with safe_open(str(path), framework="pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    """Elements of every tensor in a safetensors file (read from its header; tied and compact tables
+    counted whole)."""
+    return sum(math.prod(shape) for shape in stored_shapes(path).values())
 
 
 def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, dict]) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from minivln.model.checkpoint import stored_shapes
 from minivln.training.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -52,6 +53,7 @@ def test_tied_weights_and_zero_rows_are_stored_compactly_and_read_back_bit_for_b
                     trainer_state={"step": 3, "optimizer": opt.state_dict()})
     with safe_open(str(tmp_path / "c" / "model.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == ["embed.weight", "mix.bias", "mix.weight"]  # the decoder: stored once
+    assert stored_shapes(tmp_path / "c" / "model.safetensors") == {k: tuple(v.shape) for k, v in state.items()}
     weights = 1000 * 16 * 4
     moments = 2 * weights  # AdamW's two moments of the table, were they stored whole
     assert (tmp_path / "c" / "trainer.pt").stat().st_size < moments / 10

@@ -11,7 +11,7 @@ import torch
 
 from minivln import demo
 from minivln.data.toyworld import ensure_toy_world
-from minivln.experiment import Job
+from minivln.experiment import Job, count_parameters
 from minivln.model.checkpoint import load_agent_model, save_pretrained
 from minivln.model.duet import DUET
 from minivln.model.registry import get_config
@@ -34,6 +34,8 @@ def test_the_released_teacher_matches_its_manifest(tmp_path):
         # unpacked, the zero rows of the word-embedding table take no disk (the header says how to expand)
         assert (tmp_path / part / "model.safetensors").stat().st_size < 1.01 * info["bytes"]
         assert model.embeddings.word_embeddings.weight.shape[0] == info["config"]["vocab_size"]
+        assert count_parameters(tmp_path / part / "model.safetensors") == sum(  # the table's count: whole
+            v.numel() for v in model.state_dict().values())
     assert total < 15e6  # the package stays small
     teacher_pre, teacher = (load_agent_model(tmp_path / p).state_dict() for p in demo.TEACHER_PARTS)
     assert teacher_pre.keys() == teacher.keys()

@@ -157,6 +157,22 @@ def expand_stored(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> di
     return tensors
 
 
+def stored_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a ``.safetensors`` file gives :func:`read_safetensors` (tied and compact
+    tables counted whole), read from its header alone."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if ROWS_KEY in meta:
+        spec = json.loads(meta[ROWS_KEY])
+        shapes.pop(spec["index"])
+        for key in spec["keys"]:
+            shapes[key] = (spec["rows"], *shapes[key][1:])
+    for name, source in json.loads(meta.get(TIED_KEY, "{}")).items():
+        shapes[name] = shapes[source]
+    return shapes
+
+
 #: what a damaged torch pickle raises while loading (truncated zip, garbage, cut-off pickle stream)
 TORCH_LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
 
