@@ -630,8 +630,10 @@ class PreflightError(ConfigError):
 
 #: the least a run leaves on disk per parameter of its network: fp32 weights and Adam's two moments in
 #: its checkpoint, and the exported weights (4 bytes each; several checkpoints or pretraining heads only
-#: add to it)
+#: add to it).  The word-embedding table counts 8 bytes per parameter (weights and export): a checkpoint
+#: keeps its moments only for the rows that had a gradient (training.checkpoint), possibly none.
 CHECKPOINT_BYTES_PER_PARAM = 4 * 4
+EMBEDDING_BYTES_PER_PARAM = 2 * 4
 NO_FEATURES = "features: no view feature file given (features=FILE)"
 NO_OBJECTS = "objects: no object feature file given (REVERIE and networks with object tokens need one: objects=FILE)"
 
@@ -668,6 +670,14 @@ def _parameters(cfg: DUETConfig, cache: dict[str, int]) -> int:
         with torch.device("meta"):  # no memory, no initialisation
             cache[key] = sum(p.numel() for p in DUET(cfg).parameters())
     return cache[key]
+
+
+def checkpoint_bytes(cfg: DUETConfig, cache: dict[str, int]) -> int:
+    """The least a run of network ``cfg`` leaves on disk (:data:`CHECKPOINT_BYTES_PER_PARAM`,
+    :data:`EMBEDDING_BYTES_PER_PARAM` for the word-embedding table)."""
+    embedding = cfg.vocab_size * cfg.hidden_size
+    return ((_parameters(cfg, cache) - embedding) * CHECKPOINT_BYTES_PER_PARAM
+            + embedding * EMBEDDING_BYTES_PER_PARAM)
 
 
 class _Problems:
@@ -723,8 +733,8 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
     and ``obj_feat_size``; a teacher (its ``config.json``; a linked run: the network that run trains)
     passes :func:`~minivln.distill.compat.check_teacher` for the run's stage.  For every row not scored
     yet: its checkpoint exists and the recipe's feature files fit it.  And the experiment directory's
-    file system has room for the pending runs' checkpoints (a lower bound:
-    :data:`CHECKPOINT_BYTES_PER_PARAM` per parameter and run).  ``code``: the checkout whose base configs
+    file system has room for the pending runs' checkpoints (a lower bound: :func:`checkpoint_bytes`
+    per run).  ``code``: the checkout whose base configs
     the runs use (default: ``out/code`` once pinned, else this repository)."""
     out = Path(out).resolve()
     root = repo_root()
@@ -852,7 +862,7 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
                 problems.add(who, str(exc))
         if student is not None:
             params[run] = _parameters(student, sizes)
-            space += params[run] * CHECKPOINT_BYTES_PER_PARAM
+            space += checkpoint_bytes(student, sizes)
     pending_rows = 0
     scored = {j.name for j in jobs if j.name.startswith("score:") and done[j.name]}
     for row in recipe.rows:
@@ -883,7 +893,8 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
     if space:
         try:
             check_free_space(out, space, f"the checkpoints of {_count(len(params), 'run')} left "
-                                         f"({CHECKPOINT_BYTES_PER_PARAM} bytes per parameter and run)")
+                                         f"({CHECKPOINT_BYTES_PER_PARAM} bytes per parameter and run, "
+                                         f"{EMBEDDING_BYTES_PER_PARAM} for the word embeddings)")
         except DataError as exc:
             problems.add("the experiment directory", str(exc))
     if problems.found:
@@ -1326,5 +1337,5 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     return ok, write_table(recipe, out, commit)
 
 
-__all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "adopt_run", "load_recipe", "pin_checkout", "plan",
+__all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "adopt_run", "checkpoint_bytes", "load_recipe", "pin_checkout", "plan",
            "preflight", "run_experiment", "write_table"]

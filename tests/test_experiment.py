@@ -22,6 +22,7 @@ from minivln.experiment import (
     PreflightError,
     Recipe,
     adopt_run,
+    checkpoint_bytes,
     find_recipe,
     load_recipe,
     pin_checkout,
@@ -35,6 +36,7 @@ from minivln.experiment import (
 )
 from minivln.features.hdf5 import FeatureWriter, ObjectFeatures, ObjectFeatureWriter
 from minivln.model.checkpoint import save_pretrained
+from minivln.model.config import DUETConfig
 from minivln.model.registry import create_model, get_config
 
 TEACHER = {**SMALL, "hidden_size": 32, "intermediate_size": 64, "num_l_layers": 3}
@@ -247,6 +249,11 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
         assert json.loads(scored.read_text())["sr"] == pytest.approx(row["sr"])
         assert json.loads(scored.read_text())["spl"] == pytest.approx(row["spl"])
     assert json.loads((tmp_path / "table.json").read_text())["rows"] == table["rows"]
+    # the pre-flight's room per run is a lower bound of what each run left on disk
+    for run, export in (("pre", "pretrained"), ("plain", "model"), ("kd", "model")):
+        cfg = DUETConfig.from_dict(json.loads((out / "runs" / run / export / "config.json").read_text()))
+        left = sum(f.stat().st_size for f in (out / "runs" / run).rglob("*") if f.is_file())
+        assert 0 < checkpoint_bytes(cfg, {}) <= left, run
     for pic in ("tiny_bars.png", "tiny_curves.png"):
         assert (tmp_path / "img" / pic).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resume: an interrupted run (its done mark gone, its checkpoint kept) continues, the rest is skipped
