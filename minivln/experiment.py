@@ -28,6 +28,7 @@ same numbers) and the standard error of each rate over episodes.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -136,6 +137,21 @@ class ComparisonSpec:
 
 
 @dataclass
+class GateSpec:
+    """Runs held until a pre-registered check passes (e.g. the stage-2 runs wait until the teacher is
+    ahead of the student trained alone): each held run waits for the scorings of ``rows``; then the gaps
+    of the over-episodes comparison ``comparison`` between those rows are read, and the runs start only
+    if every gap is at least ``min_se`` paired standard errors in every metric.  Otherwise they (and what
+    needs them) are held: not started, not failed, reported."""
+
+    name: str = ""
+    runs: list[str] = field(default_factory=list)  # run names held (fnmatch patterns: "rev-ft-s2-*")
+    rows: list[str] = field(default_factory=list)  # the rows scored before the check is read
+    comparison: str = ""  # a comparison group of the recipe with over: episodes
+    min_se: float = 3.0
+
+
+@dataclass
 class SummarySpec:
     """A summary table of the rows (e.g. the paper's Table II): each entry an arm (its mean and standard
     error over seeds) or a row, with its share of the reference row per metric."""
@@ -177,6 +193,7 @@ class Recipe:
     rows: list[RowSpec] = field(default_factory=list)
     comparisons: list[ComparisonSpec] = field(default_factory=list)  # written into the table's JSON
     summary: SummarySpec = field(default_factory=SummarySpec)
+    gates: list[GateSpec] = field(default_factory=list)  # runs that start only once a check passes
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -301,6 +318,20 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
     names = [r.name for r in recipe.rows]
     if len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"{path}: every row needs a unique name")
+    groups = {c.name: c for c in recipe.comparisons}
+    for g in recipe.gates:
+        where = f"{path}: gate {g.name!r}"
+        if g.comparison not in groups or groups[g.comparison].over != "episodes":
+            raise ConfigError(f"{where}: comparison must name a comparison over episodes of the recipe "
+                              f"(got {g.comparison!r})")
+        unknown = [r for r in g.rows if r not in names]
+        if not g.rows or unknown or any(not recipe.rows[names.index(r)].run for r in g.rows):
+            raise ConfigError(f"{where}: rows must list rows of the recipe that score a run "
+                              f"(unknown: {unknown or '-'})")
+        if not g.runs or any(not fnmatch.filter(recipe.runs, pat) for pat in g.runs):
+            raise ConfigError(f"{where}: every pattern of runs must match a run of the recipe (got {g.runs!r})")
+        if not g.min_se > 0:
+            raise ConfigError(f"{where}: min_se must be positive, got {g.min_se!r}")
     for row in recipe.rows:
         sources = [bool(row.run), bool(row.checkpoint), row.random]
         if sum(sources) != 1:
@@ -519,7 +550,8 @@ def plan(recipe: Recipe, out: Path, code: Path, launcher: list[str] | None = Non
         overrides = [f"{k}={_fmt(v)}" for k, v in items.items()]
         argv += overrides
         deps = [f"train:{up}" for up in upstream(name)]
-        jobs.append(Job(f"train:{name}", deps, argv, run_dir=run_dir, spec=run_hash(name),
+        deps += [f"score:{score_key(r)}" for g in gates_of(recipe, name) for r in recipe.rows if r.name in g.rows]
+        jobs.append(Job(f"train:{name}", list(dict.fromkeys(deps)), argv, run_dir=run_dir, spec=run_hash(name),
                         config=spec.config or "", overrides=overrides))
     for row in recipe.rows:
         if row.random:
@@ -541,6 +573,33 @@ def plan(recipe: Recipe, out: Path, code: Path, launcher: list[str] | None = Non
         jobs = [j for t in trains for j in [t] + [s for s in jobs if s.deps == [t.name] and s.name.startswith("score:")]] \
             + [j for j in jobs if j.name.startswith("score:") and not j.deps]
     return jobs
+
+
+def gates_of(recipe: Recipe, run: str) -> list[GateSpec]:
+    """The recipe's gates that hold run ``run``."""
+    return [g for g in recipe.gates if any(fnmatch.fnmatchcase(run, pat) for pat in g.runs)]
+
+
+def gate_check(recipe: Recipe, out: Path, gate: GateSpec) -> tuple[bool, str]:
+    """Read gate ``gate`` on the scorings in ``out`` (all of its rows must be scored): ``(passed, why)``."""
+    evaluator = Evaluator(recipe.task, recipe.split, resolve_data_dir(recipe.data_dir or None))
+    per_episode = {}
+    for row in (r for r in recipe.rows if r.name in gate.rows):
+        entries = json.loads((out / "scores" / score_key(row) / f"submission_{recipe.split}.json").read_text())
+        if row.picker == "name-overlap":
+            entries = with_name_overlap_objects(entries, evaluator.episodes.values(), evaluator.data_dir)
+        per_episode[row.name] = evaluator.score(entries)[1]
+    group = next(c for c in recipe.comparisons if c.name == gate.comparison)
+    rows = [r for r in recipe.rows if r.name in gate.rows]
+    spec = Recipe(comparisons=[ComparisonSpec(name=group.name, over="episodes", pairs=group.pairs,
+                                              metrics=group.metrics)])
+    gaps = analyse(spec, [{"name": r.name} for r in rows], per_episode)[0]["gaps"]
+    if not gaps:
+        return False, f"gate {gate.name!r}: no pair of comparison {group.name!r} among its rows {gate.rows}"
+    text = "; ".join(f"{g['a']} - {g['b']} {g['metric']} {g['mean']:+.4f} ({g['in_se']:.1f} se)" for g in gaps)
+    passed = all(g["in_se"] >= gate.min_se for g in gaps)
+    return passed, (f"gate {gate.name!r} {'passed' if passed else 'NOT passed'} (every gap at least "
+                    f"{gate.min_se:g} paired standard errors): {text}")
 
 
 def _exported(recipe: Recipe, run: str, run_dir: Path) -> Path:
@@ -939,17 +998,21 @@ def parse_gpus(text: str) -> list[str]:
 
 
 def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: int, threads: int,
-            gpus: list[str] | None = None, on_finished: Callable[[Job], None] | None = None) -> bool:
-    """Run the pending jobs, up to ``max_jobs`` at a time; True when every job has finished.  ``gpus``
+            gpus: list[str] | None = None, on_finished: Callable[[Job], None] | None = None,
+            hold: Callable[[Job], str | None] | None = None) -> bool:
+    """Run the pending jobs, up to ``max_jobs`` at a time; True when no job has failed.  ``gpus``
     (:func:`parse_gpus`): each training run takes a free slot and sees only its GPUs, so that at most
     one run trains per slot; scorings (CPU) take none.  ``on_finished(job)``: called once a job's done
-    mark is written, before the next job starts (e.g. to delete what no pending job needs)."""
+    mark is written, before the next job starts (e.g. to delete what no pending job needs).
+    ``hold(job)``: asked when a job could start; a reason (a recipe's gate not passed) keeps it and what
+    needs it from starting in this call, which is reported and is no failure."""
     free = list(gpus or [])
     slot_of: dict[str, str] = {}
     pending = [j for j in jobs if not is_done(out, j)]
     finished = {j.name for j in jobs if j not in pending}
     running: dict[str, tuple[Job, subprocess.Popen]] = {}
     failed: set[str] = set()
+    held: set[str] = set()
     for j in jobs:
         if j in pending:
             print(f"pending  {j.name}", flush=True)
@@ -963,6 +1026,14 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
                 pending.remove(j)
                 failed.add(j.name)
                 print(f"skipped  {j.name}: a run it needs failed", flush=True)
+            elif any(d in held for d in j.deps):
+                pending.remove(j)
+                held.add(j.name)
+                print(f"held     {j.name}: a run it needs is held", flush=True)
+            elif all(d in finished for d in j.deps) and hold is not None and (why := hold(j)):
+                pending.remove(j)
+                held.add(j.name)
+                print(f"held     {j.name}: {why}", flush=True)
             elif all(d in finished for d in j.deps):
                 train = j.name.startswith("train:")
                 if gpus and train and not free:
@@ -1333,9 +1404,32 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     ok = True
     if not table_only:
         ok = execute(plan(recipe, out, code, launcher), out, code, commit, max_jobs=jobs, threads=recipe.threads,
-                     gpus=gpus, on_finished=on_finished)
+                     gpus=gpus, on_finished=on_finished, hold=gate_keeper(recipe, out))
     return ok, write_table(recipe, out, commit)
 
 
-__all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "adopt_run", "checkpoint_bytes", "load_recipe", "pin_checkout", "plan",
+def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
+    """:func:`execute`'s ``hold`` for the recipe's gates: each gate is read once per call, when the first
+    run it holds could start, and its verdict written to ``OUT/gates/NAME.json``."""
+    verdicts: dict[str, tuple[bool, str]] = {}
+
+    def hold(job: Job) -> str | None:
+        if not job.name.startswith("train:"):
+            return None
+        for gate in gates_of(recipe, job.name.split(":", 1)[1]):
+            if gate.name not in verdicts:
+                verdicts[gate.name] = gate_check(recipe, out, gate)
+                passed, why = verdicts[gate.name]
+                print(why, flush=True)
+                atomic_write_text(out / "gates" / f"{slug(gate.name)}.json", json.dumps(
+                    {"gate": gate.name, "passed": passed, "why": why, "rows": gate.rows, "min_se": gate.min_se,
+                     "read": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1) + "\n")
+            passed, why = verdicts[gate.name]
+            if not passed:
+                return why
+        return None
+    return hold
+
+
+__all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "GateSpec", "adopt_run", "checkpoint_bytes", "gate_check", "load_recipe", "pin_checkout", "plan",
            "preflight", "run_experiment", "write_table"]

@@ -514,6 +514,10 @@ def test_reverie_prereg_rows_are_seeded_pretrained_per_seed_and_distil_from_the_
         kd = jobs[f"train:rev-pre-kd-s{s}"].argv
         assert f"train.seed={s}" in kd and f"teacher={tmp_path / 'runs' / 'rev-teacher-v2-pre' / 'pretrained'}" in kd
         assert f"train.seed={s}" in jobs[f"train:rev-pre-plain-s{s}"].argv
+    # §2: the stage-2 and two-stage runs wait for the teacher-ahead check on the teacher and seed 0's none
+    for name in jobs:
+        gated = name.startswith(("train:rev-ft-s2-", "train:rev-ft-both-"))
+        assert ("score:rev-teacher-v2" in jobs[name].deps and "score:rev-ft-none-s0" in jobs[name].deps) == gated
     pickers = [r for r in recipe.rows if r.picker]
     assert {r.run for r in pickers} == {"rev-ft-none-s0", "rev-ft-none-s1", "rev-ft-none-s2", "rev-teacher-v2"}
     # the teacher is fine-tuned exactly as the students are, the network aside

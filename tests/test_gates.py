@@ -1,0 +1,105 @@
+"""A recipe's gates: runs held until a pre-registered check passes (issue 20: the REVERIE stage-2 runs
+wait until the teacher is ahead of the student trained alone)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from minivln.config import ConfigError
+from minivln.data.datasets import load_episodes
+from minivln.experiment import Job, execute, gate_check, gate_keeper, gates_of, load_recipe, plan
+
+
+def _recipe(tmp_path, data, feats, gate):
+    ft = {"model": "duet-cpu", "train": {"max_steps": 2}}
+    recipe = {
+        "name": "gated", "data_dir": str(data), "features": str(feats), "results": str(tmp_path / "t.json"),
+        "runs": {"t": {"command": "finetune", "overrides": ft}, "n": {"command": "finetune", "overrides": ft},
+                 "kd": {"command": "finetune", "teacher_run": "t", "overrides": ft}},
+        "rows": [{"name": "teacher", "run": "t"}, {"name": "none, seed 0", "run": "n"},
+                 {"name": "stage 2, seed 0", "run": "kd"}],
+        "comparisons": [{"name": "teacher ahead", "over": "episodes", "pairs": [["teacher", "none"]],
+                         "metrics": ["sr"]}],
+        "gates": [gate],
+    }
+    path = tmp_path / "gated.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+GATE = {"name": "teacher ahead", "runs": ["kd*"], "rows": ["teacher", "none, seed 0"],
+        "comparison": "teacher ahead", "min_se": 3.0}
+
+
+def _write_scores(out, key, episodes, succeed):
+    """A submission that walks the annotated path of the episodes in ``succeed`` and stays put elsewhere."""
+    entries = [{"instr_id": e.instr_id,
+                "trajectory": [[vp, 0.0, 0.0] for vp in (e.path if e.instr_id in succeed else e.path[:1])]}
+               for e in episodes]
+    d = out / "scores" / key
+    d.mkdir(parents=True)
+    (d / "submission_val_unseen.json").write_text(json.dumps(entries))
+
+
+def test_gated_runs_wait_for_the_scorings_the_gate_reads(small_toy, tmp_path):
+    recipe = load_recipe(_recipe(tmp_path, *small_toy, GATE))
+    jobs = {j.name: j for j in plan(recipe, tmp_path / "exp", tmp_path)}
+    assert jobs["train:kd"].deps == ["train:t", "score:t", "score:n"]
+    assert jobs["train:n"].deps == [] and [g.name for g in gates_of(recipe, "kd")] == ["teacher ahead"]
+    assert gates_of(recipe, "t") == []
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"comparison": "nope"}, "comparison must name"),
+    ({"rows": ["teacher", "none, seed 9"]}, "rows must list"),
+    ({"runs": ["zz*"]}, "every pattern of runs"),
+    ({"min_se": 0}, "min_se must be positive"),
+])
+def test_a_gate_that_cannot_be_read_is_refused(small_toy, tmp_path, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(_recipe(tmp_path, *small_toy, {**GATE, **bad}))
+
+
+def test_the_gate_reads_the_paired_gap_in_standard_errors(small_toy, tmp_path):
+    data, feats = small_toy
+    episodes = list(load_episodes("r2r", "val_unseen", data))
+    assert len(episodes) == 9
+    out = tmp_path / "exp"
+    _write_scores(out, "t", episodes, {e.instr_id for e in episodes})  # the teacher succeeds everywhere
+    _write_scores(out, "n", episodes, {e.instr_id for e in episodes[:3]})  # the student on 3 of 9
+    # gap 6/9 = 0.667, paired sd 0.5, se 0.5 / 3: 4.0 standard errors
+    passed, why = gate_check(load_recipe(_recipe(tmp_path, data, feats, GATE)), out,
+                             load_recipe(_recipe(tmp_path, data, feats, GATE)).gates[0])
+    assert passed and "teacher - none, seed 0 sr +0.6667 (4.0 se)" in why
+    recipe = load_recipe(_recipe(tmp_path, data, feats, {**GATE, "min_se": 5.0}))
+    passed, why = gate_check(recipe, out, recipe.gates[0])
+    assert not passed and "NOT passed" in why
+    # the driver's hook: the held run gets the reason, the others go; the verdict is kept in OUT/gates
+    hold = gate_keeper(recipe, out)
+    assert hold(Job("train:kd", [], [])) == why and hold(Job("train:n", [], [])) is None
+    assert hold(Job("score:kd", [], [])) is None
+    verdict = json.loads((out / "gates" / "teacher-ahead.json").read_text())
+    assert verdict["passed"] is False and verdict["why"] == why and verdict["min_se"] == 5.0
+
+
+def test_a_held_job_and_what_needs_it_do_not_start_and_are_no_failure(tmp_path, capsys):
+    mark = tmp_path / "ran"
+    mark.mkdir()
+    script = "import pathlib, sys; pathlib.Path(sys.argv[1]).touch()"
+    jobs = [Job(f"train:{n}", deps, [sys.executable, "-c", script, str(mark / n)], spec=n)
+            for n, deps in (("a", []), ("b", ["train:a"]), ("c", ["train:b"]))]
+    asked = []
+
+    def hold(job):
+        asked.append(job.name)
+        return "gate 'g' NOT passed" if job.name == "train:b" else None
+    assert execute(jobs, tmp_path / "exp", tmp_path, "abc", max_jobs=2, threads=1, hold=hold)
+    assert sorted(p.name for p in mark.iterdir()) == ["a"]
+    printed = capsys.readouterr().out
+    assert "held     train:b: gate 'g' NOT passed" in printed and "held     train:c: a run it needs is held" in printed
+    assert asked == ["train:a", "train:b"]  # a job behind a held one is not asked about
+    assert not (tmp_path / "exp" / "done" / "train-b.json").exists()
