@@ -583,12 +583,8 @@ def gates_of(recipe: Recipe, run: str) -> list[GateSpec]:
 def gate_check(recipe: Recipe, out: Path, gate: GateSpec) -> tuple[bool, str]:
     """Read gate ``gate`` on the scorings in ``out`` (all of its rows must be scored): ``(passed, why)``."""
     evaluator = Evaluator(recipe.task, recipe.split, resolve_data_dir(recipe.data_dir or None))
-    per_episode = {}
-    for row in (r for r in recipe.rows if r.name in gate.rows):
-        entries = json.loads((out / "scores" / score_key(row) / f"submission_{recipe.split}.json").read_text())
-        if row.picker == "name-overlap":
-            entries = with_name_overlap_objects(entries, evaluator.episodes.values(), evaluator.data_dir)
-        per_episode[row.name] = evaluator.score(entries)[1]
+    per_episode = {row.name: evaluator.score(row_entries(recipe, out, row, evaluator))[1]
+                   for row in recipe.rows if row.name in gate.rows}
     group = next(c for c in recipe.comparisons if c.name == gate.comparison)
     rows = [r for r in recipe.rows if r.name in gate.rows]
     spec = Recipe(comparisons=[ComparisonSpec(name=group.name, over="episodes", pairs=group.pairs,
@@ -1078,6 +1074,20 @@ def write_gz(path: Path, entries: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _scored(recipe: Recipe, out: Path, row: RowSpec) -> Path:
+    """The submission a (non-random) row's scoring wrote."""
+    return out / "scores" / score_key(row) / f"submission_{recipe.split}.json"
+
+
+def row_entries(recipe: Recipe, out: Path, row: RowSpec, evaluator: Evaluator) -> list[dict]:
+    """A scored row's submission entries (a picker row: its run's trajectories, each object chosen
+    again by the picker)."""
+    entries = json.loads(_scored(recipe, out, row).read_text())
+    if row.picker == "name-overlap":
+        entries = with_name_overlap_objects(entries, evaluator.episodes.values(), evaluator.data_dir)
+    return entries
+
+
 def random_submission(recipe: Recipe) -> list[dict]:
     """The random row of a table: :func:`~minivln.env.env.random_walker_submission` on the recipe's split
     (REVERIE: an object drawn among those visible where it stops, as ``minivln finetune``'s baseline)."""
@@ -1105,14 +1115,10 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
         if row.random:
             write_gz(gz, random_submission(recipe))
         else:
-            src = out / "scores" / score_key(row) / f"submission_{recipe.split}.json"
-            if not src.exists():
+            if not _scored(recipe, out, row).exists():
                 missing.append(row.name)
                 continue
-            entries = json.loads(src.read_text())
-            if row.picker == "name-overlap":
-                entries = with_name_overlap_objects(entries, evaluator.episodes.values(), evaluator.data_dir)
-            write_gz(gz, entries)
+            write_gz(gz, row_entries(recipe, out, row, evaluator))
         summary, per_ep = evaluator.score(load_submission(gz))
         per_episode[row.name] = per_ep
         rec: dict[str, Any] = {"name": row.name, "stage1": row.stage1, "stage2": row.stage2}
