@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -198,6 +199,7 @@ def test_run_pretraining_end_to_end(tiny, tmp_path):
     cfg.train.progress = False
     out = run_pretraining(cfg)
     assert {"val_unseen.sap_fused_acc", "val_seen.mlm_acc", "val_seen.mrc_acc"} <= set(out["val"])
+    assert 0 < out["val"]["val_seen.mlm_majority_acc"] <= 1  # the collapse check's reference rate
     nav = load_pretrained(out["export"])
     assert nav.config.hidden_size == 32
     assert (tmp_path / "run" / "config.yaml").exists()
@@ -330,3 +332,26 @@ def test_train_compile_runs_validation_eagerly_and_trains_as_without(tiny, tmp_p
     assert calls and calls[0] >= 4
     for k, v in exports[1].items():
         torch.testing.assert_close(exports[0][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_the_mlm_collapse_check_warns_at_the_second_validation_at_the_majority_rate():
+    """A text encoder that predicts one word scores the share of the most frequent masked token; two
+    validations in a row there give one warning, a validation above it starts the count again."""
+    from collections import Counter
+
+    from minivln.training.pretrain import mlm_collapse_check
+
+    masked = Counter({2003: 21, 1996: 79})  # "the" is 79% of the masked tokens
+    seen: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert mlm_collapse_check("val_unseen", 0.79, masked, seen) == pytest.approx(0.79)
+        assert not caught  # once may be early training
+        assert seen["val_unseen"] == 1
+        mlm_collapse_check("val_unseen", 0.90, masked, seen)  # learning: the count starts again
+        assert seen["val_unseen"] == 0
+        mlm_collapse_check("val_unseen", 0.792, masked, seen)
+        mlm_collapse_check("val_unseen", 0.79, masked, seen)
+        assert len(caught) == 1 and "collapsed" in str(caught[0].message) and "id 1996: 0.790" in str(caught[0].message)
+        mlm_collapse_check("val_unseen", 0.79, masked, seen)
+        assert len(caught) == 1  # once per collapse, not at every validation

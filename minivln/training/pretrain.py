@@ -37,6 +37,7 @@ import math
 import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -511,11 +512,14 @@ def make_validate(datasets: Mapping[str, PrefixDataset], tasks: Sequence[str], b
     names = {"acc/mlm": "mlm_acc", "acc/sap_fused": "sap_fused_acc", "acc/sap_global": "sap_global_acc",
              "acc/sap_local": "sap_local_acc", "acc/mrc": "mrc_acc", "acc/og": "og_acc"}
 
+    at_majority: dict[str, int] = {}  # consecutive validations whose MLM accuracy is the majority rate
+
     def validate(model: torch.nn.Module) -> dict[str, Any]:
         device = next(model.parameters()).device
 
         results: dict[str, Any] = {}
         for split, ds in datasets.items():
+            masked: Counter[int] = Counter()  # the masked tokens' labels: the majority rate
             bs = min(batch_size, ds.num_episodes)
             helper = PretrainTask(ds, bs, {t: 1.0 for t in tasks}, seed=seed, sap_stop_prob=sap_stop_prob,
                                   rank=0, world_size=1)
@@ -525,15 +529,36 @@ def make_validate(datasets: Mapping[str, PrefixDataset], tasks: Sequence[str], b
                 for k in range(n_batches):
                     rng = np.random.default_rng([seed, k, 3, PRETRAIN_TASKS.index(task)])
                     batch = move_to(helper.make_batch(task, helper.episodes_of(k), rng), device)
+                    if task == "mlm":
+                        labels = batch["mlm_labels"]
+                        masked.update(labels[labels != -100].tolist())
                     loss, metrics = compute_task(model, batch)
                     for key, v in {**metrics, f"loss/{task}": loss}.items():
                         key = names.get(key, key.replace("loss/", "") + "_loss")
                         sums[key] = sums.get(key, 0.0) + float(v)
                         counts[key] = counts.get(key, 0) + 1
             results[split] = {k: sums[k] / counts[k] for k in sorted(sums)}
+            if masked:
+                results[split]["mlm_majority_acc"] = mlm_collapse_check(
+                    split, results[split]["mlm_acc"], masked, at_majority)
         return results
 
     return validate
+
+
+def mlm_collapse_check(split: str, accuracy: float, masked: Counter[int], at_majority: dict[str, int],
+                       tolerance: float = 0.005) -> float:
+    """The accuracy of always predicting the most frequent masked token (``masked``: label counts) on
+    ``split``; a warning when ``accuracy`` has been within ``tolerance`` of it at two validations in a
+    row (``at_majority`` keeps the count per split): a text encoder that collapsed to one word."""
+    token, top = masked.most_common(1)[0]
+    majority = top / sum(masked.values())
+    at_majority[split] = at_majority.get(split, 0) + 1 if accuracy <= majority + tolerance else 0
+    if at_majority[split] == 2:
+        warnings.warn(f"{split}: MLM accuracy {accuracy:.3f} is, for the second validation in a row, the rate of "
+                      f"always predicting the most frequent masked token (id {token}: {majority:.3f}): the text "
+                      "encoder may have collapsed (a lower learning rate or a longer warm-up?)", stacklevel=2)
+    return majority
 
 
 # ----------------------------------------------------------------------------------- building a run
