@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minivln.bench.model import bench_models, make_world, record_episode, run_episode
-from minivln.bench.train import METADATA_OPS, OpCounter, bench_train, split_summary
+from minivln.bench.train import METADATA_OPS, OpCounter, allocation_peak, bench_train, split_summary
 from minivln.cli import main
 from minivln.model import duet as duet_module
 from minivln.model.checkpoint import save_pretrained
@@ -202,3 +202,55 @@ def test_op_counter_counts_kernels_and_sets_views_aside():
     assert both["ops_per_it"] == s["ops_per_it"] + sum(d.counts.values())
     assert both["step_compute_ops_per_it"] == s["compute_ops_per_it"] and both["top_step_ops"] == s["top_compute_ops"]
     assert both["data_compute_ops_per_it"] == sum(d.compute().values()) > 0
+
+
+def test_allocation_peak_counts_what_a_step_holds_at_once():
+    """The CPU memory of ``bench train --memory``, checked by hand.  Tensors: the peak of what the
+    function's own allocations held at once (a tensor from before it, freed inside, is not subtracted)."""
+    before = torch.empty(10_000)
+
+    def allocations():
+        nonlocal before
+        a, b = torch.empty(1000, 1000), torch.empty(500, 1000)  # 4 MB + 2 MB held at once
+        del a, b, before
+        return torch.empty(250, 1000)
+
+    assert allocation_peak(allocations)[1] == 6_000_000
+    # a training step of y = x W^T, loss sum(y^2): y (B x D) is kept for the backward, whose formula for
+    # pow (grad * 2 * y^1) holds three more B x D temporaries at once; then W's gradient (D x D)
+    B, D = 2048, 128
+    lin, x = torch.nn.Linear(D, D, bias=False), torch.randn(B, D)
+    unit = B * D * 4
+    _, peak = allocation_peak(lambda: lin(x).pow(2).sum().backward())
+    assert 4 * unit <= peak <= 4 * unit + D * D * 4 + 4096, peak / unit
+
+
+def test_bench_train_measures_cpu_memory_growing_with_the_batch(small_toy, one_thread):
+    tiny = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_l_layers=1,
+                num_pano_layers=1, num_x_layers=1, image_feat_size=16)
+    register_preset("test-bench-mem", get_config("duet-cpu", **tiny), "test only")
+    data, feats = small_toy
+    plain = bench_train(["test-bench-mem"], ["pretrain"], str(data), str(feats), iters=1, warmup=0, batch_size=2,
+                        quiet=True)
+    assert "memory_method" not in plain and "step_extra_gb" not in plain["phases"]["pretrain"]["test-bench-mem"]
+    gb, every = {}, {}
+    for phase in ("pretrain", "finetune"):
+        for b in (2, 16):
+            rep = bench_train(["test-bench-mem"], [phase], str(data), str(feats), iters=2, warmup=1, batch_size=b,
+                              max_action_len=5, quiet=True, memory=True)
+            assert rep["memory_method"].startswith("torch.profiler")
+            row = rep["phases"][phase]["test-bench-mem"]
+            assert len(row["step_extra_gb_all"]) == 3 and row["step_extra_gb"] == max(row["step_extra_gb_all"])
+            gb[phase, b], every[phase, b] = row["step_extra_gb_all"][-1], row["step_extra_gb_all"]
+        assert 0 < gb[phase, 2] < gb[phase, 16], (phase, gb)
+    assert rep["phases"]["finetune"]["test-bench-mem"].get("iteration_tasks") is None
+    # with a frozen teacher (stage 1 / stage 2) the same step needs more: the teacher's forward, the terms
+    register_preset("test-bench-mem-teacher", get_config("duet-cpu", **{**tiny, "num_x_layers": 2}), "test only")
+    for phase in ("pretrain", "finetune"):
+        rep = bench_train(["test-bench-mem"], [phase], str(data), str(feats), iters=2, warmup=1, batch_size=16,
+                          max_action_len=5, quiet=True, memory=True, teacher="test-bench-mem-teacher")
+        assert rep["teacher"] == "test-bench-mem-teacher"
+        row = rep["phases"][phase]["test-bench-mem"]  # the same batches as without the teacher
+        assert all(t > s for t, s in zip(row["step_extra_gb_all"], every[phase, 16])), (phase, row, every)
+        if phase == "pretrain":
+            assert len(row["iteration_tasks"]) == 3 and set(row["iteration_tasks"]) <= {"mlm", "sap", "mrc", "og"}
