@@ -364,10 +364,17 @@ main(["features", "build", "--data-dir", {str(data)!r}, "--out", {str(out)!r}, "
     other = f".other.h5.tmp{_dead_pid()}"
     (tmp_path / ".views.h5.tmp1").write_bytes(b"a running build's")  # pid 1 runs
     (tmp_path / other).write_bytes(b"another target's")
-    reused = tmp_path / f".views.h5.tmp{os.getppid()}"  # a live pid, but it started after the file was written
-    reused.write_bytes(b"a killed build's, its pid taken since")
-    os.utime(reused, (1e9, 1e9))
-    code, _, err = _run(["features", "build", "--data-dir", str(data), "--out", str(out), "--no-progress"], capsys)
+    # a live pid, but its process started after the file was written (a child of ours: the parent's pid may
+    # be 1 when the tests run orphaned, which would be the running build's above)
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        reused = tmp_path / f".views.h5.tmp{later.pid}"
+        reused.write_bytes(b"a killed build's, its pid taken since")
+        os.utime(reused, (1e9, 1e9))
+        code, _, err = _run(["features", "build", "--data-dir", str(data), "--out", str(out), "--no-progress"], capsys)
+    finally:
+        later.kill()
+        later.wait()
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other, ".views.h5.tmp1", "views.h5"])
 
