@@ -488,7 +488,7 @@ def test_listed_order_runs_the_recipes_runs_as_written_and_scores_each_when_trai
     scored before any distillation run, though the teacher-first default would start those first."""
     recipe = load_recipe("reverie-prereg-table3", ["features=x"])
     names = [j.name for j in plan(recipe, tmp_path, tmp_path)]
-    assert names[:7] == ["train:rev-teacher-v2-pre", "train:rev-teacher-v2", "score:rev-teacher-v2", "train:rev-pre-plain-s0",
+    assert names[:7] == ["train:rev-teacher-v3-pre", "train:rev-teacher-v3", "score:rev-teacher-v3", "train:rev-pre-plain-s0",
                          "train:rev-ft-none-s0", "score:rev-ft-none-s0", "train:rev-pre-kd-s0"]
     assert names.index("score:rev-ft-both-s0") < names.index("train:rev-pre-plain-s1")
     default = [j.name for j in plan(load_recipe("reverie-prereg-table3", ["features=x", "order=teacher-first"]),
@@ -499,12 +499,12 @@ def test_listed_order_runs_the_recipes_runs_as_written_and_scores_each_when_trai
 
 def test_reverie_prereg_rows_are_seeded_pretrained_per_seed_and_distil_from_the_reverie_teacher(tmp_path):
     """Amended before any distillation run (docs/preregistration_reverie.md, Notes): both stages distil
-    from the second teacher (recipe reverie-teacher-v2), whose fine-tuning is the student's own."""
+    from the third teacher (recipe reverie-teacher-v3), whose fine-tuning is the students' own."""
     recipe = load_recipe("reverie-prereg-table3", ["features=x"])
     jobs = {j.name: j for j in plan(recipe, tmp_path, tmp_path)}
     for s in (0, 1, 2):
-        for arm, pre, teacher in (("none", "plain", None), ("s1", "kd", None), ("s2", "plain", "rev-teacher-v2"),
-                                  ("both", "kd", "rev-teacher-v2")):
+        for arm, pre, teacher in (("none", "plain", None), ("s1", "kd", None), ("s2", "plain", "rev-teacher-v3"),
+                                  ("both", "kd", "rev-teacher-v3")):
             argv = jobs[f"train:rev-ft-{arm}-s{s}"].argv
             assert f"train.seed={s}" in argv and "train.best_metric=" in argv
             assert f"init_checkpoint={tmp_path / 'runs' / f'rev-pre-{pre}-s{s}' / 'pretrained'}" in argv
@@ -512,21 +512,27 @@ def test_reverie_prereg_rows_are_seeded_pretrained_per_seed_and_distil_from_the_
             if teacher:
                 assert f"teacher={tmp_path / 'runs' / teacher / 'model'}" in argv
         kd = jobs[f"train:rev-pre-kd-s{s}"].argv
-        assert f"train.seed={s}" in kd and f"teacher={tmp_path / 'runs' / 'rev-teacher-v2-pre' / 'pretrained'}" in kd
+        assert f"train.seed={s}" in kd and f"teacher={tmp_path / 'runs' / 'rev-teacher-v3-pre' / 'pretrained'}" in kd
         assert f"train.seed={s}" in jobs[f"train:rev-pre-plain-s{s}"].argv
     # §2: the stage-2 and two-stage runs wait for the teacher-ahead check on the teacher and seed 0's none
     for name in jobs:
         gated = name.startswith(("train:rev-ft-s2-", "train:rev-ft-both-"))
-        assert ("score:rev-teacher-v2" in jobs[name].deps and "score:rev-ft-none-s0" in jobs[name].deps) == gated
+        assert ("score:rev-teacher-v3" in jobs[name].deps and "score:rev-ft-none-s0" in jobs[name].deps) == gated
     pickers = [r for r in recipe.rows if r.picker]
-    assert {r.run for r in pickers} == {"rev-ft-none-s0", "rev-ft-none-s1", "rev-ft-none-s2", "rev-teacher-v2"}
+    assert {r.run for r in pickers} == {"rev-ft-none-s0", "rev-ft-none-s1", "rev-ft-none-s2", "rev-teacher-v3"}
     # the teacher is fine-tuned exactly as the students are, the network aside
     from minivln.training.finetune import FinetuneConfig
 
     student, teacher = (load_config(FinetuneConfig, repo_root() / jobs[j].config, jobs[j].overrides)
-                        for j in ("train:rev-ft-none-s0", "train:rev-teacher-v2"))
+                        for j in ("train:rev-ft-none-s0", "train:rev-teacher-v3"))
     changes = config_changes(student, teacher, ignore=("train.run_dir", "init_checkpoint"))
     assert set(changes) == {"model"}, changes
+    # its pretraining: from scratch at the teacher config's own 2.5e-4 (at 5e-4 the second teacher's MLM collapsed)
+    from minivln.training.pretrain import PretrainConfig
+
+    pre = load_config(PretrainConfig, repo_root() / jobs["train:rev-teacher-v3-pre"].config,
+                      jobs["train:rev-teacher-v3-pre"].overrides)
+    assert pre.init_checkpoint == "" and pre.train.optim.lr == pytest.approx(2.5e-4) and pre.model == "duet-cpu-reverie"
 
 
 def test_a_picker_row_needs_a_reverie_run(tmp_path):
