@@ -375,9 +375,12 @@ def test_ctrl_c_during_finetune_is_one_line_exit_130_and_resumes(small_toy, tmp_
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # SIGINT at its default in the child: a test session started in the background (nohup ... &) ignores
+    # SIGINT, and a Python started with SIGINT ignored never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "minivln.cli", "finetune", "--out", str(run),
                              *_finetune_args(data, feats, steps=100_000)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not (run / "latest" / "meta.json").is_file():
