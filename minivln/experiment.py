@@ -583,13 +583,10 @@ def gates_of(recipe: Recipe, run: str) -> list[GateSpec]:
 def gate_check(recipe: Recipe, out: Path, gate: GateSpec) -> tuple[bool, str]:
     """Read gate ``gate`` on the scorings in ``out`` (all of its rows must be scored): ``(passed, why)``."""
     evaluator = Evaluator(recipe.task, recipe.split, resolve_data_dir(recipe.data_dir or None))
-    per_episode = {row.name: evaluator.score(row_entries(recipe, out, row, evaluator))[1]
-                   for row in recipe.rows if row.name in gate.rows}
-    group = next(c for c in recipe.comparisons if c.name == gate.comparison)
     rows = [r for r in recipe.rows if r.name in gate.rows]
-    spec = Recipe(comparisons=[ComparisonSpec(name=group.name, over="episodes", pairs=group.pairs,
-                                              metrics=group.metrics)])
-    gaps = analyse(spec, [{"name": r.name} for r in rows], per_episode)[0]["gaps"]
+    per_episode = {row.name: evaluator.score(row_entries(recipe, out, row, evaluator))[1] for row in rows}
+    group = next(c for c in recipe.comparisons if c.name == gate.comparison)
+    gaps, _ = episode_gaps(group, [{"name": r.name} for r in rows], per_episode)
     if not gaps:
         return False, f"gate {gate.name!r}: no pair of comparison {group.name!r} among its rows {gate.rows}"
     text = "; ".join(f"{g['a']} - {g['b']} {g['metric']} {g['mean']:+.4f} ({g['in_se']:.1f} se)" for g in gaps)
@@ -1202,24 +1199,31 @@ def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, d
             except KeyError as exc:
                 group["pending"] = str(exc.args[0])
         else:
-            by_arm = arms(rows)
-            gaps, pending = [], []
-
-            def names(x: str) -> list[str]:
-                return [r["name"] for _, r in sorted(by_arm[x].items())] if x in by_arm else [x]
-            for a, b in pairs:
-                for na in names(a):
-                    for nb in names(b):
-                        if na in per_episode and nb in per_episode:
-                            gaps += [{"a": na, "b": nb, **gap_over_episodes(per_episode[na], per_episode[nb], m)}
-                                     for m in c.metrics]
-                        else:
-                            pending.append(f"{na} - {nb}")
-            group["gaps"] = gaps
+            group["gaps"], pending = episode_gaps(c, rows, per_episode)
             if pending:
                 group["pending"] = pending
         out.append(group)
     return out
+
+
+def episode_gaps(c: ComparisonSpec, rows: list[dict[str, Any]],
+                 per_episode: dict[str, dict]) -> tuple[list[dict[str, Any]], list[str]]:
+    """An over-episodes comparison on ``rows``: each pair's paired gaps per metric (an arm stands for
+    each of its seeds' rows), and the pairs whose rows are not scored yet."""
+    by_arm = arms(rows)
+    gaps, pending = [], []
+
+    def names(x: str) -> list[str]:
+        return [r["name"] for _, r in sorted(by_arm[x].items())] if x in by_arm else [x]
+    for a, b in c.pairs:
+        for na in names(a):
+            for nb in names(b):
+                if na in per_episode and nb in per_episode:
+                    gaps += [{"a": na, "b": nb, **gap_over_episodes(per_episode[na], per_episode[nb], m)}
+                             for m in c.metrics]
+                else:
+                    pending.append(f"{na} - {nb}")
+    return gaps, pending
 
 
 def summary_table(recipe: Recipe, table: dict[str, Any]) -> dict[str, Any]:
@@ -1390,7 +1394,8 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
                    gpus: list[str] | None = None,
                    on_finished: Callable[[Job], None] | None = None) -> tuple[bool, dict[str, Any]]:
     """Pin the code (``pin=False``: run this checkout in place, for tests), run what is pending
-    (``on_finished``: see :func:`execute`), write the table; ``(every job finished, table)``."""
+    (``on_finished``: see :func:`execute`; the recipe's gates hold runs), write the table; ``(no job
+    failed, table)`` (held runs are no failure: the table says what is pending)."""
     out = Path(out).resolve()
     # before any work: the experiment directory and where the table and submissions go must take files
     check_writable_dir(out, "experiment directory")
