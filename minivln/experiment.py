@@ -79,7 +79,7 @@ from minivln.paths import (
 from minivln.training.finetune import FinetuneConfig
 from minivln.training.logging import read_jsonl
 from minivln.training.plot import new_figure, require_matplotlib, save_png
-from minivln.training.pretrain import PretrainConfig, resolve_mix
+from minivln.training.pretrain import PretrainConfig, resolve_mix, stage1_weights
 
 COMMANDS = ("pretrain", "finetune")
 PATH_KEYS = ("teacher", "features", "objects", "data_dir", "init_checkpoint", "init")
@@ -905,9 +905,7 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
             teacher = _network_of(path, "teacher", who, problems)
         if teacher is not None and student is not None:
             stage = 1 if spec.command == "pretrain" else 2
-            kd_terms = None
-            if stage == 1:
-                kd_terms = {k: cfg.kd_weight * v for k, v in to_dict(cfg.kd_terms).items()}
+            kd_terms = stage1_weights(cfg) if stage == 1 else None
             try:
                 check_teacher(student, teacher, stage=stage, source=source, kd_terms=kd_terms)
             except ConfigError as exc:

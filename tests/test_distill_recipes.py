@@ -139,3 +139,27 @@ def test_teacher_autocast_bf16_returns_fp32_close_to_fp32(one_thread):
     assert torch.allclose(out, ref, atol=0.1, rtol=0.05)  # ... and stays close
     with pytest.raises(ValueError, match="teacher dtype"):
         teacher_autocast(teacher, "fp8")
+
+
+def test_stage_loss_terms_follow_the_config():
+    """``stage1_loss_terms`` / ``stage2_loss_terms`` (what pretraining, fine-tuning and ``bench train``
+    build): a part or term weighted 0 is left out, the others weighted ``kd_weight`` x their weight, and
+    the config's other settings reach the terms."""
+    from minivln.training.finetune import FinetuneConfig, stage2_loss_terms
+    from minivln.training.pretrain import PretrainConfig, stage1_loss_terms, stage1_weights
+
+    student, teacher = create_model("minivln-cpu", **SMALL).config, create_model("duet-cpu", **TEACHER).config
+    pre = PretrainConfig(kd_weight=2.0, kd_cross_attention=True, kd_embed_encoders=["text", "pano"])
+    pre.kd_terms.att = 0.0
+    pre.kd_terms.hid = 0.5
+    assert stage1_weights(pre) == {"emb": 2.0, "att": 0.0, "hid": 1.0}
+    terms = stage1_loss_terms(pre, student, teacher)
+    assert [(t.name, t.weight) for t in terms] == [("kd_emb", 2.0), ("kd_hid", 1.0)]
+    assert all(t.cross_attention and t.embed_encoders == ("text", "pano") for t in terms)
+
+    ft = FinetuneConfig(kd_weight=0.1, kd_temperature=2.0)
+    ft.kd_terms.pano = 0.0
+    terms = stage2_loss_terms(ft, student, teacher)
+    assert [t.name for t in terms] == ["kd_txt", "kd_fuse"]
+    assert [round(t.weight, 6) for t in terms] == [0.1, 0.1]
+    assert terms[-1].loss.temperature == 2.0

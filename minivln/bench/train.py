@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import functools
 import json
@@ -61,8 +60,6 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minivln.distill.compat import check_teacher
-from minivln.distill.stage1 import stage1_terms
-from minivln.distill.stage2 import stage2_terms
 from minivln.model.duet import compile_layers
 from minivln.model.registry import create_model
 from minivln.paths import atomic_write_text
@@ -72,6 +69,7 @@ from minivln.training.finetune import (
     build_model,
     make_task,
     prepare_data,
+    stage2_loss_terms,
 )
 from minivln.training.pretrain import (
     PretrainConfig,
@@ -81,6 +79,8 @@ from minivln.training.pretrain import (
     resolve_data,
     resolve_mix,
     resolve_objects,
+    stage1_loss_terms,
+    stage1_weights,
 )
 from minivln.training.pretrain_data import features_have_classes
 from minivln.training.trainer import (
@@ -249,10 +249,8 @@ def pretrain_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
     if teacher:
         teacher_net = create_model(teacher)
         check_teacher(model.duet.config, teacher_net.config, stage=1, source=f"teacher {teacher}",
-                      kd_terms={k: cfg.kd_weight * v for k, v in dataclasses.asdict(cfg.kd_terms).items()})
-        terms = stage1_terms(model.duet.config, teacher_net.config, cfg.kd_weight,
-                             part_weights=dataclasses.asdict(cfg.kd_terms),
-                             cross_attention=cfg.kd_cross_attention, embed_encoders=cfg.kd_embed_encoders)
+                      kd_terms=stage1_weights(cfg))
+        terms = stage1_loss_terms(cfg, model.duet.config, teacher_net.config)
     return _make_step(model, PretrainTask(train_ds, batch_size, mix, seed=seed), device, precision=precision,
                       compile=compile, optimizer=optimizer, teacher=teacher_net, loss_terms=terms)
 
@@ -278,8 +276,7 @@ def finetune_step(preset: str, data_dir: str, features: str, *, task: str = "r2r
     if teacher:
         teacher_net = create_model(teacher)
         check_teacher(model.config, teacher_net.config, stage=2, source=f"teacher {teacher}")
-        terms = stage2_terms(model.config, teacher_net.config, cfg.kd_weight, cfg.kd_temperature,
-                             term_weights=dataclasses.asdict(cfg.kd_terms))
+        terms = stage2_loss_terms(cfg, model.config, teacher_net.config)
     return _make_step(model, task, device, lr=cfg.train.optim.lr, precision=precision, compile=compile,
                       optimizer=optimizer, teacher=teacher_net, loss_terms=terms)
 

@@ -66,6 +66,7 @@ from minivln.evaluation.metrics import (
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.features.standin import StandinConfig, build_standin
 from minivln.model.checkpoint import load_agent_model, load_weights, save_pretrained
+from minivln.model.config import DUETConfig
 from minivln.model.pretrain_heads import navigation_network
 from minivln.model.registry import create_model, get_config
 from minivln.model.text_init import init_text
@@ -531,6 +532,13 @@ def make_task(cfg: FinetuneConfig, model, res: Resources) -> FinetuneTask:
                         aug_env=aug_env, aug_times=cfg.aug_times)
 
 
+def stage2_loss_terms(cfg: FinetuneConfig, student: DUETConfig, teacher: DUETConfig) -> list[torch.nn.Module]:
+    """The stage-2 loss terms ``cfg`` asks for (:func:`~minivln.distill.stage2.stage2_terms`), for the
+    trainer, the training benchmark and anything else that must distil exactly as fine-tuning does."""
+    return stage2_terms(student, teacher, cfg.kd_weight, cfg.kd_temperature,
+                        term_weights=dataclasses.asdict(cfg.kd_terms))
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the content of ``RUN/metrics.json``."""
 
@@ -549,8 +557,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         teacher = load_agent_model(cfg.teacher)
         check_teacher(model.config, teacher.config, stage=2, source=f"teacher {cfg.teacher}")
         teacher_autocast(teacher, cfg.teacher_dtype)
-        terms = stage2_terms(model.config, teacher.config, cfg.kd_weight, cfg.kd_temperature,
-                             term_weights=dataclasses.asdict(cfg.kd_terms))
+        terms = stage2_loss_terms(cfg, model.config, teacher.config)
     if info.world_size > 1 and info.rank != 0:
         torch.distributed.barrier()  # rank 0 builds what is missing (toy world, stand-in features) first
     res = prepare_data(cfg, run_dir, model.config.image_feat_size, model.config.obj_feat_size)

@@ -61,6 +61,7 @@ from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.features.standin import build_standin
 from minivln.model.agent_inputs import masked_mean
 from minivln.model.checkpoint import load_agent_model, load_weights, save_pretrained
+from minivln.model.config import DUETConfig
 from minivln.model.pretrain_heads import DUETPretrainer, navigation_network
 from minivln.model.registry import create_model, get_config
 from minivln.model.text_init import init_text
@@ -723,6 +724,19 @@ def build_pretrainer(cfg: PretrainConfig, num_classes: int = 1000) -> DUETPretra
     return DUETPretrainer(duet, num_classes=num_classes)
 
 
+def stage1_weights(cfg: PretrainConfig) -> dict[str, float]:
+    """Stage 1's term weights as they enter the loss, keyed ``emb``, ``att``, ``hid``: ``kd_weight`` times
+    each part's weight (0: the term is not built), as :func:`~minivln.distill.compat.check_teacher` reads them."""
+    return {k: cfg.kd_weight * v for k, v in dataclasses.asdict(cfg.kd_terms).items()}
+
+
+def stage1_loss_terms(cfg: PretrainConfig, student: DUETConfig, teacher: DUETConfig) -> list[torch.nn.Module]:
+    """The stage-1 loss terms ``cfg`` asks for (:func:`~minivln.distill.stage1.stage1_terms`), for the
+    trainer, the training benchmark and anything else that must distil exactly as pretraining does."""
+    return stage1_terms(student, teacher, cfg.kd_weight, part_weights=dataclasses.asdict(cfg.kd_terms),
+                        cross_attention=cfg.kd_cross_attention, embed_encoders=cfg.kd_embed_encoders)
+
+
 def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     """Train, validate, export; returns {'train': last log record, 'val': last validation, 'export': path}."""
 
@@ -736,7 +750,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.teacher:  # stage 1: distillation while pretraining (docs/distillation.md)
         teacher = load_agent_model(cfg.teacher)
         check_teacher(student_cfg, teacher.config, stage=1, source=f"teacher {cfg.teacher}",
-                      kd_terms={k: cfg.kd_weight * v for k, v in dataclasses.asdict(cfg.kd_terms).items()})
+                      kd_terms=stage1_weights(cfg))
         if cfg.teacher_dtype not in TEACHER_DTYPES:
             raise ConfigError(f"teacher_dtype: one of {sorted(TEACHER_DTYPES)}, got {cfg.teacher_dtype!r}")
         teacher_autocast(teacher, cfg.teacher_dtype)
@@ -766,9 +780,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
                              sap_stop_prob=cfg.sap_stop_prob) if val_ds and cfg.val_batches > 0 else None
     terms = []
     if teacher is not None:
-        terms = stage1_terms(model.duet.config, teacher.config, cfg.kd_weight,
-                             part_weights=dataclasses.asdict(cfg.kd_terms),
-                             cross_attention=cfg.kd_cross_attention, embed_encoders=cfg.kd_embed_encoders)
+        terms = stage1_loss_terms(cfg, model.duet.config, teacher.config)
     trainer = Trainer(model, task, cfg.train, validate=validate, run_config=cfg, teacher=teacher,
                       loss_terms=terms)
     try:  # RUN/.lock is held until the weights are exported
