@@ -74,6 +74,7 @@ from minivln.paths import (
     check_free_space,
     check_writable_dir,
     format_bytes,
+    json_text,
     resolve_data_dir,
 )
 from minivln.training.finetune import FinetuneConfig
@@ -1167,10 +1168,10 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
         table["arms"] = arm_summary(rows, sorted({m for c in recipe.comparisons for m in c.metrics}))
         table["comparisons"] = analyse(recipe, rows, per_episode)
     if recipe.summary.results:
-        atomic_write_text(root / recipe.summary.results, json.dumps(summary_table(recipe, table), indent=1) + "\n")
+        atomic_write_text(root / recipe.summary.results, json_text(summary_table(recipe, table)))
     if recipe.results:
-        atomic_write_text(root / recipe.results, json.dumps(table, indent=1) + "\n")
-    atomic_write_text(out / f"{recipe.name}.json", json.dumps(table, indent=1) + "\n")
+        atomic_write_text(root / recipe.results, json_text(table))
+    atomic_write_text(out / f"{recipe.name}.json", json_text(table))
     if recipe.plots and rows:
         prefix = root / recipe.plots
         plot_bars(table, prefix.with_name(prefix.name + "_bars.png"))

@@ -13,6 +13,8 @@ It is chosen by ``--data-dir``, else ``$MINIVLN_DATA``.  It may be read-only: ev
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import re
 import shutil
@@ -356,3 +358,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _strict(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def json_text(obj, indent: int | None = 1) -> str:
+    """``obj`` as strict JSON text with a final newline: a NaN or infinite float (e.g. a standard error
+    over a single seed) becomes ``null``, since bare ``NaN`` is not JSON and ``jq`` or
+    ``JSON.parse`` reject the whole file."""
+    return json.dumps(_strict(obj), indent=indent, allow_nan=False) + "\n"
