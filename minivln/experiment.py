@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -61,7 +61,7 @@ from minivln.data.graph import Graphs
 from minivln.data.reverie import ReverieGoals, with_name_overlap_objects
 from minivln.distill.compat import check_teacher
 from minivln.env.env import NavBatchEnv, random_walker_submission
-from minivln.evaluation.evaluator import Evaluator, load_submission
+from minivln.evaluation.evaluator import Evaluator, SubmissionError, load_submission
 from minivln.evaluation.stats import arm_summary, arms, compare_over_seeds, gap_over_episodes, mean_se
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.model.checkpoint import read_agent_config, stored_shapes
@@ -576,16 +576,40 @@ def plan(recipe: Recipe, out: Path, code: Path, launcher: list[str] | None = Non
     return jobs
 
 
+def select_jobs(jobs: list[Job], patterns: Sequence[str], out: Path) -> list[Job]:
+    """The jobs whose names match one of ``patterns`` (``fnmatch``), in plan order, with the finished
+    jobs they need (so that :func:`execute` counts them done).  A ``ConfigError`` when a pattern
+    matches nothing or a selected job needs one that is neither finished nor selected (it could never
+    start)."""
+    by_name = {j.name: j for j in jobs}
+    chosen = {j.name for j in jobs if any(fnmatch.fnmatchcase(j.name, p) for p in patterns)}
+    if unmatched := [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in by_name)]:
+        raise ConfigError(f"--only: {', '.join(unmatched)} names no job of the plan (see --dry-run)")
+    waiting = sorted(f"{n} needs {d}" for n in chosen for d in by_name[n].deps
+                     if d not in chosen and not is_done(out, by_name[d]))
+    if waiting:
+        raise ConfigError(f"--only: selected jobs need jobs that are neither done nor selected: {'; '.join(waiting)}")
+    needed = {d for n in chosen for d in by_name[n].deps}
+    return [j for j in jobs if j.name in chosen or j.name in needed]
+
+
 def gates_of(recipe: Recipe, run: str) -> list[GateSpec]:
     """The recipe's gates that hold run ``run``."""
     return [g for g in recipe.gates if any(fnmatch.fnmatchcase(run, pat) for pat in g.runs)]
 
 
 def gate_check(recipe: Recipe, out: Path, gate: GateSpec) -> tuple[bool, str]:
-    """Read gate ``gate`` on the scorings in ``out`` (all of its rows must be scored): ``(passed, why)``."""
+    """Read gate ``gate`` on the scorings in ``out`` (all of its rows must be scored): ``(passed, why)``.
+    Every row must have scored every instruction of the recipe's split (a submission that misses one
+    does not pass, whatever its numbers)."""
     evaluator = Evaluator(recipe.task, recipe.split, resolve_data_dir(recipe.data_dir or None))
     rows = [r for r in recipe.rows if r.name in gate.rows]
-    per_episode = {row.name: evaluator.score(row_entries(recipe, out, row, evaluator))[1] for row in rows}
+    per_episode = {}
+    for row in rows:
+        try:
+            per_episode[row.name] = evaluator.score(row_entries(recipe, out, row, evaluator), strict=True)[1]
+        except SubmissionError as exc:
+            return False, f"gate {gate.name!r} NOT passed: row {row.name!r} is not a whole {recipe.split} submission ({exc})"
     group = next(c for c in recipe.comparisons if c.name == gate.comparison)
     gaps, _ = episode_gaps(group, [{"name": r.name} for r in rows], per_episode)
     if not gaps:
@@ -1140,6 +1164,12 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
             teacher_run = recipe.runs[row.run].teacher_run
             if teacher_run:
                 rec.update({"teacher_run": teacher_run, "teacher_commit": _trained_commit(out, teacher_run, commit)})
+            if pre.get("teacher"):  # the teacher of the pretraining run it started from (stage 1)
+                rec["stage1_teacher"] = pre["teacher"]
+                stage1_run = recipe.runs[init].teacher_run
+                if stage1_run:
+                    rec.update({"stage1_teacher_run": stage1_run,
+                                "stage1_teacher_commit": _trained_commit(out, stage1_run, commit)})
         elif row.checkpoint:
             rec.update({"checkpoint": row.checkpoint, "commit": commit})
         else:
@@ -1346,6 +1376,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", default="",
                    help="GPU slots for training runs side by side: '0,1,2,3' (one GPU per run) or '0+1,2+3' "
                         "(two GPUs per run, with a --launcher of 2 processes); each run sees only its slot")
+    p.add_argument("--only", default="", metavar="JOB,JOB",
+                   help="run only these jobs, comma-separated (names as --dry-run lists them, shell patterns "
+                        "allowed: 'train:rev-*-s2,score:rev-*-s2'), gates and done marks as usual; every job "
+                        "they need must be done or selected too (e.g. a second driver on a free core)")
     p.add_argument("--adopt", metavar="RUN=DIR", default=None,
                    help="take DIR, a finished run trained outside this command with the recipe's config of "
                         "RUN, as RUN (copied into OUT/runs, marked done); needs --adopt-commit; runs nothing")
@@ -1364,6 +1398,7 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     launcher = shlex.split(args.launcher)
     gpus = parse_gpus(args.gpus)
+    only = [p.strip() for p in args.only.split(",") if p.strip()] or None
     if args.adopt:
         run, _, src = args.adopt.partition("=")
         if not src or not args.adopt_commit:
@@ -1375,13 +1410,14 @@ def _main(args: argparse.Namespace) -> int:
         pin = out / "pin.json"
         commit = _read_json(pin, "the pin file").get("commit", "?") if pin.exists() else "(HEAD)"
         code = out / "code"
-        for j in plan(recipe, out, code, launcher):
+        planned = plan(recipe, out, code, launcher)
+        for j in select_jobs(planned, only, out) if only else planned:
             print(f"{j.name}  after {', '.join(j.deps) or '-'}\n    {' '.join(j.argv)}")
         print(f"code: {commit} at {code}")
         print(preflight(recipe, out), flush=True)  # every problem at once: PreflightError, exit 2
         return 0
     ok, table = run_experiment(recipe, out, jobs=args.jobs, commit=args.commit, table_only=args.table_only,
-                               launcher=launcher, gpus=gpus)
+                               launcher=launcher, gpus=gpus, only=only)
     print(format_table(table))
     if recipe.results:
         print(f"table: {recipe.results}")
@@ -1391,10 +1427,12 @@ def _main(args: argparse.Namespace) -> int:
 def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | None = None, pin: bool = True,
                    table_only: bool = False, launcher: list[str] | None = None,
                    gpus: list[str] | None = None,
-                   on_finished: Callable[[Job], None] | None = None) -> tuple[bool, dict[str, Any]]:
+                   on_finished: Callable[[Job], None] | None = None,
+                   only: Sequence[str] | None = None) -> tuple[bool, dict[str, Any]]:
     """Pin the code (``pin=False``: run this checkout in place, for tests), run what is pending
-    (``on_finished``: see :func:`execute`; the recipe's gates hold runs), write the table; ``(no job
-    failed, table)`` (held runs are no failure: the table says what is pending)."""
+    (``on_finished``: see :func:`execute`; the recipe's gates hold runs; ``only``: the jobs matching
+    these names or shell patterns, see :func:`select_jobs`), write the table; ``(no job failed,
+    table)`` (held runs are no failure: the table says what is pending)."""
     out = Path(out).resolve()
     # before any work: the experiment directory and where the table and submissions go must take files
     check_writable_dir(out, "experiment directory")
@@ -1413,14 +1451,18 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     print(f"{recipe.name}: code {commit[:12]} at {code}; runs in {out / 'runs'}", flush=True)
     ok = True
     if not table_only:
-        ok = execute(plan(recipe, out, code, launcher), out, code, commit, max_jobs=jobs, threads=recipe.threads,
+        planned = plan(recipe, out, code, launcher)
+        ok = execute(select_jobs(planned, only, out) if only else planned, out, code, commit, max_jobs=jobs,
+                     threads=recipe.threads,
                      gpus=gpus, on_finished=on_finished, hold=gate_keeper(recipe, out))
     return ok, write_table(recipe, out, commit)
 
 
 def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
     """:func:`execute`'s ``hold`` for the recipe's gates: each gate is read once per call, when the first
-    run it holds could start, and its verdict written to ``OUT/gates/NAME.json``."""
+    run it holds could start, and its verdict written to ``OUT/gates/NAME.json`` (and appended to
+    ``OUT/gates/NAME.history.jsonl``, so that a later reading, e.g. of a continued teacher, does not
+    erase the first)."""
     verdicts: dict[str, tuple[bool, str]] = {}
 
     def hold(job: Job) -> str | None:
@@ -1431,9 +1473,12 @@ def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
                 verdicts[gate.name] = gate_check(recipe, out, gate)
                 passed, why = verdicts[gate.name]
                 print(why, flush=True)
-                atomic_write_text(out / "gates" / f"{slug(gate.name)}.json", json.dumps(
-                    {"gate": gate.name, "passed": passed, "why": why, "rows": gate.rows, "min_se": gate.min_se,
-                     "read": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1) + "\n")
+                record = {"gate": gate.name, "passed": passed, "why": why, "rows": gate.rows, "min_se": gate.min_se,
+                          "runs": {r.name: r.run or r.checkpoint for r in recipe.rows if r.name in gate.rows},
+                          "read": time.strftime("%Y-%m-%d %H:%M:%S")}
+                atomic_write_text(out / "gates" / f"{slug(gate.name)}.json", json_text(record))
+                with open(out / "gates" / f"{slug(gate.name)}.history.jsonl", "a") as f:  # every reading kept
+                    f.write(json_text(record, indent=None))
             passed, why = verdicts[gate.name]
             if not passed:
                 return why

@@ -220,18 +220,28 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
         "plots": str(tmp_path / "img" / "tiny"),
         "runs": {
             "pre": {"command": "pretrain", "overrides": {**common, "batch_size": 2, "val_batches": 0}},
+            "pre-kd": {"command": "pretrain", "teacher_run": "tpre",
+                       "overrides": {**common, "batch_size": 2, "val_batches": 0}},
+            "tpre": {"command": "pretrain", "overrides": {**common, "model_overrides": TEACHER, "batch_size": 2,
+                                                           "val_batches": 0}},
             "plain": {"command": "finetune", "init": "pre", "overrides": ft},
+            "s1": {"command": "finetune", "init": "pre-kd", "overrides": ft},
             "kd": {"command": "finetune", "init": "pre",
                    "overrides": {**ft, "teacher": str(teacher), "kd_terms": {"txt": 0}}},
         },
         "rows": [{"name": "none", "run": "plain"}, {"name": "two stage", "run": "kd", "stage2": True},
-                 {"name": "teacher", "checkpoint": str(teacher)}, {"name": "random", "random": True}],
+                 {"name": "teacher", "checkpoint": str(teacher)}, {"name": "random", "random": True},
+                 {"name": "stage 1", "run": "s1", "stage1": True}],
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "exp"
     ok, table = run_experiment(load_recipe(str(path)), out, jobs=2, pin=False)
-    assert ok and table["complete"] and [r["name"] for r in table["rows"]] == ["none", "two stage", "teacher", "random"]
+    assert ok and table["complete"] and [r["name"] for r in table["rows"]] == ["none", "two stage", "teacher", "random",
+                                                                              "stage 1"]
+    s1_row = table["rows"][4]  # a stage-1 row names its stage-1 teacher, the run and the commit it was trained at
+    assert s1_row["stage1_teacher_run"] == "tpre" and s1_row["stage1_teacher_commit"] == table["commit"]
+    assert s1_row["stage1_teacher"].endswith("tpre/pretrained") and "stage1_teacher" not in table["rows"][0]
     kd_row = table["rows"][1]
     assert kd_row["terms"] == ["pano", "fuse"] and kd_row["kd_weight"] == 0.1 and kd_row["steps"] == 2
     # the run each row started from, with its seed and commit (issue 21: a pretraining run per seed)

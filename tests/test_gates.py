@@ -11,7 +11,7 @@ import yaml
 
 from minivln.config import ConfigError
 from minivln.data.datasets import load_episodes
-from minivln.experiment import Job, execute, gate_check, gate_keeper, gates_of, load_recipe, plan
+from minivln.experiment import Job, execute, gate_check, gate_keeper, gates_of, load_recipe, plan, select_jobs
 
 
 def _recipe(tmp_path, data, feats, gate):
@@ -84,6 +84,26 @@ def test_the_gate_reads_the_paired_gap_in_standard_errors(small_toy, tmp_path):
     assert hold(Job("score:kd", [], [])) is None
     verdict = json.loads((out / "gates" / "teacher-ahead.json").read_text())
     assert verdict["passed"] is False and verdict["why"] == why and verdict["min_se"] == 5.0
+    assert verdict["runs"] == {"teacher": "t", "none, seed 0": "n"}
+    # a second reading (another driver call) is appended to the history, the first kept
+    gate_keeper(recipe, out)(Job("train:kd", [], []))
+    history = (out / "gates" / "teacher-ahead.history.jsonl").read_text().splitlines()
+    assert len(history) == 2 and all(json.loads(line)["why"] == why for line in history)
+
+
+def test_a_submission_missing_instructions_does_not_pass_the_gate(small_toy, tmp_path):
+    """The gate reads whole splits: a teacher scored on part of it fails, whatever its numbers."""
+    data, feats = small_toy
+    episodes = list(load_episodes("r2r", "val_unseen", data))
+    out = tmp_path / "exp"
+    _write_scores(out, "t", episodes[:8], {e.instr_id for e in episodes})  # 8 of 9, all reached
+    _write_scores(out, "n", episodes, {e.instr_id for e in episodes[:3]})
+    recipe = load_recipe(_recipe(tmp_path, data, feats, {**GATE, "min_se": 1.0}))
+    passed, why = gate_check(recipe, out, recipe.gates[0])
+    assert not passed and "row 'teacher' is not a whole val_unseen submission" in why
+    _write_scores(tmp_path / "exp2", "t", episodes, {e.instr_id for e in episodes})
+    _write_scores(tmp_path / "exp2", "n", episodes, {e.instr_id for e in episodes[:3]})
+    assert gate_check(recipe, tmp_path / "exp2", recipe.gates[0])[0]  # the same, whole: passes
 
 
 def test_a_held_job_and_what_needs_it_do_not_start_and_are_no_failure(tmp_path, capsys):
@@ -103,3 +123,32 @@ def test_a_held_job_and_what_needs_it_do_not_start_and_are_no_failure(tmp_path, 
     assert "held     train:b: gate 'g' NOT passed" in printed and "held     train:c: a run it needs is held" in printed
     assert asked == ["train:a", "train:b"]  # a job behind a held one is not asked about
     assert not (tmp_path / "exp" / "done" / "train-b.json").exists()
+
+
+def test_only_runs_the_selected_jobs_behind_their_finished_needs(tmp_path, capsys):
+    """``minivln experiment --only``: a second driver on a free core runs the jobs it names, counts
+    the finished ones they need as done, refuses those it could never start, and still asks the gates."""
+    mark = tmp_path / "ran"
+    mark.mkdir()
+    script = "import pathlib, sys; pathlib.Path(sys.argv[1]).touch()"
+    jobs = [Job(f"{kind}:{n}", deps, [sys.executable, "-c", script, str(mark / f"{kind}-{n}")], spec=f"{kind}{n}")
+            for kind, n, deps in (("train", "pre-s1", []), ("train", "ft-s1", ["train:pre-s1"]),
+                                  ("score", "ft-s1", ["train:ft-s1"]), ("train", "pre-s2", []),
+                                  ("train", "ft-s2", ["train:pre-s2"]))]
+    out = tmp_path / "exp"
+    with pytest.raises(ConfigError, match="neither done nor selected: train:ft-s1 needs train:pre-s1$"):
+        select_jobs(jobs, ["*:ft-s1"], out)
+    with pytest.raises(ConfigError, match="nope names no job"):
+        select_jobs(jobs, ["train:pre-s1", "nope"], out)
+    assert execute(select_jobs(jobs, ["train:pre-s1"], out), out, tmp_path, "abc", max_jobs=1, threads=1)
+    chosen = select_jobs(jobs, ["*:ft-s1"], out)  # pre-s1 is done now: it comes along, counted done
+    assert [j.name for j in chosen] == ["train:pre-s1", "train:ft-s1", "score:ft-s1"]
+    asked = []
+
+    def hold(job):
+        asked.append(job.name)
+        return None
+    assert execute(chosen, out, tmp_path, "abc", max_jobs=1, threads=1, hold=hold)
+    assert sorted(p.name for p in mark.iterdir()) == ["score-ft-s1", "train-ft-s1", "train-pre-s1"]
+    assert asked == ["train:ft-s1", "score:ft-s1"]  # the gate keeper is asked for each job it starts
+    assert "done     train:pre-s1" in capsys.readouterr().out
