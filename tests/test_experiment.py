@@ -14,7 +14,7 @@ import yaml
 from conftest import SMALL_DUET as SMALL
 
 from minivln.cli import main as cli_main
-from minivln.config import CONFIG_DIR, ConfigError, config_changes, load_config
+from minivln.config import CONFIG_DIR, ConfigError, config_changes, load_config, to_dict
 from minivln.data.datasets import load_episodes
 from minivln.data.reverie import ReverieGoals
 from minivln.evaluation.evaluator import Evaluator
@@ -505,6 +505,35 @@ def test_listed_order_runs_the_recipes_runs_as_written_and_scores_each_when_trai
                                     tmp_path, tmp_path)]
     assert sorted(default) == sorted(names) and default.index("train:rev-ft-none-s0") > default.index(
         "train:rev-ft-both-s0")
+
+
+def test_the_reverie_contingency_table_changes_the_stage_2_teacher_and_nothing_else(tmp_path):
+    """reverie-prereg-table3-cont (pre-registered before the gate was read): the same rows, seeds and
+    statistics as reverie-prereg-table3, the runs without stage 2 shared (same spec, trained once), the
+    stage-2 runs the same configuration with the continued teacher, held by the same gate."""
+    base, cont = (load_recipe(n, ["features=x"]) for n in ("reverie-prereg-table3", "reverie-prereg-table3-cont"))
+    spec = {j.name: j.spec for j in plan(base, tmp_path, tmp_path)}
+    jobs = {j.name: j for j in plan(cont, tmp_path, tmp_path)}
+    base_runs = {r.name: r.run for r in base.rows}
+    assert [r.name for r in cont.rows] == [r.name for r in base.rows]
+    for row in cont.rows:
+        if row.random:
+            continue
+        if row.name.startswith(("stage 2", "two-stage")):
+            assert row.run == base_runs[row.name].replace("-s2-", "-s2c-").replace("-both-", "-bothc-")
+            b, c = base.runs[base_runs[row.name]], cont.runs[row.run]
+            assert (b.config, b.init, b.overrides) == (c.config, c.init, c.overrides)
+            assert c.teacher_run == "rev-teacher-v3-cont"
+            assert f"teacher={tmp_path / 'runs' / 'rev-teacher-v3-cont' / 'model'}" in jobs[f"train:{row.run}"].argv
+        elif "teacher" in row.name:
+            assert row.run == "rev-teacher-v3-cont"
+        else:  # none, stage 1 only and their pickers: the base table's runs, trained once for both
+            assert row.run == base_runs[row.name] and jobs[f"train:{row.run}"].spec == spec[f"train:{row.run}"]
+    assert [to_dict(c) for c in cont.comparisons] == [to_dict(c) for c in base.comparisons]
+    (gate,) = cont.gates
+    assert gate.runs == ["rev-ft-s2c-*", "rev-ft-bothc-*"] and gate.rows == base.gates[0].rows and gate.min_se == 3.0
+    assert "score:rev-teacher-v3-cont" in jobs["train:rev-ft-bothc-s2"].deps
+    assert cont.results != base.results and cont.summary.results != base.summary.results
 
 
 def test_reverie_prereg_rows_are_seeded_pretrained_per_seed_and_distil_from_the_reverie_teacher(tmp_path):
