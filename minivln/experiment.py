@@ -109,7 +109,8 @@ class RowSpec:
     name: str = ""
     run: str = ""  # a fine-tuning run: its last checkpoint (RUN/model)
     weights: str = "model"  # with run: "model" (the exported weights) or "model-ema" (the run's weight
-    #                        average at its last step; the run needs train.ema_decay > 0)
+    #                        average at its last step; the run needs train.ema_decay > 0), or "undecided"
+    #                        (a pre-registered choice not made yet: the run trains, nothing is scored)
     checkpoint: str = ""  # or a given checkpoint (e.g. the teacher)
     random: bool = False  # or the seeded random walker
     stage1: bool = False  # labels of the row (what the runs did)
@@ -326,9 +327,10 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             raise ConfigError(f"{where}: comparison must name a comparison over episodes of the recipe "
                               f"(got {g.comparison!r})")
         unknown = [r for r in g.rows if r not in names]
-        if not g.rows or unknown or any(not recipe.rows[names.index(r)].run for r in g.rows):
-            raise ConfigError(f"{where}: rows must list rows of the recipe that score a run "
-                              f"(unknown: {unknown or '-'})")
+        if not g.rows or unknown or any(not recipe.rows[names.index(r)].run or
+                                        recipe.rows[names.index(r)].weights == "undecided" for r in g.rows):
+            raise ConfigError(f"{where}: rows must list rows of the recipe that score a run with decided "
+                              f"weights (unknown: {unknown or '-'})")
         if not g.runs or any(not fnmatch.filter(recipe.runs, pat) for pat in g.runs):
             raise ConfigError(f"{where}: every pattern of runs must match a run of the recipe (got {g.runs!r})")
         if not g.min_se > 0:
@@ -339,9 +341,9 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             raise ConfigError(f"{path}: row {row.name!r} needs exactly one of run, checkpoint, random")
         if row.run and (row.run not in recipe.runs or recipe.runs[row.run].command != "finetune"):
             raise ConfigError(f"{path}: row {row.name!r}: run {row.run!r} is not a fine-tuning run of the recipe")
-        if row.weights not in ("model", "model-ema") or (row.weights != "model" and not row.run):
-            raise ConfigError(f"{path}: row {row.name!r}: weights must be 'model' or 'model-ema' (of a run), "
-                              f"got {row.weights!r}")
+        if row.weights not in ("model", "model-ema", "undecided") or (row.weights != "model" and not row.run):
+            raise ConfigError(f"{path}: row {row.name!r}: weights must be 'model', 'model-ema' or 'undecided' "
+                              f"(the last two of a run), got {row.weights!r}")
         if row.picker not in PICKERS or (row.picker and (recipe.task != "reverie" or row.random)):
             raise ConfigError(f"{path}: row {row.name!r}: picker must be '' or 'name-overlap', the latter on a "
                               f"REVERIE run or checkpoint row; got {row.picker!r} (task {recipe.task})")
@@ -358,11 +360,18 @@ def row_weights(row: RowSpec, out: Path, root: Path) -> Path:
     return out / "runs" / row.run / row.weights if row.run else Path(_abs(row.checkpoint, root))
 
 
-def score_key(row: RowSpec) -> str:
-    """What a row scores, so that rows of several tables scoring the same run share one scoring."""
+def score_key(row: RowSpec, split: str = "val_unseen") -> str:
+    """What a row scores, and on which split, so that rows of several tables scoring the same weights on
+    the same split share one scoring (job ``score:KEY``, ``OUT/scores/KEY/``).  Another split than
+    val_unseen is part of the key (``RUN@val_seen``): a table's val_seen scoring is not its val_unseen
+    one; val_unseen keys carry no suffix, as in experiment directories made before splits were told apart."""
+    if row.weights == "undecided":
+        raise ConfigError(f"row {row.name!r}: its weights are undecided, so there is nothing to score yet")
     if row.run:
-        return row.run if row.weights == "model" else f"{row.run}-ema"
-    return "ckpt-" + slug(row.checkpoint.rstrip("/").rsplit("/", 1)[-1])
+        key = row.run if row.weights == "model" else f"{row.run}-ema"
+    else:
+        key = "ckpt-" + slug(row.checkpoint.rstrip("/").rsplit("/", 1)[-1])
+    return key if split == "val_unseen" else f"{key}@{split}"
 
 
 #: RunSpec fields added after runs were made: left out of the hash at their default, so that the
@@ -551,14 +560,14 @@ def plan(recipe: Recipe, out: Path, code: Path, launcher: list[str] | None = Non
         overrides = [f"{k}={_fmt(v)}" for k, v in items.items()]
         argv += overrides
         deps = [f"train:{up}" for up in upstream(name)]
-        deps += [f"score:{score_key(r)}" for g in gates_of(recipe, name) for r in recipe.rows if r.name in g.rows]
+        deps += [f"score:{score_key(r, recipe.split)}" for g in gates_of(recipe, name) for r in recipe.rows if r.name in g.rows]
         jobs.append(Job(f"train:{name}", list(dict.fromkeys(deps)), argv, run_dir=run_dir, spec=run_hash(name),
                         config=spec.config or "", overrides=overrides))
     for row in recipe.rows:
-        if row.random:
-            continue  # scored in-process when the table is written (seconds)
+        if row.random or row.weights == "undecided":
+            continue  # random: scored in-process when the table is written (seconds); undecided: not yet
         ckpt = row_weights(row, out, root)
-        target = score_key(row)
+        target = score_key(row, recipe.split)
         if f"score:{target}" in {j.name for j in jobs}:
             continue
         argv = [*py, "navigate", "--checkpoint", str(ckpt), "--task", recipe.task, "--split", recipe.split,
@@ -941,8 +950,8 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
     pending_rows = 0
     scored = {j.name for j in jobs if j.name.startswith("score:") and done[j.name]}
     for row in recipe.rows:
-        if f"score:{score_key(row)}" in scored:
-            continue
+        if row.weights == "undecided" or f"score:{score_key(row, recipe.split)}" in scored:
+            continue  # undecided: no scoring is planned until the choice is committed
         pending_rows += 1
         who = f"row {row.name!r}"
         if msg := data_problem(recipe.data_dir):
@@ -975,8 +984,10 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
     if problems.found:
         raise PreflightError(problems.lines())
     finished = sum(1 for j in jobs if j.name.startswith("train:") and done[j.name])
+    undecided = sum(1 for r in recipe.rows if r.weights == "undecided")
     notes = ([f"{_count(finished, 'run')} done already"] if finished else []) \
-        + ([f"their checkpoints need at least {format_bytes(space)}"] if space else [])
+        + ([f"their checkpoints need at least {format_bytes(space)}"] if space else []) \
+        + ([f"{_count(undecided, 'row')} with weights undecided, not scored until they are"] if undecided else [])
     return (f"pre-flight: {_count(pending_runs, 'run')}, {_count(pending_rows, 'row')} checked, nothing missing"
             + (f" ({'; '.join(notes)})" if notes else ""))
 
@@ -1096,7 +1107,7 @@ def write_gz(path: Path, entries: list[dict]) -> None:
 
 def _scored(recipe: Recipe, out: Path, row: RowSpec) -> Path:
     """The submission a (non-random) row's scoring wrote."""
-    return out / "scores" / score_key(row) / f"submission_{recipe.split}.json"
+    return out / "scores" / score_key(row, recipe.split) / f"submission_{recipe.split}.json"
 
 
 def row_entries(recipe: Recipe, out: Path, row: RowSpec, evaluator: Evaluator) -> list[dict]:
@@ -1135,7 +1146,7 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
         if row.random:
             write_gz(gz, random_submission(recipe))
         else:
-            if not _scored(recipe, out, row).exists():
+            if row.weights == "undecided" or not _scored(recipe, out, row).exists():
                 missing.append(row.name)
                 continue
             write_gz(gz, row_entries(recipe, out, row, evaluator))

@@ -65,7 +65,8 @@ def test_shipped_recipes_load_and_plan(name, tmp_path):
     assert len(names) == len(set(names))
     for j in jobs:  # dependencies come first
         assert all(names.index(d) < names.index(j.name) for d in j.deps), j
-    assert {f"score:{score_key(r)}" for r in recipe.rows if not r.random} <= set(names)
+    assert {f"score:{score_key(r, recipe.split)}" for r in recipe.rows
+            if not r.random and r.weights != "undecided"} <= set(names)
 
 
 def test_no_shipped_config_or_recipe_selects_on_val_unseen_by_default(tmp_path):
@@ -89,6 +90,8 @@ def test_no_shipped_config_or_recipe_selects_on_val_unseen_by_default(tmp_path):
             if job.name.startswith("train:") and job.argv[3] == "finetune":
                 cfg = load_config(FinetuneConfig, repo_root() / job.config if job.config else None, job.overrides)
                 assert not cfg.train.best_metric.startswith("val_unseen"), (name, job.name)
+                if "prereg" in name:  # the pre-registered tables score the last weights: no selection at all
+                    assert cfg.train.best_metric == "", (name, job.name)
                 checked += 1
     assert checked > 30
 
@@ -114,6 +117,47 @@ def test_the_gap_tables_reuse_table_3s_runs_and_continue_its_teachers(tmp_path):
         runs = [r.run for r in load_recipe(gap, ["features=x"]).rows if r.run]
         specs = [json.dumps(jobs[f"train:{r}"].spec, sort_keys=True) for r in runs]
         assert len(set(specs)) == len(runs)  # no two rows train the same thing (e.g. a seed left out)
+
+
+def test_a_val_seen_table_scores_its_runs_again_on_val_seen(tmp_path):
+    """A -seen table shares its runs with the val_unseen one but not its scorings: before, both made
+    job score:RUN with one done mark, and the second split's table never got its scores."""
+    unseen = {"name": "t", "runs": {"ft": {"command": "finetune"}}, "rows": [{"name": "a", "run": "ft"}]}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(unseen))
+    seen = {"name": "t-seen", "split": "val_seen", "include": ["t.yaml"], "rows": [{"name": "a", "run": "ft"}]}
+    (tmp_path / "t-seen.yaml").write_text(yaml.safe_dump(seen))
+    a = {j.name: j for j in plan(load_recipe(str(tmp_path / "t.yaml")), tmp_path, tmp_path)}
+    b = {j.name: j for j in plan(load_recipe(str(tmp_path / "t-seen.yaml")), tmp_path, tmp_path)}
+    assert a["train:ft"].spec == b["train:ft"].spec  # the same run, trained once
+    assert set(a) == {"train:ft", "score:ft"} and set(b) == {"train:ft", "score:ft@val_seen"}
+    job = b["score:ft@val_seen"]
+    assert job.argv[job.argv.index("--split") + 1] == "val_seen"
+    assert job.argv[job.argv.index("--out") + 1] == str(tmp_path / "scores" / "ft@val_seen")
+
+
+R2R_PREREG_TABLES = ("r2r-prereg-table3", "r2r-prereg-table4", "r2r-prereg-table4-seen", "r2r-prereg-table5",
+                     "r2r-prereg-table5-seen")
+
+
+def test_r2r_prereg_rows_score_one_kind_of_weights_and_nothing_before_the_pilot_decides(tmp_path):
+    """docs/preregistration.md §3: every student row of Tables III-V scores the same weights (last or
+    average), set in one commit once the pilot has decided; until then ('undecided') their runs train
+    but no scoring is planned, so no table number can exist before the decision.  The teacher row keeps
+    its last weights (its run keeps no average)."""
+    kinds = set()
+    for name in R2R_PREREG_TABLES:
+        recipe = load_recipe(name, ["features=x"])
+        students = [r for r in recipe.rows if r.run and r.run.startswith("ft-")]
+        assert students and all(r.weights == students[0].weights for r in students), name
+        kinds.add(students[0].weights)
+        assert all(r.weights == "model" for r in recipe.rows if r.run == "teacher-cont")
+        jobs = [j.name for j in plan(recipe, tmp_path, tmp_path)]
+        assert {f"train:{r.run}" for r in students} <= set(jobs)
+        if students[0].weights == "undecided":
+            assert not [j for j in jobs if j.startswith("score:ft-")], name
+    assert len(kinds) == 1 and kinds <= {"undecided", "model", "model-ema"}
+    with pytest.raises(ConfigError, match="undecided, so there is nothing to score"):
+        score_key(next(r for r in load_recipe("r2r-prereg-table3", ["features=x"]).rows if r.run == "ft-none-s0"))
 
 
 def test_tables_4_and_5_reuse_table_3s_two_stage_run(tmp_path):
@@ -488,7 +532,9 @@ def test_shipped_recipes_pass_the_preflight_given_their_inputs(name, tmp_path, m
             (folder / "config.json").write_text(json.dumps(teacher))
         summary = preflight(recipe, tmp_path / "exp")
     n_runs = sum(1 for j in plan(recipe, tmp_path, tmp_path) if j.name.startswith("train:"))
-    assert re.match(rf"pre-flight: {n_runs} runs?, {len(recipe.rows)} rows? checked, nothing missing", summary)
+    undecided = sum(1 for r in recipe.rows if r.weights == "undecided")
+    assert re.match(rf"pre-flight: {n_runs} runs?, {len(recipe.rows) - undecided} rows? checked, nothing missing", summary)
+    assert (f"{undecided} rows with weights undecided" in summary) == bool(undecided)
     if any(v.get("teacher") for r in recipe.runs.values() for v in [r.overrides]):
         assert shared  # a recipe naming a shared teacher is refused where it is missing
 
