@@ -40,11 +40,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import yaml
 
 from minivln.config import (
     CONFIG_DIR,
@@ -77,6 +79,7 @@ from minivln.paths import (
     json_text,
     resolve_data_dir,
 )
+from minivln.training.checkpoint import lock_holder
 from minivln.training.finetune import FinetuneConfig
 from minivln.training.logging import read_jsonl
 from minivln.training.plot import new_figure, require_matplotlib, save_png
@@ -1094,6 +1097,62 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
     return not failed
 
 
+def _run_progress(run_dir: Path) -> tuple[int | None, int | None, int | None]:
+    """(last logged step, step of the resume checkpoint ``latest``, ``train.max_steps``) of a run
+    directory, each None where unknown (not started, no checkpoint yet)."""
+    logged = next((r.get("step") for r in reversed(read_jsonl(run_dir / "log.jsonl")) if r.get("kind") == "train"),
+                  None)
+    saved = total = None
+    try:
+        saved = json.loads((run_dir / "latest" / "meta.json").read_text()).get("step")
+    except (OSError, ValueError):
+        pass
+    try:
+        total = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("train") or {}).get("max_steps")
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    return logged, saved, total
+
+
+def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, str, str]]:
+    """``(job, state, detail)`` for each job of an experiment directory, read from its files without
+    starting anything: ``done`` (when, how long), ``running`` (a live process holds the run's lock:
+    step reached, who), ``stopped`` (a checkpoint to resume from), ``held`` (a gate read and not
+    passed), ``waiting`` (for the jobs it needs) or ``pending`` (ready to start)."""
+    done = {j.name: is_done(out, j) for j in jobs}
+    status = []
+    for j in jobs:
+        if done[j.name]:
+            rec = _read_json(_done_file(out, j), "the done mark")
+            took = f", {rec['seconds'] / 60:.0f} min" if rec.get("seconds") else ""
+            status.append((j.name, "done", f"{rec.get('finished', '?')}{took}"))
+            continue
+        state, detail = "pending", ""
+        if j.run_dir is not None:
+            logged, saved, total = _run_progress(j.run_dir)
+            of = f"/{total}" if total else ""
+            if who := lock_holder(j.run_dir):
+                state, detail = "running", f"step {logged if logged is not None else '?'}{of}, {who}"
+            elif saved:
+                state, detail = "stopped", f"resumes from step {saved}{of}"
+        if state == "pending":
+            for gate in gates_of(recipe, j.name.split(":", 1)[1]) if j.name.startswith("train:") else []:
+                f = out / "gates" / f"{slug(gate.name)}.json"
+                if f.exists() and not _read_json(f, "the gate verdict").get("passed"):
+                    state, detail = "held", f"gate {gate.name!r} not passed ({f})"
+        if state == "pending" and (needs := [d for d in j.deps if not done.get(d, False)]):
+            state, detail = "waiting", "for " + ", ".join(needs)
+        status.append((j.name, state, detail))
+    return status
+
+
+def format_status(status: list[tuple[str, str, str]]) -> str:
+    width = max((len(n) for n, _, _ in status), default=0)
+    counts = Counter(state for _, state, _ in status)
+    lines = [f"{name:<{width}}  {state:<8} {detail}".rstrip() for name, state, detail in status]
+    return "\n".join(lines + [", ".join(f"{n} {state}" for state, n in counts.items())])
+
+
 # ------------------------------------------------------------------------------------------ table
 
 
@@ -1381,6 +1440,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the jobs, their commands and the pre-flight check (exit 2 on any problem); "
                         "run nothing")
     p.add_argument("--table-only", action="store_true", help="write the table from what has finished")
+    p.add_argument("--status", action="store_true",
+                   help="where each job stands (done, running at step N, stopped, held by a gate, waiting, "
+                        "pending), read from OUT without starting anything")
     p.add_argument("--launcher", default="",
                    help="command that starts each training run instead of python, e.g. 'torchrun --standalone "
                         "--nproc_per_node 4' (several GPUs per run; use with --jobs 1)")
@@ -1416,6 +1478,10 @@ def _main(args: argparse.Namespace) -> int:
             raise ConfigError("--adopt RUN=DIR needs a directory and --adopt-commit COMMIT")
         rec = adopt_run(recipe, out, run, Path(src), commit=args.adopt_commit, note=args.adopt_note)
         print(f"adopted {src} as {out / 'runs' / run} (commit {rec['commit'][:12]})")
+        return 0
+    if args.status:
+        planned = plan(recipe, out, out / "code", launcher)
+        print(format_status(job_status(recipe, out, select_jobs(planned, only, out) if only else planned)))
         return 0
     if args.dry_run:
         pin = out / "pin.json"

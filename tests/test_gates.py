@@ -152,3 +152,42 @@ def test_only_runs_the_selected_jobs_behind_their_finished_needs(tmp_path, capsy
     assert sorted(p.name for p in mark.iterdir()) == ["score-ft-s1", "train-ft-s1", "train-pre-s1"]
     assert asked == ["train:ft-s1", "score:ft-s1"]  # the gate keeper is asked for each job it starts
     assert "done     train:pre-s1" in capsys.readouterr().out
+
+
+def test_status_says_where_each_job_stands_without_starting_anything(tmp_path):
+    """``minivln experiment --status``: done (when), running (a live lock: its step), stopped (a
+    checkpoint to resume), held (a gate read and failed), waiting (for its needs), pending."""
+    import os
+    import socket
+
+    from minivln.experiment import GateSpec, Recipe, format_status, job_status
+    from minivln.training.checkpoint import lock_holder
+
+    out = tmp_path / "exp"
+    runs = out / "runs"
+    script = "pass"
+    jobs = [Job(f"train:{n}", deps, [sys.executable, "-c", script], run_dir=runs / n, spec=n)
+            for n, deps in (("a", []), ("b", []), ("c", []), ("d", ["train:b"]), ("e", []), ("f", []))]
+    assert execute(jobs[:1], out, tmp_path, "abc", max_jobs=1, threads=1)  # a: done
+    (runs / "b" / "latest").mkdir(parents=True)  # b: stopped at a checkpoint
+    (runs / "b" / "latest" / "meta.json").write_text(json.dumps({"step": 25}))
+    (runs / "b" / "config.yaml").write_text(yaml.safe_dump({"train": {"max_steps": 100}}))
+    (runs / "c").mkdir(parents=True)  # c: this process holds its lock, and it has logged step 40
+    (runs / "c" / "log.jsonl").write_text(json.dumps({"kind": "train", "step": 40}) + "\n")
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "since": "now", "process_start": None}
+    (runs / "c" / ".lock").write_text(json.dumps(lock))
+    (runs / "f").mkdir(parents=True)  # f: a lock left by a process that is gone: not running
+    (runs / "f" / ".lock").write_text(json.dumps({**lock, "pid": 2**22 + 17}))
+    assert lock_holder(runs / "c").startswith(f"process {os.getpid()} on") and lock_holder(runs / "f") is None
+    (out / "gates").mkdir()
+    (out / "gates" / "g.json").write_text(json.dumps({"gate": "g", "passed": False}))
+    recipe = Recipe(name="r", gates=[GateSpec(name="g", runs=["e"], rows=["x"], comparison="y")])
+    status = {name: (state, detail) for name, state, detail in job_status(recipe, out, jobs)}
+    assert status["train:a"][0] == "done"
+    assert status["train:b"] == ("stopped", "resumes from step 25/100")
+    assert status["train:c"][0] == "running" and status["train:c"][1].startswith("step 40, process")
+    assert status["train:d"] == ("waiting", "for train:b")
+    assert status["train:e"][0] == "held" and "gate 'g' not passed" in status["train:e"][1]
+    assert status["train:f"] == ("pending", "")
+    assert format_status(job_status(recipe, out, jobs)).splitlines()[-1] == \
+        "1 done, 1 stopped, 1 running, 1 waiting, 1 held, 1 pending"

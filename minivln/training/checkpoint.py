@@ -321,6 +321,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _alive(pid: int, start: str | None) -> bool:
+    """Whether the process that wrote a lock (``pid``, started at ``start``) still runs on this host
+    (a pid taken by another process since does not count)."""
+    if not (pid > 0 and _pid_alive(pid)):
+        return False
+    return start is None or _process_start(pid) in (None, start)
+
+
+def lock_holder(run_dir: str | os.PathLike) -> str | None:
+    """Who writes ``run_dir`` now, read from its lock without taking it: ``"process PID on HOST, since
+    T"`` while that process lives (a lock of another host is taken as held), None without a lock or
+    with a stale or unreadable one."""
+    try:
+        info = json.loads((Path(run_dir) / LOCK_FILE).read_bytes())
+        pid, host, since = int(info["pid"]), str(info["host"]), str(info.get("since", "?"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host == socket.gethostname() and not _alive(pid, info.get("process_start")):
+        return None
+    return f"process {pid} on {host}, since {since}"
+
+
 class RunLock:
     """``RUN/.lock``: the run directory has one writer.
 
@@ -409,11 +431,7 @@ class RunLock:
                     f"{self.run_dir} is being written by another trainer of this process (pid {pid}, since "
                     f"{since}): close() it first; one writer per run directory")
             return f"{holder} (an earlier process of the same pid)"
-        start = info.get("process_start")
-        alive = pid > 0 and _pid_alive(pid)
-        if alive and start is not None and _process_start(pid) not in (None, start):
-            alive = False  # the pid belongs to another process now
-        if alive:
+        if _alive(pid, info.get("process_start")):  # not when the pid belongs to another process now
             raise RunLockedError(
                 f"{self.run_dir} is being written by another run ({holder}; {self.path}): one writer per run "
                 "directory; wait for it to finish, or stop it first")
