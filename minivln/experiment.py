@@ -588,11 +588,13 @@ def plan(recipe: Recipe, out: Path, code: Path, launcher: list[str] | None = Non
     return jobs
 
 
-def select_jobs(jobs: list[Job], patterns: Sequence[str], out: Path) -> list[Job]:
+def select_jobs(jobs: list[Job], patterns: Sequence[str] | None, out: Path) -> list[Job]:
     """The jobs whose names match one of ``patterns`` (``fnmatch``), in plan order, with the finished
-    jobs they need (so that :func:`execute` counts them done).  A ``ConfigError`` when a pattern
-    matches nothing or a selected job needs one that is neither finished nor selected (it could never
-    start)."""
+    jobs they need (so that :func:`execute` counts them done); all of ``jobs`` without patterns.  A
+    ``ConfigError`` when a pattern matches nothing or a selected job needs one that is neither finished
+    nor selected (it could never start)."""
+    if not patterns:
+        return jobs
     by_name = {j.name: j for j in jobs}
     chosen = {j.name for j in jobs if any(fnmatch.fnmatchcase(j.name, p) for p in patterns)}
     if unmatched := [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in by_name)]:
@@ -1480,15 +1482,14 @@ def _main(args: argparse.Namespace) -> int:
         print(f"adopted {src} as {out / 'runs' / run} (commit {rec['commit'][:12]})")
         return 0
     if args.status:
-        planned = plan(recipe, out, out / "code", launcher)
-        print(format_status(job_status(recipe, out, select_jobs(planned, only, out) if only else planned)))
+        jobs = select_jobs(plan(recipe, out, out / "code", launcher), only, out)
+        print(format_status(job_status(recipe, out, jobs)))
         return 0
     if args.dry_run:
         pin = out / "pin.json"
         commit = _read_json(pin, "the pin file").get("commit", "?") if pin.exists() else "(HEAD)"
         code = out / "code"
-        planned = plan(recipe, out, code, launcher)
-        for j in select_jobs(planned, only, out) if only else planned:
+        for j in select_jobs(plan(recipe, out, code, launcher), only, out):
             print(f"{j.name}  after {', '.join(j.deps) or '-'}\n    {' '.join(j.argv)}")
         print(f"code: {commit} at {code}")
         print(preflight(recipe, out), flush=True)  # every problem at once: PreflightError, exit 2
@@ -1528,8 +1529,7 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     print(f"{recipe.name}: code {commit[:12]} at {code}; runs in {out / 'runs'}", flush=True)
     ok = True
     if not table_only:
-        planned = plan(recipe, out, code, launcher)
-        ok = execute(select_jobs(planned, only, out) if only else planned, out, code, commit, max_jobs=jobs,
+        ok = execute(select_jobs(plan(recipe, out, code, launcher), only, out), out, code, commit, max_jobs=jobs,
                      threads=recipe.threads,
                      gpus=gpus, on_finished=on_finished, hold=gate_keeper(recipe, out))
     return ok, write_table(recipe, out, commit)
@@ -1563,5 +1563,6 @@ def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
     return hold
 
 
-__all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "GateSpec", "adopt_run", "checkpoint_bytes", "gate_check", "load_recipe", "pin_checkout", "plan",
-           "preflight", "run_experiment", "write_table"]
+__all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "GateSpec", "adopt_run", "checkpoint_bytes", "format_status",
+           "gate_check", "job_status", "load_recipe", "pin_checkout", "plan", "preflight", "run_experiment", "select_jobs",
+           "write_table"]
