@@ -607,6 +607,12 @@ def select_jobs(jobs: list[Job], patterns: Sequence[str] | None, out: Path) -> l
     return [j for j in jobs if j.name in chosen or j.name in needed]
 
 
+def gate_file(out: Path, gate: GateSpec, suffix: str = ".json") -> Path:
+    """Where gate ``gate``'s verdict is kept in the experiment directory ``out`` (``suffix``
+    ``.history.jsonl``: every reading)."""
+    return out / "gates" / f"{slug(gate.name)}{suffix}"
+
+
 def gates_of(recipe: Recipe, run: str) -> list[GateSpec]:
     """The recipe's gates that hold run ``run``."""
     return [g for g in recipe.gates if any(fnmatch.fnmatchcase(run, pat) for pat in g.runs)]
@@ -1139,7 +1145,7 @@ def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, st
                 state, detail = "stopped", f"resumes from step {saved}{of}"
         if state == "pending":
             for gate in gates_of(recipe, j.name.split(":", 1)[1]) if j.name.startswith("train:") else []:
-                f = out / "gates" / f"{slug(gate.name)}.json"
+                f = gate_file(out, gate)
                 if f.exists() and not _read_json(f, "the gate verdict").get("passed"):
                     state, detail = "held", f"gate {gate.name!r} not passed ({f})"
         if state == "pending" and (needs := [d for d in j.deps if not done.get(d, False)]):
@@ -1553,8 +1559,8 @@ def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
                 record = {"gate": gate.name, "passed": passed, "why": why, "rows": gate.rows, "min_se": gate.min_se,
                           "runs": {r.name: r.run or r.checkpoint for r in recipe.rows if r.name in gate.rows},
                           "read": time.strftime("%Y-%m-%d %H:%M:%S")}
-                atomic_write_text(out / "gates" / f"{slug(gate.name)}.json", json_text(record))
-                with open(out / "gates" / f"{slug(gate.name)}.history.jsonl", "a") as f:  # every reading kept
+                atomic_write_text(gate_file(out, gate), json_text(record))
+                with open(gate_file(out, gate, ".history.jsonl"), "a") as f:  # every reading kept
                     f.write(json_text(record, indent=None))
             passed, why = verdicts[gate.name]
             if not passed:
