@@ -819,7 +819,7 @@ def _network_of(path: Path, what: str, who: str, problems: _Problems) -> DUETCon
         return None
 
 
-def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
+def preflight(recipe: Recipe, out: Path, code: Path | None = None, only: Sequence[str] | None = None) -> str:
     """Check, before any job starts, that what the recipe's pending runs and rows need exists and fits;
     the summary line when it does, else one :class:`PreflightError` listing every problem.
 
@@ -832,7 +832,8 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
     yet: its checkpoint exists and the recipe's feature files fit it.  And the experiment directory's
     file system has room for the pending runs' checkpoints (a lower bound: :func:`checkpoint_bytes`
     per run).  ``code``: the checkout whose base configs
-    the runs use (default: ``out/code`` once pinned, else this repository)."""
+    the runs use (default: ``out/code`` once pinned, else this repository).  ``only`` (``--only``'s
+    patterns): the whole recipe is still checked, and the line says how many of its jobs are selected."""
     out = Path(out).resolve()
     root = repo_root()
     if code is None:
@@ -999,6 +1000,10 @@ def preflight(recipe: Recipe, out: Path, code: Path | None = None) -> str:
     notes = ([f"{_count(finished, 'run')} done already"] if finished else []) \
         + ([f"their checkpoints need at least {format_bytes(space)}"] if space else []) \
         + ([f"{_count(undecided, 'row')} with weights undecided, not scored until they are"] if undecided else [])
+    if only:
+        pending_jobs = [j for j in jobs if not done[j.name]]
+        chosen = {j.name for j in select_jobs(jobs, only, out)} & {j.name for j in pending_jobs}
+        notes.append(f"the whole recipe checked; --only selects {len(chosen)} of its {len(pending_jobs)} jobs left")
     return (f"pre-flight: {_count(pending_runs, 'run')}, {_count(pending_rows, 'row')} checked, nothing missing"
             + (f" ({'; '.join(notes)})" if notes else ""))
 
@@ -1297,14 +1302,23 @@ def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, d
     """The recipe's comparisons on the rows written so far (a pair whose rows are not there yet is
     listed as pending)."""
     out: list[dict[str, Any]] = []
+    planned = arms([{"name": r.name} for r in recipe.rows])
+    written = {r["name"] for r in rows}
     for c in recipe.comparisons:
         group: dict[str, Any] = {"name": c.name, "over": c.over, "metrics": c.metrics}
         pairs = [tuple(p) for p in c.pairs]
         if c.over == "seeds":
+            # a verdict reads every seed the recipe lists for both arms; before that the tests are interim
+            unscored = [row["name"] for arm in dict.fromkeys(x for p in pairs for x in p)
+                        for _, row in sorted(planned.get(arm, {}).items()) if row["name"] not in written]
             try:
-                group["tests"] = compare_over_seeds(rows, pairs, c.metrics, c.alpha)
+                group["tests"] = compare_over_seeds(rows, pairs, c.metrics, 0.0 if unscored else c.alpha)
             except KeyError as exc:
                 group["pending"] = str(exc.args[0])
+            else:
+                if unscored:
+                    group["pending"] = (f"interim, no verdict: {len(unscored)} pre-registered row"
+                                        f"{'s' if len(unscored) != 1 else ''} not scored yet ({', '.join(unscored)})")
         else:
             group["gaps"], pending = episode_gaps(c, rows, per_episode)
             if pending:
@@ -1498,7 +1512,7 @@ def _main(args: argparse.Namespace) -> int:
         for j in select_jobs(plan(recipe, out, code, launcher), only, out):
             print(f"{j.name}  after {', '.join(j.deps) or '-'}\n    {' '.join(j.argv)}")
         print(f"code: {commit} at {code}")
-        print(preflight(recipe, out), flush=True)  # every problem at once: PreflightError, exit 2
+        print(preflight(recipe, out, only=only), flush=True)  # every problem at once: PreflightError, exit 2
         return 0
     ok, table = run_experiment(recipe, out, jobs=args.jobs, commit=args.commit, table_only=args.table_only,
                                launcher=launcher, gpus=gpus, only=only)
@@ -1527,7 +1541,7 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     if recipe.plots:  # the pictures need the plot extra: say so before hours of training, not after
         require_matplotlib()
     if not table_only:  # before the pin and any job: what the runs and rows need (PreflightError)
-        print(preflight(recipe, out, None if pin else root), flush=True)
+        print(preflight(recipe, out, None if pin else root, only), flush=True)
     if pin:
         commit, code = pin_checkout(out, commit)
     else:

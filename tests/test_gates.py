@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SMALL_DUET  # tests/ is on sys.path
 
 from minivln.config import ConfigError
 from minivln.data.datasets import load_episodes
-from minivln.experiment import Job, execute, gate_check, gate_keeper, gates_of, load_recipe, plan, select_jobs
+from minivln.experiment import (Job, execute, gate_check, gate_keeper, gates_of, load_recipe, plan, preflight,
+                                select_jobs)
 
 
 def _recipe(tmp_path, data, feats, gate):
@@ -191,3 +194,20 @@ def test_status_says_where_each_job_stands_without_starting_anything(tmp_path):
     assert status["train:f"] == ("pending", "")
     assert format_status(job_status(recipe, out, jobs)).splitlines()[-1] == \
         "1 done, 1 stopped, 1 running, 1 waiting, 1 held, 1 pending"
+
+
+def test_the_preflight_line_says_what_only_selects(small_toy, tmp_path):
+    """Under ``--only`` the pre-flight still checks the whole recipe, and its line says so with the
+    number of jobs left that the patterns select."""
+    path = Path(_recipe(tmp_path, *small_toy, GATE))
+    spec = yaml.safe_load(path.read_text())
+    for run in spec["runs"].values():  # a network the toy's 16-d features fit
+        run["overrides"]["model_overrides"] = SMALL_DUET
+    path.write_text(yaml.safe_dump(spec))
+    recipe = load_recipe(str(path))
+    out = tmp_path / "exp"
+    whole = preflight(recipe, out, code=tmp_path)
+    assert whole.startswith("pre-flight: 3 runs, 3 rows checked") and "--only" not in whole
+    line = preflight(recipe, out, code=tmp_path, only=["*:n"])
+    assert line.startswith(whole.rstrip(")").split(" (")[0])
+    assert "the whole recipe checked; --only selects 2 of its 6 jobs left" in line
