@@ -64,7 +64,7 @@ from minivln.data.reverie import ReverieGoals, with_name_overlap_objects
 from minivln.distill.compat import check_teacher
 from minivln.env.env import NavBatchEnv, random_walker_submission
 from minivln.evaluation.evaluator import Evaluator, SubmissionError, load_submission
-from minivln.evaluation.stats import arm_summary, arms, compare_over_seeds, gap_over_episodes, mean_se
+from minivln.evaluation.stats import SEED_ROW, arm_summary, arms, compare_over_seeds, gap_over_episodes, mean_se
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.model.checkpoint import read_agent_config, stored_shapes
 from minivln.model.config import DUETConfig
@@ -1380,16 +1380,28 @@ def summary_table(recipe: Recipe, table: dict[str, Any]) -> dict[str, Any]:
             "commit": table["commit"], "written": table["written"], "entries": entries}
 
 
+BAR_METRICS = (("sr", "SR (success rate)"), ("spl", "SPL (success weighted by path length)"),
+               ("rgs", "RGS (success with the right object)"), ("rgspl", "RGSPL (RGS weighted by path length)"))
+
+
+def bar_metrics(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The rates :func:`plot_bars` draws, with their legend: those of :data:`BAR_METRICS` the rows have."""
+    return [(k, label) for k, label in BAR_METRICS if k in rows[0]]
+
+
 def plot_bars(table: dict[str, Any], path: Path) -> None:
-    """SR and SPL of every row with +-1 standard error bars (over episodes)."""
+    """SR and SPL of every row (REVERIE: RGS and RGSPL too) with +-1 standard error bars (over episodes)."""
     rows = table["rows"]
-    fig = new_figure(1.6 + 1.1 * len(rows), 3.8)
+    metrics = bar_metrics(rows)
+    width = 0.8 / len(metrics)
+    fig = new_figure(1.6 + 0.55 * len(metrics) * len(rows), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(rows)))
-    for off, key, label in ((-0.2, "sr", "SR (success rate)"), (0.2, "spl", "SPL (success weighted by path length)")):
+    for j, (key, label) in enumerate(metrics):
+        off = (j - (len(metrics) - 1) / 2) * width
         vals = [100 * r[key] for r in rows]
         errs = [100 * r[f"{key}_se"] for r in rows]
-        bars = ax.bar([i + off for i in x], vals, 0.38, yerr=errs, capsize=3, label=label)
+        bars = ax.bar([i + off for i in x], vals, width * 0.95, yerr=errs, capsize=3, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(x, [r["name"] for r in rows], rotation=20, ha="right")
     ax.set_ylabel("% of episodes (+-1 s.e.)")
@@ -1403,21 +1415,29 @@ def plot_bars(table: dict[str, Any], path: Path) -> None:
 def plot_curves(recipe: Recipe, out: Path, path: Path) -> None:
     """Per row trained here: its run's validation SR and SPL over fine-tuning steps (the subset the
     run validated on), and its training loss."""
-    fig = new_figure(13, 3.8)
-    axes = [fig.add_subplot(1, 3, k + 1) for k in range(3)]
+    keys = ["val_unseen.sr", "val_unseen.spl"] + (["val_unseen.rgs"] if recipe.task == "reverie" else [])
+    fig = new_figure(4.4 * (len(keys) + 1), 3.8)
+    axes = [fig.add_subplot(1, len(keys) + 1, k + 1) for k in range(len(keys) + 1)]
+    colours: dict[str, str] = {}  # one colour per arm, one line style per seed
     for row in recipe.rows:
-        if not row.run:
+        log = out / "runs" / row.run / "log.jsonl"
+        if not row.run or row.picker or not log.exists():  # a picker row walks its run's trajectories
             continue
-        records = read_jsonl(out / "runs" / row.run / "log.jsonl")
+        records = read_jsonl(log)
         val = [r for r in records if r.get("kind") == "val" and "val_unseen.sr" in r]
         train = [r for r in records if r.get("kind") == "train" and "loss" in r]
-        for ax, key in zip(axes[:2], ("val_unseen.sr", "val_unseen.spl")):
-            ax.plot([r["step"] for r in val], [100 * r[key] for r in val], marker="o", label=row.name)
+        m = SEED_ROW.match(row.name)
+        arm, seed = (m["arm"], int(m["seed"])) if m else (row.name, 0)
+        colour = colours.setdefault(arm, f"C{len(colours) % 10}")
+        style = {"color": colour, "linestyle": ("-", "--", ":", "-.")[seed % 4], "label": row.name}
+        for ax, key in zip(axes, keys):
+            ax.plot([r["step"] for r in val], [100 * r.get(key, math.nan) for r in val], marker="o", **style)
         if train:  # a running mean over 10 records: the raw loss is noisy
             ys = [r.get("loss/task", r["loss"]) for r in train]  # the action loss, without KD terms
             smooth = [sum(ys[max(0, i - 9):i + 1]) / len(ys[max(0, i - 9):i + 1]) for i in range(len(ys))]
-            axes[2].plot([r["step"] for r in train], smooth, label=row.name)
-    titles = ("validation SR (%)", "validation SPL (%)", "training action loss (running mean of 10 logs)")
+            axes[-1].plot([r["step"] for r in train], smooth, **style)
+    titles = ("validation SR (%)", "validation SPL (%)", "validation RGS (%)")[:len(keys)] \
+        + ("training action loss (running mean of 10 logs)",)
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("fine-tuning step")

@@ -22,6 +22,7 @@ from minivln.experiment import (
     PreflightError,
     Recipe,
     adopt_run,
+    bar_metrics,
     checkpoint_bytes,
     find_recipe,
     load_recipe,
@@ -308,6 +309,7 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
         cfg = DUETConfig.from_dict(json.loads((out / "runs" / run / export / "config.json").read_text()))
         left = sum(f.stat().st_size for f in (out / "runs" / run).rglob("*") if f.is_file())
         assert 0 < checkpoint_bytes(cfg, {}) <= left, run
+    assert [k for k, _ in bar_metrics(table["rows"])] == ["sr", "spl"]  # R2R: no grounding rates
     for pic in ("tiny_bars.png", "tiny_curves.png"):
         assert (tmp_path / "img" / pic).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resume: an interrupted run (its done mark gone, its checkpoint kept) continues, the rest is skipped

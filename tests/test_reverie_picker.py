@@ -12,7 +12,7 @@ from minivln.data.datasets import Episode, load_episodes
 from minivln.data.reverie import name_overlap_pick, visible_names_in_file, with_name_overlap_objects
 from minivln.data.words import content_words
 from minivln.evaluation.evaluator import Evaluator
-from minivln.experiment import load_recipe, write_table
+from minivln.experiment import bar_metrics, load_recipe, write_table
 from minivln.paths import DataError
 
 REPO_RESULTS = "docs/results/reverie_table3/none.json.gz"
@@ -82,7 +82,7 @@ def test_a_picker_row_of_a_table_writes_the_repicked_submission(small_toy, tmp_p
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump({
         "name": "t", "task": "reverie", "data_dir": str(data), "features": str(feats),
-        "results": str(tmp_path / "t.json"), "submissions": str(tmp_path / "subs"),
+        "results": str(tmp_path / "t.json"), "submissions": str(tmp_path / "subs"), "plots": str(tmp_path / "img" / "t"),
         "rows": [{"name": "agent", "checkpoint": "some/ckpt"},
                  {"name": "words", "checkpoint": "some/ckpt", "picker": "name-overlap"}]}))
     recipe = load_recipe(str(recipe_path))
@@ -96,3 +96,6 @@ def test_a_picker_row_of_a_table_writes_the_repicked_submission(small_toy, tmp_p
     assert written == with_name_overlap_objects(sub, eps, data) and written != sub
     assert rows["words"]["sr"] == rows["agent"]["sr"] == 1.0  # the annotated goals: same trajectories
     assert rows["words"]["rgs"] > rows["agent"]["rgs"] == 0.0
+    # REVERIE's bars show the grounding rates beside SR and SPL (the picker rows differ only there)
+    assert [k for k, _ in bar_metrics(table["rows"])] == ["sr", "spl", "rgs", "rgspl"]
+    assert (tmp_path / "img" / "t_bars.png").read_bytes()[:4] == b"\x89PNG"
