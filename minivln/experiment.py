@@ -1308,9 +1308,12 @@ def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, d
         group: dict[str, Any] = {"name": c.name, "over": c.over, "metrics": c.metrics}
         pairs = [tuple(p) for p in c.pairs]
         if c.over == "seeds":
-            # a verdict reads every seed the recipe lists for both arms; before that the tests are interim
-            unscored = [row["name"] for arm in dict.fromkeys(x for p in pairs for x in p)
-                        for _, row in sorted(planned.get(arm, {}).items()) if row["name"] not in written]
+            # a verdict reads, for every pair of the group (Holm corrects them together), each seed the
+            # recipe lists for both of its arms; before that the tests are interim
+            unscored = list(dict.fromkeys(
+                planned[x][s]["name"] for a, b in pairs if a in planned and b in planned
+                for s in sorted(set(planned[a]) & set(planned[b])) for x in (a, b)
+                if planned[x][s]["name"] not in written))
             try:
                 group["tests"] = compare_over_seeds(rows, pairs, c.metrics, 0.0 if unscored else c.alpha)
             except KeyError as exc:
@@ -1412,30 +1415,47 @@ def plot_bars(table: dict[str, Any], path: Path) -> None:
     save_png(fig, path, tight=True)
 
 
-def plot_curves(recipe: Recipe, out: Path, path: Path) -> None:
-    """Per row trained here: its run's validation SR and SPL over fine-tuning steps (the subset the
-    run validated on), and its training loss."""
-    keys = ["val_unseen.sr", "val_unseen.spl"] + (["val_unseen.rgs"] if recipe.task == "reverie" else [])
-    fig = new_figure(4.4 * (len(keys) + 1), 3.8)
-    axes = [fig.add_subplot(1, len(keys) + 1, k + 1) for k in range(len(keys) + 1)]
-    colours: dict[str, str] = {}  # one colour per arm, one line style per seed
+SEED_STYLES = (("-", "o"), ("--", "s"), (":", "D"), ("-.", "^"), ("-", "v"), ("--", "P"), (":", "X"), ("-.", "*"))
+"""(line style, marker) of seed s of an arm: ``SEED_STYLES[s % 8]`` (the arm gives the colour)."""
+
+
+def curve_rows(recipe: Recipe, out: Path) -> list[tuple[RowSpec, list[dict], list[dict], dict[str, Any]]]:
+    """What :func:`plot_curves` draws: each row trained here with at least one validation so far, its
+    validation and training records, and its line's style (a colour per arm, a line style and marker per
+    seed).  Picker rows are left out: they walk their run's trajectories."""
+    colours: dict[str, str] = {}
+    drawn = []
     for row in recipe.rows:
         log = out / "runs" / row.run / "log.jsonl"
-        if not row.run or row.picker or not log.exists():  # a picker row walks its run's trajectories
+        if not row.run or row.picker or not log.exists():
             continue
         records = read_jsonl(log)
         val = [r for r in records if r.get("kind") == "val" and "val_unseen.sr" in r]
+        if not val:
+            continue
         train = [r for r in records if r.get("kind") == "train" and "loss" in r]
         m = SEED_ROW.match(row.name)
         arm, seed = (m["arm"], int(m["seed"])) if m else (row.name, 0)
-        colour = colours.setdefault(arm, f"C{len(colours) % 10}")
-        style = {"color": colour, "linestyle": ("-", "--", ":", "-.")[seed % 4], "label": row.name}
+        linestyle, marker = SEED_STYLES[seed % len(SEED_STYLES)]
+        style = {"color": colours.setdefault(arm, f"C{len(colours) % 10}"), "linestyle": linestyle,
+                 "marker": marker, "label": row.name}
+        drawn.append((row, val, train, style))
+    return drawn
+
+
+def plot_curves(recipe: Recipe, out: Path, path: Path) -> None:
+    """Per row trained here (:func:`curve_rows`): its run's validation SR and SPL (REVERIE: and RGS) over
+    fine-tuning steps (the subset the run validated on), and its training loss."""
+    keys = ["val_unseen.sr", "val_unseen.spl"] + (["val_unseen.rgs"] if recipe.task == "reverie" else [])
+    fig = new_figure(4.4 * (len(keys) + 1), 3.8)
+    axes = [fig.add_subplot(1, len(keys) + 1, k + 1) for k in range(len(keys) + 1)]
+    for _, val, train, style in curve_rows(recipe, out):
         for ax, key in zip(axes, keys):
-            ax.plot([r["step"] for r in val], [100 * r.get(key, math.nan) for r in val], marker="o", **style)
+            ax.plot([r["step"] for r in val], [100 * r.get(key, math.nan) for r in val], **style)
         if train:  # a running mean over 10 records: the raw loss is noisy
             ys = [r.get("loss/task", r["loss"]) for r in train]  # the action loss, without KD terms
             smooth = [sum(ys[max(0, i - 9):i + 1]) / len(ys[max(0, i - 9):i + 1]) for i in range(len(ys))]
-            axes[-1].plot([r["step"] for r in train], smooth, **style)
+            axes[-1].plot([r["step"] for r in train], smooth, **{**style, "marker": None})
     titles = ("validation SR (%)", "validation SPL (%)", "validation RGS (%)")[:len(keys)] \
         + ("training action loss (running mean of 10 logs)",)
     for ax, title in zip(axes, titles):

@@ -12,7 +12,7 @@ from minivln.data.datasets import Episode, load_episodes
 from minivln.data.reverie import name_overlap_pick, visible_names_in_file, with_name_overlap_objects
 from minivln.data.words import content_words
 from minivln.evaluation.evaluator import Evaluator
-from minivln.experiment import bar_metrics, load_recipe, write_table
+from minivln.experiment import Recipe, RowSpec, bar_metrics, curve_rows, load_recipe, write_table
 from minivln.paths import DataError
 
 REPO_RESULTS = "docs/results/reverie_table3/none.json.gz"
@@ -82,7 +82,8 @@ def test_a_picker_row_of_a_table_writes_the_repicked_submission(small_toy, tmp_p
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump({
         "name": "t", "task": "reverie", "data_dir": str(data), "features": str(feats),
-        "results": str(tmp_path / "t.json"), "submissions": str(tmp_path / "subs"), "plots": str(tmp_path / "img" / "t"),
+        "results": str(tmp_path / "t.json"), "submissions": str(tmp_path / "subs"),
+        "plots": str(tmp_path / "img" / "t"),
         "rows": [{"name": "agent", "checkpoint": "some/ckpt"},
                  {"name": "words", "checkpoint": "some/ckpt", "picker": "name-overlap"}]}))
     recipe = load_recipe(str(recipe_path))
@@ -99,3 +100,27 @@ def test_a_picker_row_of_a_table_writes_the_repicked_submission(small_toy, tmp_p
     # REVERIE's bars show the grounding rates beside SR and SPL (the picker rows differ only there)
     assert [k for k, _ in bar_metrics(table["rows"])] == ["sr", "spl", "rgs", "rgspl"]
     assert (tmp_path / "img" / "t_bars.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_curves_draw_each_trained_row_once_a_colour_per_arm_and_a_style_per_seed(tmp_path):
+    """``plot_curves``'s rows: those with a validation so far (not a run without one, a picker row or a
+    row without a run); an arm's seeds share its colour and differ in line style or marker, seeds 0
+    and 4 included."""
+    runs = tmp_path / "runs"
+    val = {"kind": "val", "step": 250, "val_unseen.sr": 0.1, "val_unseen.spl": 0.1}
+    train = {"kind": "train", "step": 10, "loss": 3.0}
+    for run, recs in (("a0", [train, val]), ("a4", [val]), ("b0", [val]), ("c0", [train])):
+        (runs / run).mkdir(parents=True)
+        (runs / run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    recipe = Recipe(name="t", task="reverie", rows=[
+        RowSpec(name="a, seed 0", run="a0"), RowSpec(name="a, seed 4", run="a4"),
+        RowSpec(name="b, seed 0", run="b0"), RowSpec(name="c, seed 0", run="c0"),  # c: no validation yet
+        RowSpec(name="d, seed 0", run="d0"),  # d: not started
+        RowSpec(name="reference: a, seed 0, name-overlap picker", run="a0", picker="name-overlap"),
+        RowSpec(name="random", random=True)])
+    drawn = {row.name: (v, t, style) for row, v, t, style in curve_rows(recipe, tmp_path)}
+    assert list(drawn) == ["a, seed 0", "a, seed 4", "b, seed 0"]
+    (_, t0, s0), (_, t4, s4), (_, _, sb) = drawn.values()
+    assert len(t0) == 1 and t4 == []
+    assert s0["color"] == s4["color"] != sb["color"]
+    assert (s0["linestyle"], s0["marker"]) != (s4["linestyle"], s4["marker"])

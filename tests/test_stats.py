@@ -126,14 +126,19 @@ def test_a_table_carries_its_comparisons_and_its_summary(small_toy, tmp_path):
     assert primary["tests"][0]["diffs"] == [1.0, 0.0] and primary["tests"][0]["mean"] == 0.5
     assert primary["tests"][0]["verdict"] == "no difference shown" and "pending" not in primary
 
-    # a seed the recipe lists but nobody scored yet: the tests are interim, with no verdict until it is in
+    # a seed the recipe lists for both arms but nobody scored yet: the tests are interim, with no
+    # verdict until it is in; a seed only one arm lists is not paired, so it does not hold the verdict
     spec = yaml.safe_load(recipe_path.read_text())
     spec["rows"].append({"name": "alone, seed 2", "checkpoint": "x/alone-seed-2"})
     recipe_path.write_text(yaml.safe_dump(spec))
+    unpaired = write_table(load_recipe(str(recipe_path)), tmp_path / "out", "abc")["comparisons"][0]
+    assert unpaired["tests"][0]["verdict"] == "no difference shown" and "pending" not in unpaired
+    spec["rows"].append({"name": "kd, seed 2", "checkpoint": "x/kd-seed-2"})
+    recipe_path.write_text(yaml.safe_dump(spec))
     interim = write_table(load_recipe(str(recipe_path)), tmp_path / "out", "abc")["comparisons"][0]
     assert interim["tests"][0]["diffs"] == [1.0, 0.0] and "verdict" not in interim["tests"][0]
-    assert "no verdict" in interim["pending"] and "alone, seed 2" in interim["pending"]
-    spec["rows"].pop()
+    assert interim["pending"].endswith("2 pre-registered rows not scored yet (kd, seed 2, alone, seed 2)")
+    del spec["rows"][-2:]
     recipe_path.write_text(yaml.safe_dump(spec))
     table = write_table(load_recipe(str(recipe_path)), tmp_path / "out", "abc")
     assert [g["b"] for g in ahead["gaps"]] == ["alone, seed 0", "alone, seed 1"]
