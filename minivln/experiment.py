@@ -1422,12 +1422,13 @@ SEED_STYLES = (("-", "o"), ("--", "s"), (":", "D"), ("-.", "^"), ("-", "v"), ("-
 def curve_rows(recipe: Recipe, out: Path) -> list[tuple[RowSpec, list[dict], list[dict], dict[str, Any]]]:
     """What :func:`plot_curves` draws: each row trained here with at least one validation so far, its
     validation and training records, and its line's style (a colour per arm, a line style and marker per
-    seed).  Picker rows are left out: they walk their run's trajectories."""
+    seed).  One line per run: a picker row, or a second row of a run (its weight average), walks or
+    validates as the first."""
     colours: dict[str, str] = {}
-    drawn = []
+    drawn, runs = [], set()
     for row in recipe.rows:
         log = out / "runs" / row.run / "log.jsonl"
-        if not row.run or row.picker or not log.exists():
+        if not row.run or row.picker or row.run in runs or not log.exists():
             continue
         records = read_jsonl(log)
         val = [r for r in records if r.get("kind") == "val" and "val_unseen.sr" in r]
@@ -1440,6 +1441,7 @@ def curve_rows(recipe: Recipe, out: Path) -> list[tuple[RowSpec, list[dict], lis
         style = {"color": colours.setdefault(arm, f"C{len(colours) % 10}"), "linestyle": linestyle,
                  "marker": marker, "label": row.name}
         drawn.append((row, val, train, style))
+        runs.add(row.run)
     return drawn
 
 

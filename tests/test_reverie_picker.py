@@ -103,8 +103,8 @@ def test_a_picker_row_of_a_table_writes_the_repicked_submission(small_toy, tmp_p
 
 
 def test_the_curves_draw_each_trained_row_once_a_colour_per_arm_and_a_style_per_seed(tmp_path):
-    """``plot_curves``'s rows: those with a validation so far (not a run without one, a picker row or a
-    row without a run); an arm's seeds share its colour and differ in line style or marker, seeds 0
+    """``plot_curves``'s rows: those with a validation so far (not a run without one, a picker row, a
+    second row of a run or a row without a run); an arm's seeds share its colour and differ in line style or marker, seeds 0
     and 4 included."""
     runs = tmp_path / "runs"
     val = {"kind": "val", "step": 250, "val_unseen.sr": 0.1, "val_unseen.spl": 0.1}
@@ -117,6 +117,7 @@ def test_the_curves_draw_each_trained_row_once_a_colour_per_arm_and_a_style_per_
         RowSpec(name="b, seed 0", run="b0"), RowSpec(name="c, seed 0", run="c0"),  # c: no validation yet
         RowSpec(name="d, seed 0", run="d0"),  # d: not started
         RowSpec(name="reference: a, seed 0, name-overlap picker", run="a0", picker="name-overlap"),
+        RowSpec(name="a averaged, seed 0", run="a0", weights="model-ema"),  # the same run's curve again
         RowSpec(name="random", random=True)])
     drawn = {row.name: (v, t, style) for row, v, t, style in curve_rows(recipe, tmp_path)}
     assert list(drawn) == ["a, seed 0", "a, seed 4", "b, seed 0"]
