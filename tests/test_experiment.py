@@ -21,6 +21,7 @@ from minivln.evaluation.evaluator import Evaluator
 from minivln.experiment import (
     PreflightError,
     Recipe,
+    RowSpec,
     adopt_run,
     bar_metrics,
     checkpoint_bytes,
@@ -156,9 +157,13 @@ def test_r2r_prereg_rows_score_one_kind_of_weights_and_nothing_before_the_pilot_
         assert {f"train:{r.run}" for r in students} <= set(jobs)
         if students[0].weights == "undecided":
             assert not [j for j in jobs if j.startswith("score:ft-")], name
+        else:  # decided: every student row is scored, on the recipe's split
+            assert {f"score:{score_key(r, recipe.split)}" for r in students} <= set(jobs), name
     assert len(kinds) == 1 and kinds <= {"undecided", "model", "model-ema"}
+    # the pilot decided (docs/preregistration.md, note of 2026-12-07): the last weights
+    assert kinds == {"model"}
     with pytest.raises(ConfigError, match="undecided, so there is nothing to score"):
-        score_key(next(r for r in load_recipe("r2r-prereg-table3", ["features=x"]).rows if r.run == "ft-none-s0"))
+        score_key(RowSpec(name="none, seed 0", run="ft-none-s0", weights="undecided"))
 
 
 def test_tables_4_and_5_reuse_table_3s_two_stage_run(tmp_path):
