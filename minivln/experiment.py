@@ -618,6 +618,54 @@ def gates_of(recipe: Recipe, run: str) -> list[GateSpec]:
     return [g for g in recipe.gates if any(fnmatch.fnmatchcase(run, pat) for pat in g.runs)]
 
 
+def retired_file(out: Path, run: str) -> Path:
+    """Where the mark of a run retired by a pre-registered rule (``--retire``) is kept."""
+    return out / "retired" / f"{slug(run)}.json"
+
+
+def retire_run(recipe: Recipe, out: Path, run: str, why: str) -> dict[str, Any]:
+    """Mark run ``run`` as stopped for good by a pre-registered rule (e.g. a futility stop): the driver
+    never starts or resumes it again, what needs it is held, its rows are reported as not run with
+    ``why``.  Refused (one :class:`ConfigError`) for a run the recipe does not have, a finished run, a
+    run still training, or without a reason.  Its directory and checkpoints are kept."""
+    out = Path(out).resolve()
+    if run not in recipe.runs:
+        raise ConfigError(f"recipe {recipe.name}: no run {run!r} to retire (its runs: {', '.join(recipe.runs)})")
+    if not why.strip():
+        raise ConfigError("--retire needs --why: the rule that stops the run, as pre-registered")
+    if (out / "done" / f"train-{run}.json").exists():
+        raise ConfigError(f"run {run!r} has finished in {out}: nothing to retire")
+    run_dir = out / "runs" / run
+    if who := lock_holder(run_dir):
+        raise ConfigError(f"run {run!r} is still training ({who}): stop it (and its driver) first")
+    logged, saved, total = _run_progress(run_dir)
+    rec = {"run": run, "why": why.strip(), "recipe": recipe.name, "retired": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "last_logged_step": logged, "checkpoint_step": saved, "max_steps": total}
+    atomic_write_text(retired_file(out, run), json_text(rec))
+    return rec
+
+
+def not_run_reason(recipe: Recipe, out: Path, run: str) -> str | None:
+    """Why run ``run`` will not be trained in ``out`` by the recipe's own rules, or None: it, or a run it
+    starts from or distils from, was retired (``--retire``), or a gate that holds it was read and not
+    passed."""
+    seen: set[str] = set()
+
+    def why(name: str) -> str | None:
+        if name in seen or name not in recipe.runs:
+            return None
+        seen.add(name)
+        if (f := retired_file(out, name)).exists():
+            return f"run {name!r} retired: {_read_json(f, 'the retirement mark').get('why', '?')}"
+        for gate in gates_of(recipe, name):
+            f = gate_file(out, gate)
+            if f.exists() and not (rec := _read_json(f, "the gate verdict")).get("passed"):
+                return f"gate {gate.name!r} not passed (read {rec.get('read', '?')}; {f.name})"
+        spec = recipe.runs[name]
+        return next((r for r in (why(d) for d in (spec.init, spec.teacher_run) if d) if r), None)
+    return why(run)
+
+
 def gate_check(recipe: Recipe, out: Path, gate: GateSpec) -> tuple[bool, str]:
     """Read gate ``gate`` on the scorings in ``out`` (all of its rows must be scored): ``(passed, why)``.
     Every row must have scored every instruction of the recipe's split (a submission that misses one
@@ -1130,8 +1178,8 @@ def _run_progress(run_dir: Path) -> tuple[int | None, int | None, int | None]:
 def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, str, str]]:
     """``(job, state, detail)`` for each job of an experiment directory, read from its files without
     starting anything: ``done`` (when, how long), ``running`` (a live process holds the run's lock:
-    step reached, who), ``stopped`` (a checkpoint to resume from), ``held`` (a gate read and not
-    passed), ``waiting`` (for the jobs it needs) or ``pending`` (ready to start)."""
+    step reached, who), ``stopped`` (a checkpoint to resume from), ``retired`` (stopped for good by a
+    pre-registered rule, ``--retire``), ``held`` (a gate read and not passed), ``waiting`` (for the jobs it needs) or ``pending`` (ready to start)."""
     done = {j.name: is_done(out, j) for j in jobs}
     status = []
     for j in jobs:
@@ -1148,6 +1196,9 @@ def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, st
                 state, detail = "running", f"step {logged if logged is not None else '?'}{of}, {who}"
             elif saved:
                 state, detail = "stopped", f"resumes from step {saved}{of}"
+        if state in ("pending", "stopped") and j.name.startswith("train:") and \
+                (f := retired_file(out, j.name.split(":", 1)[1])).exists():
+            state, detail = "retired", f"{_read_json(f, 'the retirement mark').get('why', '?')} ({f})"
         if state == "pending":
             for gate in gates_of(recipe, j.name.split(":", 1)[1]) if j.name.startswith("train:") else []:
                 f = gate_file(out, gate)
@@ -1213,13 +1264,17 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
     evaluator = Evaluator(recipe.task, recipe.split, resolve_data_dir(recipe.data_dir or None))
     sub_dir = root / (recipe.submissions or f"docs/results/{recipe.name}")
     rows, missing, per_episode = [], [], {}
+    not_run: dict[str, str] = {}  # rows the recipe's rules stopped (a gate not passed, a retired run): why
     for row in recipe.rows:
         gz = sub_dir / f"{slug(row.name)}.json.gz"
         if row.random:
             write_gz(gz, random_submission(recipe))
         else:
             if row.weights == "undecided" or not _scored(recipe, out, row).exists():
-                missing.append(row.name)
+                if row.run and (why := not_run_reason(recipe, out, row.run)):
+                    not_run[row.name] = why
+                else:
+                    missing.append(row.name)
                 continue
             write_gz(gz, row_entries(recipe, out, row, evaluator))
         summary, per_ep = evaluator.score(load_submission(gz))
@@ -1275,11 +1330,11 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
         rows.append(rec)
     table = {"table": recipe.table or recipe.name, "recipe": recipe.name, "features": "stand-in"
              if _standin(recipe) else "real", "task": recipe.task, "split": recipe.split,
-             "complete": not missing, "pending": missing, "commit": commit,
+             "complete": not missing, "pending": missing, "not_run": not_run, "commit": commit,
              "written": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
     if recipe.comparisons:
         table["arms"] = arm_summary(rows, sorted({m for c in recipe.comparisons for m in c.metrics}))
-        table["comparisons"] = analyse(recipe, rows, per_episode)
+        table["comparisons"] = analyse(recipe, rows, per_episode, not_run)
     if recipe.summary.results:
         atomic_write_text(root / recipe.summary.results, json_text(summary_table(recipe, table)))
     if recipe.results:
@@ -1298,12 +1353,18 @@ def count_parameters(path: Path) -> int:
     return sum(math.prod(shape) for shape in stored_shapes(path).values())
 
 
-def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, dict]) -> list[dict[str, Any]]:
+def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, dict],
+            not_run: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The recipe's comparisons on the rows written so far (a pair whose rows are not there yet is
-    listed as pending)."""
+    listed as pending).  ``not_run``: rows the recipe's rules stopped, with why; an arm none of whose
+    rows will run makes its pairs "not run" (over seeds they stay in their group's Holm family, counted
+    as p = 1, so that a stopped arm does not loosen the correction of the others)."""
     out: list[dict[str, Any]] = []
+    not_run = not_run or {}
     planned = arms([{"name": r.name} for r in recipe.rows])
-    written = {r["name"] for r in rows}
+    stopped = {a: not_run[min(by_seed.items())[1]["name"]]  # arm -> why, when the rules stopped all its rows
+               for a, by_seed in planned.items() if all(r["name"] in not_run for r in by_seed.values())}
+    written = {r["name"] for r in rows} | set(not_run)
     for c in recipe.comparisons:
         group: dict[str, Any] = {"name": c.name, "over": c.over, "metrics": c.metrics}
         pairs = [tuple(p) for p in c.pairs]
@@ -1315,7 +1376,8 @@ def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, d
                 for s in sorted(set(planned[a]) & set(planned[b])) for x in (a, b)
                 if planned[x][s]["name"] not in written))
             try:
-                group["tests"] = compare_over_seeds(rows, pairs, c.metrics, 0.0 if unscored else c.alpha)
+                group["tests"] = compare_over_seeds(rows, pairs, c.metrics, 0.0 if unscored else c.alpha,
+                                                    not_run=stopped)
             except KeyError as exc:
                 group["pending"] = str(exc.args[0])
             else:
@@ -1324,6 +1386,9 @@ def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, d
                                         f"{'s' if len(unscored) != 1 else ''} not scored yet ({', '.join(unscored)})")
         else:
             group["gaps"], pending = episode_gaps(c, rows, per_episode)
+            if skipped := [p for p in pending if any(n in not_run or n in stopped for n in p.split(" - "))]:
+                group["not_run"] = skipped
+                pending = [p for p in pending if p not in skipped]
             if pending:
                 group["pending"] = pending
         out.append(group)
@@ -1357,6 +1422,12 @@ def summary_table(recipe: Recipe, table: dict[str, Any]) -> dict[str, Any]:
     by_name = {r["name"]: r for r in rows}
     per_arm, by_arm = arm_summary(rows, spec.metrics), arms(rows)
     ref = by_name.get(spec.reference)
+    not_run = table.get("not_run", {})
+
+    def stopped(name: str) -> str | None:  # a row, or an arm every row of which, the recipe's rules stopped
+        whys = [not_run.get(r.name) for r in recipe.rows
+                if r.name == name or ((m := SEED_ROW.match(r.name)) and m["arm"] == name)]
+        return whys[0] if whys and all(whys) else None
     entries = []
     for name in spec.entries:
         if name in per_arm:
@@ -1368,6 +1439,9 @@ def summary_table(recipe: Recipe, table: dict[str, Any]) -> dict[str, Any]:
             rec = {"name": name, "parameters": by_name[name].get("parameters"),
                    **{m: by_name[name].get(m) for m in spec.metrics},
                    **{f"{m}_se": by_name[name].get(f"{m}_se") for m in spec.metrics if f"{m}_se" in by_name[name]}}
+        elif why := stopped(name):
+            entries.append({"name": name, "not_run": why})
+            continue
         else:
             entries.append({"name": name, "pending": True})
             continue
@@ -1478,13 +1552,16 @@ def _standin(recipe: Recipe) -> bool:
 
 def format_table(table: dict[str, Any]) -> str:
     rates = [k for k in ("sr", "spl", "rgs", "rgspl") if table["rows"] and k in table["rows"][0]]
+    width = max([22] + [len(r["name"]) for r in table["rows"]])
     lines = [f"{table['table']} ({table['features']} features, {table['split']}, all episodes)",
-             f"{'row':<22} {'episodes':>8} " + " ".join(f"{k.upper():>14}" for k in rates)]
+             f"{'row':<{width}} {'episodes':>8} " + " ".join(f"{k.upper():>14}" for k in rates)]
     for r in table["rows"]:
-        lines.append(f"{r['name']:<22} {r['episodes']:>8} "
+        lines.append(f"{r['name']:<{width}} {r['episodes']:>8} "
                      + " ".join(f"{r[k]:>7.3f} ±{r[k + '_se']:.3f}" for k in rates))
     if table["pending"]:
         lines.append(f"pending: {', '.join(table['pending'])}")
+    for name, why in table.get("not_run", {}).items():
+        lines.append(f"not run: {name}: {why}")
     return "\n".join(lines)
 
 
@@ -1522,6 +1599,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "RUN, as RUN (copied into OUT/runs, marked done); needs --adopt-commit; runs nothing")
     p.add_argument("--adopt-commit", default=None, help="the commit --adopt's run was trained with")
     p.add_argument("--adopt-note", default="", help="how --adopt's run was trained (kept in its done mark)")
+    p.add_argument("--retire", metavar="RUN", default=None,
+                   help="stop RUN for good by a pre-registered rule (e.g. a futility stop): the driver never "
+                        "resumes it, what needs it is held, its rows are reported as not run; needs --why; "
+                        "stop its process first; runs nothing")
+    p.add_argument("--why", default="", help="--retire's reason, as the pre-registration states the rule")
     p.set_defaults(func=_main, extra_positionals="recipe")  # overrides may also follow the options
 
 
@@ -1542,6 +1624,10 @@ def _main(args: argparse.Namespace) -> int:
             raise ConfigError("--adopt RUN=DIR needs a directory and --adopt-commit COMMIT")
         rec = adopt_run(recipe, out, run, Path(src), commit=args.adopt_commit, note=args.adopt_note)
         print(f"adopted {src} as {out / 'runs' / run} (commit {rec['commit'][:12]})")
+        return 0
+    if args.retire:
+        rec = retire_run(recipe, out, args.retire, args.why)
+        print(f"retired {args.retire} in {out} (checkpoint at step {rec['checkpoint_step']}): {rec['why']}")
         return 0
     if args.status:
         jobs = select_jobs(plan(recipe, out, out / "code", launcher), only, out)
@@ -1598,7 +1684,7 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
 
 
 def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
-    """:func:`execute`'s ``hold`` for the recipe's gates: each gate is read once per call, when the first
+    """:func:`execute`'s ``hold`` for the recipe's gates and retired runs (``--retire``): each gate is read once per call, when the first
     run it holds could start, and its verdict written to ``OUT/gates/NAME.json`` (and appended to
     ``OUT/gates/NAME.history.jsonl``, so that a later reading, e.g. of a continued teacher, does not
     erase the first)."""
@@ -1607,6 +1693,8 @@ def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
     def hold(job: Job) -> str | None:
         if not job.name.startswith("train:"):
             return None
+        if (f := retired_file(out, job.name.split(":", 1)[1])).exists():
+            return f"retired: {_read_json(f, 'the retirement mark').get('why', '?')}"
         for gate in gates_of(recipe, job.name.split(":", 1)[1]):
             if gate.name not in verdicts:
                 verdicts[gate.name] = gate_check(recipe, out, gate)
@@ -1626,5 +1714,5 @@ def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
 
 
 __all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "GateSpec", "adopt_run", "checkpoint_bytes", "format_status",
-           "gate_check", "job_status", "load_recipe", "pin_checkout", "plan", "preflight", "run_experiment", "select_jobs",
-           "write_table"]
+           "gate_check", "job_status", "load_recipe", "not_run_reason", "pin_checkout", "plan", "preflight", "retire_run",
+           "run_experiment", "select_jobs", "write_table"]

@@ -13,14 +13,15 @@ from conftest import SMALL_DUET  # tests/ is on sys.path
 
 from minivln.config import ConfigError
 from minivln.data.datasets import load_episodes
-from minivln.experiment import (Job, execute, gate_check, gate_keeper, gates_of, load_recipe, plan, preflight,
-                                select_jobs)
+from minivln.experiment import (Job, execute, format_table, gate_check, gate_keeper, gates_of, job_status,
+                                load_recipe, not_run_reason, plan, preflight, retire_run, select_jobs, write_table)
 
 
 def _recipe(tmp_path, data, feats, gate):
     ft = {"model": "duet-cpu", "train": {"max_steps": 2}}
     recipe = {
         "name": "gated", "data_dir": str(data), "features": str(feats), "results": str(tmp_path / "t.json"),
+        "submissions": str(tmp_path / "subs"),
         "runs": {"t": {"command": "finetune", "overrides": ft}, "n": {"command": "finetune", "overrides": ft},
                  "kd": {"command": "finetune", "teacher_run": "t", "overrides": ft}},
         "rows": [{"name": "teacher", "run": "t"}, {"name": "none, seed 0", "run": "n"},
@@ -211,3 +212,57 @@ def test_the_preflight_line_says_what_only_selects(small_toy, tmp_path):
     line = preflight(recipe, out, code=tmp_path, only=["*:n"])
     assert line.startswith(whole.rstrip(")").split(" (")[0])
     assert "the whole recipe checked; --only selects 2 of its 6 jobs left" in line
+
+
+def test_rows_a_gate_stopped_are_reported_not_run_and_the_table_is_complete_without_them(small_toy, tmp_path):
+    """A gate read and not passed stops its runs for good in that recipe: their rows are "not run" with
+    the verdict's reading (not "pending"), and the table is complete once every other row is scored."""
+    data, feats = small_toy
+    episodes = list(load_episodes("r2r", "val_unseen", data))
+    out = tmp_path / "exp"
+    _write_scores(out, "t", episodes, {e.instr_id for e in episodes[:3]})
+    _write_scores(out, "n", episodes, {e.instr_id for e in episodes[:3]})
+    path = Path(_recipe(tmp_path, data, feats, GATE))
+    spec = yaml.safe_load(path.read_text())
+    spec["summary"] = {"results": str(tmp_path / "t2.json"), "entries": ["teacher", "stage 2", "none"],
+                       "reference": "teacher", "metrics": ["sr"]}
+    path.write_text(yaml.safe_dump(spec))
+    recipe = load_recipe(str(path))
+    before = write_table(recipe, out, "abc")  # the gate not read yet: the gated row is pending
+    assert before["pending"] == ["stage 2, seed 0"] and before["not_run"] == {} and not before["complete"]
+    assert gate_keeper(recipe, out)(Job("train:kd", [], [])).startswith("gate 'teacher ahead' NOT passed")
+    table = write_table(recipe, out, "abc")
+    assert table["pending"] == [] and table["complete"]
+    why = table["not_run"]["stage 2, seed 0"]
+    assert why.startswith("gate 'teacher ahead' not passed (read 20") and why == not_run_reason(recipe, out, "kd")
+    assert not_run_reason(recipe, out, "n") is None
+    assert f"not run: stage 2, seed 0: {why}" in format_table(table)
+    entries = {e["name"]: e for e in json.loads((tmp_path / "t2.json").read_text())["entries"]}
+    assert entries["stage 2"] == {"name": "stage 2", "not_run": why} and entries["none"]["sr"] == 3 / 9
+
+
+def test_a_retired_run_is_never_resumed_and_what_needs_it_is_not_run(small_toy, tmp_path):
+    """``minivln experiment --retire RUN --why ...``: a pre-registered stop (e.g. futility) marks the run;
+    the driver holds it and what needs it, --status says retired, its rows are not run."""
+    data, feats = small_toy
+    recipe = load_recipe(_recipe(tmp_path, data, feats, GATE))
+    out = tmp_path / "exp"
+    with pytest.raises(ConfigError, match="needs --why"):
+        retire_run(recipe, out, "t", " ")
+    with pytest.raises(ConfigError, match="no run 'zz' to retire"):
+        retire_run(recipe, out, "zz", "futility")
+    jobs = [j for j in plan(recipe, out, tmp_path) if j.name in ("train:t", "train:n")]
+    (out / "done").mkdir(parents=True)
+    (out / "done" / "train-n.json").write_text(json.dumps({"spec": jobs[1].spec}))
+    with pytest.raises(ConfigError, match="'n' has finished"):
+        retire_run(recipe, out, "n", "futility")
+    rec = retire_run(recipe, out, "t", "futility stop: SR below 0.153 at 1,250 and 1,500")
+    assert rec["run"] == "t" and rec["checkpoint_step"] is None
+    hold = gate_keeper(recipe, out)
+    assert hold(Job("train:t", [], [])) == "retired: futility stop: SR below 0.153 at 1,250 and 1,500"
+    assert not (out / "gates").exists()  # a retired run is held before any gate is read
+    # kd distils from t: not run, for t's reason
+    assert not_run_reason(recipe, out, "kd") == "run 't' retired: futility stop: SR below 0.153 at 1,250 and 1,500"
+    states = {n: (state, detail) for n, state, detail in job_status(recipe, out, jobs)}
+    assert states["train:t"][0] == "retired" and states["train:t"][1].startswith("futility stop")
+    assert states["train:n"][0] == "done"

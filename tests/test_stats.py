@@ -87,6 +87,26 @@ def test_comparisons_pair_by_seed_over_the_seeds_both_arms_have_and_holm_correct
     assert summary["mean"] == pytest.approx(0.3675) and summary["sd"] == pytest.approx(0.0095742710775634)
 
 
+def test_an_arm_a_rule_stopped_stays_in_the_holm_family_as_not_run():
+    """A stopped arm (a gate not passed, a retired run) gives "not run" tests that still count in the
+    group's Holm family (as p = 1): the test that ran is corrected for the planned family, not fewer."""
+    rows = _rows({"stage 1 only": [0.40, 0.42, 0.45], "none": [0.36, 0.37, 0.38]})
+    pairs = [("two-stage", "stage 1 only"), ("two-stage", "stage 2 only"), ("stage 1 only", "none"),
+             ("stage 2 only", "none")]
+    why = "gate 'teacher ahead' not passed"
+    res = compare_over_seeds(rows, pairs, ["sr"], alpha=0.05, not_run={"two-stage": why, "stage 2 only": why})
+    ran = [r for r in res if "not_run" not in r]
+    assert [(r["a"], r["b"]) for r in ran] == [("stage 1 only", "none")]
+    assert ran[0]["p_holm"] == pytest.approx(min(1.0, 4 * ran[0]["p"]))  # a family of four, not one
+    stopped = [r for r in res if "not_run" in r]
+    assert len(stopped) == 3 and all(r["not_run"] == why and r["verdict"] == "not run" for r in stopped)
+    assert all("p_holm" not in r for r in stopped)
+    alone = compare_over_seeds(rows, [("stage 1 only", "none")], ["sr"], alpha=0.05)[0]
+    assert alone["p_holm"] == pytest.approx(alone["p"]) and alone["p"] < ran[0]["p_holm"]
+    with pytest.raises(KeyError, match="two-stage"):  # without the rule's reason a missing arm is an error
+        compare_over_seeds(rows, pairs, ["sr"])
+
+
 def test_gap_over_episodes_is_paired():
     a = {"1": {"sr": 1.0}, "2": {"sr": 1.0}, "3": {"sr": 0.0}, "4": {"sr": 1.0}}
     b = {"1": {"sr": 0.0}, "2": {"sr": 1.0}, "3": {"sr": 0.0}, "4": {"sr": 0.0}}

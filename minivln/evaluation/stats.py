@@ -113,15 +113,21 @@ def holm(pvalues: list[float]) -> list[float]:
 
 
 def compare_over_seeds(rows: Iterable[Mapping[str, Any]], pairs: list[tuple[str, str]], metrics: list[str],
-                       alpha: float = 0.0) -> list[dict[str, Any]]:
+                       alpha: float = 0.0, not_run: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """One paired t-test per (pair, metric), over the seeds both arms have, Holm-corrected together.
 
     Each result: ``a``, ``b``, ``metric``, ``seeds``, ``diffs``, n, mean, se, t, df, p, ``p_holm`` and,
     with ``alpha`` > 0, a ``verdict``: ``"A > B"`` / ``"A < B"`` when ``p_holm < alpha``, else
-    ``"no difference shown"``.  An arm missing from the rows is a ``KeyError`` naming the arms there are."""
-    by_arm = arms(rows)
+    ``"no difference shown"``.  An arm missing from the rows is a ``KeyError`` naming the arms there are,
+    unless ``not_run`` names it (``{arm: why}``: an arm a pre-registered rule stopped): its tests say
+    ``not_run`` and stay in the Holm family with p = 1, so that the planned family size still corrects
+    the tests that were run."""
+    by_arm, not_run = arms(rows), dict(not_run or {})
     results = []
     for a, b in pairs:
+        if stopped := [not_run[x] for x in (a, b) if x in not_run]:
+            results += [{"a": a, "b": b, "metric": m, "not_run": stopped[0], "p": float("nan")} for m in metrics]
+            continue
         for name in (a, b):
             if name not in by_arm:
                 raise KeyError(f"no rows of arm {name!r} (arms: {', '.join(sorted(by_arm)) or 'none'})")
@@ -129,7 +135,11 @@ def compare_over_seeds(rows: Iterable[Mapping[str, Any]], pairs: list[tuple[str,
         for metric in metrics:
             diffs = [float(by_arm[a][s][metric]) - float(by_arm[b][s][metric]) for s in seeds]
             results.append({"a": a, "b": b, "metric": metric, "seeds": seeds, "diffs": diffs, **t_test(diffs)})
-    for r, p in zip(results, holm([r["p"] for r in results])):
+    for r, p in zip(results, holm([1.0 if "not_run" in r else r["p"] for r in results])):
+        if "not_run" in r:
+            if alpha > 0:
+                r["verdict"] = "not run"
+            continue
         r["p_holm"] = p
         if alpha > 0:
             r["alpha"] = alpha
