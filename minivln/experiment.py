@@ -633,8 +633,12 @@ def retire_run(recipe: Recipe, out: Path, run: str, why: str) -> dict[str, Any]:
         raise ConfigError(f"recipe {recipe.name}: no run {run!r} to retire (its runs: {', '.join(recipe.runs)})")
     if not why.strip():
         raise ConfigError("--retire needs --why: the rule that stops the run, as pre-registered")
+    if not (out / "pin.json").exists():
+        raise ConfigError(f"{out} is no experiment directory (no pin.json): check --out")
     if (out / "done" / f"train-{run}.json").exists():
         raise ConfigError(f"run {run!r} has finished in {out}: nothing to retire")
+    if (f := retired_file(out, run)).exists():
+        raise ConfigError(f"run {run!r} was retired already ({f}: {_read_json(f, 'the retirement mark').get('why')})")
     run_dir = out / "runs" / run
     if who := lock_holder(run_dir):
         raise ConfigError(f"run {run!r} is still training ({who}): stop it (and its driver) first")
@@ -645,22 +649,38 @@ def retire_run(recipe: Recipe, out: Path, run: str, why: str) -> dict[str, Any]:
     return rec
 
 
+def gate_runs(recipe: Recipe, gate: GateSpec) -> dict[str, str]:
+    """What gate ``gate`` of this recipe reads: its rows -> their runs (or checkpoints)."""
+    return {r.name: r.run or r.checkpoint for r in recipe.rows if r.name in gate.rows}
+
+
+def gate_verdict(recipe: Recipe, out: Path, gate: GateSpec) -> dict[str, Any] | None:
+    """The latest reading of gate ``gate`` in ``out`` that read this recipe's rows and runs, or None.
+    Two recipes sharing an experiment directory may have gates of the same name that read other runs
+    (a continued teacher): each keeps its own verdict, found in the readings' history."""
+    want, found = gate_runs(recipe, gate), None
+    hist, f = gate_file(out, gate, ".history.jsonl"), gate_file(out, gate)
+    for rec in read_jsonl(hist) if hist.exists() else ([_read_json(f, "the gate verdict")] if f.exists() else []):
+        if rec.get("runs") == want:
+            found = rec
+    return found
+
+
 def not_run_reason(recipe: Recipe, out: Path, run: str) -> str | None:
     """Why run ``run`` will not be trained in ``out`` by the recipe's own rules, or None: it, or a run it
-    starts from or distils from, was retired (``--retire``), or a gate that holds it was read and not
-    passed."""
+    starts from or distils from, was retired (``--retire``), or a gate that holds it was read on this
+    recipe's rows and not passed.  A run that has finished is never "not run"."""
     seen: set[str] = set()
 
     def why(name: str) -> str | None:
-        if name in seen or name not in recipe.runs:
+        if name in seen or name not in recipe.runs or (out / "done" / f"train-{name}.json").exists():
             return None
         seen.add(name)
         if (f := retired_file(out, name)).exists():
             return f"run {name!r} retired: {_read_json(f, 'the retirement mark').get('why', '?')}"
         for gate in gates_of(recipe, name):
-            f = gate_file(out, gate)
-            if f.exists() and not (rec := _read_json(f, "the gate verdict")).get("passed"):
-                return f"gate {gate.name!r} not passed (read {rec.get('read', '?')}; {f.name})"
+            if (rec := gate_verdict(recipe, out, gate)) is not None and not rec.get("passed"):
+                return f"gate {gate.name!r} not passed (read {rec.get('read', '?')})"
         spec = recipe.runs[name]
         return next((r for r in (why(d) for d in (spec.init, spec.teacher_run) if d) if r), None)
     return why(run)
@@ -679,7 +699,7 @@ def gate_check(recipe: Recipe, out: Path, gate: GateSpec) -> tuple[bool, str]:
         except SubmissionError as exc:
             return False, f"gate {gate.name!r} NOT passed: row {row.name!r} is not a whole {recipe.split} submission ({exc})"
     group = next(c for c in recipe.comparisons if c.name == gate.comparison)
-    gaps, _ = episode_gaps(group, [{"name": r.name} for r in rows], per_episode)
+    gaps, _, _ = episode_gaps(group, [{"name": r.name} for r in rows], per_episode)
     if not gaps:
         return False, f"gate {gate.name!r}: no pair of comparison {group.name!r} among its rows {gate.rows}"
     text = "; ".join(f"{g['a']} - {g['b']} {g['metric']} {g['mean']:+.4f} ({g['in_se']:.1f} se)" for g in gaps)
@@ -1196,14 +1216,11 @@ def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, st
                 state, detail = "running", f"step {logged if logged is not None else '?'}{of}, {who}"
             elif saved:
                 state, detail = "stopped", f"resumes from step {saved}{of}"
-        if state in ("pending", "stopped") and j.name.startswith("train:") and \
-                (f := retired_file(out, j.name.split(":", 1)[1])).exists():
+        run = j.name.split(":", 1)[1]
+        if state in ("pending", "stopped") and j.name.startswith("train:") and (f := retired_file(out, run)).exists():
             state, detail = "retired", f"{_read_json(f, 'the retirement mark').get('why', '?')} ({f})"
-        if state == "pending":
-            for gate in gates_of(recipe, j.name.split(":", 1)[1]) if j.name.startswith("train:") else []:
-                f = gate_file(out, gate)
-                if f.exists() and not _read_json(f, "the gate verdict").get("passed"):
-                    state, detail = "held", f"gate {gate.name!r} not passed ({f})"
+        elif state in ("pending", "stopped") and run in recipe.runs and (why := not_run_reason(recipe, out, run)):
+            state, detail = "held", why
         if state == "pending" and (needs := [d for d in j.deps if not done.get(d, False)]):
             state, detail = "waiting", "for " + ", ".join(needs)
         status.append((j.name, state, detail))
@@ -1364,7 +1381,7 @@ def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, d
     planned = arms([{"name": r.name} for r in recipe.rows])
     stopped = {a: not_run[min(by_seed.items())[1]["name"]]  # arm -> why, when the rules stopped all its rows
                for a, by_seed in planned.items() if all(r["name"] in not_run for r in by_seed.values())}
-    written = {r["name"] for r in rows} | set(not_run)
+    written = {r["name"] for r in rows} | {r["name"] for a in stopped for r in planned[a].values()}
     for c in recipe.comparisons:
         group: dict[str, Any] = {"name": c.name, "over": c.over, "metrics": c.metrics}
         pairs = [tuple(p) for p in c.pairs]
@@ -1375,44 +1392,54 @@ def analyse(recipe: Recipe, rows: list[dict[str, Any]], per_episode: dict[str, d
                 planned[x][s]["name"] for a, b in pairs if a in planned and b in planned
                 for s in sorted(set(planned[a]) & set(planned[b])) for x in (a, b)
                 if planned[x][s]["name"] not in written))
+            # a row stopped while other seeds of its arm ran is not scored either: no verdict on fewer seeds
+            lost = [n for n in unscored if n in not_run]
             try:
                 group["tests"] = compare_over_seeds(rows, pairs, c.metrics, 0.0 if unscored else c.alpha,
                                                     not_run=stopped)
             except KeyError as exc:
                 group["pending"] = str(exc.args[0])
             else:
-                if unscored:
+                if lost:
+                    group["pending"] = (f"no verdict: {len(lost)} pre-registered row{'s' if len(lost) != 1 else ''} "
+                                        f"of arms that ran were not run ({', '.join(lost)})")
+                elif unscored:
                     group["pending"] = (f"interim, no verdict: {len(unscored)} pre-registered row"
                                         f"{'s' if len(unscored) != 1 else ''} not scored yet ({', '.join(unscored)})")
         else:
-            group["gaps"], pending = episode_gaps(c, rows, per_episode)
-            if skipped := [p for p in pending if any(n in not_run or n in stopped for n in p.split(" - "))]:
+            group["gaps"], pending, skipped = episode_gaps(c, rows, per_episode, [r.name for r in recipe.rows],
+                                                           not_run)
+            if skipped:
                 group["not_run"] = skipped
-                pending = [p for p in pending if p not in skipped]
             if pending:
                 group["pending"] = pending
         out.append(group)
     return out
 
 
-def episode_gaps(c: ComparisonSpec, rows: list[dict[str, Any]],
-                 per_episode: dict[str, dict]) -> tuple[list[dict[str, Any]], list[str]]:
-    """An over-episodes comparison on ``rows``: each pair's paired gaps per metric (an arm stands for
-    each of its seeds' rows), and the pairs whose rows are not scored yet."""
-    by_arm = arms(rows)
-    gaps, pending = [], []
+def episode_gaps(c: ComparisonSpec, rows: list[dict[str, Any]], per_episode: dict[str, dict],
+                 planned: list[str] | None = None, not_run: dict[str, str] | None = None
+                 ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """An over-episodes comparison: each pair's paired gaps per metric (an arm stands for each of its
+    seeds' rows, those ``planned`` by the recipe, default ``rows``), the pairs whose rows are not scored
+    yet, and those with a row in ``not_run`` (stopped by a rule)."""
+    by_arm = arms([{"name": n} for n in planned] if planned is not None else rows)
+    not_run = not_run or {}
+    gaps, pending, skipped = [], [], []
 
     def names(x: str) -> list[str]:
         return [r["name"] for _, r in sorted(by_arm[x].items())] if x in by_arm else [x]
     for a, b in c.pairs:
         for na in names(a):
             for nb in names(b):
-                if na in per_episode and nb in per_episode:
+                if na in not_run or nb in not_run:
+                    skipped.append(f"{na} - {nb}")
+                elif na in per_episode and nb in per_episode:
                     gaps += [{"a": na, "b": nb, **gap_over_episodes(per_episode[na], per_episode[nb], m)}
                              for m in c.metrics]
                 else:
                     pending.append(f"{na} - {nb}")
-    return gaps, pending
+    return gaps, pending, skipped
 
 
 def summary_table(recipe: Recipe, table: dict[str, Any]) -> dict[str, Any]:
@@ -1609,7 +1636,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     name, overrides = args.recipe[0], args.recipe[1:]
+    modes = [o for o, on in (("--adopt", args.adopt is not None), ("--retire", args.retire is not None),
+                             ("--status", args.status), ("--dry-run", args.dry_run),
+                             ("--table-only", args.table_only)) if on]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} do different things: give one")
+    if args.why and args.retire is None:
+        raise ConfigError("--why goes with --retire RUN")
     recipe = load_recipe(name, overrides)
+    if args.retire is not None:  # needs no features: it reads and writes marks only
+        rec = retire_run(recipe, Path(args.out), args.retire, args.why)
+        print(f"retired {args.retire} in {Path(args.out).resolve()} (checkpoint at step {rec['checkpoint_step']}): "
+              f"{rec['why']}")
+        return 0
     if not recipe.features:
         raise ConfigError("the recipe needs features=FILE (view features, HDF5)")
     if args.jobs < 1:
@@ -1624,10 +1663,6 @@ def _main(args: argparse.Namespace) -> int:
             raise ConfigError("--adopt RUN=DIR needs a directory and --adopt-commit COMMIT")
         rec = adopt_run(recipe, out, run, Path(src), commit=args.adopt_commit, note=args.adopt_note)
         print(f"adopted {src} as {out / 'runs' / run} (commit {rec['commit'][:12]})")
-        return 0
-    if args.retire:
-        rec = retire_run(recipe, out, args.retire, args.why)
-        print(f"retired {args.retire} in {out} (checkpoint at step {rec['checkpoint_step']}): {rec['why']}")
         return 0
     if args.status:
         jobs = select_jobs(plan(recipe, out, out / "code", launcher), only, out)
@@ -1701,7 +1736,7 @@ def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
                 passed, why = verdicts[gate.name]
                 print(why, flush=True)
                 record = {"gate": gate.name, "passed": passed, "why": why, "rows": gate.rows, "min_se": gate.min_se,
-                          "runs": {r.name: r.run or r.checkpoint for r in recipe.rows if r.name in gate.rows},
+                          "runs": gate_runs(recipe, gate),
                           "read": time.strftime("%Y-%m-%d %H:%M:%S")}
                 atomic_write_text(gate_file(out, gate), json_text(record))
                 with open(gate_file(out, gate, ".history.jsonl"), "a") as f:  # every reading kept
@@ -1714,5 +1749,5 @@ def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
 
 
 __all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "GateSpec", "adopt_run", "checkpoint_bytes", "format_status",
-           "gate_check", "job_status", "load_recipe", "not_run_reason", "pin_checkout", "plan", "preflight", "retire_run",
+           "gate_check", "gate_verdict", "job_status", "load_recipe", "not_run_reason", "pin_checkout", "plan", "preflight", "retire_run",
            "run_experiment", "select_jobs", "write_table"]

@@ -164,7 +164,7 @@ def test_status_says_where_each_job_stands_without_starting_anything(tmp_path):
     import os
     import socket
 
-    from minivln.experiment import GateSpec, Recipe, format_status, job_status
+    from minivln.experiment import GateSpec, Recipe, RunSpec, format_status, job_status
     from minivln.training.checkpoint import lock_holder
 
     out = tmp_path / "exp"
@@ -184,8 +184,9 @@ def test_status_says_where_each_job_stands_without_starting_anything(tmp_path):
     (runs / "f" / ".lock").write_text(json.dumps({**lock, "pid": 2**22 + 17}))
     assert lock_holder(runs / "c").startswith(f"process {os.getpid()} on") and lock_holder(runs / "f") is None
     (out / "gates").mkdir()
-    (out / "gates" / "g.json").write_text(json.dumps({"gate": "g", "passed": False}))
-    recipe = Recipe(name="r", gates=[GateSpec(name="g", runs=["e"], rows=["x"], comparison="y")])
+    (out / "gates" / "g.json").write_text(json.dumps({"gate": "g", "passed": False, "runs": {}}))
+    recipe = Recipe(name="r", runs={"e": RunSpec(command="finetune")},
+                    gates=[GateSpec(name="g", runs=["e"], rows=["x"], comparison="y")])
     status = {name: (state, detail) for name, state, detail in job_status(recipe, out, jobs)}
     assert status["train:a"][0] == "done"
     assert status["train:b"] == ("stopped", "resumes from step 25/100")
@@ -214,55 +215,154 @@ def test_the_preflight_line_says_what_only_selects(small_toy, tmp_path):
     assert "the whole recipe checked; --only selects 2 of its 6 jobs left" in line
 
 
+def _two_arm_recipe(tmp_path, data, feats, name="gated", teacher="t"):
+    """The gated recipe with two seeds per arm, an over-seeds group and a summary (Table II)."""
+    ft = {"model": "duet-cpu", "train": {"max_steps": 2}}
+    runs = {teacher: {"command": "finetune", "overrides": ft}}
+    rows = [{"name": "teacher", "run": teacher}]
+    for s in (0, 1):
+        runs[f"n{s}"] = {"command": "finetune", "overrides": ft}
+        runs[f"kd{s}"] = {"command": "finetune", "teacher_run": teacher, "overrides": ft}
+        rows += [{"name": f"none, seed {s}", "run": f"n{s}"}, {"name": f"stage 2, seed {s}", "run": f"kd{s}"}]
+    spec = {"name": name, "data_dir": str(data), "features": str(feats), "results": str(tmp_path / f"{name}.json"),
+            "submissions": str(tmp_path / f"subs-{name}"), "runs": runs, "rows": rows,
+            "comparisons": [{"name": "teacher ahead", "over": "episodes", "pairs": [["teacher", "none"]],
+                             "metrics": ["sr"]},
+                            {"name": "secondary", "pairs": [["stage 2", "none"], ["none", "stage 2"]],
+                             "metrics": ["sr"], "alpha": 0.05}],
+            "gates": [{**GATE, "runs": ["kd*"]}],
+            "summary": {"results": str(tmp_path / f"{name}-t2.json"), "entries": ["teacher", "stage 2", "none"],
+                        "reference": "teacher", "metrics": ["sr"]}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_recipe(str(path))
+
+
 def test_rows_a_gate_stopped_are_reported_not_run_and_the_table_is_complete_without_them(small_toy, tmp_path):
     """A gate read and not passed stops its runs for good in that recipe: their rows are "not run" with
-    the verdict's reading (not "pending"), and the table is complete once every other row is scored."""
+    the reading (not "pending"), their tests "not run", Table II says so, and the table is complete once
+    every other row is scored."""
     data, feats = small_toy
     episodes = list(load_episodes("r2r", "val_unseen", data))
     out = tmp_path / "exp"
-    _write_scores(out, "t", episodes, {e.instr_id for e in episodes[:3]})
-    _write_scores(out, "n", episodes, {e.instr_id for e in episodes[:3]})
-    path = Path(_recipe(tmp_path, data, feats, GATE))
-    spec = yaml.safe_load(path.read_text())
-    spec["summary"] = {"results": str(tmp_path / "t2.json"), "entries": ["teacher", "stage 2", "none"],
-                       "reference": "teacher", "metrics": ["sr"]}
-    path.write_text(yaml.safe_dump(spec))
-    recipe = load_recipe(str(path))
-    before = write_table(recipe, out, "abc")  # the gate not read yet: the gated row is pending
-    assert before["pending"] == ["stage 2, seed 0"] and before["not_run"] == {} and not before["complete"]
-    assert gate_keeper(recipe, out)(Job("train:kd", [], [])).startswith("gate 'teacher ahead' NOT passed")
+    _write_scores(out, "t", episodes, {e.instr_id for e in episodes[:1]})  # the teacher behind the student
+    for s in (0, 1):
+        _write_scores(out, f"n{s}", episodes, {e.instr_id for e in episodes[:3 + s]})
+    recipe = _two_arm_recipe(tmp_path, data, feats)
+    before = write_table(recipe, out, "abc")  # the gate not read yet: the gated rows are pending
+    assert before["pending"] == ["stage 2, seed 0", "stage 2, seed 1"] and before["not_run"] == {}
+    assert not before["complete"]
+    assert "NOT passed" in gate_keeper(recipe, out)(Job("train:kd0", [], []))
+    assert "-0.2222 (-1.5 se)" in json.loads((out / "gates" / "teacher-ahead.json").read_text())["why"]
     table = write_table(recipe, out, "abc")
-    assert table["pending"] == [] and table["complete"]
+    assert table["pending"] == [] and table["complete"] and set(table["not_run"]) == {"stage 2, seed 0",
+                                                                                      "stage 2, seed 1"}
     why = table["not_run"]["stage 2, seed 0"]
-    assert why.startswith("gate 'teacher ahead' not passed (read 20") and why == not_run_reason(recipe, out, "kd")
-    assert not_run_reason(recipe, out, "n") is None
+    assert why.startswith("gate 'teacher ahead' not passed (read 20") and why == not_run_reason(recipe, out, "kd1")
+    assert not_run_reason(recipe, out, "n0") is None
     assert f"not run: stage 2, seed 0: {why}" in format_table(table)
-    entries = {e["name"]: e for e in json.loads((tmp_path / "t2.json").read_text())["entries"]}
-    assert entries["stage 2"] == {"name": "stage 2", "not_run": why} and entries["none"]["sr"] == 3 / 9
+    ahead, secondary = table["comparisons"]
+    assert [g["b"] for g in ahead["gaps"]] == ["none, seed 0", "none, seed 1"] and "pending" not in ahead
+    assert "pending" not in secondary and [t["verdict"] for t in secondary["tests"]] == ["not run", "not run"]
+    entries = {e["name"]: e for e in json.loads((tmp_path / "gated-t2.json").read_text())["entries"]}
+    assert entries["stage 2"] == {"name": "stage 2", "not_run": why} and entries["none"]["sr"] == pytest.approx(3.5 / 9)
+
+
+def test_a_recipe_reads_only_its_own_gate_verdict(small_toy, tmp_path):
+    """Two recipes in one directory with gates of the same name reading other runs (a continued
+    teacher): each table follows its own reading, kept in the history, whatever was read last; a run
+    that has finished is never "not run"."""
+    data, feats = small_toy
+    episodes = list(load_episodes("r2r", "val_unseen", data))
+    out = tmp_path / "exp"
+    _write_scores(out, "t", episodes, {e.instr_id for e in episodes[:1]})  # first teacher: behind
+    _write_scores(out, "tc", episodes, {e.instr_id for e in episodes})  # continued teacher: far ahead
+    for s in (0, 1):
+        _write_scores(out, f"n{s}", episodes, {e.instr_id for e in episodes[:3 + s]})
+    first = _two_arm_recipe(tmp_path, data, feats)
+    cont = _two_arm_recipe(tmp_path, data, feats, name="cont", teacher="tc")
+    assert gate_keeper(first, out)(Job("train:kd0", [], [])) is not None
+    assert set(write_table(cont, out, "abc")["pending"]) == {"stage 2, seed 0", "stage 2, seed 1"}  # not read
+    assert gate_keeper(cont, out)(Job("train:kd0", [], [])) is None  # passed, read last
+    assert write_table(first, out, "abc")["not_run"].keys() == {"stage 2, seed 0", "stage 2, seed 1"}
+    assert write_table(cont, out, "abc")["not_run"] == {}
+    jobs = [j for j in plan(first, out, tmp_path) if j.name in ("train:kd0", "score:kd0")]
+    assert [state for _, state, _ in job_status(first, out, jobs)] == ["held", "held"]
+    (out / "done").mkdir()
+    (out / "done" / "train-kd0.json").write_text(json.dumps({"spec": jobs[0].spec}))
+    assert not_run_reason(first, out, "kd0") is None and not_run_reason(first, out, "kd1") is not None
 
 
 def test_a_retired_run_is_never_resumed_and_what_needs_it_is_not_run(small_toy, tmp_path):
     """``minivln experiment --retire RUN --why ...``: a pre-registered stop (e.g. futility) marks the run;
-    the driver holds it and what needs it, --status says retired, its rows are not run."""
+    the driver holds it and what needs it, --status says so, its rows are not run."""
     data, feats = small_toy
-    recipe = load_recipe(_recipe(tmp_path, data, feats, GATE))
+    episodes = list(load_episodes("r2r", "val_unseen", data))
+    recipe = _two_arm_recipe(tmp_path, data, feats)
     out = tmp_path / "exp"
+    why = "futility stop: SR below 0.153 at 1,250 and 1,500"
+    with pytest.raises(ConfigError, match="no pin.json"):
+        retire_run(recipe, out, "t", why)
+    out.mkdir()
+    (out / "pin.json").write_text("{}")
     with pytest.raises(ConfigError, match="needs --why"):
         retire_run(recipe, out, "t", " ")
     with pytest.raises(ConfigError, match="no run 'zz' to retire"):
-        retire_run(recipe, out, "zz", "futility")
-    jobs = [j for j in plan(recipe, out, tmp_path) if j.name in ("train:t", "train:n")]
-    (out / "done").mkdir(parents=True)
-    (out / "done" / "train-n.json").write_text(json.dumps({"spec": jobs[1].spec}))
-    with pytest.raises(ConfigError, match="'n' has finished"):
-        retire_run(recipe, out, "n", "futility")
-    rec = retire_run(recipe, out, "t", "futility stop: SR below 0.153 at 1,250 and 1,500")
-    assert rec["run"] == "t" and rec["checkpoint_step"] is None
-    hold = gate_keeper(recipe, out)
-    assert hold(Job("train:t", [], [])) == "retired: futility stop: SR below 0.153 at 1,250 and 1,500"
+        retire_run(recipe, out, "zz", why)
+    jobs = {j.name: j for j in plan(recipe, out, tmp_path)}
+    (out / "done").mkdir()
+    (out / "done" / "train-n0.json").write_text(json.dumps({"spec": jobs["train:n0"].spec}))
+    with pytest.raises(ConfigError, match="'n0' has finished"):
+        retire_run(recipe, out, "n0", why)
+    assert retire_run(recipe, out, "t", why)["checkpoint_step"] is None
+    with pytest.raises(ConfigError, match="retired already"):
+        retire_run(recipe, out, "t", "another reason")
+    assert gate_keeper(recipe, out)(Job("train:t", [], [])) == f"retired: {why}"
     assert not (out / "gates").exists()  # a retired run is held before any gate is read
-    # kd distils from t: not run, for t's reason
-    assert not_run_reason(recipe, out, "kd") == "run 't' retired: futility stop: SR below 0.153 at 1,250 and 1,500"
-    states = {n: (state, detail) for n, state, detail in job_status(recipe, out, jobs)}
+    assert not_run_reason(recipe, out, "kd0") == f"run 't' retired: {why}"  # kd0 distils from t
+    picked = [jobs[n] for n in ("train:t", "train:kd0", "score:kd0", "train:n0", "train:n1")]
+    states = {n: (state, detail) for n, state, detail in job_status(recipe, out, picked)}
     assert states["train:t"][0] == "retired" and states["train:t"][1].startswith("futility stop")
-    assert states["train:n"][0] == "done"
+    assert states["train:kd0"] == ("held", f"run 't' retired: {why}") and states["score:kd0"][0] == "held"
+    assert states["train:n0"][0] == "done" and states["train:n1"][0] == "pending"
+    for s in (0, 1):
+        _write_scores(out, f"n{s}", episodes, {e.instr_id for e in episodes[:3 + s]})
+    table = write_table(recipe, out, "abc")  # the teacher and both stage-2 rows stopped, the rest scored
+    assert set(table["not_run"]) == {"teacher", "stage 2, seed 0", "stage 2, seed 1"} and table["complete"]
+    assert table["comparisons"][0]["not_run"] == ["teacher - none, seed 0", "teacher - none, seed 1"]
+
+
+def test_a_row_stopped_beside_scored_seeds_of_its_arm_withholds_the_verdict(small_toy, tmp_path):
+    """One seed of an arm stopped, the other scored: no verdict on fewer seeds than planned."""
+    data, feats = small_toy
+    episodes = list(load_episodes("r2r", "val_unseen", data))
+    recipe = _two_arm_recipe(tmp_path, data, feats)
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "pin.json").write_text("{}")
+    for key in ("t", "n0", "n1", "kd0"):
+        _write_scores(out, key, episodes, {e.instr_id for e in episodes[:3]})
+    retire_run(recipe, out, "kd1", "crashed past repair")
+    secondary = write_table(recipe, out, "abc")["comparisons"][1]
+    assert secondary["pending"] == "no verdict: 1 pre-registered row of arms that ran were not run (stage 2, seed 1)"
+    assert all("verdict" not in t for t in secondary["tests"])
+
+
+def test_the_retire_command_line(small_toy, tmp_path, capsys):
+    """--retire needs no features (marks only), --why goes with it, and it is one mode at a time."""
+    from minivln.cli import main
+
+    recipe = _recipe(tmp_path, *small_toy, GATE)
+    spec = yaml.safe_load(Path(recipe).read_text())
+    del spec["features"]
+    Path(recipe).write_text(yaml.safe_dump(spec))
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "pin.json").write_text("{}")
+    assert main(["experiment", recipe, "--out", str(out), "--retire", "t", "--why", "futility"]) == 0
+    assert "retired t in" in capsys.readouterr().out and (out / "retired" / "t.json").exists()
+    for argv, msg in ((["--why", "x"], "--why goes with --retire"),
+                      (["--retire", "n", "--status"], "--retire and --status do different things"),
+                      (["--retire", "", "--why", "x"], "no run '' to retire")):
+        assert main(["experiment", recipe, "--out", str(out), *argv]) != 0
+        assert msg in capsys.readouterr().err

@@ -121,7 +121,7 @@ def compare_over_seeds(rows: Iterable[Mapping[str, Any]], pairs: list[tuple[str,
     ``"no difference shown"``.  An arm missing from the rows is a ``KeyError`` naming the arms there are,
     unless ``not_run`` names it (``{arm: why}``: an arm a pre-registered rule stopped): its tests say
     ``not_run`` and stay in the Holm family with p = 1, so that the planned family size still corrects
-    the tests that were run."""
+    the tests that were run (a test with fewer than two paired seeds, p NaN, counts as p = 1 too)."""
     by_arm, not_run = arms(rows), dict(not_run or {})
     results = []
     for a, b in pairs:
@@ -135,12 +135,13 @@ def compare_over_seeds(rows: Iterable[Mapping[str, Any]], pairs: list[tuple[str,
         for metric in metrics:
             diffs = [float(by_arm[a][s][metric]) - float(by_arm[b][s][metric]) for s in seeds]
             results.append({"a": a, "b": b, "metric": metric, "seeds": seeds, "diffs": diffs, **t_test(diffs)})
-    for r, p in zip(results, holm([1.0 if "not_run" in r else r["p"] for r in results])):
+    # the planned family: a stopped test, or one without a p (fewer than two paired seeds), counts as p = 1
+    for r, p in zip(results, holm([1.0 if "not_run" in r or math.isnan(r["p"]) else r["p"] for r in results])):
         if "not_run" in r:
             if alpha > 0:
                 r["verdict"] = "not run"
             continue
-        r["p_holm"] = p
+        r["p_holm"] = float("nan") if math.isnan(r["p"]) else p
         if alpha > 0:
             r["alpha"] = alpha
             r["verdict"] = ("no difference shown" if math.isnan(p) or p >= alpha
