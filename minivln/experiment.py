@@ -1580,11 +1580,15 @@ def _standin(recipe: Recipe) -> bool:
 def format_table(table: dict[str, Any]) -> str:
     rates = [k for k in ("sr", "spl", "rgs", "rgspl") if table["rows"] and k in table["rows"][0]]
     width = max([22] + [len(r["name"]) for r in table["rows"]])
+    share = bool(table["rows"]) and "grounded_share" in table["rows"][0]  # REVERIE: RGS / SR
+    header = f"{'row':<{width}} {'episodes':>8} " + " ".join(f"{k.upper():>14}" for k in rates)
     lines = [f"{table['table']} ({table['features']} features, {table['split']}, all episodes)",
-             f"{'row':<{width}} {'episodes':>8} " + " ".join(f"{k.upper():>14}" for k in rates)]
+             header + (f" {'RGS|SR':>7}" if share else "")]
     for r in table["rows"]:
+        g = r.get("grounded_share")
         lines.append(f"{r['name']:<{width}} {r['episodes']:>8} "
-                     + " ".join(f"{r[k]:>7.3f} ±{r[k + '_se']:.3f}" for k in rates))
+                     + " ".join(f"{r[k]:>7.3f} ±{r[k + '_se']:.3f}" for k in rates)
+                     + (f" {'-' if g is None else f'{100 * g:.1f}%':>7}" if share else ""))
     if table["pending"]:
         lines.append(f"pending: {', '.join(table['pending'])}")
     for name, why in table.get("not_run", {}).items():

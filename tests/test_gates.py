@@ -366,3 +366,16 @@ def test_the_retire_command_line(small_toy, tmp_path, capsys):
                       (["--retire", "", "--why", "x"], "no run '' to retire")):
         assert main(["experiment", recipe, "--out", str(out), *argv]) != 0
         assert msg in capsys.readouterr().err
+
+
+def test_a_reverie_table_prints_each_rows_grounded_share():
+    """REVERIE tables print RGS|SR beside the rates (a row without a success: '-'); R2R tables do not."""
+    row = {"episodes": 10, **{k: 0.5 for k in ("sr", "spl", "rgs", "rgspl")},
+           **{f"{k}_se": 0.1 for k in ("sr", "spl", "rgs", "rgspl")}}
+    table = {"table": "T", "features": "stand-in", "split": "val_unseen", "pending": [], "not_run": {},
+             "rows": [{**row, "name": "a", "grounded_share": 0.6176}, {**row, "name": "b", "grounded_share": None}]}
+    lines = format_table(table).splitlines()
+    assert lines[1].endswith("RGS|SR") and lines[2].endswith(" 61.8%") and lines[3].endswith(" -")
+    r2r = {**table, "rows": [{k: v for k, v in r.items() if not k.startswith(("rgs", "grounded"))}
+                             for r in table["rows"]]}
+    assert "RGS" not in format_table(r2r)
