@@ -623,6 +623,12 @@ def retired_file(out: Path, run: str) -> Path:
     return out / "retired" / f"{slug(run)}.json"
 
 
+def retired_why(out: Path, run: str) -> str | None:
+    """The reason run ``run`` was retired in ``out`` (``--retire``), or None if it was not."""
+    f = retired_file(out, run)
+    return _read_json(f, "the retirement mark").get("why", "?") if f.exists() else None
+
+
 def retire_run(recipe: Recipe, out: Path, run: str, why: str) -> dict[str, Any]:
     """Mark run ``run`` as stopped for good by a pre-registered rule (e.g. a futility stop): the driver
     never starts or resumes it again, what needs it is held, its rows are reported as not run with
@@ -637,8 +643,8 @@ def retire_run(recipe: Recipe, out: Path, run: str, why: str) -> dict[str, Any]:
         raise ConfigError(f"{out} is no experiment directory (no pin.json): check --out")
     if (out / "done" / f"train-{run}.json").exists():
         raise ConfigError(f"run {run!r} has finished in {out}: nothing to retire")
-    if (f := retired_file(out, run)).exists():
-        raise ConfigError(f"run {run!r} was retired already ({f}: {_read_json(f, 'the retirement mark').get('why')})")
+    if (earlier := retired_why(out, run)) is not None:
+        raise ConfigError(f"run {run!r} was retired already ({retired_file(out, run)}: {earlier})")
     run_dir = out / "runs" / run
     if who := lock_holder(run_dir):
         raise ConfigError(f"run {run!r} is still training ({who}): stop it (and its driver) first")
@@ -676,8 +682,8 @@ def not_run_reason(recipe: Recipe, out: Path, run: str) -> str | None:
         if name in seen or name not in recipe.runs or (out / "done" / f"train-{name}.json").exists():
             return None
         seen.add(name)
-        if (f := retired_file(out, name)).exists():
-            return f"run {name!r} retired: {_read_json(f, 'the retirement mark').get('why', '?')}"
+        if (retired := retired_why(out, name)) is not None:
+            return f"run {name!r} retired: {retired}"
         for gate in gates_of(recipe, name):
             if (rec := gate_verdict(recipe, out, gate)) is not None and not rec.get("passed"):
                 return f"gate {gate.name!r} not passed (read {rec.get('read', '?')})"
@@ -1199,7 +1205,8 @@ def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, st
     """``(job, state, detail)`` for each job of an experiment directory, read from its files without
     starting anything: ``done`` (when, how long), ``running`` (a live process holds the run's lock:
     step reached, who), ``stopped`` (a checkpoint to resume from), ``retired`` (stopped for good by a
-    pre-registered rule, ``--retire``), ``held`` (a gate read and not passed), ``waiting`` (for the jobs it needs) or ``pending`` (ready to start)."""
+    pre-registered rule, ``--retire``), ``held`` (a gate read and not passed, or it needs a retired
+    run), ``waiting`` (for the jobs it needs) or ``pending`` (ready to start)."""
     done = {j.name: is_done(out, j) for j in jobs}
     status = []
     for j in jobs:
@@ -1217,8 +1224,8 @@ def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, st
             elif saved:
                 state, detail = "stopped", f"resumes from step {saved}{of}"
         run = j.name.split(":", 1)[1]
-        if state in ("pending", "stopped") and j.name.startswith("train:") and (f := retired_file(out, run)).exists():
-            state, detail = "retired", f"{_read_json(f, 'the retirement mark').get('why', '?')} ({f})"
+        if state in ("pending", "stopped") and j.name.startswith("train:") and (retired := retired_why(out, run)):
+            state, detail = "retired", f"{retired} ({retired_file(out, run)})"
         elif state in ("pending", "stopped") and run in recipe.runs and (why := not_run_reason(recipe, out, run)):
             state, detail = "held", why
         if state == "pending" and (needs := [d for d in j.deps if not done.get(d, False)]):
@@ -1723,17 +1730,17 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
 
 
 def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
-    """:func:`execute`'s ``hold`` for the recipe's gates and retired runs (``--retire``): each gate is read once per call, when the first
-    run it holds could start, and its verdict written to ``OUT/gates/NAME.json`` (and appended to
-    ``OUT/gates/NAME.history.jsonl``, so that a later reading, e.g. of a continued teacher, does not
-    erase the first)."""
+    """:func:`execute`'s ``hold`` for retired runs (``--retire``) and the recipe's gates: each gate is
+    read once per call, when the first run it holds could start, and its verdict written to
+    ``OUT/gates/NAME.json`` (and appended to ``OUT/gates/NAME.history.jsonl``, so that a later reading,
+    e.g. of a continued teacher, does not erase the first)."""
     verdicts: dict[str, tuple[bool, str]] = {}
 
     def hold(job: Job) -> str | None:
         if not job.name.startswith("train:"):
             return None
-        if (f := retired_file(out, job.name.split(":", 1)[1])).exists():
-            return f"retired: {_read_json(f, 'the retirement mark').get('why', '?')}"
+        if (retired := retired_why(out, job.name.split(":", 1)[1])) is not None:
+            return f"retired: {retired}"
         for gate in gates_of(recipe, job.name.split(":", 1)[1]):
             if gate.name not in verdicts:
                 verdicts[gate.name] = gate_check(recipe, out, gate)
@@ -1752,6 +1759,6 @@ def gate_keeper(recipe: Recipe, out: Path) -> Callable[[Job], str | None]:
     return hold
 
 
-__all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "GateSpec", "adopt_run", "checkpoint_bytes", "format_status",
-           "gate_check", "gate_verdict", "job_status", "load_recipe", "not_run_reason", "pin_checkout", "plan", "preflight", "retire_run",
-           "run_experiment", "select_jobs", "write_table"]
+__all__ = ["PreflightError", "Recipe", "RowSpec", "RunSpec", "GateSpec", "adopt_run", "checkpoint_bytes",
+           "format_status", "gate_check", "gate_verdict", "job_status", "load_recipe", "not_run_reason", "pin_checkout",
+           "plan", "preflight", "retire_run", "run_experiment", "select_jobs", "write_table"]
