@@ -42,16 +42,23 @@ def with_stop_bias(model: torch.nn.Module, bias: float) -> torch.nn.Module:
     return model
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    """The options this folder's decoding probes share: a network, a split's first N instructions, the
+    feature files, where to write."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="val_seen")
     p.add_argument("--max-episodes", type=int, default=200)
-    p.add_argument("--biases", type=float, nargs="+", default=[0.0, 1.5, 3.0])
     p.add_argument("--features", required=True)
     p.add_argument("--objects", required=True)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True)
+    return p
+
+
+def main() -> None:
+    p = probe_parser(__doc__)
+    p.add_argument("--biases", type=float, nargs="+", default=[0.0, 1.5, 3.0])
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)

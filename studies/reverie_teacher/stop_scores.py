@@ -15,7 +15,6 @@ episodes that stood on a goal and on another node, how often the highest-scoring
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 
@@ -24,6 +23,7 @@ import torch
 from minivln.paths import atomic_write_text
 from minivln.training.agent import DUETAgent
 from minivln.training.navigate import navigate
+from stop_bias import probe_parser  # this folder's sibling (scripts run by path)
 
 
 def auc(pos: list[float], neg: list[float]) -> float:
@@ -33,15 +33,7 @@ def auc(pos: list[float], neg: list[float]) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="val_seen")
-    p.add_argument("--max-episodes", type=int, default=200)
-    p.add_argument("--features", required=True)
-    p.add_argument("--objects", required=True)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
+    args = probe_parser(__doc__).parse_args()
     torch.set_num_threads(1)
     episodes: list[list[tuple[float, bool]]] = []  # per episode: (stop probability, goal?) per node stood on
     finish = DUETAgent._finish
