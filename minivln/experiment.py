@@ -79,7 +79,7 @@ from minivln.paths import (
     json_text,
     resolve_data_dir,
 )
-from minivln.training.checkpoint import lock_holder
+from minivln.training.checkpoint import RunLock, RunLockedError, lock_holder
 from minivln.training.finetune import FinetuneConfig
 from minivln.training.logging import read_jsonl
 from minivln.training.plot import new_figure, require_matplotlib, save_png
@@ -736,6 +736,25 @@ def _trained_commit(out: Path, run: str, default: str) -> str:
     return (_read_json(f, "the done mark").get("commit") or default) if f.exists() else default
 
 
+def _claim_dir(out: Path, job: Job) -> Path:
+    return out / "claims" / job.name.replace(":", "-")
+
+
+def claim_job(out: Path, job: Job) -> tuple[RunLock | None, str]:
+    """Take job ``job`` of experiment directory ``out`` for this process: ``(claim, "")``, or ``(None,
+    who)`` when another driver holds its claim or another process writes its run directory.  The claim
+    is a :class:`~minivln.training.checkpoint.RunLock` on ``out/claims/JOB`` (one holder; a dead
+    holder's is taken over); release it once the job's done mark is written."""
+    if job.run_dir is not None and (who := lock_holder(job.run_dir)):
+        return None, f"its run is written by {who}"
+    d = _claim_dir(out, job)
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        return RunLock(d), ""
+    except RunLockedError:
+        return None, f"claimed by {lock_holder(d) or 'another driver'}"
+
+
 def is_done(out: Path, job: Job) -> bool:
     f = _done_file(out, job)
     if not f.exists():
@@ -1116,13 +1135,19 @@ def parse_gpus(text: str) -> list[str]:
 
 def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: int, threads: int,
             gpus: list[str] | None = None, on_finished: Callable[[Job], None] | None = None,
-            hold: Callable[[Job], str | None] | None = None) -> bool:
+            hold: Callable[[Job], str | None] | None = None, poll_s: float = 2.0) -> bool:
     """Run the pending jobs, up to ``max_jobs`` at a time; True when no job has failed.  ``gpus``
     (:func:`parse_gpus`): each training run takes a free slot and sees only its GPUs, so that at most
     one run trains per slot; scorings (CPU) take none.  ``on_finished(job)``: called once a job's done
     mark is written, before the next job starts (e.g. to delete what no pending job needs).
     ``hold(job)``: asked when a job could start; a reason (a recipe's gate not passed) keeps it and what
-    needs it from starting in this call, which is reported and is no failure."""
+    needs it from starting in this call, which is reported and is no failure.
+
+    Several drivers may share ``out`` (e.g. one per core, with overlapping ``--only``): a job is started
+    under a claim (:func:`claim_job`, ``out/claims/JOB/.lock``, held by this process until the job ends),
+    so a job another driver runs -- or a training run some other process holds the lock of -- is waited
+    for, not started twice; one finished elsewhere meanwhile counts as done here.  A claim left by a
+    driver that died is taken over."""
     free = list(gpus or [])
     slot_of: dict[str, str] = {}
     pending = [j for j in jobs if not is_done(out, j)]
@@ -1135,52 +1160,78 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
             print(f"pending  {j.name}", flush=True)
         else:
             print(f"done     {j.name}", flush=True)
-    while pending or running:
-        for j in list(pending):
-            if len(running) >= max_jobs:
-                break
-            if any(d in failed for d in j.deps):
-                pending.remove(j)
-                failed.add(j.name)
-                print(f"skipped  {j.name}: a run it needs failed", flush=True)
-            elif any(d in held for d in j.deps):
-                pending.remove(j)
-                held.add(j.name)
-                print(f"held     {j.name}: a run it needs is held", flush=True)
-            elif all(d in finished for d in j.deps) and hold is not None and (why := hold(j)):
-                pending.remove(j)
-                held.add(j.name)
-                print(f"held     {j.name}: {why}", flush=True)
-            elif all(d in finished for d in j.deps):
-                train = j.name.startswith("train:")
-                if gpus and train and not free:
-                    continue  # every GPU slot is busy: a scoring further down may still start
-                pending.remove(j)
-                gpu = free.pop(0) if gpus and train else None
-                if gpu is not None:
-                    slot_of[j.name] = gpu
-                running[j.name] = (j, _start(j, out, code, threads, gpu))
-                print(f"started  {j.name} ({time.strftime('%H:%M:%S')}{f', GPU {gpu}' if gpu else ''})", flush=True)
-        time.sleep(2)
-        for name, (j, proc) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            proc._minivln_log.close()  # type: ignore[attr-defined]
-            del running[name]
-            if name in slot_of:
-                free.append(slot_of.pop(name))
-            took = time.time() - proc._minivln_t0  # type: ignore[attr-defined]
-            if proc.returncode == 0:
-                finished.add(name)
-                rec = {"job": name, "spec": j.spec, "commit": commit, "seconds": round(took, 1),
-                       "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": j.argv}
-                atomic_write_text(_done_file(out, j), json.dumps(rec, indent=1) + "\n")
-                print(f"finished {name} in {took / 60:.1f} min", flush=True)
-                if on_finished is not None:
-                    on_finished(j)
-            else:
-                failed.add(name)
-                print(f"FAILED   {name} (exit {proc.returncode}); see {out / 'logs'}", flush=True)
+    claims: dict[str, RunLock] = {}
+    waiting_elsewhere: set[str] = set()
+    try:
+        while pending or running:
+            for j in list(pending):
+                if len(running) >= max_jobs:
+                    break
+                if any(d in failed for d in j.deps):
+                    pending.remove(j)
+                    failed.add(j.name)
+                    print(f"skipped  {j.name}: a run it needs failed", flush=True)
+                elif any(d in held for d in j.deps):
+                    pending.remove(j)
+                    held.add(j.name)
+                    print(f"held     {j.name}: a run it needs is held", flush=True)
+                elif all(d in finished for d in j.deps) and hold is not None and (why := hold(j)):
+                    pending.remove(j)
+                    held.add(j.name)
+                    print(f"held     {j.name}: {why}", flush=True)
+                elif all(d in finished for d in j.deps):
+                    train = j.name.startswith("train:")
+                    if gpus and train and not free:
+                        continue  # every GPU slot is busy: a scoring further down may still start
+                    if is_done(out, j):  # another driver finished it since this one started
+                        pending.remove(j)
+                        finished.add(j.name)
+                        print(f"done     {j.name} (by another driver)", flush=True)
+                        continue
+                    claim, elsewhere = claim_job(out, j)
+                    if claim is None:  # another driver (or process) runs it: look again later
+                        if j.name not in waiting_elsewhere:
+                            waiting_elsewhere.add(j.name)
+                            print(f"waiting  {j.name}: running elsewhere ({elsewhere})", flush=True)
+                        continue
+                    if is_done(out, j):  # finished elsewhere between the look above and the claim
+                        claim.release()
+                        pending.remove(j)
+                        finished.add(j.name)
+                        print(f"done     {j.name} (by another driver)", flush=True)
+                        continue
+                    pending.remove(j)
+                    claims[j.name] = claim
+                    gpu = free.pop(0) if gpus and train else None
+                    if gpu is not None:
+                        slot_of[j.name] = gpu
+                    running[j.name] = (j, _start(j, out, code, threads, gpu))
+                    print(f"started  {j.name} ({time.strftime('%H:%M:%S')}{f', GPU {gpu}' if gpu else ''})", flush=True)
+            time.sleep(poll_s)
+            for name, (j, proc) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                proc._minivln_log.close()  # type: ignore[attr-defined]
+                del running[name]
+                if name in slot_of:
+                    free.append(slot_of.pop(name))
+                took = time.time() - proc._minivln_t0  # type: ignore[attr-defined]
+                if proc.returncode == 0:
+                    finished.add(name)
+                    rec = {"job": name, "spec": j.spec, "commit": commit, "seconds": round(took, 1),
+                           "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": j.argv}
+                    atomic_write_text(_done_file(out, j), json.dumps(rec, indent=1) + "\n")
+                    print(f"finished {name} in {took / 60:.1f} min", flush=True)
+                    claims.pop(name).release()  # after the done mark: another driver then sees it done
+                    if on_finished is not None:
+                        on_finished(j)
+                else:
+                    failed.add(name)
+                    claims.pop(name).release()
+                    print(f"FAILED   {name} (exit {proc.returncode}); see {out / 'logs'}", flush=True)
+    finally:
+        for claim in claims.values():  # interrupted: the jobs' own processes keep their run locks
+            claim.release()
     return not failed
 
 
@@ -1223,6 +1274,8 @@ def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, st
                 state, detail = "running", f"step {logged if logged is not None else '?'}{of}, {who}"
             elif saved:
                 state, detail = "stopped", f"resumes from step {saved}{of}"
+        if state == "pending" and (who := lock_holder(_claim_dir(out, j))):
+            state, detail = "running", f"claimed by {who}"
         run = j.name.split(":", 1)[1]
         if state in ("pending", "stopped") and j.name.startswith("train:") and (retired := retired_why(out, run)):
             state, detail = "retired", f"{retired} ({retired_file(out, run)})"
