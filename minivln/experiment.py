@@ -28,6 +28,7 @@ same numbers) and the standard error of each rate over episodes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import gzip
 import hashlib
@@ -37,8 +38,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -64,7 +68,14 @@ from minivln.data.reverie import ReverieGoals, with_name_overlap_objects
 from minivln.distill.compat import check_teacher
 from minivln.env.env import NavBatchEnv, random_walker_submission
 from minivln.evaluation.evaluator import Evaluator, SubmissionError, load_submission
-from minivln.evaluation.stats import SEED_ROW, arm_summary, arms, compare_over_seeds, gap_over_episodes, mean_se
+from minivln.evaluation.stats import (
+    SEED_ROW,
+    arm_summary,
+    arms,
+    compare_over_seeds,
+    gap_over_episodes,
+    mean_se,
+)
 from minivln.features.hdf5 import FeatureStore, ObjectFeatureStore
 from minivln.model.checkpoint import read_agent_config, stored_shapes
 from minivln.model.config import DUETConfig
@@ -79,7 +90,13 @@ from minivln.paths import (
     json_text,
     resolve_data_dir,
 )
-from minivln.training.checkpoint import RunLock, RunLockedError, lock_holder
+from minivln.training.checkpoint import (
+    RunLock,
+    RunLockedError,
+    lock_holder,
+    process_alive,
+    process_start,
+)
 from minivln.training.finetune import FinetuneConfig
 from minivln.training.logging import read_jsonl
 from minivln.training.plot import new_figure, require_matplotlib, save_png
@@ -417,27 +434,47 @@ def link_shared(out: Path, root: Path) -> None:
 
 def pin_checkout(out: Path, commit: str | None, root: Path | None = None) -> tuple[str, Path]:
     """The commit and worktree of ``out`` (made on the first call, from the repository ``root``),
-    with the repository's ``../shared`` beside it (:func:`link_shared`)."""
+    with the repository's ``../shared`` beside it (:func:`link_shared`).  Two drivers started at once
+    on a new ``out`` pin it once: the second waits for the first's pin and uses it."""
     root = root or repo_root()
     pin_file, code = out / "pin.json", out / "code"
-    if pin_file.exists():
-        link_shared(out, root)
-        pinned = _read_json(pin_file, "the pin file").get("commit", "")
-        if commit and _git("rev-parse", commit, cwd=root) != pinned:
-            raise ConfigError(f"{out} is pinned to {pinned[:12]}; use another --out for {commit}")
-        if not code.is_dir():
-            _git("worktree", "prune", cwd=root)
-            _git("worktree", "add", "--force", "--detach", str(code), pinned, cwd=root)
-        return pinned, code
-    sha = _git("rev-parse", commit or "HEAD", cwd=root)
-    if not commit and _git("status", "--porcelain", "--untracked-files=no", cwd=root):
-        raise ConfigError("the working tree has uncommitted changes: commit them (the runs execute the "
-                          "pinned commit, not the working tree) or pass --commit REF")
-    out.mkdir(parents=True, exist_ok=True)
+    if not pin_file.exists():
+        sha = _git("rev-parse", commit or "HEAD", cwd=root)
+        if not commit and _git("status", "--porcelain", "--untracked-files=no", cwd=root):
+            raise ConfigError("the working tree has uncommitted changes: commit them (the runs execute the "
+                              "pinned commit, not the working tree) or pass --commit REF")
+        (out / "claims" / "pin").mkdir(parents=True, exist_ok=True)
+        lock = _wait_for_lock(out / "claims" / "pin", "pinning the code")
+        try:
+            if not pin_file.exists():
+                link_shared(out, root)
+                _git("worktree", "add", "--force", "--detach", str(code), sha, cwd=root)
+                atomic_write_text(pin_file, json.dumps({"commit": sha,
+                                                        "pinned_at": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+                return sha, code
+        finally:
+            lock.release()
     link_shared(out, root)
-    _git("worktree", "add", "--force", "--detach", str(code), sha, cwd=root)
-    atomic_write_text(pin_file, json.dumps({"commit": sha, "pinned_at": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-    return sha, code
+    pinned = _read_json(pin_file, "the pin file").get("commit", "")
+    if commit and _git("rev-parse", commit, cwd=root) != pinned:
+        raise ConfigError(f"{out} is pinned to {pinned[:12]}; use another --out for {commit}")
+    if not code.is_dir():
+        _git("worktree", "prune", cwd=root)
+        _git("worktree", "add", "--force", "--detach", str(code), pinned, cwd=root)
+    return pinned, code
+
+
+def _wait_for_lock(d: Path, what: str, timeout_s: float = 600.0) -> RunLock:
+    """The lock of ``d``, waiting while another driver holds it (a ConfigError after ``timeout_s``)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return RunLock(d)
+        except RunLockedError:
+            if time.time() > deadline:
+                raise ConfigError(f"another driver has been {what} in {d.parent.parent} for {timeout_s:.0f} s "
+                                  f"({lock_holder(d) or '?'}); try again when it has finished") from None
+            time.sleep(0.5)
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -740,19 +777,107 @@ def _claim_dir(out: Path, job: Job) -> Path:
     return out / "claims" / job.name.replace(":", "-")
 
 
+def _child_alive(claim_dir: Path) -> str | None:
+    """The process a claim's driver started (``CLAIM/child.json``), if it still runs on this host: a
+    driver killed outright leaves its job's process running, which no second driver may duplicate."""
+    try:
+        info = json.loads((claim_dir / "child.json").read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host == socket.gethostname() and process_alive(pid, info.get("process_start")):
+        return f"its process {pid}, whose driver is gone, still runs"
+    return None
+
+
 def claim_job(out: Path, job: Job) -> tuple[RunLock | None, str]:
     """Take job ``job`` of experiment directory ``out`` for this process: ``(claim, "")``, or ``(None,
-    who)`` when another driver holds its claim or another process writes its run directory.  The claim
-    is a :class:`~minivln.training.checkpoint.RunLock` on ``out/claims/JOB`` (one holder; a dead
-    holder's is taken over); release it once the job's done mark is written."""
+    who)`` when another driver holds its claim, the process a dead driver started for it still runs,
+    or another process writes its run directory.  The claim is a
+    :class:`~minivln.training.checkpoint.RunLock` on ``out/claims/JOB`` (one holder; a dead holder's is
+    taken over); release it once the job's done (or failed) mark is written."""
     if job.run_dir is not None and (who := lock_holder(job.run_dir)):
         return None, f"its run is written by {who}"
     d = _claim_dir(out, job)
     d.mkdir(parents=True, exist_ok=True)
     try:
-        return RunLock(d), ""
+        claim = RunLock(d)
     except RunLockedError:
         return None, f"claimed by {lock_holder(d) or 'another driver'}"
+    if who := _child_alive(d):
+        claim.release()
+        return None, who
+    (d / "child.json").unlink(missing_ok=True)
+    return claim, ""
+
+
+def _note_child(out: Path, job: Job, proc: subprocess.Popen) -> None:
+    rec = {"pid": proc.pid, "host": socket.gethostname(), "process_start": process_start(proc.pid)}
+    atomic_write_text(_claim_dir(out, job) / "child.json", json.dumps(rec) + "\n")
+
+
+def _take_gpu_slot(out: Path, free: list[str]) -> tuple[str, RunLock] | None:
+    """A free GPU slot of this driver that no other driver sharing ``out`` uses now (each slot is
+    claimed as ``out/claims/gpu-N``), or None."""
+    for slot in free:
+        d = out / "claims" / f"gpu-{slot.replace(',', '+')}"
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunLock(d)
+        except RunLockedError:
+            continue
+        free.remove(slot)
+        return slot, lock
+    return None
+
+
+def _failed_file(out: Path, job: Job) -> Path:
+    return out / "failed" / f"{job.name.replace(':', '-')}.json"
+
+
+def failed_since(out: Path, job: Job, t0: float) -> str | None:
+    """When another driver sharing ``out`` saw job ``job`` fail after ``t0`` (this driver's start): it is
+    not tried again in this call (a driver started later tries it again, as a resume)."""
+    f = _failed_file(out, job)
+    try:
+        if f.stat().st_mtime >= t0:
+            return _read_json(f, "the failed mark").get("failed", "?")
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM ends the driver as Ctrl-C does (its ``finally`` stops the jobs it started); only in the
+    main thread, where Python can install a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+    before = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _stop_jobs(running: dict[str, tuple[Job, subprocess.Popen]], wait_s: float = 60.0) -> None:
+    """Terminate the jobs this driver started (each resumes later from its last checkpoint)."""
+    for _, proc in running.values():
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.time() + wait_s
+    for name, (_, proc) in running.items():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc._minivln_log.close()  # type: ignore[attr-defined]
+        print(f"stopped  {name} (resumes from its last checkpoint)", flush=True)
 
 
 def is_done(out: Path, job: Job) -> bool:
@@ -1144,94 +1269,121 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
     needs it from starting in this call, which is reported and is no failure.
 
     Several drivers may share ``out`` (e.g. one per core, with overlapping ``--only``): a job is started
-    under a claim (:func:`claim_job`, ``out/claims/JOB/.lock``, held by this process until the job ends),
-    so a job another driver runs -- or a training run some other process holds the lock of -- is waited
-    for, not started twice; one finished elsewhere meanwhile counts as done here.  A claim left by a
-    driver that died is taken over."""
+    under a claim (:func:`claim_job`, ``out/claims/JOB/.lock``, held by this process until the job's
+    done or failed mark is written), so a job another driver runs -- or a training run some other
+    process holds the lock of -- is waited for, never started twice; one finished elsewhere meanwhile
+    counts as done here, one that failed elsewhere since this driver started (``out/failed/``) as
+    failed.  GPU slots are claimed the same way (``out/claims/gpu-N``).  A claim left by a driver that
+    died is taken over once the process it started has ended.  Stopping the driver (Ctrl-C, SIGTERM)
+    stops the jobs it started; each resumes from its last checkpoint next time."""
+    t0 = time.time()
     free = list(gpus or [])
-    slot_of: dict[str, str] = {}
+    slot_of: dict[str, tuple[str, RunLock]] = {}
     pending = [j for j in jobs if not is_done(out, j)]
     finished = {j.name for j in jobs if j not in pending}
     running: dict[str, tuple[Job, subprocess.Popen]] = {}
+    claims: dict[str, RunLock] = {}
     failed: set[str] = set()
     held: set[str] = set()
-    for j in jobs:
-        if j in pending:
-            print(f"pending  {j.name}", flush=True)
-        else:
-            print(f"done     {j.name}", flush=True)
-    claims: dict[str, RunLock] = {}
     waiting_elsewhere: set[str] = set()
-    try:
-        while pending or running:
-            for j in list(pending):
-                if len(running) >= max_jobs:
-                    break
-                if any(d in failed for d in j.deps):
-                    pending.remove(j)
-                    failed.add(j.name)
-                    print(f"skipped  {j.name}: a run it needs failed", flush=True)
-                elif any(d in held for d in j.deps):
-                    pending.remove(j)
-                    held.add(j.name)
-                    print(f"held     {j.name}: a run it needs is held", flush=True)
-                elif all(d in finished for d in j.deps) and hold is not None and (why := hold(j)):
-                    pending.remove(j)
-                    held.add(j.name)
-                    print(f"held     {j.name}: {why}", flush=True)
-                elif all(d in finished for d in j.deps):
-                    train = j.name.startswith("train:")
-                    if gpus and train and not free:
-                        continue  # every GPU slot is busy: a scoring further down may still start
-                    if is_done(out, j):  # another driver finished it since this one started
-                        pending.remove(j)
-                        finished.add(j.name)
-                        print(f"done     {j.name} (by another driver)", flush=True)
-                        continue
-                    claim, elsewhere = claim_job(out, j)
-                    if claim is None:  # another driver (or process) runs it: look again later
-                        if j.name not in waiting_elsewhere:
-                            waiting_elsewhere.add(j.name)
-                            print(f"waiting  {j.name}: running elsewhere ({elsewhere})", flush=True)
-                        continue
-                    if is_done(out, j):  # finished elsewhere between the look above and the claim
-                        claim.release()
-                        pending.remove(j)
-                        finished.add(j.name)
-                        print(f"done     {j.name} (by another driver)", flush=True)
-                        continue
-                    pending.remove(j)
-                    claims[j.name] = claim
-                    gpu = free.pop(0) if gpus and train else None
-                    if gpu is not None:
-                        slot_of[j.name] = gpu
-                    running[j.name] = (j, _start(j, out, code, threads, gpu))
-                    print(f"started  {j.name} ({time.strftime('%H:%M:%S')}{f', GPU {gpu}' if gpu else ''})", flush=True)
-            time.sleep(poll_s)
-            for name, (j, proc) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                proc._minivln_log.close()  # type: ignore[attr-defined]
-                del running[name]
-                if name in slot_of:
-                    free.append(slot_of.pop(name))
-                took = time.time() - proc._minivln_t0  # type: ignore[attr-defined]
-                if proc.returncode == 0:
-                    finished.add(name)
-                    rec = {"job": name, "spec": j.spec, "commit": commit, "seconds": round(took, 1),
-                           "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": j.argv}
-                    atomic_write_text(_done_file(out, j), json.dumps(rec, indent=1) + "\n")
-                    print(f"finished {name} in {took / 60:.1f} min", flush=True)
-                    claims.pop(name).release()  # after the done mark: another driver then sees it done
-                    if on_finished is not None:
-                        on_finished(j)
-                else:
-                    failed.add(name)
-                    claims.pop(name).release()
-                    print(f"FAILED   {name} (exit {proc.returncode}); see {out / 'logs'}", flush=True)
-    finally:
-        for claim in claims.values():  # interrupted: the jobs' own processes keep their run locks
+    for j in jobs:
+        print(f"{'pending' if j in pending else 'done':<8} {j.name}", flush=True)
+
+    def let_go(name: str) -> None:
+        if name in slot_of:
+            slot, lock = slot_of.pop(name)
+            lock.release()
+            free.append(slot)
+        if (claim := claims.pop(name, None)) is not None:
             claim.release()
+
+    try:
+        with _sigterm_exits():
+            while pending or running:
+                for j in list(pending):
+                    if len(running) >= max_jobs:
+                        break
+                    if any(d in failed for d in j.deps):
+                        pending.remove(j)
+                        failed.add(j.name)
+                        print(f"skipped  {j.name}: a run it needs failed", flush=True)
+                    elif any(d in held for d in j.deps):
+                        pending.remove(j)
+                        held.add(j.name)
+                        print(f"held     {j.name}: a run it needs is held", flush=True)
+                    elif not all(d in finished for d in j.deps):
+                        continue
+                    elif is_done(out, j):  # another driver finished it since this one started
+                        pending.remove(j)
+                        finished.add(j.name)
+                        print(f"done     {j.name} (by another driver)", flush=True)
+                    elif hold is not None and (why := hold(j)):
+                        pending.remove(j)
+                        held.add(j.name)
+                        print(f"held     {j.name}: {why}", flush=True)
+                    else:
+                        train = j.name.startswith("train:")
+                        if gpus and train:
+                            if (taken := _take_gpu_slot(out, free)) is None:
+                                continue  # every GPU slot is busy: a scoring further down may still start
+                            slot_of[j.name] = taken
+                        claim, elsewhere = claim_job(out, j)
+                        if claim is None:  # another driver (or process) runs it: look again later
+                            let_go(j.name)
+                            if j.name not in waiting_elsewhere:
+                                waiting_elsewhere.add(j.name)
+                                print(f"waiting  {j.name}: running elsewhere ({elsewhere})", flush=True)
+                            continue
+                        claims[j.name] = claim
+                        if is_done(out, j):  # finished elsewhere between the look above and the claim
+                            let_go(j.name)
+                            pending.remove(j)
+                            finished.add(j.name)
+                            print(f"done     {j.name} (by another driver)", flush=True)
+                            continue
+                        if (when := failed_since(out, j, t0)) is not None:
+                            let_go(j.name)
+                            pending.remove(j)
+                            failed.add(j.name)
+                            print(f"FAILED   {j.name} in another driver at {when}; see {out / 'logs'}", flush=True)
+                            continue
+                        pending.remove(j)
+                        gpu = slot_of[j.name][0] if j.name in slot_of else None
+                        running[j.name] = (j, _start(j, out, code, threads, gpu))
+                        _note_child(out, j, running[j.name][1])
+                        print(f"started  {j.name} ({time.strftime('%H:%M:%S')}{f', GPU {gpu}' if gpu else ''})",
+                              flush=True)
+                time.sleep(poll_s)
+                for name, (j, proc) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    proc._minivln_log.close()  # type: ignore[attr-defined]
+                    del running[name]
+                    took = time.time() - proc._minivln_t0  # type: ignore[attr-defined]
+                    when = time.strftime("%Y-%m-%d %H:%M:%S")
+                    if proc.returncode == 0:
+                        finished.add(name)
+                        rec = {"job": name, "spec": j.spec, "commit": commit, "seconds": round(took, 1),
+                               "finished": when, "argv": j.argv}
+                        atomic_write_text(_done_file(out, j), json.dumps(rec, indent=1) + "\n")
+                        _failed_file(out, j).unlink(missing_ok=True)
+                        print(f"finished {name} in {took / 60:.1f} min", flush=True)
+                    else:
+                        failed.add(name)
+                        rec = {"job": name, "exit": proc.returncode, "failed": when, "log": str(out / "logs")}
+                        atomic_write_text(_failed_file(out, j), json.dumps(rec, indent=1) + "\n")
+                        print(f"FAILED   {name} (exit {proc.returncode}); see {out / 'logs'}", flush=True)
+                    (_claim_dir(out, j) / "child.json").unlink(missing_ok=True)
+                    let_go(name)  # after the done or failed mark: another driver then sees it
+                    if proc.returncode == 0 and on_finished is not None:
+                        on_finished(j)
+    finally:  # interrupted (Ctrl-C, SIGTERM, an error): stop what this driver started, then let go
+        if running:
+            _stop_jobs(running)
+            for name, (j, _) in running.items():
+                (_claim_dir(out, j) / "child.json").unlink(missing_ok=True)
+        for name in list(claims) + list(slot_of):
+            let_go(name)
     return not failed
 
 
@@ -1274,8 +1426,8 @@ def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, st
                 state, detail = "running", f"step {logged if logged is not None else '?'}{of}, {who}"
             elif saved:
                 state, detail = "stopped", f"resumes from step {saved}{of}"
-        if state == "pending" and (who := lock_holder(_claim_dir(out, j))):
-            state, detail = "running", f"claimed by {who}"
+        if state in ("pending", "stopped") and (who := lock_holder(_claim_dir(out, j)) or _child_alive(_claim_dir(out, j))):
+            state, detail = "running", f"claimed by {who}" if who.startswith("process") else who
         run = j.name.split(":", 1)[1]
         if state in ("pending", "stopped") and j.name.startswith("train:") and (retired := retired_why(out, run)):
             state, detail = "retired", f"{retired} ({retired_file(out, run)})"

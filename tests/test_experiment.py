@@ -238,6 +238,35 @@ def test_pin_checkout_freezes_the_code(tmp_path):
     assert not (out / "shared").exists()  # the repository has no ../shared: nothing linked
 
 
+def test_two_drivers_pinning_a_new_directory_at_once_pin_it_once(tmp_path):
+    """Two drivers started together on a new --out: one pins (one worktree), the other waits and uses it."""
+    import threading
+
+    repo = tmp_path / "repo"
+    (repo / "minivln").mkdir(parents=True)
+    (repo / "minivln" / "v.py").write_text("V = 1\n")
+    _git("init", "-q", cwd=repo)
+    _git("add", "-A", cwd=repo)
+    _git("commit", "-qm", "one", cwd=repo)
+    out, got, errors = tmp_path / "exp", [], []
+    barrier = threading.Barrier(3)
+
+    def pin():
+        barrier.wait()
+        try:
+            got.append(pin_checkout(out, None, root=repo))
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=pin) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(got) == 3 and len(set(got)) == 1
+    listed = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
+    assert len(listed.splitlines()) == 2  # the repository and the one pinned checkout
+
+
 def test_pinned_checkout_sees_the_repositorys_shared_folder(tmp_path):
     """Configs name the shared teachers as ../shared/...: from the pinned checkout (the jobs' working
     directory) that must be the repository's ../shared, also for a pin made before the link existed."""

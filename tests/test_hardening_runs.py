@@ -44,7 +44,7 @@ from minivln.training.checkpoint import (
     LOCK_FILE,
     RunLock,
     RunLockedError,
-    _process_start,
+    process_start,
     read_meta,
 )
 from minivln.training.distributed import seed_everything
@@ -76,7 +76,7 @@ def trained(small_toy, tmp_path_factory, one_thread):
 def _write_lock(run: Path, pid: int, host: str | None = None, since: str = "2026-01-02 03:04:05 +0000") -> bytes:
     """A lock file as another process would have left it."""
     run.mkdir(parents=True, exist_ok=True)
-    raw = json.dumps({"pid": pid, "host": host or socket.gethostname(), "process_start": _process_start(pid),
+    raw = json.dumps({"pid": pid, "host": host or socket.gethostname(), "process_start": process_start(pid),
                       "since": since, "token": "x", "command": "minivln finetune"}).encode()
     (run / LOCK_FILE).write_bytes(raw)
     return raw
@@ -154,7 +154,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, dead_pid, one_threa
     lock = json.loads((run / LOCK_FILE).read_text())
     lock["process_start"] = "1"
     (run / LOCK_FILE).write_text(json.dumps(lock))
-    if _process_start(pid) is not None:
+    if process_start(pid) is not None:
         with pytest.warns(UserWarning, match="taking over"):
             RunLock(run).release()
     # an unreadable lock: being written right now (refused), or left behind long ago (taken over)

@@ -37,6 +37,7 @@ import secrets
 import shutil
 import socket
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,7 +49,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from minivln.model.checkpoint import TIED_KEY, CheckpointError, read_safetensors, read_torch
+from minivln.model.checkpoint import (
+    TIED_KEY,
+    CheckpointError,
+    read_safetensors,
+    read_torch,
+)
 from minivln.paths import (
     WriteError,
     describe_os_error,
@@ -298,10 +304,12 @@ class RunLockedError(FileExistsError):
 
 
 _HELD: dict[str, RunLock] = {}  # resolved lock path -> the lock this process holds there
+_TAKING = threading.Lock()  # one thread of this process takes a lock at a time (else two threads could
+# each read the other's fresh lock as "an earlier process of the same pid" and take it over)
 _FRESH_S = 60.0  # an unreadable lock younger than this is being written by its taker, not left behind
 
 
-def _process_start(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     """When process ``pid`` started (clock ticks since boot, ``/proc/PID/stat``); None if unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -321,12 +329,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def process_alive(pid: int, start: str | None) -> bool:
     """Whether the process that wrote a lock (``pid``, started at ``start``) still runs on this host
     (a pid taken by another process since does not count)."""
     if not (pid > 0 and _pid_alive(pid)):
         return False
-    return start is None or _process_start(pid) in (None, start)
+    return start is None or process_start(pid) in (None, start)
 
 
 def lock_holder(run_dir: str | os.PathLike) -> str | None:
@@ -338,7 +346,7 @@ def lock_holder(run_dir: str | os.PathLike) -> str | None:
         pid, host, since = int(info["pid"]), str(info["host"]), str(info.get("since", "?"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if host == socket.gethostname() and not _alive(pid, info.get("process_start")):
+    if host == socket.gethostname() and not process_alive(pid, info.get("process_start")):
         return None
     return f"process {pid} on {host}, since {since}"
 
@@ -365,6 +373,10 @@ class RunLock:
 
     # -- taking it ---------------------------------------------------------------------------------
     def _acquire(self) -> None:
+        with _TAKING:
+            self._acquire_unshared()
+
+    def _acquire_unshared(self) -> None:
         for _ in range(5):  # a stale lock taken over by another process meanwhile: look again
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -372,12 +384,12 @@ class RunLock:
                 raw = self._read()
                 stale = self._judge(raw)  # raises RunLockedError while the holder lives
                 if self._remove_stale(raw):
-                    warnings.warn(f"{self.path}: taking over the lock of {stale}", stacklevel=5)
+                    warnings.warn(f"{self.path}: taking over the lock of {stale}", stacklevel=6)
                 continue
             except OSError as exc:
                 raise write_error(exc, self.path, "create the lock file") from None
             self._content = json.dumps({
-                "pid": self.pid, "host": socket.gethostname(), "process_start": _process_start(self.pid),
+                "pid": self.pid, "host": socket.gethostname(), "process_start": process_start(self.pid),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S %z"), "token": secrets.token_hex(8),
                 "command": " ".join(sys.argv)[:500],
             }).encode() + b"\n"
@@ -431,7 +443,7 @@ class RunLock:
                     f"{self.run_dir} is being written by another trainer of this process (pid {pid}, since "
                     f"{since}): close() it first; one writer per run directory")
             return f"{holder} (an earlier process of the same pid)"
-        if _alive(pid, info.get("process_start")):  # not when the pid belongs to another process now
+        if process_alive(pid, info.get("process_start")):  # not when the pid belongs to another process now
             raise RunLockedError(
                 f"{self.run_dir} is being written by another run ({holder}; {self.path}): one writer per run "
                 "directory; wait for it to finish, or stop it first")
