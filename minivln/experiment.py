@@ -1865,7 +1865,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"retired {args.retire} in {Path(args.out).resolve()} (checkpoint at step {rec['checkpoint_step']}): "
               f"{rec['why']}")
         return 0
-    if not recipe.features:
+    if not recipe.features and not args.status:  # --status reads marks and logs only
         raise ConfigError("the recipe needs features=FILE (view features, HDF5)")
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")

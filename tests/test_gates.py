@@ -366,6 +366,11 @@ def test_the_retire_command_line(small_toy, tmp_path, capsys):
                       (["--retire", "", "--why", "x"], "no run '' to retire")):
         assert main(["experiment", recipe, "--out", str(out), *argv]) != 0
         assert msg in capsys.readouterr().err
+    # --status reads marks and logs only: no features needed either; a real run still needs them
+    assert main(["experiment", recipe, "--out", str(out), "--status"]) == 0
+    assert "train:t" in capsys.readouterr().out
+    assert main(["experiment", recipe, "--out", str(out), "--dry-run"]) != 0
+    assert "needs features=FILE" in capsys.readouterr().err
 
 
 def test_a_reverie_table_prints_each_rows_grounded_share():
