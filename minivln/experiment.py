@@ -443,7 +443,6 @@ def pin_checkout(out: Path, commit: str | None, root: Path | None = None) -> tup
         if not commit and _git("status", "--porcelain", "--untracked-files=no", cwd=root):
             raise ConfigError("the working tree has uncommitted changes: commit them (the runs execute the "
                               "pinned commit, not the working tree) or pass --commit REF")
-        (out / "claims" / "pin").mkdir(parents=True, exist_ok=True)
         lock = _wait_for_lock(out / "claims" / "pin", "pinning the code")
         try:
             if not pin_file.exists():
@@ -467,14 +466,12 @@ def pin_checkout(out: Path, commit: str | None, root: Path | None = None) -> tup
 def _wait_for_lock(d: Path, what: str, timeout_s: float = 600.0) -> RunLock:
     """The lock of ``d``, waiting while another driver holds it (a ConfigError after ``timeout_s``)."""
     deadline = time.time() + timeout_s
-    while True:
-        try:
-            return RunLock(d)
-        except RunLockedError:
-            if time.time() > deadline:
-                raise ConfigError(f"another driver has been {what} in {d.parent.parent} for {timeout_s:.0f} s "
-                                  f"({lock_holder(d) or '?'}); try again when it has finished") from None
-            time.sleep(0.5)
+    while (lock := _try_lock(d)) is None:
+        if time.time() > deadline:
+            raise ConfigError(f"another driver has been {what} in {d.parent.parent} for {timeout_s:.0f} s "
+                              f"({lock_holder(d) or '?'}); try again when it has finished")
+        time.sleep(0.5)
+    return lock
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -773,6 +770,15 @@ def _trained_commit(out: Path, run: str, default: str) -> str:
     return (_read_json(f, "the done mark").get("commit") or default) if f.exists() else default
 
 
+def _try_lock(d: Path) -> RunLock | None:
+    """The lock of directory ``d`` (made if missing), or None while another holder has it."""
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        return RunLock(d)
+    except RunLockedError:
+        return None
+
+
 def _claim_dir(out: Path, job: Job) -> Path:
     return out / "claims" / job.name.replace(":", "-")
 
@@ -799,10 +805,7 @@ def claim_job(out: Path, job: Job) -> tuple[RunLock | None, str]:
     if job.run_dir is not None and (who := lock_holder(job.run_dir)):
         return None, f"its run is written by {who}"
     d = _claim_dir(out, job)
-    d.mkdir(parents=True, exist_ok=True)
-    try:
-        claim = RunLock(d)
-    except RunLockedError:
+    if (claim := _try_lock(d)) is None:
         return None, f"claimed by {lock_holder(d) or 'another driver'}"
     if who := _child_alive(d):
         claim.release()
@@ -820,14 +823,9 @@ def _take_gpu_slot(out: Path, free: list[str]) -> tuple[str, RunLock] | None:
     """A free GPU slot of this driver that no other driver sharing ``out`` uses now (each slot is
     claimed as ``out/claims/gpu-N``), or None."""
     for slot in free:
-        d = out / "claims" / f"gpu-{slot.replace(',', '+')}"
-        d.mkdir(parents=True, exist_ok=True)
-        try:
-            lock = RunLock(d)
-        except RunLockedError:
-            continue
-        free.remove(slot)
-        return slot, lock
+        if (lock := _try_lock(out / "claims" / f"gpu-{slot.replace(',', '+')}")) is not None:
+            free.remove(slot)
+            return slot, lock
     return None
 
 

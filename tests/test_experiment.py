@@ -216,13 +216,19 @@ def _git(*args, cwd):
                    capture_output=True)
 
 
-def test_pin_checkout_freezes_the_code(tmp_path):
+def _one_commit_repo(tmp_path):
+    """A repository with one commit: minivln/v.py saying V = 1."""
     repo = tmp_path / "repo"
     (repo / "minivln").mkdir(parents=True)
     (repo / "minivln" / "v.py").write_text("V = 1\n")
     _git("init", "-q", cwd=repo)
     _git("add", "-A", cwd=repo)
     _git("commit", "-qm", "one", cwd=repo)
+    return repo
+
+
+def test_pin_checkout_freezes_the_code(tmp_path):
+    repo = _one_commit_repo(tmp_path)
     first = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     (repo / "minivln" / "v.py").write_text("V = 2\n")  # uncommitted: refused
     with pytest.raises(ConfigError, match="uncommitted"):
@@ -242,12 +248,7 @@ def test_two_drivers_pinning_a_new_directory_at_once_pin_it_once(tmp_path):
     """Two drivers started together on a new --out: one pins (one worktree), the other waits and uses it."""
     import threading
 
-    repo = tmp_path / "repo"
-    (repo / "minivln").mkdir(parents=True)
-    (repo / "minivln" / "v.py").write_text("V = 1\n")
-    _git("init", "-q", cwd=repo)
-    _git("add", "-A", cwd=repo)
-    _git("commit", "-qm", "one", cwd=repo)
+    repo = _one_commit_repo(tmp_path)
     out, got, errors = tmp_path / "exp", [], []
     barrier = threading.Barrier(3)
 
@@ -270,13 +271,8 @@ def test_two_drivers_pinning_a_new_directory_at_once_pin_it_once(tmp_path):
 def test_pinned_checkout_sees_the_repositorys_shared_folder(tmp_path):
     """Configs name the shared teachers as ../shared/...: from the pinned checkout (the jobs' working
     directory) that must be the repository's ../shared, also for a pin made before the link existed."""
-    repo = tmp_path / "repo"
-    (repo / "minivln").mkdir(parents=True)
-    (repo / "minivln" / "v.py").write_text("V = 1\n")
+    repo = _one_commit_repo(tmp_path)
     (tmp_path / "shared" / "teachers").mkdir(parents=True)
-    _git("init", "-q", cwd=repo)
-    _git("add", "-A", cwd=repo)
-    _git("commit", "-qm", "one", cwd=repo)
     out = tmp_path / "runs" / "exp"
     _, code = pin_checkout(out, None, root=repo)
     assert (code / ".." / "shared" / "teachers").resolve() == (tmp_path / "shared" / "teachers").resolve()
