@@ -1293,7 +1293,13 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
             lock.release()
             free.append(slot)
         if (claim := claims.pop(name, None)) is not None:
+            (claim.run_dir / "child.json").unlink(missing_ok=True)  # its job's process has ended
             claim.release()
+
+    def done_elsewhere(j: Job) -> None:
+        pending.remove(j)
+        finished.add(j.name)
+        print(f"done     {j.name} (by another driver)", flush=True)
 
     try:
         with _sigterm_exits():
@@ -1312,9 +1318,7 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
                     elif not all(d in finished for d in j.deps):
                         continue
                     elif is_done(out, j):  # another driver finished it since this one started
-                        pending.remove(j)
-                        finished.add(j.name)
-                        print(f"done     {j.name} (by another driver)", flush=True)
+                        done_elsewhere(j)
                     elif hold is not None and (why := hold(j)):
                         pending.remove(j)
                         held.add(j.name)
@@ -1335,9 +1339,7 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
                         claims[j.name] = claim
                         if is_done(out, j):  # finished elsewhere between the look above and the claim
                             let_go(j.name)
-                            pending.remove(j)
-                            finished.add(j.name)
-                            print(f"done     {j.name} (by another driver)", flush=True)
+                            done_elsewhere(j)
                             continue
                         if (when := failed_since(out, j, t0)) is not None:
                             let_go(j.name)
@@ -1371,15 +1373,12 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
                         rec = {"job": name, "exit": proc.returncode, "failed": when, "log": str(out / "logs")}
                         atomic_write_text(_failed_file(out, j), json.dumps(rec, indent=1) + "\n")
                         print(f"FAILED   {name} (exit {proc.returncode}); see {out / 'logs'}", flush=True)
-                    (_claim_dir(out, j) / "child.json").unlink(missing_ok=True)
                     let_go(name)  # after the done or failed mark: another driver then sees it
                     if proc.returncode == 0 and on_finished is not None:
                         on_finished(j)
     finally:  # interrupted (Ctrl-C, SIGTERM, an error): stop what this driver started, then let go
         if running:
             _stop_jobs(running)
-            for name, (j, _) in running.items():
-                (_claim_dir(out, j) / "child.json").unlink(missing_ok=True)
         for name in list(claims) + list(slot_of):
             let_go(name)
     return not failed
