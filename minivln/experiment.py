@@ -890,6 +890,17 @@ def is_done(out: Path, job: Job) -> bool:
     return True
 
 
+def _source_mark(src: Path) -> dict[str, Any] | None:
+    """The done mark another driver wrote for the run directory ``src`` (``EXP/runs/RUN`` with
+    ``EXP/done/train-RUN.json`` naming that directory in its command), or None."""
+    mark = src.parent.parent / "done" / f"train-{src.name}.json"
+    try:
+        rec = json.loads(mark.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and str(src) in (rec.get("argv") or []) else None
+
+
 def adopt_run(recipe: Recipe, out: Path, run: str, src: Path, *, commit: str, note: str = "") -> dict[str, Any]:
     """Take a run trained outside the driver (e.g. started before its recipe existed) as the recipe's
     run ``run``: its directory is copied to ``OUT/runs/RUN`` and marked done, so that the rows that need
@@ -923,7 +934,14 @@ def adopt_run(recipe: Recipe, out: Path, run: str, src: Path, *, commit: str, no
         raise ConfigError(f"--adopt-commit {commit!r} is no commit of this repository") from None
     shutil.copytree(src, out / "runs" / run)
     rec = {"job": job.name, "spec": job.spec, "commit": sha, "adopted_from": str(src),
-           "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "note": note, "argv": job.argv}
+           "adopted": time.strftime("%Y-%m-%d %H:%M:%S"), "note": note}
+    trained = _source_mark(src)
+    if trained:  # src was trained by another driver: how and when, from its own done mark
+        rec.update({"finished": trained.get("finished"), "seconds": trained.get("seconds"),
+                    "argv": trained.get("argv")})
+    else:  # trained by hand: when its weights were written; the command it ran is not known
+        rec.update({"finished": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(exported.stat().st_mtime)),
+                    "recipe_argv": job.argv})
     atomic_write_text(_done_file(out, job), json.dumps(rec, indent=1) + "\n")
     return rec
 
@@ -1401,6 +1419,23 @@ def _run_progress(run_dir: Path) -> tuple[int | None, int | None, int | None]:
     return logged, saved, total
 
 
+def _logged_starts(run_dir: Path) -> tuple[float, int]:
+    """(seconds of training the run's log records, number of processes that wrote it): each process
+    logs its own elapsed ``time``, so a resumed run's log restarts it (and may repeat steps since the
+    checkpoint); the sum over processes is the run's training time, which one done mark (the last
+    process's) understates."""
+    total, starts, last_t, last_step = 0.0, 0, None, None
+    for r in read_jsonl(run_dir / "log.jsonl"):
+        if r.get("kind") != "train" or not isinstance(r.get("time"), (int, float)):
+            continue
+        t, step = float(r["time"]), r.get("step")
+        if last_t is None or t < last_t or (step is not None and last_step is not None and step <= last_step):
+            starts += 1
+            total += last_t or 0.0
+        last_t, last_step = t, step
+    return total + (last_t or 0.0), starts
+
+
 def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, str, str]]:
     """``(job, state, detail)`` for each job of an experiment directory, read from its files without
     starting anything: ``done`` (when, how long), ``running`` (a live process holds the run's lock:
@@ -1413,6 +1448,10 @@ def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, st
         if done[j.name]:
             rec = _read_json(_done_file(out, j), "the done mark")
             took = f", {rec['seconds'] / 60:.0f} min" if rec.get("seconds") else ""
+            if j.run_dir is not None and j.name.startswith("train:"):
+                logged, starts = _logged_starts(j.run_dir)
+                if starts > 1:  # resumed: the mark timed the last process only
+                    took = f", {logged / 60:.0f} min of training logged by {starts} processes (resumed)"
             status.append((j.name, "done", f"{rec.get('finished', '?')}{took}"))
             continue
         state, detail = "pending", ""
@@ -1521,6 +1560,8 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
                 "seed": (ft.get("train") or {}).get("seed"),
                 "commit": _trained_commit(out, row.run, commit),
                 "run": row.run,
+                # which of the run's weights were scored: "model" its last iteration's, "model-ema" its average
+                "weights": row.weights,
             })
             if init:  # the run it started from: a pretraining run of its own seed, or another fine-tuning
                 rec.update({"pretrain_run": init, "pretrain_seed": (pre.get("train") or {}).get("seed"),

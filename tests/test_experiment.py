@@ -322,6 +322,8 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
     # the run each row started from, with its seed and commit (issue 21: a pretraining run per seed)
     assert kd_row["pretrain_run"] == "pre" and kd_row["pretrain_seed"] == 0
     assert kd_row["pretrain_commit"] == kd_row["commit"] == table["commit"]
+    # which weights each run's row scored (issue 21: the last iteration's unless a recipe says otherwise)
+    assert [r.get("weights") for r in table["rows"]] == ["model", "model", None, None, "model"]
     for row in table["rows"]:
         assert row["episodes"] == 9 and 0 <= row["sr"] <= 1 and row["sr_se"] >= 0
         # every number can be re-scored from the gzipped submission with minivln eval
@@ -386,6 +388,9 @@ def test_a_run_trained_outside_the_driver_is_adopted_only_when_it_is_the_recipes
         adopt_run(rec, out, "a", src, commit="no-such-ref")
     done = adopt_run(rec, out, "a", src, commit="HEAD~1", note="trained by hand")
     assert done["note"] == "trained by hand" and (out / "runs" / "a" / "model").is_dir()
+    # trained by hand: the mark says when its weights were written, not the adoption time as training's end,
+    # and keeps the recipe's command apart from the unknown one the run ran
+    assert done["finished"] <= done["adopted"] and "argv" not in done and "--out" in done["recipe_argv"]
     with pytest.raises(ConfigError, match="exists already"):
         adopt_run(rec, out, "a", src, commit="HEAD")
     # the driver takes it as done: it scores it, and trains nothing
@@ -393,6 +398,22 @@ def test_a_run_trained_outside_the_driver_is_adopted_only_when_it_is_the_recipes
     assert ok and table["rows"][0]["episodes"] == 9
     assert table["rows"][0]["commit"] == done["commit"] != table["commit"]  # the commit it was trained at
     assert not (out / "logs" / "train-a.log").exists() and (out / "logs" / "score-a.log").exists()
+
+
+def test_an_adopted_run_keeps_the_command_and_time_its_own_driver_recorded(tmp_path):
+    from minivln.experiment import _source_mark
+
+    src = tmp_path / "other-exp" / "runs" / "t"
+    src.mkdir(parents=True)
+    assert _source_mark(src) is None  # no driver trained it
+    (tmp_path / "other-exp" / "done").mkdir()
+    mark = tmp_path / "other-exp" / "done" / "train-t.json"
+    rec = {"finished": "2026-12-06 14:01:20", "seconds": 60.0, "argv": ["python", "-m", "minivln.cli", "finetune",
+                                                                       "--out", str(src)]}
+    mark.write_text(json.dumps(rec))
+    assert _source_mark(src) == rec
+    mark.write_text(json.dumps({**rec, "argv": ["finetune", "--out", str(tmp_path / "elsewhere")]}))
+    assert _source_mark(src) is None  # a mark for another directory of that name is not this run's
 
 
 def test_random_walker_of_a_reverie_table_picks_a_visible_object(small_toy):

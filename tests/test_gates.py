@@ -198,6 +198,28 @@ def test_status_says_where_each_job_stands_without_starting_anything(tmp_path):
         "1 done, 1 stopped, 1 running, 1 waiting, 1 held, 1 pending"
 
 
+def test_status_times_a_resumed_run_over_all_its_processes(tmp_path):
+    """A done mark times the process that finished the run; ``--status`` sums the training time that
+    every process logged when the log shows the run was resumed (each process restarts ``time``)."""
+    from minivln.experiment import Recipe, _logged_starts, job_status
+
+    out = tmp_path / "exp"
+    job = Job("train:a", [], [sys.executable, "-c", "pass"], run_dir=out / "runs" / "a", spec="a")
+    assert execute([job], out, tmp_path, "abc", max_jobs=1, threads=1)
+    log = [{"kind": "train", "step": 20, "time": 60.0}, {"kind": "train", "step": 40, "time": 600.0},
+           {"kind": "val", "step": 40},  # a resume from the step-25 checkpoint: steps and time start again
+           {"kind": "train", "step": 40, "time": 30.0}, {"kind": "train", "step": 60, "time": 300.0},
+           {"kind": "train", "step": 80, "time": 20.0}]  # and again, from step 75
+    (out / "runs" / "a").mkdir(parents=True)
+    (out / "runs" / "a" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert _logged_starts(out / "runs" / "a") == (920.0, 3)
+    detail = job_status(Recipe(name="r"), out, [job])[0][2]
+    assert detail.endswith(", 15 min of training logged by 3 processes (resumed)")
+    (out / "runs" / "a" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[:2]))
+    assert _logged_starts(out / "runs" / "a") == (600.0, 1)
+    assert "logged" not in job_status(Recipe(name="r"), out, [job])[0][2]  # one process: the mark's own time
+
+
 def test_the_preflight_line_says_what_only_selects(small_toy, tmp_path):
     """Under ``--only`` the pre-flight still checks the whole recipe, and its line says so with the
     number of jobs left that the patterns select."""
