@@ -891,14 +891,17 @@ def is_done(out: Path, job: Job) -> bool:
 
 
 def _source_mark(src: Path) -> dict[str, Any] | None:
-    """The done mark another driver wrote for the run directory ``src`` (``EXP/runs/RUN`` with
-    ``EXP/done/train-RUN.json`` naming that directory in its command), or None."""
+    """The done mark of the run directory ``src`` where a driver trained or adopted it
+    (``EXP/done/train-RUN.json`` beside ``EXP/runs/RUN``: its command names ``src``, or it is an
+    adoption's mark), or None."""
     mark = src.parent.parent / "done" / f"train-{src.name}.json"
     try:
         rec = json.loads(mark.read_text())
     except (OSError, ValueError):
         return None
-    return rec if isinstance(rec, dict) and str(src) in (rec.get("argv") or []) else None
+    if not isinstance(rec, dict):
+        return None
+    return rec if str(src) in (rec.get("argv") or []) or rec.get("adopted_from") else None
 
 
 def adopt_run(recipe: Recipe, out: Path, run: str, src: Path, *, commit: str, note: str = "") -> dict[str, Any]:
@@ -932,16 +935,18 @@ def adopt_run(recipe: Recipe, out: Path, run: str, src: Path, *, commit: str, no
         sha = _git("rev-parse", "--verify", f"{commit}^{{commit}}", cwd=repo_root())
     except DataError:
         raise ConfigError(f"--adopt-commit {commit!r} is no commit of this repository") from None
+    trained = _source_mark(src) or {}  # src trained (or adopted) by a driver: how and when, from its mark
+    if trained.get("commit") and trained["commit"] != sha:
+        raise ConfigError(f"--adopt-commit {commit!r} is {sha[:12]}, but {src} was trained at "
+                          f"{str(trained['commit'])[:12]} (its driver's done mark)")
     shutil.copytree(src, out / "runs" / run)
     rec = {"job": job.name, "spec": job.spec, "commit": sha, "adopted_from": str(src),
-           "adopted": time.strftime("%Y-%m-%d %H:%M:%S"), "note": note}
-    trained = _source_mark(src)
-    if trained:  # src was trained by another driver: how and when, from its own done mark
-        rec.update({"finished": trained.get("finished"), "seconds": trained.get("seconds"),
-                    "argv": trained.get("argv")})
-    else:  # trained by hand: when its weights were written; the command it ran is not known
-        rec.update({"finished": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(exported.stat().st_mtime)),
-                    "recipe_argv": job.argv})
+           "adopted": time.strftime("%Y-%m-%d %H:%M:%S"), "note": note,
+           # when it was trained: its mark's time, else when its weights were written (copytree keeps it)
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(exported.stat().st_mtime))}
+    rec.update({k: trained[k] for k in ("finished", "seconds", "argv", "recipe_argv") if trained.get(k) is not None})
+    if "argv" not in rec and "recipe_argv" not in rec:  # trained by hand: the command it ran is not known
+        rec["recipe_argv"] = job.argv
     atomic_write_text(_done_file(out, job), json.dumps(rec, indent=1) + "\n")
     return rec
 
@@ -1420,16 +1425,21 @@ def _run_progress(run_dir: Path) -> tuple[int | None, int | None, int | None]:
 
 
 def _logged_starts(run_dir: Path) -> tuple[float, int]:
-    """(seconds of training the run's log records, number of processes that wrote it): each process
-    logs its own elapsed ``time``, so a resumed run's log restarts it (and may repeat steps since the
-    checkpoint); the sum over processes is the run's training time, which one done mark (the last
-    process's) understates."""
+    """(seconds of training the run's log records, number of processes that wrote it).  Each process
+    logs ``time``, its own elapsed seconds, with ``it_s``, the steps since its previous log over the
+    seconds since it: within one process ``(time - previous time) * it_s`` is the step gap, and at a
+    resume it is not (the new process's clock and rate start again; its log keeps the steps up to
+    the checkpoint).  The sum over processes is the run's training time, which a done mark (the last
+    process's) understates; time after a killed process's last checkpoint is not counted."""
     total, starts, last_t, last_step = 0.0, 0, None, None
     for r in read_jsonl(run_dir / "log.jsonl"):
         if r.get("kind") != "train" or not isinstance(r.get("time"), (int, float)):
             continue
-        t, step = float(r["time"]), r.get("step")
-        if last_t is None or t < last_t or (step is not None and last_step is not None and step <= last_step):
+        t, step, rate = float(r["time"]), r.get("step"), r.get("it_s")
+        same = last_t is not None and t >= last_t
+        if same and isinstance(rate, (int, float)) and isinstance(step, int) and isinstance(last_step, int):
+            same = abs((t - last_t) * rate - (step - last_step)) <= 0.5
+        if not same:
             starts += 1
             total += last_t or 0.0
         last_t, last_step = t, step
@@ -1560,7 +1570,8 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
                 "seed": (ft.get("train") or {}).get("seed"),
                 "commit": _trained_commit(out, row.run, commit),
                 "run": row.run,
-                # which of the run's weights were scored: "model" its last iteration's, "model-ema" its average
+                # which weights were scored: "model" the run's export (its last iteration's unless its best_metric
+                # selects), "model-ema" its weight average
                 "weights": row.weights,
             })
             if init:  # the run it started from: a pretraining run of its own seed, or another fine-tuning

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
 import subprocess
 
 import numpy as np
@@ -393,6 +394,18 @@ def test_a_run_trained_outside_the_driver_is_adopted_only_when_it_is_the_recipes
     assert done["finished"] <= done["adopted"] and "argv" not in done and "--out" in done["recipe_argv"]
     with pytest.raises(ConfigError, match="exists already"):
         adopt_run(rec, out, "a", src, commit="HEAD")
+    # trained by another driver: the mark keeps that driver's command and time, and its commit must agree
+    driven = tmp_path / "other-exp" / "runs" / "a"
+    shutil.copytree(src, driven)
+    (tmp_path / "other-exp" / "done").mkdir()
+    argv = ["python", "-m", "minivln.cli", "finetune", "--out", str(driven)]
+    (tmp_path / "other-exp" / "done" / "train-a.json").write_text(json.dumps(
+        {"commit": done["commit"], "finished": "2026-12-06 14:01:20", "seconds": 60.0, "argv": argv}))
+    with pytest.raises(ConfigError, match="was trained at"):
+        adopt_run(rec, tmp_path / "exp2", "a", driven, commit="HEAD")
+    again = adopt_run(rec, tmp_path / "exp2", "a", driven, commit="HEAD~1")
+    assert again["argv"] == argv and again["finished"] == "2026-12-06 14:01:20" and again["seconds"] == 60.0
+    assert "recipe_argv" not in again and again["adopted_from"] == str(driven)
     # the driver takes it as done: it scores it, and trains nothing
     ok, table = run_experiment(rec, out, jobs=1, pin=False)
     assert ok and table["rows"][0]["episodes"] == 9
@@ -414,6 +427,9 @@ def test_an_adopted_run_keeps_the_command_and_time_its_own_driver_recorded(tmp_p
     assert _source_mark(src) == rec
     mark.write_text(json.dumps({**rec, "argv": ["finetune", "--out", str(tmp_path / "elsewhere")]}))
     assert _source_mark(src) is None  # a mark for another directory of that name is not this run's
+    adopted = {"adopted_from": "/elsewhere/t", "finished": "2026-12-06 14:01:20", "recipe_argv": ["finetune"]}
+    mark.write_text(json.dumps(adopted))
+    assert _source_mark(src) == adopted  # a run adopted there: its adoption's mark describes it
 
 
 def test_random_walker_of_a_reverie_table_picks_a_visible_object(small_toy):

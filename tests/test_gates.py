@@ -206,17 +206,22 @@ def test_status_times_a_resumed_run_over_all_its_processes(tmp_path):
     out = tmp_path / "exp"
     job = Job("train:a", [], [sys.executable, "-c", "pass"], run_dir=out / "runs" / "a", spec="a")
     assert execute([job], out, tmp_path, "abc", max_jobs=1, threads=1)
-    log = [{"kind": "train", "step": 20, "time": 60.0}, {"kind": "train", "step": 40, "time": 600.0},
-           {"kind": "val", "step": 40},  # a resume from the step-25 checkpoint: steps and time start again
-           {"kind": "train", "step": 40, "time": 30.0}, {"kind": "train", "step": 60, "time": 300.0},
-           {"kind": "train", "step": 80, "time": 20.0}]  # and again, from step 75
+    # as the trainer writes it: each process logs its own elapsed time and its rate since its previous log;
+    # a resumed process's log keeps the steps up to the checkpoint it resumes from
+    log = [{"kind": "train", "step": 20, "time": 60.0, "it_s": 20 / 60},  # process 1 (checkpoint at 25)
+           {"kind": "train", "step": 40, "time": 70.0, "it_s": 15 / 70},  # process 2, from 25: slow to start,
+           {"kind": "train", "step": 60, "time": 600.0, "it_s": 20 / 530},  # its clock already past the first's
+           {"kind": "val", "step": 60},
+           {"kind": "train", "step": 80, "time": 20.0, "it_s": 5 / 20}]  # process 3, from 75
     (out / "runs" / "a").mkdir(parents=True)
     (out / "runs" / "a" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    assert _logged_starts(out / "runs" / "a") == (920.0, 3)
+    assert _logged_starts(out / "runs" / "a") == pytest.approx((680.0, 3))
     detail = job_status(Recipe(name="r"), out, [job])[0][2]
-    assert detail.endswith(", 15 min of training logged by 3 processes (resumed)")
-    (out / "runs" / "a" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[:2]))
-    assert _logged_starts(out / "runs" / "a") == (600.0, 1)
+    assert detail.endswith(", 11 min of training logged by 3 processes (resumed)")
+    one = [{"kind": "train", "step": 20, "time": 60.0, "it_s": 20 / 60},
+           {"kind": "train", "step": 40, "time": 600.0, "it_s": 20 / 540}]
+    (out / "runs" / "a" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in one))
+    assert _logged_starts(out / "runs" / "a") == pytest.approx((600.0, 1))
     assert "logged" not in job_status(Recipe(name="r"), out, [job])[0][2]  # one process: the mark's own time
 
 
