@@ -1606,8 +1606,8 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
         if row.note:
             rec["note"] = row.note
         rows.append(rec)
-    table = {"table": recipe.table or recipe.name, "recipe": recipe.name, "features": "stand-in"
-             if _standin(recipe) else "real", "task": recipe.task, "split": recipe.split,
+    table = {"table": recipe.table or recipe.name, "recipe": recipe.name, "features": _features_label(recipe, out),
+             "task": recipe.task, "split": recipe.split,
              "complete": not missing, "pending": missing, "not_run": not_run, "commit": commit,
              "written": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
     if recipe.comparisons:
@@ -1834,8 +1834,22 @@ def plot_curves(recipe: Recipe, out: Path, path: Path) -> None:
     save_png(fig, path, tight=True)
 
 
-def _standin(recipe: Recipe) -> bool:
-    return bool(FeatureStore(_abs(recipe.features, repo_root())).is_standin)
+def _features_label(recipe: Recipe, out: Path) -> str:
+    """"stand-in" or "real": from the recipe's feature file, or, without one (``--table-only`` on a
+    finished directory), from what every scoring recorded; a ConfigError if they disagree or none did."""
+    if recipe.features:
+        return "stand-in" if FeatureStore(_abs(recipe.features, repo_root())).is_standin else "real"
+    labels = set()
+    for row in recipe.rows:
+        if not row.random and row.weights != "undecided":
+            metrics = _scored(recipe, out, row).with_name(f"metrics_{recipe.split}.json")
+            if metrics.is_file():
+                labels.add(_read_json(metrics, "a scoring's metrics").get("features"))
+    if len(labels) != 1 or None in labels:
+        found = ", ".join(sorted(map(str, labels))) or "no scored row"
+        raise ConfigError(f"recipe {recipe.name}: which features the table used is not known ({found}); "
+                          "give features=FILE")
+    return labels.pop()
 
 
 def format_table(table: dict[str, Any]) -> str:
@@ -1914,7 +1928,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"retired {args.retire} in {Path(args.out).resolve()} (checkpoint at step {rec['checkpoint_step']}): "
               f"{rec['why']}")
         return 0
-    if not recipe.features and not args.status:  # --status reads marks and logs only
+    if not recipe.features and not (args.status or args.table_only):  # these read marks, logs and scores only
         raise ConfigError("the recipe needs features=FILE (view features, HDF5)")
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")

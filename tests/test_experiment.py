@@ -36,6 +36,7 @@ from minivln.experiment import (
     run_experiment,
     score_key,
     slug,
+    write_table,
 )
 from minivln.features.hdf5 import FeatureWriter, ObjectFeatures, ObjectFeatureWriter
 from minivln.model.checkpoint import save_pretrained
@@ -337,6 +338,13 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
         assert json.loads(scored.read_text())["sr"] == pytest.approx(row["sr"])
         assert json.loads(scored.read_text())["spl"] == pytest.approx(row["spl"])
     assert json.loads((tmp_path / "table.json").read_text())["rows"] == table["rows"]
+    # --table-only on a finished directory needs no feature file: the scorings say which features they used
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump({k: v for k, v in recipe.items() if k != "features"}))
+    again = write_table(load_recipe(str(bare)), out, table["commit"])
+    assert again["features"] == table["features"] and again["rows"] == table["rows"]
+    with pytest.raises(ConfigError, match="give features=FILE"):  # nothing scored there says it
+        write_table(load_recipe(str(bare)), tmp_path / "nothing-scored", table["commit"])
     # the pre-flight's room per run is a lower bound of what each run left on disk
     for run, export in (("pre", "pretrained"), ("plain", "model"), ("kd", "model")):
         cfg = DUETConfig.from_dict(json.loads((out / "runs" / run / export / "config.json").read_text()))
