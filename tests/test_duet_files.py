@@ -310,8 +310,9 @@ def test_finetune_alternates_training_and_augmented_iterations(small_toy, tmp_pa
     code, out, err = run_cli(_finetune_args(data, feats, run, "train.max_steps=3", *extra), capsys)
     assert code == 0, err
     assert "and 4 augmented ones (aug_files), 2 augmented iteration(s) after each one on train" in out
-    code, _, err = run_cli(["finetune", "--resume", *_finetune_args(data, feats, run, "train.max_steps=4", *extra)[1:]],
-                           capsys)
+    with pytest.warns(UserWarning, match="max_steps differ"):  # resumed to a longer run, as said
+        code, _, err = run_cli(["finetune", "--resume", *_finetune_args(data, feats, run, "train.max_steps=4",
+                                                                         *extra)[1:]], capsys)
     assert code == 0, err
 
     cfg = load_config_for_test(_finetune_args(data, feats, tmp_path / "probe", *extra))
