@@ -894,7 +894,7 @@ def _source_mark(src: Path) -> dict[str, Any] | None:
     """The done mark of the run directory ``src`` where a driver trained or adopted it
     (``EXP/done/train-RUN.json`` beside ``EXP/runs/RUN``: its command names ``src``, or it is an
     adoption's mark), or None."""
-    mark = src.parent.parent / "done" / f"train-{src.name}.json"
+    mark = _done_file(src.parent.parent, Job(f"train:{src.name}", [], []))
     try:
         rec = json.loads(mark.read_text())
     except (OSError, ValueError):
