@@ -23,6 +23,7 @@ from minivln.experiment import (
     PreflightError,
     Recipe,
     RowSpec,
+    _abs,
     adopt_run,
     bar_metrics,
     checkpoint_bytes,
@@ -154,7 +155,6 @@ def test_r2r_prereg_rows_score_one_kind_of_weights_and_nothing_before_the_pilot_
         students = [r for r in recipe.rows if r.run and r.run.startswith("ft-")]
         assert students and all(r.weights == students[0].weights for r in students), name
         kinds.add(students[0].weights)
-        assert all(r.weights == "model" for r in recipe.rows if r.run == "teacher-cont")
         jobs = [j.name for j in plan(recipe, tmp_path, tmp_path)]
         assert {f"train:{r.run}" for r in students} <= set(jobs)
         if students[0].weights == "undecided":
@@ -166,6 +166,29 @@ def test_r2r_prereg_rows_score_one_kind_of_weights_and_nothing_before_the_pilot_
     assert kinds == {"model"}
     with pytest.raises(ConfigError, match="undecided, so there is nothing to score"):
         score_key(RowSpec(name="none, seed 0", run="ft-none-s0", weights="undecided"))
+
+
+def test_r2r_prereg_stage_2_learns_from_one_teacher_that_survives_a_machine_change(tmp_path):
+    """docs/preregistration.md, amendment of 2026-12-07: every stage-2 run of Tables III-V (and their
+    val_seen twins) learns from the same teacher, the shared fine-tuned duet-cpu (a file under
+    ../shared, not a run of the experiment directory, whose weights a new machine would lack), and the
+    tables' teacher row scores that same file."""
+    shared = str(repo_root().parent / "shared" / "teachers" / "duet-cpu-r2r-finetuned")
+    stage2 = 0
+    for name in R2R_PREREG_TABLES:
+        recipe = load_recipe(name, ["features=x"])
+        assert "teacher-cont" not in recipe.runs, name
+        for job in plan(recipe, tmp_path, tmp_path):
+            if job.name.startswith("train:ft-"):
+                teachers = [a.split("=", 1)[1] for a in job.argv if a.startswith("teacher=")]
+                assert teachers in ([], [shared]), (name, job.name, teachers)
+                assert not job.deps or all(d.startswith("train:pre-") for d in job.deps), (name, job.name)
+                stage2 += bool(teachers)
+        teacher_rows = [r for r in recipe.rows if r.checkpoint]
+        assert all(str(_abs(r.checkpoint, repo_root())) == shared for r in teacher_rows), name
+    # the runs each recipe's rows need: Table III two-stage x 6 + stage 2 only x 4; Table IV (and its val_seen
+    # twin) two-stage seeds 0-2 + 4 term sets x 3 seeds; Table V (and twin) two-stage 0-2 + 2 KD weights x 3
+    assert stage2 == 10 + 2 * (3 + 12) + 2 * (3 + 6)
 
 
 def test_tables_4_and_5_reuse_table_3s_two_stage_run(tmp_path):
