@@ -83,6 +83,7 @@ from minivln.model.duet import DUET
 from minivln.model.registry import get_config
 from minivln.paths import (
     DataError,
+    atomic_write_bytes,
     atomic_write_text,
     check_free_space,
     check_writable_dir,
@@ -488,6 +489,9 @@ class Job:
     # and the KEY=VALUE overrides after it
     config: str = ""
     overrides: list[str] = field(default_factory=list)
+    # a training run's exported weights (RUN/model or RUN/pretrained) and those it starts from (its init's)
+    weights: Path | None = None
+    init: Path | None = None
 
 
 def _abs(value: Any, base: Path) -> Any:
@@ -599,7 +603,8 @@ def plan(recipe: Recipe, out: Path, code: Path, launcher: list[str] | None = Non
         deps = [f"train:{up}" for up in upstream(name)]
         deps += [f"score:{score_key(r, recipe.split)}" for g in gates_of(recipe, name) for r in recipe.rows if r.name in g.rows]
         jobs.append(Job(f"train:{name}", list(dict.fromkeys(deps)), argv, run_dir=run_dir, spec=run_hash(name),
-                        config=spec.config or "", overrides=overrides))
+                        config=spec.config or "", overrides=overrides, weights=_exported(recipe, name, run_dir),
+                        init=_init_weights(recipe, out, spec.init) if spec.init else None))
     for row in recipe.rows:
         if row.random or row.weights == "undecided":
             continue  # random: scored in-process when the table is written (seconds); undecided: not yet
@@ -761,6 +766,12 @@ def _init_weights(recipe: Recipe, out: Path, run: str) -> Path:
 
 def _done_file(out: Path, job: Job) -> Path:
     return out / "done" / f"{job.name.replace(':', '-')}.json"
+
+
+def _mark(out: Path, run: str) -> dict[str, Any]:
+    """Run ``run``'s done mark in ``out`` ({} if it has none)."""
+    f = out / "done" / f"train-{run}.json"
+    return _read_json(f, "the done mark") if f.exists() else {}
 
 
 def _trained_commit(out: Path, run: str, default: str) -> str:
@@ -949,6 +960,192 @@ def adopt_run(recipe: Recipe, out: Path, run: str, src: Path, *, commit: str, no
         rec["recipe_argv"] = job.argv
     atomic_write_text(_done_file(out, job), json.dumps(rec, indent=1) + "\n")
     return rec
+
+
+# ------------------------------------------------------------------------------------------ record
+# What survives a machine change.  Weights and checkpoints are too big to keep anywhere but the machine
+# that trained them; the rest of an experiment directory -- the pin, done marks, run configs and logs,
+# scorings -- is small.  ``--save-record DIR`` copies it (JSON over 64 KB gzipped), ``--load-record DIR``
+# puts it into a new directory, and the driver then knows what is done: a finished run whose weights
+# are not on this machine is trained again only when a pending job needs them and nothing has scored it.
+
+#: what a record leaves out: the code worktree, locks, and every folder inside a run (checkpoints,
+#: exported weights); in a run's own folder only these files are kept
+_RECORD_SKIP = {"code", "claims", "shared"}
+_RECORD_SUFFIXES = (".json", ".jsonl", ".yaml", ".txt", ".log")
+_RECORD_GZIP_BYTES = 64 * 1024
+RECORD_MANIFEST = "record.json"
+
+
+def weights_digest(weights: Path | None) -> str | None:
+    """The first 16 hex digits of the SHA-256 of ``weights/model.safetensors`` (None if absent)."""
+    f = weights / "model.safetensors" if weights is not None else None
+    if f is None or not f.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _digests(job: Job) -> dict[str, str]:
+    """For a finished training job's done mark: the digest of the weights it exported and of those it
+    started from, so that a row says which pretraining weights its run learned from."""
+    rec = {}
+    if (d := weights_digest(job.weights)) is not None:
+        rec["weights_sha256"] = d
+    if (d := weights_digest(job.init)) is not None:
+        rec["init_sha256"] = d
+    return rec
+
+
+def _lost(out: Path, job: Job) -> bool:
+    """A finished training run whose exported weights are not in ``out`` (e.g. its record was loaded on
+    another machine)."""
+    return job.weights is not None and is_done(out, job) and weights_digest(job.weights) is None
+
+
+def requeue_lost(jobs: list[Job], out: Path) -> dict[str, str]:
+    """Make the finished runs whose weights are lost pending again where an unfinished job of ``jobs``
+    needs them: the old done mark becomes ``done/train-RUN.lost-N.json`` and the old run folder
+    ``runs/RUN.lost-N`` (kept as history), and the run trains again from the start.  A lost run that has
+    been scored (a done ``score:`` job needs it) is not trained again -- that would score other weights
+    than the table's -- so the jobs that need it are held: returned as ``{job: why}``."""
+    by_name = {j.name: j for j in jobs}
+    held: dict[str, str] = {}
+    changed = True
+    while changed:  # a run trained again may need a lost run itself
+        changed = False
+        for j in jobs:
+            if is_done(out, j) or j.name in held:
+                continue
+            for d in j.deps:
+                dep = by_name.get(d)
+                if dep is None or not _lost(out, dep):
+                    continue
+                scored = sorted(x.name for x in jobs if x.name.startswith("score:") and d in x.deps and is_done(out, x))
+                if scored:
+                    held[j.name] = (f"{dep.name.split(':', 1)[1]}'s weights are not on this machine and it was scored "
+                                    f"({', '.join(scored)}): training it again would score other weights; put its "
+                                    f"weights back in {dep.weights}")
+                    continue
+                k = 1
+                while (out / "runs" / f"{dep.run_dir.name}.lost-{k}").exists() or \
+                        _done_file(out, dep).with_suffix(f".lost-{k}.json").exists():
+                    k += 1
+                mark = _done_file(out, dep)
+                os.replace(mark, mark.with_suffix(f".lost-{k}.json"))
+                if dep.run_dir.exists():
+                    os.replace(dep.run_dir, dep.run_dir.with_name(f"{dep.run_dir.name}.lost-{k}"))
+                print(f"lost     {dep.name}: its weights are not on this machine; trained again for {j.name} "
+                      f"(the earlier record kept as lost-{k})", flush=True)
+                changed = True
+    return held
+
+
+def _record_files(out: Path) -> list[Path]:
+    """The files of an experiment directory that its record keeps (relative to ``out``)."""
+    keep = []
+    for f in sorted(out.rglob("*")):
+        rel = f.relative_to(out)
+        if rel.parts[0] in _RECORD_SKIP or not f.is_file() or f.is_symlink() or f.suffix not in _RECORD_SUFFIXES:
+            continue
+        if rel.parts[0] == "runs" and len(rel.parts) != 3:  # only a run's own files: no checkpoint, no weights
+            continue
+        keep.append(rel)
+    return keep
+
+
+def save_record(out: Path, dest: Path) -> dict[str, Any]:
+    """Write the record of experiment directory ``out`` to ``dest`` (replaced whole): every file
+    :func:`_record_files` keeps, JSON over 64 KB as ``.gz`` (gzip with no timestamp, so that a
+    submission already gzipped for a table is the same bytes), and ``record.json``: the files, the digest of
+    every exported weights file present, and when."""
+    out, dest = Path(out).resolve(), Path(dest).resolve()
+    if not (out / "pin.json").is_file():
+        raise ConfigError(f"{out} is no experiment directory (no pin.json)")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    files: dict[str, dict[str, Any]] = {}
+    for rel in _record_files(out):
+        data = (out / rel).read_bytes()
+        name = str(rel)
+        if len(data) > _RECORD_GZIP_BYTES and rel.suffix in (".json", ".jsonl"):
+            name += ".gz"
+            if rel.suffix == ".json":  # as write_gz writes a table's submission
+                write_gz(tmp / name, json.loads(data))
+            else:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                with gzip.GzipFile(tmp / name, "wb", mtime=0) as fh:
+                    fh.write(data)
+        else:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        files[str(rel)] = {"stored": name, "sha256": hashlib.sha256(data).hexdigest()[:16]}
+    weights = {}
+    for run_dir in sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []:
+        for sub in ("model", "model-ema", "pretrained"):
+            if (d := weights_digest(run_dir / sub)) is not None:
+                weights[f"{run_dir.name}/{sub}"] = d
+    manifest = {"saved": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), "from": str(out),
+                "files": files, "weights_sha256": weights,
+                "note": "weights and checkpoints are not kept: a run whose weights a pending job needs is trained "
+                        "again there unless it was scored (minivln experiment --load-record)"}
+    atomic_write_text(tmp / RECORD_MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return manifest
+
+
+def load_record(src: Path, out: Path) -> list[str]:
+    """Put the record ``src`` (:func:`save_record`) into the experiment directory ``out``; the files
+    written (relative to ``out``).  A file already there must hold the same bytes (one ConfigError
+    naming every one that does not), so a record never overwrites work."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    manifest = _read_json(src / RECORD_MANIFEST, "the record's manifest")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise ConfigError(f"{src / RECORD_MANIFEST} lists no files: not a record of minivln experiment")
+    blobs, clashes, missing = {}, [], []
+    for rel, info in files.items():
+        stored = src / info["stored"]
+        if not stored.is_file():
+            missing.append(info["stored"])
+            continue
+        if info["stored"].endswith(".gz") and not rel.endswith(".gz"):
+            with gzip.open(stored, "rb") as fh:
+                data = fh.read()
+            if rel.endswith(".json"):  # comes back as compact JSON: the same values, not the same spacing
+                data = json.dumps(json.loads(data)).encode()
+        else:
+            data = stored.read_bytes()
+        target = out / rel
+        if target.exists() and target.read_bytes() != data and \
+                not (rel.endswith(".json") and _same_json(target.read_bytes(), data)):
+            clashes.append(rel)
+        blobs[rel] = data
+    if missing:
+        raise ConfigError(f"record {src} lacks {len(missing)} of its files: {', '.join(missing[:5])}")
+    if clashes:
+        raise ConfigError(f"{out} already holds other versions of {len(clashes)} file(s) of record {src}: "
+                          f"{', '.join(clashes[:5])}; load it into a new directory")
+    written = []
+    for rel, data in blobs.items():
+        target = out / rel
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, data)
+        written.append(rel)
+    return written
+
+
+def _same_json(a: bytes, b: bytes) -> bool:
+    try:
+        return json.loads(a) == json.loads(b)
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------ pre-flight
@@ -1300,6 +1497,7 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
     t0 = time.time()
     free = list(gpus or [])
     slot_of: dict[str, tuple[str, RunLock]] = {}
+    lost_held = requeue_lost(jobs, out)
     pending = [j for j in jobs if not is_done(out, j)]
     finished = {j.name for j in jobs if j not in pending}
     running: dict[str, tuple[Job, subprocess.Popen]] = {}
@@ -1309,6 +1507,11 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
     waiting_elsewhere: set[str] = set()
     for j in jobs:
         print(f"{'pending' if j in pending else 'done':<8} {j.name}", flush=True)
+    for name, why in lost_held.items():  # their weights are gone and they were scored: never trained twice
+        if (j := next(x for x in jobs if x.name == name)) in pending:
+            pending.remove(j)
+            held.add(name)
+            print(f"held     {name}: {why}", flush=True)
 
     def let_go(name: str) -> None:
         if name in slot_of:
@@ -1388,6 +1591,7 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
                         finished.add(name)
                         rec = {"job": name, "spec": j.spec, "commit": commit, "seconds": round(took, 1),
                                "finished": when, "argv": j.argv}
+                        rec.update(_digests(j))
                         atomic_write_text(_done_file(out, j), json.dumps(rec, indent=1) + "\n")
                         _failed_file(out, j).unlink(missing_ok=True)
                         print(f"finished {name} in {took / 60:.1f} min", flush=True)
@@ -1462,7 +1666,9 @@ def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, st
                 logged, starts = _logged_starts(j.run_dir)
                 if starts > 1:  # resumed: the mark timed the last process only
                     took = f", {logged / 60:.0f} min of training logged by {starts} processes (resumed)"
-            status.append((j.name, "done", f"{rec.get('finished', '?')}{took}"))
+            lost = "; its weights are not on this machine" if _lost(out, j) else ""
+            when = rec.get("finished") or (f"rebuilt from {rec['rebuilt_from']}" if rec.get("rebuilt_from") else "?")
+            status.append((j.name, "done", f"{when}{took}{lost}"))
             continue
         state, detail = "pending", ""
         if j.run_dir is not None:
@@ -1577,6 +1783,8 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
             if init:  # the run it started from: a pretraining run of its own seed, or another fine-tuning
                 rec.update({"pretrain_run": init, "pretrain_seed": (pre.get("train") or {}).get("seed"),
                             "pretrain_commit": _trained_commit(out, init, commit)})
+                if started := _mark(out, row.run).get("init_sha256"):  # which weights of it (a run may be trained again)
+                    rec["pretrain_weights"] = started
             teacher_run = recipe.runs[row.run].teacher_run
             if teacher_run:
                 rec.update({"teacher_run": teacher_run, "teacher_commit": _trained_commit(out, teacher_run, commit)})
@@ -1910,6 +2118,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "resumes it, what needs it is held, its rows are reported as not run; needs --why; "
                         "stop its process first; runs nothing")
     p.add_argument("--why", default="", help="--retire's reason, as the pre-registration states the rule")
+    p.add_argument("--save-record", metavar="DIR", default=None,
+                   help="copy what OUT knows -- pin, done marks, run configs and logs, scorings; not weights or "
+                        "checkpoints -- to DIR (a few MB, e.g. to commit), so that another machine can go on; runs nothing")
+    p.add_argument("--load-record", metavar="DIR", default=None,
+                   help="put a --save-record DIR into OUT (never over other work); a run whose weights are "
+                        "then missing is trained again only when a pending job needs it and nothing scored it; "
+                        "runs nothing")
     p.set_defaults(func=_main, extra_positionals="recipe")  # overrides may also follow the options
 
 
@@ -1917,11 +2132,21 @@ def _main(args: argparse.Namespace) -> int:
     name, overrides = args.recipe[0], args.recipe[1:]
     modes = [o for o, on in (("--adopt", args.adopt is not None), ("--retire", args.retire is not None),
                              ("--status", args.status), ("--dry-run", args.dry_run),
-                             ("--table-only", args.table_only)) if on]
+                             ("--table-only", args.table_only), ("--save-record", args.save_record is not None),
+                             ("--load-record", args.load_record is not None)) if on]
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} do different things: give one")
     if args.why and args.retire is None:
         raise ConfigError("--why goes with --retire RUN")
+    if args.save_record is not None:  # the whole directory, whatever the recipe: it reads files only
+        rec = save_record(Path(args.out), Path(args.save_record))
+        print(f"record of {rec['from']}: {len(rec['files'])} files, {len(rec['weights_sha256'])} weights' digests "
+              f"-> {Path(args.save_record).resolve()} (no weights)")
+        return 0
+    if args.load_record is not None:
+        written = load_record(Path(args.load_record), Path(args.out))
+        print(f"loaded {len(written)} files of {Path(args.load_record).resolve()} into {Path(args.out).resolve()}")
+        return 0
     recipe = load_recipe(name, overrides)
     if args.retire is not None:  # needs no features: it reads and writes marks only
         rec = retire_run(recipe, Path(args.out), args.retire, args.why)

@@ -25,6 +25,8 @@ from minivln.experiment import (
     RowSpec,
     _abs,
     adopt_run,
+    job_status,
+    load_record,
     bar_metrics,
     checkpoint_bytes,
     find_recipe,
@@ -35,6 +37,7 @@ from minivln.experiment import (
     random_submission,
     repo_root,
     run_experiment,
+    save_record,
     score_key,
     slug,
     write_table,
@@ -733,3 +736,62 @@ def test_a_picker_row_needs_a_reverie_run(tmp_path):
                                                                                "picker": "name-overlap"}]}))
     jobs = [j.name for j in plan(load_recipe(str(p)), tmp_path, tmp_path)]
     assert jobs.count("score:a") == 1  # the reference row re-uses the run's scoring
+
+
+def test_a_record_lets_another_machine_go_on_without_training_or_scoring_twice(small_toy, tmp_path, capsys):
+    """--save-record keeps what an experiment directory knows but its weights; --load-record puts it in a
+    new directory, where a finished run a pending job needs is trained again (its earlier record kept as
+    lost-1) unless it was scored, in which case what needs it is held (issue 21: the machine changed)."""
+    data, feats = small_toy
+    runs = {"pre": {"command": "pretrain", "overrides": _pre()},
+            "a": {"command": "finetune", "init": "pre", "overrides": _ft()}}
+    (tmp_path / "1").mkdir()
+    first = _tiny_recipe(tmp_path / "1", data, feats, runs, [{"name": "A", "run": "a"}])
+    out, record = tmp_path / "exp", tmp_path / "record"
+    out.mkdir()
+    (out / "pin.json").write_text(json.dumps({"commit": "unpinned"}))  # run_experiment(pin=False) pins nothing
+    ok, table = run_experiment(load_recipe(first), out, jobs=1, pin=False)
+    assert ok and table["complete"]
+    pre_digest = json.loads((out / "done" / "train-pre.json").read_text())["weights_sha256"]
+    a_mark = json.loads((out / "done" / "train-a.json").read_text())
+    assert a_mark["init_sha256"] == pre_digest and len(pre_digest) == 16 and a_mark["weights_sha256"] != pre_digest
+    assert table["rows"][0]["pretrain_weights"] == pre_digest  # the row says which pretraining weights
+
+    manifest = cli_main(["experiment", first, "--out", str(out), "--save-record", str(record)])
+    assert manifest == 0
+    kept = {str(f.relative_to(record)) for f in record.rglob("*") if f.is_file()}
+    assert "done/train-a.json" in kept and "runs/a/config.yaml" in kept and "runs/a/log.jsonl" in kept
+    assert any(k.startswith("scores/a/submission_val_unseen.json") for k in kept)
+    assert not [k for k in kept if k.endswith((".safetensors", ".pt")) or k.count("/") > 2 and k.startswith("runs/")]
+    digests = json.loads((record / "record.json").read_text())["weights_sha256"]
+    assert digests == {"pre/pretrained": pre_digest, "a/model": a_mark["weights_sha256"]}
+
+    # another machine: the record, no weights; a new row needs a run from the lost pretraining
+    runs2 = {**runs, "b": {"command": "finetune", "init": "pre", "overrides": _ft(ml_weight=0.5)},
+             "c": {"command": "finetune", "init": "a", "overrides": _ft()}}
+    (tmp_path / "2").mkdir()
+    second = _tiny_recipe(tmp_path / "2", data, feats, runs2, [{"name": "A", "run": "a"}, {"name": "B", "run": "b"},
+                                                               {"name": "C", "run": "c"}])
+    new = tmp_path / "new"
+    assert cli_main(["experiment", second, "--out", str(new), "--load-record", str(record)]) == 0
+    assert not list(new.rglob("*.safetensors"))
+    status = {n: (s, d) for n, s, d in job_status(load_recipe(second), new, plan(load_recipe(second), new, new))}
+    assert "not on this machine" in status["train:a"][1] and status["score:a"][0] == "done"
+    ok, table2 = run_experiment(load_recipe(second), new, jobs=1, pin=False)
+    printed = capsys.readouterr().out
+    assert ok and table2["pending"] == ["C"]  # a was scored: not trained again, so c, which needs it, is held
+    assert "held     train:c: a's weights are not on this machine and it was scored (score:a)" in printed
+    assert not (new / "done" / "train-a.lost-1.json").exists() and not (new / "runs" / "a" / "model").exists()
+    # pre was not scored: trained again for b, its first record kept as lost-1
+    assert json.loads((new / "done" / "train-pre.lost-1.json").read_text())["weights_sha256"] == pre_digest
+    assert (new / "runs" / "pre.lost-1" / "config.yaml").is_file() and (new / "runs" / "pre" / "pretrained").is_dir()
+    rows = {r["name"]: r for r in table2["rows"]}
+    assert rows["A"]["sr"] == table["rows"][0]["sr"] and rows["A"]["pretrain_weights"] == pre_digest
+    assert rows["B"]["pretrain_weights"] == json.loads((new / "done" / "train-pre.json").read_text())["weights_sha256"]
+
+    # a record never overwrites work: a file that differs is one clear error
+    (new / "runs" / "a" / "config.yaml").write_text("changed: 1\n")
+    with pytest.raises(ConfigError, match=r"other versions of .*runs/a/config\.yaml"):
+        load_record(record, new)
+    with pytest.raises(ConfigError, match="no experiment directory"):
+        save_record(tmp_path / "nothing", tmp_path / "r2")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One core's share of a sitting (docs/preregistration.md, amendment of 2026-12-07): run the given steps in
+# order, each a driver call with --jobs 1 on the shared experiment directory, and save the directory's
+# record after each, so that whatever has been scored can be committed at any time.  Stops at the first
+# step that fails.  Run a copy (bash reads a script as it goes), one per core:
+#
+#   cp studies/r2r_prereg/chain.sh /tmp/chain.sh
+#   /tmp/chain.sh OUT FEATS DATA RECORD 'r2r-prereg-table3:train:pre-kd-s0' 'r2r-prereg-table3:train:ft-both-s0,score:ft-both-s0' ...
+#
+# A step is RECIPE:ONLY (ONLY as --only takes it).
+set -u
+out=$1 feats=$2 data=$3 record=$4
+shift 4
+for step in "$@"; do
+  recipe=${step%%:*} only=${step#*:}
+  echo "=== $(date -u +%H:%M:%S) $recipe --only $only"
+  log=$(mktemp)
+  MINIVLN_DATA=$data minivln experiment "$recipe" --out "$out" --jobs 1 --only "$only" \
+    features="$feats" data_dir="$data" > "$log" 2>&1
+  rc=$?
+  grep -E '^(started|finished|FAILED|held|lost|skipped)|Error' "$log"
+  [ "$rc" != 0 ] && tail -20 "$log"
+  rm -f "$log"
+  flock "$out/.record.lock" minivln experiment "$recipe" --out "$out" --save-record "$record" | tail -1
+  if [ "$rc" != 0 ]; then echo "=== step failed (exit $rc): stopping"; exit "$rc"; fi
+done
+echo "=== $(date -u +%H:%M:%S) all steps done"
