@@ -1045,14 +1045,16 @@ def requeue_lost(jobs: list[Job], out: Path) -> dict[str, str]:
 
 
 def _record_files(out: Path) -> list[Path]:
-    """The files of an experiment directory that its record keeps (relative to ``out``)."""
+    """The files of an experiment directory that its record keeps (relative to ``out``): JSON, YAML and
+    text files, a run's only from its own folder and only once it has finished."""
     keep = []
     for f in sorted(out.rglob("*")):
         rel = f.relative_to(out)
         if rel.parts[0] in _RECORD_SKIP or not f.is_file() or f.is_symlink() or f.suffix not in _RECORD_SUFFIXES:
             continue
-        if rel.parts[0] == "runs" and len(rel.parts) != 3:  # only a run's own files: no checkpoint, no weights
-            continue
+        if rel.parts[0] == "runs" and (len(rel.parts) != 3  # only a run's own files: no checkpoint, no weights
+                                       or not (out / "done" / f"train-{rel.parts[1]}.json").is_file()):
+            continue  # nor an unfinished run's (it starts again wherever its checkpoint is missing)
         keep.append(rel)
     return keep
 

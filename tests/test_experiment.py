@@ -757,10 +757,13 @@ def test_a_record_lets_another_machine_go_on_without_training_or_scoring_twice(s
     assert a_mark["init_sha256"] == pre_digest and len(pre_digest) == 16 and a_mark["weights_sha256"] != pre_digest
     assert table["rows"][0]["pretrain_weights"] == pre_digest  # the row says which pretraining weights
 
+    (out / "runs" / "unfinished").mkdir()
+    (out / "runs" / "unfinished" / "config.yaml").write_text("a: 1\n")
     manifest = cli_main(["experiment", first, "--out", str(out), "--save-record", str(record)])
     assert manifest == 0
     kept = {str(f.relative_to(record)) for f in record.rglob("*") if f.is_file()}
     assert "done/train-a.json" in kept and "runs/a/config.yaml" in kept and "runs/a/log.jsonl" in kept
+    assert not [k for k in kept if "unfinished" in k]
     assert any(k.startswith("scores/a/submission_val_unseen.json") for k in kept)
     assert not [k for k in kept if k.endswith((".safetensors", ".pt")) or k.count("/") > 2 and k.startswith("runs/")]
     digests = json.loads((record / "record.json").read_text())["weights_sha256"]
