@@ -989,59 +989,84 @@ def weights_digest(weights: Path | None) -> str | None:
     return h.hexdigest()[:16]
 
 
-def _digests(job: Job) -> dict[str, str]:
+def _digests(job: Job, init: str | None) -> dict[str, str]:
     """For a finished training job's done mark: the digest of the weights it exported and of those it
-    started from, so that a row says which pretraining weights its run learned from."""
+    started from (``init``, read when it started), so that a row says which pretraining weights its run
+    learned from."""
     rec = {}
     if (d := weights_digest(job.weights)) is not None:
         rec["weights_sha256"] = d
-    if (d := weights_digest(job.init)) is not None:
-        rec["init_sha256"] = d
+    if init is not None:
+        rec["init_sha256"] = init
     return rec
 
 
 def _lost(out: Path, job: Job) -> bool:
     """A finished training run whose exported weights are not in ``out`` (e.g. its record was loaded on
     another machine)."""
-    return job.weights is not None and is_done(out, job) and weights_digest(job.weights) is None
+    return job.weights is not None and is_done(out, job) and not (job.weights / "model.safetensors").is_file()
 
 
-def requeue_lost(jobs: list[Job], out: Path) -> dict[str, str]:
-    """Make the finished runs whose weights are lost pending again where an unfinished job of ``jobs``
-    needs them: the old done mark becomes ``done/train-RUN.lost-N.json`` and the old run folder
-    ``runs/RUN.lost-N`` (kept as history), and the run trains again from the start.  A lost run that has
-    been scored (a done ``score:`` job needs it) is not trained again -- that would score other weights
-    than the table's -- so the jobs that need it are held: returned as ``{job: why}``."""
+def _scorings_of(out: Path, job: Job) -> list[str]:
+    """The done scorings, of any recipe sharing ``out``, of training job ``job``'s weights (a scoring's
+    spec is its run's)."""
+    found = []
+    for f in sorted((out / "done").glob("score-*.json")):
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("spec") == job.spec:
+            found.append(str(rec.get("job") or f.stem))
+    return found
+
+
+def requeue_lost(jobs: list[Job], out: Path, chosen: list[Job] | None = None) -> tuple[list[Job], dict[str, str]]:
+    """Make the finished runs whose weights are lost pending again where an unfinished job of
+    ``chosen`` (default: all of ``jobs``, the whole plan) needs them: the old done mark becomes
+    ``done/train-RUN.lost-N.json`` and the old run folder ``runs/RUN.lost-N`` (kept as history), and the
+    run trains again from the start.  A lost run that has been scored (a done ``score-*`` mark in
+    ``out`` of its spec, whichever recipe wrote it) is not trained again -- that would score other
+    weights than the table's -- so the jobs that need it are held.  A retired run (``--retire``) makes
+    nothing train again.  Returns ``(chosen with the runs to train again, in plan order; {job: why held}``).
+    Two drivers starting at once requeue one at a time (``claims/requeue``)."""
     by_name = {j.name: j for j in jobs}
+    names = {j.name for j in (jobs if chosen is None else chosen)}
     held: dict[str, str] = {}
-    changed = True
-    while changed:  # a run trained again may need a lost run itself
-        changed = False
-        for j in jobs:
-            if is_done(out, j) or j.name in held:
-                continue
-            for d in j.deps:
-                dep = by_name.get(d)
-                if dep is None or not _lost(out, dep):
+    if not any(_lost(out, j) for j in jobs):
+        return [j for j in jobs if j.name in names], held
+    lock = _wait_for_lock(out / "claims" / "requeue", "another driver looking for lost runs")
+    try:
+        changed = True
+        while changed:  # a run trained again may need a lost run itself
+            changed = False
+            for j in [by_name[n] for n in by_name if n in names]:
+                if j.name in held or is_done(out, j) or retired_why(out, j.name.split(":", 1)[1]) is not None:
                     continue
-                scored = sorted(x.name for x in jobs if x.name.startswith("score:") and d in x.deps and is_done(out, x))
-                if scored:
-                    held[j.name] = (f"{dep.name.split(':', 1)[1]}'s weights are not on this machine and it was scored "
-                                    f"({', '.join(scored)}): training it again would score other weights; put its "
-                                    f"weights back in {dep.weights}")
-                    continue
-                k = 1
-                while (out / "runs" / f"{dep.run_dir.name}.lost-{k}").exists() or \
-                        _done_file(out, dep).with_suffix(f".lost-{k}.json").exists():
-                    k += 1
-                mark = _done_file(out, dep)
-                os.replace(mark, mark.with_suffix(f".lost-{k}.json"))
-                if dep.run_dir.exists():
-                    os.replace(dep.run_dir, dep.run_dir.with_name(f"{dep.run_dir.name}.lost-{k}"))
-                print(f"lost     {dep.name}: its weights are not on this machine; trained again for {j.name} "
-                      f"(the earlier record kept as lost-{k})", flush=True)
-                changed = True
-    return held
+                for d in j.deps:
+                    dep = by_name.get(d)
+                    if dep is None or not _lost(out, dep):
+                        continue
+                    if scored := _scorings_of(out, dep):
+                        held[j.name] = (f"{dep.name.split(':', 1)[1]}'s weights are not on this machine and it was "
+                                        f"scored ({', '.join(scored)}): training it again would score other weights; "
+                                        f"put its weights back in {dep.weights}")
+                        break
+                    k = 1
+                    mark = _done_file(out, dep)
+                    while (out / "runs" / f"{dep.run_dir.name}.lost-{k}").exists() or \
+                            mark.with_suffix(f".lost-{k}.json").exists():
+                        k += 1
+                    os.replace(mark, mark.with_suffix(f".lost-{k}.json"))
+                    if dep.run_dir.exists():
+                        os.replace(dep.run_dir, dep.run_dir.with_name(f"{dep.run_dir.name}.lost-{k}"))
+                    names.update([dep.name, *dep.deps])  # the driver counts its own needs done (or finds them lost)
+                    print(f"lost     {dep.name}: its weights are not on this machine; trained again for {j.name} "
+                          f"(the earlier record kept as lost-{k})", flush=True)
+                    changed = True
+    finally:
+        lock.release()
+    return [j for j in jobs if j.name in names], held
 
 
 def _record_files(out: Path) -> list[Path]:
@@ -1059,11 +1084,19 @@ def _record_files(out: Path) -> list[Path]:
     return keep
 
 
+def _restored(data: bytes, rel: str, gz: bool) -> bytes:
+    """The bytes a record's file comes back as: JSON that was gzipped comes back compact (the same
+    values, not the same spacing); everything else as it was."""
+    return json.dumps(json.loads(data)).encode() if gz and rel.endswith(".json") else data
+
+
 def save_record(out: Path, dest: Path) -> dict[str, Any]:
-    """Write the record of experiment directory ``out`` to ``dest`` (replaced whole): every file
-    :func:`_record_files` keeps, JSON over 64 KB as ``.gz`` (gzip with no timestamp, so that a
-    submission already gzipped for a table is the same bytes), and ``record.json``: the files, the digest of
-    every exported weights file present, and when."""
+    """Write the record of experiment directory ``out`` to ``dest`` (replaced whole, the old one only
+    once the new one is complete): every file :func:`_record_files` keeps, JSON over 64 KB as ``.gz``
+    (gzip with no timestamp, so that a submission already gzipped for a table is the same bytes), and
+    ``record.json``: the files with the digest of what loading gives back, the digest of every exported
+    weights file present, and when.  A file that vanishes while it is read (another driver moving it)
+    is left out."""
     out, dest = Path(out).resolve(), Path(dest).resolve()
     if not (out / "pin.json").is_file():
         raise ConfigError(f"{out} is no experiment directory (no pin.json)")
@@ -1071,20 +1104,22 @@ def save_record(out: Path, dest: Path) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     files: dict[str, dict[str, Any]] = {}
     for rel in _record_files(out):
-        data = (out / rel).read_bytes()
-        name = str(rel)
-        if len(data) > _RECORD_GZIP_BYTES and rel.suffix in (".json", ".jsonl"):
+        try:
+            data = (out / rel).read_bytes()
+        except FileNotFoundError:
+            continue
+        name, gz = str(rel), len(data) > _RECORD_GZIP_BYTES and rel.suffix in (".json", ".jsonl")
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        if gz:
             name += ".gz"
             if rel.suffix == ".json":  # as write_gz writes a table's submission
                 write_gz(tmp / name, json.loads(data))
             else:
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 with gzip.GzipFile(tmp / name, "wb", mtime=0) as fh:
                     fh.write(data)
         else:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
-        files[str(rel)] = {"stored": name, "sha256": hashlib.sha256(data).hexdigest()[:16]}
+        files[str(rel)] = {"stored": name, "sha256": hashlib.sha256(_restored(data, str(rel), gz)).hexdigest()[:16]}
     weights = {}
     for run_dir in sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []:
         for sub in ("model", "model-ema", "pretrained"):
@@ -1095,40 +1130,51 @@ def save_record(out: Path, dest: Path) -> dict[str, Any]:
                 "note": "weights and checkpoints are not kept: a run whose weights a pending job needs is trained "
                         "again there unless it was scored (minivln experiment --load-record)"}
     atomic_write_text(tmp / RECORD_MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
     os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 
 def load_record(src: Path, out: Path) -> list[str]:
     """Put the record ``src`` (:func:`save_record`) into the experiment directory ``out``; the files
-    written (relative to ``out``).  A file already there must hold the same bytes (one ConfigError
-    naming every one that does not), so a record never overwrites work."""
+    written (relative to ``out``).  Each file is checked against the manifest's digest, and a file
+    already in ``out`` must hold the same content (one ConfigError naming every one that does not), so a
+    record never overwrites work."""
     src, out = Path(src).resolve(), Path(out).resolve()
     manifest = _read_json(src / RECORD_MANIFEST, "the record's manifest")
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise ConfigError(f"{src / RECORD_MANIFEST} lists no files: not a record of minivln experiment")
-    blobs, clashes, missing = {}, [], []
+    blobs, clashes, bad = {}, [], []
     for rel, info in files.items():
-        stored = src / info["stored"]
-        if not stored.is_file():
-            missing.append(info["stored"])
+        stored = info.get("stored") if isinstance(info, dict) else None
+        if not isinstance(stored, str) or Path(rel).is_absolute() or ".." in Path(rel).parts \
+                or Path(stored).is_absolute() or ".." in Path(stored).parts or stored not in (rel, rel + ".gz"):
+            bad.append(f"{rel} (not a file of an experiment directory)")
             continue
-        if info["stored"].endswith(".gz") and not rel.endswith(".gz"):
-            with gzip.open(stored, "rb") as fh:
-                data = fh.read()
-            if rel.endswith(".json"):  # comes back as compact JSON: the same values, not the same spacing
-                data = json.dumps(json.loads(data)).encode()
+        if not (src / stored).is_file():
+            bad.append(f"{stored} (missing)")
+            continue
+        gz = stored.endswith(".gz") and not rel.endswith(".gz")
+        if gz:
+            with gzip.open(src / stored, "rb") as fh:
+                data = _restored(fh.read(), rel, True)
         else:
-            data = stored.read_bytes()
+            data = (src / stored).read_bytes()
+        if hashlib.sha256(data).hexdigest()[:16] != info.get("sha256"):
+            bad.append(f"{stored} (not what was saved)")
+            continue
         target = out / rel
         if target.exists() and target.read_bytes() != data and \
                 not (rel.endswith(".json") and _same_json(target.read_bytes(), data)):
             clashes.append(rel)
         blobs[rel] = data
-    if missing:
-        raise ConfigError(f"record {src} lacks {len(missing)} of its files: {', '.join(missing[:5])}")
+    if bad:
+        raise ConfigError(f"record {src}: {len(bad)} of its files cannot be used: {'; '.join(bad[:5])}")
     if clashes:
         raise ConfigError(f"{out} already holds other versions of {len(clashes)} file(s) of record {src}: "
                           f"{', '.join(clashes[:5])}; load it into a new directory")
@@ -1480,7 +1526,8 @@ def parse_gpus(text: str) -> list[str]:
 
 def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: int, threads: int,
             gpus: list[str] | None = None, on_finished: Callable[[Job], None] | None = None,
-            hold: Callable[[Job], str | None] | None = None, poll_s: float = 2.0) -> bool:
+            hold: Callable[[Job], str | None] | None = None, poll_s: float = 2.0,
+            lost_held: dict[str, str] | None = None) -> bool:
     """Run the pending jobs, up to ``max_jobs`` at a time; True when no job has failed.  ``gpus``
     (:func:`parse_gpus`): each training run takes a free slot and sees only its GPUs, so that at most
     one run trains per slot; scorings (CPU) take none.  ``on_finished(job)``: called once a job's done
@@ -1499,7 +1546,6 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
     t0 = time.time()
     free = list(gpus or [])
     slot_of: dict[str, tuple[str, RunLock]] = {}
-    lost_held = requeue_lost(jobs, out)
     pending = [j for j in jobs if not is_done(out, j)]
     finished = {j.name for j in jobs if j not in pending}
     running: dict[str, tuple[Job, subprocess.Popen]] = {}
@@ -1509,8 +1555,8 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
     waiting_elsewhere: set[str] = set()
     for j in jobs:
         print(f"{'pending' if j in pending else 'done':<8} {j.name}", flush=True)
-    for name, why in lost_held.items():  # their weights are gone and they were scored: never trained twice
-        if (j := next(x for x in jobs if x.name == name)) in pending:
+    for name, why in (lost_held or {}).items():  # what needs a scored run whose weights are gone (requeue_lost)
+        if (j := next((x for x in jobs if x.name == name), None)) in pending:
             pending.remove(j)
             held.add(name)
             print(f"held     {name}: {why}", flush=True)
@@ -1544,6 +1590,12 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
                         held.add(j.name)
                         print(f"held     {j.name}: a run it needs is held", flush=True)
                     elif not all(d in finished for d in j.deps):
+                        if orphans := [d for d in j.deps if d not in finished and d not in running
+                                       and not any(p.name == d for p in pending)]:
+                            pending.remove(j)  # it could never start: say so rather than wait forever
+                            failed.add(j.name)
+                            print(f"FAILED   {j.name}: needs {', '.join(orphans)}, which this driver neither runs "
+                                  "nor finds done", flush=True)
                         continue
                     elif is_done(out, j):  # another driver finished it since this one started
                         done_elsewhere(j)
@@ -1577,7 +1629,9 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
                             continue
                         pending.remove(j)
                         gpu = slot_of[j.name][0] if j.name in slot_of else None
+                        started_from = weights_digest(j.init)  # the weights it starts from, read as it starts
                         running[j.name] = (j, _start(j, out, code, threads, gpu))
+                        running[j.name][1]._minivln_init = started_from  # type: ignore[attr-defined]
                         _note_child(out, j, running[j.name][1])
                         print(f"started  {j.name} ({time.strftime('%H:%M:%S')}{f', GPU {gpu}' if gpu else ''})",
                               flush=True)
@@ -1593,7 +1647,7 @@ def execute(jobs: list[Job], out: Path, code: Path, commit: str, *, max_jobs: in
                         finished.add(name)
                         rec = {"job": name, "spec": j.spec, "commit": commit, "seconds": round(took, 1),
                                "finished": when, "argv": j.argv}
-                        rec.update(_digests(j))
+                        rec.update(_digests(j, getattr(proc, "_minivln_init", None)))
                         atomic_write_text(_done_file(out, j), json.dumps(rec, indent=1) + "\n")
                         _failed_file(out, j).unlink(missing_ok=True)
                         print(f"finished {name} in {took / 60:.1f} min", flush=True)
@@ -2218,9 +2272,11 @@ def run_experiment(recipe: Recipe, out: Path, *, jobs: int = 2, commit: str | No
     print(f"{recipe.name}: code {commit[:12]} at {code}; runs in {out / 'runs'}", flush=True)
     ok = True
     if not table_only:
-        ok = execute(select_jobs(plan(recipe, out, code, launcher), only, out), out, code, commit, max_jobs=jobs,
-                     threads=recipe.threads,
-                     gpus=gpus, on_finished=on_finished, hold=gate_keeper(recipe, out))
+        every = plan(recipe, out, code, launcher)
+        hold = gate_keeper(recipe, out)
+        chosen, lost_held = requeue_lost(every, out, select_jobs(every, only, out))
+        ok = execute(chosen, out, code, commit, max_jobs=jobs, threads=recipe.threads, gpus=gpus,
+                     on_finished=on_finished, hold=hold, lost_held=lost_held)
     return ok, write_table(recipe, out, commit)
 
 

@@ -187,3 +187,12 @@ def test_status_shows_a_job_another_driver_has_claimed_as_running(tmp_path):
     finally:
         claim.release()
     assert job_status(Recipe(name="r"), out, [job])[0][1] == "pending"
+
+
+def test_a_job_whose_need_no_driver_runs_fails_instead_of_waiting_forever(tmp_path, capsys):
+    """A job needing one that is neither done nor among the driver's jobs could never start: it fails
+    with one line naming what it needs, and the driver returns (before, it waited forever)."""
+    job = Job("score:b", ["train:a"], [sys.executable, "-c", "pass"], spec="b")
+    (tmp_path / "exp").mkdir()
+    assert not execute([job], tmp_path / "exp", tmp_path, "abc", max_jobs=1, threads=1, poll_s=0.05)
+    assert "FAILED   score:b: needs train:a, which this driver neither runs nor finds done" in capsys.readouterr().out

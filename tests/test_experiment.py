@@ -741,60 +741,77 @@ def test_a_picker_row_needs_a_reverie_run(tmp_path):
 def test_a_record_lets_another_machine_go_on_without_training_or_scoring_twice(small_toy, tmp_path, capsys):
     """--save-record keeps what an experiment directory knows but its weights; --load-record puts it in a
     new directory, where a finished run a pending job needs is trained again (its earlier record kept as
-    lost-1) unless it was scored, in which case what needs it is held (issue 21: the machine changed)."""
+    lost-N), through a chain of lost runs and with --only, unless it was scored -- by any recipe sharing
+    the directory -- in which case what needs it is held (issue 21: the machine changed)."""
     data, feats = small_toy
     runs = {"pre": {"command": "pretrain", "overrides": _pre()},
-            "a": {"command": "finetune", "init": "pre", "overrides": _ft()}}
+            "a": {"command": "finetune", "init": "pre", "overrides": _ft()},
+            "m": {"command": "finetune", "init": "pre", "overrides": _ft(ml_weight=0.3)}}
     (tmp_path / "1").mkdir()
-    first = _tiny_recipe(tmp_path / "1", data, feats, runs, [{"name": "A", "run": "a"}])
+    first = _tiny_recipe(tmp_path / "1", data, feats, runs, [{"name": "A", "run": "a"}, {"name": "M", "run": "m"}])
     out, record = tmp_path / "exp", tmp_path / "record"
     out.mkdir()
     (out / "pin.json").write_text(json.dumps({"commit": "unpinned"}))  # run_experiment(pin=False) pins nothing
-    ok, table = run_experiment(load_recipe(first), out, jobs=1, pin=False)
-    assert ok and table["complete"]
+    ok, table = run_experiment(load_recipe(first), out, jobs=1, pin=False, only=["train:*", "score:a"])
+    assert ok and table["pending"] == ["M"]  # m trained, not scored
     pre_digest = json.loads((out / "done" / "train-pre.json").read_text())["weights_sha256"]
     a_mark = json.loads((out / "done" / "train-a.json").read_text())
     assert a_mark["init_sha256"] == pre_digest and len(pre_digest) == 16 and a_mark["weights_sha256"] != pre_digest
     assert table["rows"][0]["pretrain_weights"] == pre_digest  # the row says which pretraining weights
-
     (out / "runs" / "unfinished").mkdir()
     (out / "runs" / "unfinished" / "config.yaml").write_text("a: 1\n")
-    manifest = cli_main(["experiment", first, "--out", str(out), "--save-record", str(record)])
-    assert manifest == 0
+    big = [{"instr_id": str(i), "trajectory": [["v", 0.0, 0.0]] * 3} for i in range(2000)]
+    (out / "scores" / "a" / "extra.json").write_text(json.dumps(big, indent=1))  # over 64 KB: gzipped
+    assert cli_main(["experiment", first, "--out", str(out), "--save-record", str(record)]) == 0
     kept = {str(f.relative_to(record)) for f in record.rglob("*") if f.is_file()}
     assert "done/train-a.json" in kept and "runs/a/config.yaml" in kept and "runs/a/log.jsonl" in kept
-    assert not [k for k in kept if "unfinished" in k]
-    assert any(k.startswith("scores/a/submission_val_unseen.json") for k in kept)
-    assert not [k for k in kept if k.endswith((".safetensors", ".pt")) or k.count("/") > 2 and k.startswith("runs/")]
+    assert "scores/a/submission_val_unseen.json" in kept and "scores/a/extra.json.gz" in kept
+    assert not [k for k in kept if "unfinished" in k or k.endswith((".safetensors", ".pt"))]
+    assert not [k for k in kept if k.startswith("runs/") and k.count("/") > 2]  # no checkpoint, no weights
     digests = json.loads((record / "record.json").read_text())["weights_sha256"]
-    assert digests == {"pre/pretrained": pre_digest, "a/model": a_mark["weights_sha256"]}
+    assert digests == {"pre/pretrained": pre_digest, "a/model": a_mark["weights_sha256"],
+                       "m/model": json.loads((out / "done" / "train-m.json").read_text())["weights_sha256"]}
 
-    # another machine: the record, no weights; a new row needs a run from the lost pretraining
+    # another machine: the record, no weights
     runs2 = {**runs, "b": {"command": "finetune", "init": "pre", "overrides": _ft(ml_weight=0.5)},
-             "c": {"command": "finetune", "init": "a", "overrides": _ft()}}
-    (tmp_path / "2").mkdir()
-    second = _tiny_recipe(tmp_path / "2", data, feats, runs2, [{"name": "A", "run": "a"}, {"name": "B", "run": "b"},
-                                                               {"name": "C", "run": "c"}])
+             "c": {"command": "finetune", "init": "a", "overrides": _ft()},
+             "leaf": {"command": "finetune", "init": "m", "overrides": _ft()}}
+    (tmp_path / "2").mkdir()  # a recipe that does not score a itself: a's scoring is another recipe's
+    second = _tiny_recipe(tmp_path / "2", data, feats, runs2, [{"name": "B", "run": "b"}, {"name": "C", "run": "c"},
+                                                               {"name": "L", "run": "leaf"}])
     new = tmp_path / "new"
     assert cli_main(["experiment", second, "--out", str(new), "--load-record", str(record)]) == 0
     assert not list(new.rglob("*.safetensors"))
+    assert json.loads((new / "scores" / "a" / "extra.json").read_text()) == big
     status = {n: (s, d) for n, s, d in job_status(load_recipe(second), new, plan(load_recipe(second), new, new))}
-    assert "not on this machine" in status["train:a"][1] and status["score:a"][0] == "done"
+    assert "not on this machine" in status["train:a"][1] and "not on this machine" in status["train:m"][1]
+    capsys.readouterr()
+    # --only the leaf of a chain of two lost, unscored runs: both trained again, then the leaf
+    ok, _ = run_experiment(load_recipe(second), new, jobs=1, pin=False, only=["train:leaf", "score:leaf"])
+    assert ok and (new / "done" / "score-leaf.json").is_file()
+    for run in ("pre", "m"):  # the first record of each kept as lost-1
+        assert (new / "done" / f"train-{run}.lost-1.json").is_file() and (new / "runs" / f"{run}.lost-1").is_dir()
+    assert json.loads((new / "done" / "train-pre.lost-1.json").read_text())["weights_sha256"] == pre_digest
     ok, table2 = run_experiment(load_recipe(second), new, jobs=1, pin=False)
     printed = capsys.readouterr().out
     assert ok and table2["pending"] == ["C"]  # a was scored: not trained again, so c, which needs it, is held
     assert "held     train:c: a's weights are not on this machine and it was scored (score:a)" in printed
     assert not (new / "done" / "train-a.lost-1.json").exists() and not (new / "runs" / "a" / "model").exists()
-    # pre was not scored: trained again for b, its first record kept as lost-1
-    assert json.loads((new / "done" / "train-pre.lost-1.json").read_text())["weights_sha256"] == pre_digest
-    assert (new / "runs" / "pre.lost-1" / "config.yaml").is_file() and (new / "runs" / "pre" / "pretrained").is_dir()
+    assert not (new / "done" / "train-pre.lost-2.json").exists()  # trained again once, then there
     rows = {r["name"]: r for r in table2["rows"]}
-    assert rows["A"]["sr"] == table["rows"][0]["sr"] and rows["A"]["pretrain_weights"] == pre_digest
     assert rows["B"]["pretrain_weights"] == json.loads((new / "done" / "train-pre.json").read_text())["weights_sha256"]
 
-    # a record never overwrites work: a file that differs is one clear error
+    # a record never overwrites work, and is checked against its manifest
     (new / "runs" / "a" / "config.yaml").write_text("changed: 1\n")
     with pytest.raises(ConfigError, match=r"other versions of .*runs/a/config\.yaml"):
         load_record(record, new)
+    (record / "runs" / "a" / "config.yaml").write_text("tampered: 1\n")
+    with pytest.raises(ConfigError, match=r"runs/a/config\.yaml \(not what was saved\)"):
+        load_record(record, tmp_path / "third")
+    manifest = json.loads((record / "record.json").read_text())
+    manifest["files"]["../escape.json"] = {"stored": "../escape.json", "sha256": "0"}
+    (record / "record.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="not a file of an experiment directory"):
+        load_record(record, tmp_path / "third")
     with pytest.raises(ConfigError, match="no experiment directory"):
         save_record(tmp_path / "nothing", tmp_path / "r2")

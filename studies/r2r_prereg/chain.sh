@@ -21,7 +21,9 @@ for step in "$@"; do
   grep -E '^(started|finished|FAILED|held|lost|skipped)|Error' "$log"
   [ "$rc" != 0 ] && tail -20 "$log"
   rm -f "$log"
-  flock "$out/.record.lock" minivln experiment "$recipe" --out "$out" --save-record "$record" | tail -1
+  if ! flock "$out/.record.lock" minivln experiment "$recipe" --out "$out" --save-record "$record"; then
+    echo "=== saving the record failed: stopping"; exit 3
+  fi
   if [ "$rc" != 0 ]; then echo "=== step failed (exit $rc): stopping"; exit "$rc"; fi
 done
 echo "=== $(date -u +%H:%M:%S) all steps done"
