@@ -1112,11 +1112,10 @@ def save_record(out: Path, dest: Path) -> dict[str, Any]:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         if gz:
             name += ".gz"
-            if rel.suffix == ".json":  # as write_gz writes a table's submission
+            if rel.suffix == ".json":  # as write_gz writes a table's submission: the same bytes
                 write_gz(tmp / name, json.loads(data))
             else:
-                with gzip.GzipFile(tmp / name, "wb", mtime=0) as fh:
-                    fh.write(data)
+                (tmp / name).write_bytes(gzip_bytes(data))
         else:
             (tmp / name).write_bytes(data)
         files[str(rel)] = {"stored": name, "sha256": hashlib.sha256(_restored(data, str(rel), gz)).hexdigest()[:16]}
@@ -1757,12 +1756,16 @@ def format_status(status: list[tuple[str, str, str]]) -> str:
 # ------------------------------------------------------------------------------------------ table
 
 
+def gzip_bytes(data: bytes) -> bytes:
+    """gzip with neither a time nor a file name in its header: the same content gives the same bytes
+    whatever file it goes to (a table's submission and an experiment record's copy of it are one git
+    blob)."""
+    return gzip.compress(data, mtime=0)
+
+
 def write_gz(path: Path, entries: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with gzip.GzipFile(tmp, "wb", mtime=0) as f:  # mtime 0: the same trajectories give the same bytes
-        f.write(json.dumps(entries).encode())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, gzip_bytes(json.dumps(entries).encode()))
 
 
 def _scored(recipe: Recipe, out: Path, row: RowSpec) -> Path:

@@ -25,12 +25,12 @@ from minivln.experiment import (
     RowSpec,
     _abs,
     adopt_run,
-    job_status,
-    load_record,
     bar_metrics,
     checkpoint_bytes,
     find_recipe,
+    job_status,
     load_recipe,
+    load_record,
     pin_checkout,
     plan,
     preflight,
@@ -40,6 +40,7 @@ from minivln.experiment import (
     save_record,
     score_key,
     slug,
+    write_gz,
     write_table,
 )
 from minivln.features.hdf5 import FeatureWriter, ObjectFeatures, ObjectFeatureWriter
@@ -766,6 +767,8 @@ def test_a_record_lets_another_machine_go_on_without_training_or_scoring_twice(s
     kept = {str(f.relative_to(record)) for f in record.rglob("*") if f.is_file()}
     assert "done/train-a.json" in kept and "runs/a/config.yaml" in kept and "runs/a/log.jsonl" in kept
     assert "scores/a/submission_val_unseen.json" in kept and "scores/a/extra.json.gz" in kept
+    write_gz(tmp_path / "table-copy.json.gz", big)  # as a table writes it: one git blob with the record's copy
+    assert (record / "scores" / "a" / "extra.json.gz").read_bytes() == (tmp_path / "table-copy.json.gz").read_bytes()
     assert not [k for k in kept if "unfinished" in k or k.endswith((".safetensors", ".pt"))]
     assert not [k for k in kept if k.startswith("runs/") and k.count("/") > 2]  # no checkpoint, no weights
     digests = json.loads((record / "record.json").read_text())["weights_sha256"]
