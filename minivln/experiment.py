@@ -768,17 +768,21 @@ def _done_file(out: Path, job: Job) -> Path:
     return out / "done" / f"{job.name.replace(':', '-')}.json"
 
 
+def _train_mark(out: Path, run: str) -> Path:
+    """Where training run ``run``'s done mark is in ``out``."""
+    return _done_file(out, Job(f"train:{run}", [], []))
+
+
 def _mark(out: Path, run: str) -> dict[str, Any]:
     """Run ``run``'s done mark in ``out`` ({} if it has none)."""
-    f = out / "done" / f"train-{run}.json"
+    f = _train_mark(out, run)
     return _read_json(f, "the done mark") if f.exists() else {}
 
 
 def _trained_commit(out: Path, run: str, default: str) -> str:
     """The commit run ``run`` was trained with, as its done mark records it (an adopted run's own
     commit), else ``default`` (the experiment's pin)."""
-    f = out / "done" / f"train-{run}.json"
-    return (_read_json(f, "the done mark").get("commit") or default) if f.exists() else default
+    return _mark(out, run).get("commit") or default
 
 
 def _try_lock(d: Path) -> RunLock | None:
@@ -905,7 +909,7 @@ def _source_mark(src: Path) -> dict[str, Any] | None:
     """The done mark of the run directory ``src`` where a driver trained or adopted it
     (``EXP/done/train-RUN.json`` beside ``EXP/runs/RUN``: its command names ``src``, or it is an
     adoption's mark), or None."""
-    mark = _done_file(src.parent.parent, Job(f"train:{src.name}", [], []))
+    mark = _train_mark(src.parent.parent, src.name)
     try:
         rec = json.loads(mark.read_text())
     except (OSError, ValueError):
@@ -1078,7 +1082,7 @@ def _record_files(out: Path) -> list[Path]:
         if rel.parts[0] in _RECORD_SKIP or not f.is_file() or f.is_symlink() or f.suffix not in _RECORD_SUFFIXES:
             continue
         if rel.parts[0] == "runs" and (len(rel.parts) != 3  # only a run's own files: no checkpoint, no weights
-                                       or not (out / "done" / f"train-{rel.parts[1]}.json").is_file()):
+                                       or not _train_mark(out, rel.parts[1]).is_file()):
             continue  # nor an unfinished run's (it starts again wherever its checkpoint is missing)
         keep.append(rel)
     return keep
