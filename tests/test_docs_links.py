@@ -1,4 +1,4 @@
-"""Links between the pages: every relative markdown link of the README, docs/ and studies/ points at a
+"""Links between the pages: every relative markdown link of the README, docs/, scripts/ and studies/ points at a
 file or folder of the repository, and a link to a section of a page (``page.md#section``, ``#section``)
 at a heading of that page, by GitHub's anchor rule (no broken link after sections move)."""
 
@@ -12,7 +12,8 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def _pages() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "studies").glob("**/*.md"))]
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "scripts").glob("**/*.md")),
+            *sorted((REPO / "studies").glob("**/*.md"))]
 
 
 def _prose(text: str) -> str:

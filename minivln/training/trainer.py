@@ -202,7 +202,7 @@ def teacher_autocast(teacher: nn.Module, dtype: str = "bf16") -> nn.Module:
     parameters) and hand back float32 tensors, so that the student and the losses see the teacher's
     outputs in full precision.  ``"fp32"`` leaves the teacher as it is.  On a CPU with AMX
     (``amx_bf16``) bf16 matrix products are several times faster; check the teacher's action
-    distribution against fp32 before relying on it (``scripts/kd_step_ratio.py`` does both)."""
+    distribution against fp32 before relying on it (``studies/compute_cost/kd_step_ratio.py`` does both)."""
     if dtype not in TEACHER_DTYPES:
         raise ValueError(f"teacher dtype: one of {sorted(TEACHER_DTYPES)}, got {dtype!r}")
     if TEACHER_DTYPES[dtype] is None or getattr(teacher, "_minivln_autocast", None) == dtype:

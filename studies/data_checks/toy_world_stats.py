@@ -4,7 +4,7 @@ Times ``generate_toy_world`` (in memory) and ``build_toy_world`` (generate + wri
 directory that is removed afterwards), then sums the sizes of the files written, per part
 (MB = 10^6 bytes of file contents).
 
-    python scripts/toy_world_stats.py [--seed 0]
+    python studies/data_checks/toy_world_stats.py [--seed 0]
 """
 
 from __future__ import annotations

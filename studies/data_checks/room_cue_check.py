@@ -5,7 +5,7 @@ BBox file lists a given object, how often is the expected room the most likely o
 distribution the stand-in infers (``minivln.features.standin.room_distributions``, with the object
 weights ``house_parts`` uses)?
 
-    python scripts/room_cue_check.py --data-dir ../shared/data
+    python studies/data_checks/room_cue_check.py --data-dir ../shared/data
 """
 
 from __future__ import annotations

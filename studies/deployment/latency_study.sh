@@ -1,10 +1,11 @@
 #!/bin/bash
-# The latency study of docs/deploy.md ("Results"), as it was run on 2026-11-27: pauses the processes
-# matching $PAUSE (SIGSTOP; a training grid), times whole real episodes at 1 and 2 threads, measures the
-# fp32 GEMM peak, and resumes them (SIGCONT, also on failure).  Paths as environment variables:
+# The latency study of docs/results.md ("Results (2026-11-27, ...)", under Deployment), as it was run
+# on 2026-11-27: pauses the processes matching $PAUSE (SIGSTOP; a training grid), times whole real
+# episodes at 1 and 2 threads, measures the fp32 GEMM peak, and resumes them (SIGCONT, also on
+# failure).  Paths as environment variables:
 #   DATA VIEWS TEACHER LONE DISTILLED(an export directory of `minivln export`) PAUSE(pgrep -f pattern)
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${DATA:-${MINIVLN_DATA:?set DATA or MINIVLN_DATA}}
 VIEWS=${VIEWS:?stand-in view features}; TEACHER=${TEACHER:-../shared/teachers/duet-cpu-r2r-finetuned}
 LONE=${LONE:?}; DISTILLED=${DISTILLED:?}

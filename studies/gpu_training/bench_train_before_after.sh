@@ -1,5 +1,5 @@
 #!/bin/bash
-# Copied from the .gpu/ folder this was run from (scripts/gpu/README.md says how).
+# Copied from the .gpu/ folder this was run from (studies/gpu_training/README.md says how).
 # issue 12 on a GPU: `minivln bench train` before (2e34ed0, the agent's host work per sample) and after (batched),
 # same harness (this tree's minivln/bench/train.py copied into the old tree), 4 presets, interleaved.
 set -u

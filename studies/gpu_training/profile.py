@@ -1,7 +1,7 @@
 """Where a GPU training step's host time goes: cProfile (Python functions) + torch.profiler (ops) +
 the number of device syncs, for duet-cpu pretraining at batch 64 and DAgger at batch 8 (bf16, eager).
 
-Copied from the .gpu/ folder this was run from (scripts/gpu/README.md says how)."""
+Copied from the .gpu/ folder this was run from (studies/gpu_training/README.md says how)."""
 
 import cProfile
 import io

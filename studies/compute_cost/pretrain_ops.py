@@ -5,7 +5,7 @@ clipping, AdamW), which is what an accelerator runs; the view-only operators set
 of the bench's seeded batches; per task, the last iteration of that task is reported, so that no
 count holds the optimizer's one-time state (a parameter's first gradient) or a first call's set-up.
 
-    python scripts/pretrain_ops.py --features FEATS.hdf5 --presets duet-cpu minivln-cpu --batch-size 64 \
+    python studies/compute_cost/pretrain_ops.py --features FEATS.hdf5 --presets duet-cpu minivln-cpu --batch-size 64 \
         --iters 9 --json docs/results/ops_count/pretrain-tasks-64.json
 """
 

@@ -6,9 +6,10 @@ the official metrics are printed side by side.  Reading: train SR far above val_
 model fits what it saw but does not transfer (features that do not generalise, or over-fitting);
 train SR about as low as val_unseen means it is short of training or capacity.
 
-    python scripts/train_vs_val.py --features FEATS.hdf5 --episodes 300 \\
+    python studies/cpu_scale_training/train_vs_val.py --features FEATS.hdf5 --episodes 300 \\
         ../shared/teachers/duet-cpu-r2r-finetuned runs/r2r-distill/runs/ft-none/model [--json OUT]
-    python scripts/train_vs_val.py --task reverie --features FEATS.hdf5 --objects OBJS.hdf5 RUN/model ...
+    python studies/cpu_scale_training/train_vs_val.py --task reverie --features FEATS.hdf5 \\
+        --objects OBJS.hdf5 RUN/model ...
 
 For REVERIE the grounding metrics (RGS, RGSPL) are printed too.
 """

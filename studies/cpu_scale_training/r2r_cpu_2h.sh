@@ -3,13 +3,13 @@
 # student (no distillation), each fine-tuned on R2R train with STAND-IN features for a wall-time
 # budget, then scored on all of val_unseen with `minivln navigate`, plus their curves.
 #
-#   scripts/r2r_cpu_2h.sh OUT [DATA_DIR] [FEATS]
+#   studies/cpu_scale_training/r2r_cpu_2h.sh OUT [DATA_DIR] [FEATS]
 #
 # DATA_DIR defaults to ../shared/data; FEATS (view features) is built there if missing (about a
 # minute).  MINUTES (default 115) is each run's budget; PARALLEL=1 (default) runs the two at the same
 # time on one torch thread each (a 2-core machine), PARALLEL=0 one after the other.
 set -euo pipefail
-OUT=${1:?usage: scripts/r2r_cpu_2h.sh OUT [DATA_DIR] [FEATS]}
+OUT=${1:?usage: studies/cpu_scale_training/r2r_cpu_2h.sh OUT [DATA_DIR] [FEATS]}
 DATA=${2:-../shared/data}
 FEATS=${3:-$OUT/feats/standin_views.hdf5}
 MINUTES=${MINUTES:-115}

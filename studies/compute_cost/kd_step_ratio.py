@@ -13,7 +13,7 @@ alike:
 teacher's fused action distribution in bf16 with fp32: arg-max agreement, max |p_bf16 - p_fp32|
 and the mean KL(p_fp32 || p_bf16) over every navigating sample and step.
 
-    python scripts/kd_step_ratio.py --features FEATS.hdf5 --student-init RUN/pretrained \\
+    python studies/compute_cost/kd_step_ratio.py --features FEATS.hdf5 --student-init RUN/pretrained \\
         --teacher ../shared/teachers/duet-cpu-r2r-finetuned [--iters 8] [--json OUT]
 """
 

@@ -2,7 +2,7 @@
 |ONNX Runtime - recorded| per output over all calls, for fp32 and int8, with the rules of
 ``minivln parity`` (valid rows only; -inf positions must coincide, else the difference is inf).
 
-    python scripts/fixture_onnx.py ../shared/reference/duet_fixture_reverie.npz [--json OUT]
+    python studies/deployment/fixture_onnx.py ../shared/reference/duet_fixture_reverie.npz [--json OUT]
 
 The fixture's model is built from the fixture (its config and weights), exported to a temporary
 directory and run with one ONNX Runtime thread.  ``tests/test_deploy.py`` asserts the fp32 rows of

@@ -6,7 +6,7 @@ held by those cached copies (``_packed_cache`` of every module; tensors that sha
 parameter are not counted; oneDNN-reordered weights count at their logical size) against the bytes
 of the parameters.
 
-    python scripts/inference_cache_memory.py [--presets duet-r2r minivln-r2r]
+    python studies/compute_cost/inference_cache_memory.py [--presets duet-r2r minivln-r2r]
 """
 
 from __future__ import annotations

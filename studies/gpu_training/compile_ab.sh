@@ -1,5 +1,5 @@
 #!/bin/bash
-# Copied from the .gpu/ folder this was run from (scripts/gpu/README.md says how).
+# Copied from the .gpu/ folder this was run from (studies/gpu_training/README.md says how).
 # issue 12 on a GPU: `minivln bench train --compile` (compile_layers) against eager, same machine,
 # duet-cpu and minivln-cpu: pretraining at batch 64 and DAgger at batch 8, bf16 autocast.
 set -u

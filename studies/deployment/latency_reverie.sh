@@ -1,11 +1,11 @@
 #!/bin/bash
-# REVERIE latency, whole real episodes with their objects (docs/deploy.md, "Latency, REVERIE"): pauses
+# REVERIE latency, whole real episodes with their objects (docs/results.md, "REVERIE, with objects"): pauses
 # the processes matching $PAUSE (SIGSTOP; training runs) and resumes them at the end (SIGCONT, also on
 # failure).  The paper-size presets with random weights (teacher duet-reverie, student minivln-reverie)
 # and the trained CPU-scale REVERIE student, eager and int8, batch 1, one thread.  Paths as environment
 # variables: DATA VIEWS OBJECTS STUDENT(a trained minivln-cpu-reverie) PAUSE(pgrep -f pattern) OUT
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${DATA:-${MINIVLN_DATA:?set DATA or MINIVLN_DATA}}
 VIEWS=${VIEWS:?stand-in view features}; OBJECTS=${OBJECTS:?stand-in object features}; STUDENT=${STUDENT:?}
 OUT=${OUT:-docs/results/latency_reverie_1thread.json}

@@ -1,7 +1,7 @@
 """AdamW's kernels against each other: one optimizer step over every parameter of a preset (random
 gradients), per tensor (torch's CPU default), foreach and fused (``OptimConfig.implementation``).
 
-    python scripts/optimizer_ab.py --presets minivln-cpu duet-cpu --json docs/results/optimizer_ab.json
+    python studies/compute_cost/optimizer_ab.py --presets minivln-cpu duet-cpu --json docs/results/optimizer_ab.json
 
 Median of ``--steps`` steps after 3 warm-up steps, one thread; the settings interleave step by step.
 """

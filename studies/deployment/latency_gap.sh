@@ -1,5 +1,5 @@
 #!/bin/bash
-# SR against latency for Table III against the continued teacher (docs/deploy.md, "Fig. 1 with the
+# SR against latency for Table III against the continued teacher (docs/results.md, "Fig. 1 with the
 # continued teacher"): whole real R2R episodes (the same instructions' ground-truth trajectories
 # replayed by every model), batch 1, one thread, for the continued teacher and every seed of the
 # two-stage student and of the student alone, the two-stage seed 0 also as int8; then the figure, each
@@ -9,7 +9,7 @@
 # RUNS/ft-both-t2/model) INT8_SCORE(metrics_val_unseen.json of `minivln navigate --backend
 # onnxruntime-int8` on EXPORT) PAUSE(pgrep -f pattern) OUT FIG
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${DATA:-${MINIVLN_DATA:?set DATA or MINIVLN_DATA}}
 VIEWS=${VIEWS:?stand-in view features}; RUNS=${RUNS:?}; EXPORT=${EXPORT:?}; INT8_SCORE=${INT8_SCORE:?}
 OUT=${OUT:-docs/results/latency_gap_1thread.json}; FIG=${FIG:-docs/img/fig1_sr_latency_gap.png}

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Copied from the .gpu/ folder this was run from (scripts/gpu/README.md says how).
+# Copied from the .gpu/ folder this was run from (studies/gpu_training/README.md says how).
 set -u; export PYTHONUNBUFFERED=1
 G=$(cd "$(dirname "$0")" && pwd); R=$(cd "$G/.." && pwd); OUT=${OUT:-/tmp/o}; mkdir -p $OUT
 W=$(mktemp -d); mkdir -p $W/d && tar -C $W/d -xJf $G/data.tar.xz || exit 1

@@ -2,7 +2,7 @@
 # issue 12 on a GPU: the DAgger iteration before and after compaction, paired rollouts and fused AdamW,
 # and the pretraining step with torch's default (foreach) and fused AdamW; one harness, one process per
 # setting, 4 presets interleaved inside each. Prepared on CPU (2026-11-27, no GPU in that session):
-# copy to the G folder of scripts/gpu/README.md, then `BUDGET=480 bash G/agent_ab.sh`.
+# copy to the G folder of studies/gpu_training/README.md, then `BUDGET=480 bash G/agent_ab.sh`.
 set -u; export PYTHONUNBUFFERED=1
 G=$(cd "$(dirname "$0")" && pwd); R=$(cd "$G/.." && pwd); OUT=${OUT:-/tmp/o}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1

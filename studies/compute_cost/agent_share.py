@@ -6,7 +6,7 @@ backward pass, and the rest, which is the agent's host work: map bookkeeping, in
 environment moves, feature reads and expert labels.  ``agent_ms_per_episode`` is the agent's time
 divided by the episodes of an iteration (two rollouts of ``batch_size``).
 
-    python scripts/agent_share.py --features FEATS.hdf5 [--config r2r-student-cpu] \\
+    python studies/compute_cost/agent_share.py --features FEATS.hdf5 [--config r2r-student-cpu] \\
         [--init RUN/pretrained] [--iters 5] [--json OUT] [--profile OUT.prof]
 
 ``--before CHECKOUT`` measures two versions of the package, paired: this script runs itself
@@ -14,7 +14,7 @@ divided by the episodes of an iteration (two rollouts of ``batch_size``).
 checkout, alternating (before, after, before, after, ...), so that both see the same load, and
 reports each side's medians and the per-round ratios after / before::
 
-    python scripts/agent_share.py --features FEATS.hdf5 --init RUN/pretrained --iters 5 \\
+    python studies/compute_cost/agent_share.py --features FEATS.hdf5 --init RUN/pretrained --iters 5 \\
         --before ../main --rounds 3 --json OUT.json
 """
 
@@ -44,7 +44,7 @@ from minivln.training.finetune import (
     prepare_data,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout: this file is studies/compute_cost/agent_share.py
 
 
 def machine() -> str:

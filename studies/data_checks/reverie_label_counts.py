@@ -6,7 +6,7 @@ Every prefix state of every third REVERIE instruction of a split is built with t
 label (the next path node, STOP at the end of the path).  Also counts the annotated paths that end
 at a viewpoint from which the target is not visible.  docs/training.md quotes the output.
 
-    python scripts/reverie_label_counts.py --data-dir ../shared/data [--split val_seen] [--every 3]
+    python studies/data_checks/reverie_label_counts.py --data-dir ../shared/data [--split val_seen] [--every 3]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ process: the reference's full batch at every step (``full``), only the samples s
 (``compact+merged``, ``merge_rollouts``).  Seconds per iteration and the aten operations one
 iteration dispatches (forward + backward + optimizer: what becomes kernel launches on a GPU).
 
-    python scripts/rollout_ab.py --features FEATS.hdf5 --presets minivln-cpu duet-cpu \
+    python studies/compute_cost/rollout_ab.py --features FEATS.hdf5 --presets minivln-cpu duet-cpu \
         --init minivln-cpu=RUN/model duet-cpu=../shared/teachers/duet-cpu-r2r-finetuned \
         --iters 5 --json docs/results/rollout_ab.json
 
