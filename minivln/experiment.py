@@ -1848,17 +1848,23 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
                             "pretrain_commit": _trained_commit(out, init, commit)})
                 if started := _mark(out, row.run).get("init_sha256"):  # which weights of it (a run may be trained again)
                     rec["pretrain_weights"] = started
+            if ft.get("teacher"):  # which teacher weights, by digest: a shared file has no commit of its own here
+                rec["teacher_sha256"] = weights_digest(Path(_abs(ft["teacher"], root)))
             teacher_run = recipe.runs[row.run].teacher_run
             if teacher_run:
                 rec.update({"teacher_run": teacher_run, "teacher_commit": _trained_commit(out, teacher_run, commit)})
             if pre.get("teacher"):  # the teacher of the pretraining run it started from (stage 1)
                 rec["stage1_teacher"] = pre["teacher"]
+                rec["stage1_teacher_sha256"] = weights_digest(Path(_abs(pre["teacher"], root)))
                 stage1_run = recipe.runs[init].teacher_run
                 if stage1_run:
                     rec.update({"stage1_teacher_run": stage1_run,
                                 "stage1_teacher_commit": _trained_commit(out, stage1_run, commit)})
         elif row.checkpoint:
-            rec.update({"checkpoint": row.checkpoint, "commit": commit})
+            # a given checkpoint was trained outside this experiment: its weights are named by their digest, and
+            # "commit" is the code that scored it (how it was trained is for its own README to say)
+            rec.update({"checkpoint": row.checkpoint, "weights_sha256": weights_digest(Path(_abs(row.checkpoint, root))),
+                        "commit": commit, "commit_is": "the scoring code's (a given checkpoint, trained elsewhere)"})
         else:
             rec.update({"seed": recipe.random_seed,
                         "agent": f"uniform random neighbour, STOP with p={recipe.random_stop_prob:.4g} before "

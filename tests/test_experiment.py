@@ -41,6 +41,7 @@ from minivln.experiment import (
     score_key,
     slug,
     write_gz,
+    weights_digest,
     write_table,
 )
 from minivln.features.hdf5 import FeatureWriter, ObjectFeatures, ObjectFeatureWriter
@@ -347,6 +348,10 @@ def test_tiny_grid_end_to_end_resumes_and_rescores(small_toy, tmp_path):
     assert s1_row["stage1_teacher_run"] == "tpre" and s1_row["stage1_teacher_commit"] == table["commit"]
     assert s1_row["stage1_teacher"].endswith("tpre/pretrained") and "stage1_teacher" not in table["rows"][0]
     kd_row = table["rows"][1]
+    # a given teacher has no commit here: its weights are named by digest, as a row's and as a stage-2 teacher
+    assert table["rows"][2]["weights_sha256"] == kd_row["teacher_sha256"] == weights_digest(teacher) is not None
+    assert "teacher_sha256" not in table["rows"][0] and s1_row["stage1_teacher_sha256"] == weights_digest(
+        out / "runs" / "tpre" / "pretrained")
     assert kd_row["terms"] == ["pano", "fuse"] and kd_row["kd_weight"] == 0.1 and kd_row["steps"] == 2
     # the run each row started from, with its seed and commit (issue 21: a pretraining run per seed)
     assert kd_row["pretrain_run"] == "pre" and kd_row["pretrain_seed"] == 0
