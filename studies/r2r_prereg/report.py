@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
+from minivln.evaluation.stats import arms, mean_se
+
 ROOT = Path(__file__).resolve().parents[2]
-SEED_ROW = re.compile(r"^(?P<arm>.+), seed (?P<seed>\d+)$")
 # Table III's arms in the order the page shows them, and its two reference rows
 TABLE3_ARMS = ["two-stage", "stage 2 only", "stage 1 only", "none"]
 REFERENCES = {"teacher": "teacher (shared fine-tuned `duet-cpu`, 25.6M)", "random": "random walker"}
@@ -70,21 +70,12 @@ def fmt_p(p: float | None) -> str:
 
 
 def by_arm(table: dict) -> dict[str, dict[int, dict]]:
-    out: dict[str, dict[int, dict]] = {}
-    for row in table["rows"]:
-        if m := SEED_ROW.match(row["name"]):
-            out.setdefault(m["arm"], {})[int(m["seed"])] = row
-    return out
+    return arms(table["rows"])
 
 
 def arm_mean(rows: dict[int, dict], metric: str) -> tuple[float, float]:
-    values = [float(r[metric]) for r in rows.values() if r.get(metric) is not None]
-    if not values:
-        return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    """Mean and standard error over seeds of ``metric`` (the driver's ``mean_se``)."""
+    return mean_se([float(r[metric]) for r in rows.values() if r.get(metric) is not None])
 
 
 def check_complete(table: dict, name: str, interim: bool) -> None:
