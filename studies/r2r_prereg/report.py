@@ -14,8 +14,8 @@ seed (descriptive only, as §4 says).  Percentages of instructions throughout; a
 
 The verdict is the driver's (``minivln/evaluation/stats.py``), which writes one only when every
 pre-registered row is scored; this script only words it: the primary hypothesis (two-stage raises SR
-over the student alone) is "supported" when its two-sided test has p < the threshold and the mean
-difference is positive, and "not supported" otherwise.
+over the student alone) is "supported" when the driver's verdict is "two-stage > none" (its two-sided
+test has p below the threshold and the mean difference is positive), and "not supported" otherwise.
 """
 
 from __future__ import annotations
@@ -69,10 +69,6 @@ def fmt_p(p: float | None) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-def by_arm(table: dict) -> dict[str, dict[int, dict]]:
-    return arms(table["rows"])
-
-
 def arm_mean(rows: dict[int, dict], metric: str) -> tuple[float, float]:
     """Mean and standard error over seeds of ``metric`` (the driver's ``mean_se``)."""
     return mean_se([float(r[metric]) for r in rows.values() if r.get(metric) is not None])
@@ -92,13 +88,13 @@ def provenance(table: dict, name: str) -> str:
 
 
 def table3(t3: dict, t2: dict | None) -> list[str]:
-    arms = by_arm(t3)
+    by_seed = arms(t3["rows"])
     out = [(f"**Table III** from {provenance(t3, 'r2r_prereg_table3')}, % of instructions; ± is the standard "
            "error over seeds for an arm's mean."), "",
            "| row | pretraining seed | " + " | ".join(c for _, c in COLUMNS) + " |",
            "|---|---:|" + "---:|" * len(COLUMNS)]
-    for arm in TABLE3_ARMS + sorted(set(arms) - set(TABLE3_ARMS)):
-        seeds = arms.get(arm, {})
+    for arm in TABLE3_ARMS + sorted(set(by_seed) - set(TABLE3_ARMS)):
+        seeds = by_seed.get(arm, {})
         for seed in sorted(seeds):
             r = seeds[seed]
             out.append(f"| {r['name']} | {r.get('pretrain_seed', '')} | "
@@ -120,7 +116,7 @@ def table3(t3: dict, t2: dict | None) -> list[str]:
 def primary_reading(test: dict) -> str:
     if "verdict" not in test:
         return "no verdict (interim)"
-    supported = test["p"] < test.get("alpha", 0.05) and test["mean"] > 0
+    supported = test["verdict"] == f"{test['a']} > {test['b']}"  # the driver's: p below alpha, a ahead
     return f"**{'supported' if supported else 'not supported'}** (threshold p < {test.get('alpha', 0.05)})"
 
 
@@ -175,7 +171,7 @@ def ablation(unseen: dict, seen: dict | None, name: str, reference: str) -> list
     """Table IV or V: each arm's mean ± s.e. over seeds on both splits, and its paired difference from
     ``reference`` (the driver's descriptive comparisons on val_unseen; the same on val_seen)."""
     splits = [("val_unseen", unseen)] + ([("val_seen", seen)] if seen else [])
-    arms_of = {split: by_arm(t) for split, t in splits}
+    arms_of = {split: arms(t["rows"]) for split, t in splits}
     diffs = {split: {(c["a"], c["metric"]): c for g in t.get("comparisons", []) for c in g["tests"] if c["b"] == reference}
              for split, t in splits}
     head = " | ".join(f"{s} SR | {s} SPL | Δ SR {s}" for s, _ in splits)
@@ -203,7 +199,7 @@ def ablation(unseen: dict, seen: dict | None, name: str, reference: str) -> list
 
 def readme(t3: dict, t2: dict | None) -> list[str]:
     """The README's short table: teacher, the two primary arms, their difference, the share."""
-    arms = by_arm(t3)
+    by_seed = arms(t3["rows"])
     prim = next((t for g in t3.get("comparisons", []) if g["name"] == "primary" for t in g["tests"]), None)
     teacher = next((r for r in t3["rows"] if r["name"] == "teacher"), None)
     out = ["| R2R val_unseen, all 2,349 instructions | SR | SPL | paper (full scale) |", "|---|---:|---:|---|"]
@@ -211,7 +207,7 @@ def readme(t3: dict, t2: dict | None) -> list[str]:
         out.append(f"| teacher (shared fine-tuned `duet-cpu`) | {fmt('sr', teacher['sr'])} | {fmt('spl', teacher['spl'])} | |")
     for arm, label, paper in (("two-stage", "student, two-stage distillation", "78.80 / 70.17"),
                               ("none", "student trained alone", "74.16 SR")):
-        seeds = arms.get(arm, {})
+        seeds = by_seed.get(arm, {})
         out.append(f"| {label} (mean of {len(seeds)} seeds, each its own pretraining) | "
                    f"{fmt_pm(*arm_mean(seeds, 'sr'))} | {fmt_pm(*arm_mean(seeds, 'spl'))} | {paper} |")
     if prim:
