@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import functools
 import gzip
 import hashlib
 import json
@@ -1809,6 +1810,8 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
     sub_dir = root / (recipe.submissions or f"docs/results/{recipe.name}")
     rows, missing, per_episode = [], [], {}
     not_run: dict[str, str] = {}  # rows the recipe's rules stopped (a gate not passed, a retired run): why
+    # the digest of a given weights folder (a teacher, a checkpoint row), read once however many rows name it
+    digest = functools.cache(lambda path: weights_digest(Path(_abs(path, root))))
     for row in recipe.rows:
         gz = sub_dir / f"{slug(row.name)}.json.gz"
         if row.random:
@@ -1849,13 +1852,13 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
                 if started := _mark(out, row.run).get("init_sha256"):  # which weights of it (a run may be trained again)
                     rec["pretrain_weights"] = started
             if ft.get("teacher"):  # which teacher weights, by digest: a shared file has no commit of its own here
-                rec["teacher_sha256"] = weights_digest(Path(_abs(ft["teacher"], root)))
+                rec["teacher_sha256"] = digest(ft["teacher"])
             teacher_run = recipe.runs[row.run].teacher_run
             if teacher_run:
                 rec.update({"teacher_run": teacher_run, "teacher_commit": _trained_commit(out, teacher_run, commit)})
             if pre.get("teacher"):  # the teacher of the pretraining run it started from (stage 1)
                 rec["stage1_teacher"] = pre["teacher"]
-                rec["stage1_teacher_sha256"] = weights_digest(Path(_abs(pre["teacher"], root)))
+                rec["stage1_teacher_sha256"] = digest(pre["teacher"])
                 stage1_run = recipe.runs[init].teacher_run
                 if stage1_run:
                     rec.update({"stage1_teacher_run": stage1_run,
@@ -1863,7 +1866,7 @@ def write_table(recipe: Recipe, out: Path, commit: str) -> dict[str, Any]:
         elif row.checkpoint:
             # a given checkpoint was trained outside this experiment: its weights are named by their digest, and
             # "commit" is the code that scored it (how it was trained is for its own README to say)
-            rec.update({"checkpoint": row.checkpoint, "weights_sha256": weights_digest(Path(_abs(row.checkpoint, root))),
+            rec.update({"checkpoint": row.checkpoint, "weights_sha256": digest(row.checkpoint),
                         "commit": commit, "commit_is": "the scoring code's (a given checkpoint, trained elsewhere)"})
         else:
             rec.update({"seed": recipe.random_seed,
