@@ -21,7 +21,8 @@ if pgrep -f "chain.sh $O" > /dev/null; then
   echo "chains on $O are running already (pgrep -af chain.sh): not starting two more" >&2
   exit 1
 fi
-python -c "import minivln" 2> /dev/null || pip install -q -e '.[test,deploy]'
+# from / : in the repository root the package imports from the working tree even when it is not installed
+(cd / && python -c "import minivln") 2> /dev/null || pip install -q -e '.[test,deploy]'
 mkdir -p "$(dirname "$F")" "$(dirname "$O")"
 [ -f "$F" ] || MINIVLN_DATA=$D minivln features build --out "$F" --no-progress
 [ -d "$O" ] || minivln experiment r2r-prereg-table3 --out "$O" --load-record studies/r2r_prereg/record
