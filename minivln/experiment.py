@@ -2000,7 +2000,9 @@ def summary_table(recipe: Recipe, table: dict[str, Any]) -> dict[str, Any]:
     for name in spec.entries:
         if name in per_arm:
             rec: dict[str, Any] = {"name": name, "seeds": per_arm[name]["seeds"],
-                                   "parameters": next(iter(by_arm[name].values())).get("parameters")}
+                                   # every seed runs one network: any seed whose weights are on this machine
+                                   "parameters": next((r["parameters"] for r in by_arm[name].values()
+                                                       if r.get("parameters")), None)}
             for m in spec.metrics:
                 rec[m], rec[f"{m}_se_over_seeds"] = per_arm[name][m]["mean"], per_arm[name][m]["se"]
         elif name in by_name:

@@ -22,7 +22,7 @@ from minivln.evaluation.stats import (
     t_test,
     t_two_sided_p,
 )
-from minivln.experiment import load_recipe, write_table
+from minivln.experiment import load_recipe, summary_table, write_table
 
 
 def test_t_test_is_scipys_one_sample_test():
@@ -169,6 +169,11 @@ def test_a_table_carries_its_comparisons_and_its_summary(small_toy, tmp_path):
     entries = {e["name"]: e for e in t2["entries"]}
     assert entries["alone"]["share_of_reference"]["sr"] == 0.5 and entries["kd"]["sr"] == 1.0
     assert entries["missing"] == {"name": "missing", "pending": True} and not t2["complete"]
+    # an arm's parameters come from any seed whose weights are on this machine, not only its first
+    rows = [{k: v for k, v in r.items() if k != "parameters"} for r in table["rows"]]
+    next(r for r in rows if r["name"] == "alone, seed 1")["parameters"] = 7
+    t2 = summary_table(load_recipe(str(recipe_path)), {**table, "rows": rows})
+    assert {e["name"]: e for e in t2["entries"]}["alone"]["parameters"] == 7
 
 
 def test_count_parameters_reads_the_safetensors_header(tmp_path):
