@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import statistics
+import textwrap
 from pathlib import Path
 
 from minivln.training.plot import new_figure, save_png
@@ -81,7 +82,7 @@ def main() -> None:
             raise SystemExit(f"--ref: no row named {', '.join(map(repr, missing))} in {args.table}")
         refs = {name: by_name[name] for name in args.ref}
         plot_pairs(Path(args.plot), args.a, args.b, a, b, seeds, args.metrics, refs,
-                   title=f"{table.get('table') or Path(args.table).stem}: paired by fine-tuning seed")
+                   title=f"{table.get('table') or Path(args.table).stem}: paired by seed")
         print(f"wrote {args.plot}")
 
 
@@ -116,7 +117,7 @@ def plot_pairs(out: Path, name_a: str, name_b: str, a: dict[int, dict], b: dict[
         ax.grid(axis="y", alpha=0.3)
         if refs:
             ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, width=int(13 * 4.2 * len(metrics))), fontsize=10)  # ~13 characters an inch at 10 pt
     fig.tight_layout()
     save_png(fig, out)
 
