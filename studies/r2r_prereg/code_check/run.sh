@@ -4,7 +4,7 @@
 #
 #   bash studies/r2r_prereg/code_check/run.sh OLD NEW INIT [OUT]     # INIT: a pretrained student (its folder)
 #
-# For each commit (a git worktree of it under OUT): 30 pretraining steps (seed 0, the tables' config), one
+# For each commit (a git worktree of it under OUT, removed after): 30 pretraining steps (seed 0, the tables' config), one
 # fine-tuning iteration with dropout on, and three with every dropout off (nodrop.py), from INIT; the
 # losses of every step go to OUT/losses.json.  Needs D (data) and F (stand-in features); one thread.
 set -euo pipefail
@@ -26,6 +26,7 @@ for c in "$OLD" "$NEW"; do
      train.max_steps=1 train.best_metric= init_checkpoint="$INIT" "${common[@]}" > "$OUT/$c-ft.log" 2>&1
    PYTHONPATH=$wt python "$HERE/nodrop.py" finetune --out "$OUT/$c-ft-nodrop" --config configs/r2r-student-cpu.yaml \
      train.max_steps=3 train.best_metric= feat_dropout=0.0 init_checkpoint="$INIT" "${common[@]}" > "$OUT/$c-ft-nodrop.log" 2>&1)
+  git -C "$REPO" worktree remove --force "$wt"
 done
 python - "$OUT" "$OLD" "$NEW" <<'PY'
 import json, sys
