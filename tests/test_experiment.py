@@ -691,6 +691,30 @@ def test_the_reverie_contingency_table_changes_the_stage_2_teacher_and_nothing_e
     assert cont.results != base.results and cont.summary.results != base.summary.results
 
 
+def test_reverie_teacher_v4_changes_only_the_pretraining_budget_and_the_checkpoint_choice(tmp_path):
+    """Pre-registered (docs/preregistration_reverie.md, "Teacher v4"): v3's design with four times the
+    pretraining samples (2,400 steps at batch 64 against 1,200 at 32) and the fine-tuning checkpoint chosen
+    by SR on val_seen; nothing else, and no val_unseen instruction chooses anything."""
+    from minivln.training.finetune import FinetuneConfig
+    from minivln.training.pretrain import PretrainConfig
+
+    def configs(name, pre, ft):
+        jobs = {j.name: j for j in plan(load_recipe(name, ["features=x"]), tmp_path / name, tmp_path / name)}
+        return (load_config(PretrainConfig, repo_root() / jobs[pre].config, jobs[pre].overrides),
+                load_config(FinetuneConfig, repo_root() / jobs[ft].config, jobs[ft].overrides))
+
+    v3_pre, v3 = configs("reverie-teacher-v3", "train:rev-teacher-v3-pre", "train:rev-teacher-v3")
+    v4_pre, v4 = configs("reverie-teacher-v4", "train:rev-teacher-v4-pre", "train:rev-teacher-v4")
+    ignore = ("train.run_dir", "init_checkpoint")
+    assert set(config_changes(v3_pre, v4_pre, ignore=ignore)) == {"batch_size", "val_batches", "train.max_steps"}
+    assert v4_pre.batch_size * v4_pre.train.max_steps == 4 * v3_pre.batch_size * v3_pre.train.max_steps
+    assert v4_pre.batch_size * v4_pre.val_batches == v3_pre.batch_size * v3_pre.val_batches  # 256 samples
+    assert v4_pre.init_checkpoint == "" and v4_pre.train.optim.lr == pytest.approx(2.5e-4)
+    assert set(config_changes(v3, v4, ignore=ignore)) == {"val_splits", "train.val_every", "train.best_metric"}
+    assert v4.train.best_metric == "val_seen.sr" and v4.val_max_episodes == 300
+    assert v4.train.ckpt_every == v3.train.ckpt_every and v4.train.max_steps % v4.train.val_every == 0
+
+
 def test_reverie_prereg_rows_are_seeded_pretrained_per_seed_and_distil_from_the_reverie_teacher(tmp_path):
     """Amended before any distillation run (docs/preregistration_reverie.md, Notes): both stages distil
     from the third teacher (recipe reverie-teacher-v3), whose fine-tuning is the students' own."""

@@ -8,6 +8,8 @@
 # the pretraining run it starts from).  Run from the repository root, in the first minutes of a sitting:
 #
 #   bash studies/r2r_prereg/sitting.sh            # then watch /work/runs/chain-[AB]-*.log
+#   R2R_CORES=1 bash studies/r2r_prereg/sitting.sh   # one chain (A) with every step, in the same order,
+#                                                   # when the other core trains REVERIE's teacher v4
 #
 # Paths: O (experiment directory), F (stand-in features), D (data), R (scratch record) may be set.
 set -euo pipefail
@@ -45,9 +47,16 @@ for s in 0 1 2; do  # Table V: KDWeight 0.01 on core A, 1 on core B
   core_a+=($(ab table5 ft-kdw0.01-s$s)); core_b+=($(ab table5 ft-kdw1-s$s))
 done
 
+cores=(A B)
+if [ "${R2R_CORES:-2}" = 1 ]; then  # one chain: the two lists merged step by step (A's first), same order
+  merged=()
+  for i in "${!core_a[@]}"; do merged+=("${core_a[$i]}" "${core_b[$i]}"); done
+  core_a=("${merged[@]}"); cores=(A)
+fi
+
 cp studies/r2r_prereg/chain.sh /tmp/chain.sh  # bash reads a script as it runs: run a copy
 stamp=$(date -u +%m%d-%H%M)
-for core in A B; do
+for core in "${cores[@]}"; do
   if [ $core = A ]; then steps=("${core_a[@]}"); else steps=("${core_b[@]}"); fi
   nohup /tmp/chain.sh "$O" "$F" "$D" "$R" "${steps[@]}" > "/work/runs/chain-$core-$stamp.log" 2>&1 &
   echo "core $core: ${#steps[@]} steps -> /work/runs/chain-$core-$stamp.log"

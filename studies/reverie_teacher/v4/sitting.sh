@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Start (or resume) REVERIE's fourth teacher on one core (docs/preregistration_reverie.md, "Teacher v4"):
+# stand-in view and object features if this machine lacks them, then one driver of recipe
+# reverie-teacher-v4 with one job at a time (pretraining, fine-tuning, scoring; each resumes from its
+# checkpoint).  Run from the repository root in the first minutes of a sitting, after the R2R chain
+# (R2R_CORES=1 bash studies/r2r_prereg/sitting.sh):
+#
+#   bash studies/reverie_teacher/v4/sitting.sh      # then: tail -n 3 /work/runs/reverie-v4-*.log
+#
+# Paths: O (experiment directory), V and J (view and object features), D (data) may be set.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+O=${O:-/work/runs/reverie-v4}
+V=${V:-/work/feats/rev/views.hdf5}
+J=${J:-/work/feats/rev/objects.hdf5}
+D=${D:-$(cd ../shared/data && pwd)}
+
+if pgrep -f "experiment reverie-teacher-v4 --out $O" > /dev/null; then
+  echo "a driver of reverie-teacher-v4 on $O is running already (pgrep -af reverie-teacher-v4)" >&2
+  exit 1
+fi
+(cd / && python -c "import minivln") 2> /dev/null || pip install -q -e '.[test,deploy]'
+mkdir -p "$(dirname "$V")" "$(dirname "$O")"
+if [ ! -f "$V" ] || [ ! -f "$J" ]; then
+  MINIVLN_DATA=$D minivln features build --out "$V" --objects-out "$J" --no-progress
+fi
+log=/work/runs/reverie-v4-$(date -u +%m%d-%H%M).log
+MINIVLN_DATA=$D nohup minivln experiment reverie-teacher-v4 --out "$O" --jobs 1 \
+  features="$V" objects="$J" data_dir="$D" > "$log" 2>&1 &
+echo "reverie-teacher-v4 -> $log (status: minivln experiment reverie-teacher-v4 --out $O --status)"
