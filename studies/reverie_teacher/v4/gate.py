@@ -44,7 +44,7 @@ def _submission(row: dict) -> Path:
 
 
 def gate(teacher_table: str, students_table: str, teacher_row: str = "teacher",
-         data_dir: str | None = None) -> dict:
+         data_dir: str | None = None, recipe: str = "reverie-teacher-v4") -> dict:
     """The gate's record: per student row and metric the paired gap, its s.e. and the gap in s.e.; ``ahead``
     when every one of them is at least ``MIN_SE``."""
     t_tab = json.loads(Path(teacher_table).read_text())
@@ -52,6 +52,8 @@ def gate(teacher_table: str, students_table: str, teacher_row: str = "teacher",
     for tab, path in ((t_tab, teacher_table), (s_tab, students_table)):
         if tab.get("task") != "reverie" or tab.get("split") != "val_unseen":
             raise SystemExit(f"{path}: a REVERIE val_unseen table is needed, found {tab.get('task')} {tab.get('split')}")
+    if t_tab.get("recipe") != recipe:
+        raise SystemExit(f"{teacher_table}: the table of recipe {t_tab.get('recipe')!r}, not {recipe!r}")
     evaluator = Evaluator("reverie", "val_unseen", data_dir)
     teacher = _row(t_tab, teacher_row, teacher_table)
     _, t_eps = evaluator.score(load_submission(_submission(teacher)))
@@ -75,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="the teacher's table (JSON of minivln experiment)")
     p.add_argument("--teacher-row", default="teacher")
+    p.add_argument("--recipe", default="reverie-teacher-v4", help="the recipe the teacher's table must come from")
     p.add_argument("--students", required=True, help="the table with the rows 'none, seed 0/1/2'")
     p.add_argument("--data-dir", default=None, help="data directory (default: $MINIVLN_DATA)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    record = gate(args.teacher, args.students, args.teacher_row, args.data_dir)
+    record = gate(args.teacher, args.students, args.teacher_row, args.data_dir, args.recipe)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     record = {"command": "python studies/reverie_teacher/v4/gate.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "commit": commit, "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"), **record}

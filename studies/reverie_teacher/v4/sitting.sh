@@ -24,7 +24,20 @@ mkdir -p "$(dirname "$V")" "$(dirname "$O")"
 if [ ! -f "$V" ] || [ ! -f "$J" ]; then
   MINIVLN_DATA=$D minivln features build --out "$V" --objects-out "$J" --no-progress
 fi
-log=/work/runs/reverie-v4-$(date -u +%m%d-%H%M).log
-MINIVLN_DATA=$D nohup minivln experiment reverie-teacher-v4 --out "$O" --jobs 1 \
+probe=$O/probe-step600.json  # the step-600 rule's verdict (v4/probe.py)
+if [ -f "$probe" ] && grep -q '"verdict": "failed"' "$probe"; then
+  echo "the step-600 rule failed ($probe): the design is reported as failed, the run is not resumed" >&2
+  exit 1
+fi
+stamp=$(date -u +%m%d-%H%M)
+log=/work/runs/reverie-v4-$stamp.log
+# pinned to the pre-registered code, so that a new machine runs the same (the pin is kept where it exists)
+MINIVLN_DATA=$D nohup minivln experiment reverie-teacher-v4 --out "$O" --jobs 1 --commit 54d3ba89b1d3 \
   features="$V" objects="$J" data_dir="$D" > "$log" 2>&1 &
+driver=$!
 echo "reverie-teacher-v4 -> $log (status: minivln experiment reverie-teacher-v4 --out $O --status)"
+if [ ! -f "$probe" ]; then  # wait for step 600; stop the driver if the rule fails
+  nohup python studies/reverie_teacher/v4/probe.py --log "$O/runs/rev-teacher-v4-pre/log.jsonl" \
+    --out "$probe" --watch --stop-pid "$driver" > "/work/runs/reverie-v4-probe-$stamp.log" 2>&1 &
+  echo "step-600 watcher -> /work/runs/reverie-v4-probe-$stamp.log"
+fi
