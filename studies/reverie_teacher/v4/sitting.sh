@@ -2,7 +2,7 @@
 # Start (or resume) REVERIE's fourth teacher on one core (docs/preregistration_reverie.md, "Teacher v4"):
 # stand-in view and object features if this machine lacks them, then one driver of recipe
 # reverie-teacher-v4 with one job at a time (pretraining, fine-tuning, scoring; each resumes from its
-# checkpoint).  Run from the repository root in the first minutes of a sitting, after the R2R chain
+# checkpoint); once v4/gate.json says the teacher is ahead, recipe reverie-prereg-table3-v4 instead.  Run from the repository root in the first minutes of a sitting, after the R2R chain
 # (R2R_CORES=1 bash studies/r2r_prereg/sitting.sh):
 #
 #   bash studies/reverie_teacher/v4/sitting.sh      # then: tail -n 3 /work/runs/reverie-v4-*.log
@@ -15,8 +15,8 @@ V=${V:-/work/feats/rev/views.hdf5}
 J=${J:-/work/feats/rev/objects.hdf5}
 D=${D:-$(cd ../shared/data && pwd)}
 
-if pgrep -f "experiment reverie-teacher-v4 --out $O" > /dev/null; then
-  echo "a driver of reverie-teacher-v4 on $O is running already (pgrep -af reverie-teacher-v4)" >&2
+if pgrep -f "experiment reverie-.* --out $O" > /dev/null; then
+  echo "a driver on $O is running already (pgrep -af 'experiment reverie-')" >&2
   exit 1
 fi
 (cd / && python -c "import minivln") 2> /dev/null || pip install -q -e '.[test,deploy]'
@@ -29,13 +29,21 @@ if [ -f "$probe" ] && grep -q '"verdict": "failed"' "$probe"; then
   echo "the step-600 rule failed ($probe): the design is reported as failed, the run is not resumed" >&2
   exit 1
 fi
+# once the teacher is scored, its gate (v4/gate.py, committed as v4/gate.json) says what runs next: the
+# pre-registered Table III with teacher v4 if it is ahead, nothing if not
+recipe=reverie-teacher-v4
+gate=studies/reverie_teacher/v4/gate.json
+if [ -f "$gate" ]; then
+  if grep -q '"ahead": true' "$gate"; then recipe=reverie-prereg-table3-v4
+  else echo "teacher v4 is not ahead ($gate): nothing more runs" >&2; exit 1; fi
+fi
 stamp=$(date -u +%m%d-%H%M)
 log=/work/runs/reverie-v4-$stamp.log
 # pinned to the pre-registered code, so that a new machine runs the same (the pin is kept where it exists)
-MINIVLN_DATA=$D nohup minivln experiment reverie-teacher-v4 --out "$O" --jobs 1 --commit 54d3ba89b1d3 \
+MINIVLN_DATA=$D nohup minivln experiment $recipe --out "$O" --jobs 1 --commit 54d3ba89b1d3 \
   features="$V" objects="$J" data_dir="$D" > "$log" 2>&1 &
 driver=$!
-echo "reverie-teacher-v4 -> $log (status: minivln experiment reverie-teacher-v4 --out $O --status)"
+echo "$recipe -> $log (status: minivln experiment $recipe --out $O --status)"
 if [ ! -f "$probe" ]; then  # wait for step 600; stop the driver if the rule fails
   nohup python studies/reverie_teacher/v4/probe.py --log "$O/runs/rev-teacher-v4-pre/log.jsonl" \
     --out "$probe" --watch --stop-pid "$driver" > "/work/runs/reverie-v4-probe-$stamp.log" 2>&1 &
