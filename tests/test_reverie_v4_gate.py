@@ -60,11 +60,11 @@ def test_ahead_only_when_every_gap_passes(real_data_dir, tmp_path):
     subs = [_sub(f"none, seed {s}") for s in range(3)]
     ev = Evaluator("reverie", "val_unseen", real_data_dir)
     per_ep = [ev.score(s)[1] for s in subs]
+    by_id = [{p["instr_id"]: p for p in sub} for sub in subs]
     best = []
-    for k, pred in enumerate(subs[0]):
-        i = pred["instr_id"]
+    for i in by_id[0]:
         pick = max(range(3), key=lambda s: (per_ep[s][i]["rgs"], per_ep[s][i]["sr"]))
-        best.append(subs[pick][k] if subs[pick][k]["instr_id"] == i else next(p for p in subs[pick] if p["instr_id"] == i))
+        best.append(by_id[pick][i])
     rec = gate.gate(str(_table(tmp_path, best)), str(TABLE3), data_dir=str(real_data_dir))
     assert rec["ahead"] is True and all(g["in_se"] >= 3 for g in rec["gaps"])
 
