@@ -144,3 +144,17 @@ def test_the_watcher_stops_the_driver_only_when_the_rule_fails(tmp_path):
         finally:
             driver.kill()
             driver.wait()
+
+
+def test_seconds_per_step_from_the_logged_rates(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"kind": "train", "step": 10, "it_s": 0.05}, {"kind": "train", "step": 310, "it_s": 0.1},
+        {"kind": "val", "step": 400, "val_unseen.mlm_acc": 0.3}, {"kind": "train", "step": 320, "it_s": 0.125},
+        {"kind": "train", "step": 330, "it_s": 0.0625})))
+    sp = probe.seconds_per_step(log, 300)
+    assert sp == {"after_step": 300, "until_step": None, "records": 3, "median": 10.0, "min": 8.0, "max": 16.0}
+    assert probe.seconds_per_step(log, 300, 320)["records"] == 2
+    assert probe.seconds_per_step(log, 400)["records"] == 0
+    assert probe.main(["--log", str(log), "--speed-after", "300"]) == 2  # step 600 not validated: pending
+    assert "median 10.0 (8.0-16.0) over 3 log records" in capsys.readouterr().out

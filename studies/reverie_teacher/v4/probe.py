@@ -5,6 +5,7 @@ v3's at equal samples (v4 step s = v3 step 2s: batch 64 against 32) and the verd
 
     python studies/reverie_teacher/v4/probe.py --log RUN/log.jsonl [--out OUT.json]
     python studies/reverie_teacher/v4/probe.py --log RUN/log.jsonl --out OUT.json --watch --stop-pid PID
+    python studies/reverie_teacher/v4/probe.py --log RUN/log.jsonl --speed-after 300 --speed-until 600
 
 Exit status: 0 the rule passed, 3 it failed, 2 step 600 is not validated yet.  ``--watch`` waits for step
 600, writes ``--out`` and, if the rule failed, sends SIGTERM to ``--stop-pid`` (the experiment driver,
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +42,17 @@ def readings(log: Path) -> dict[int, dict[str, float]]:
         if rec.get("kind") == "val" and all(f"val_unseen.{k}" in rec for k in KEYS):
             out[int(rec["step"])] = {k: float(rec[f"val_unseen.{k}"]) for k in KEYS}
     return out
+
+
+def seconds_per_step(log: Path, after: int, until: int | None = None) -> dict[str, float | int]:
+    """Median, min and max of ``1 / it_s`` over the ``"kind": "train"`` records past step ``after`` and up to
+    ``until`` (each record's rate covers the steps since the previous log)."""
+    rates = sorted(1.0 / float(r["it_s"]) for r in map(json.loads, filter(str.strip, log.read_text().splitlines()))
+                   if r.get("kind") == "train" and r.get("it_s") and after < int(r["step"]) <= (until or 1 << 62))
+    if not rates:
+        return {"after_step": after, "until_step": until, "records": 0}
+    return {"after_step": after, "until_step": until, "records": len(rates), "median": statistics.median(rates), "min": rates[0],
+            "max": rates[-1]}
 
 
 def v3_course() -> dict[int, dict[str, float]]:
@@ -70,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watch", action="store_true", help="wait until step 600 is validated")
     p.add_argument("--stop-pid", type=int, help="with --watch: SIGTERM this process if the rule fails")
     p.add_argument("--poll", type=float, default=60.0, help="seconds between reads with --watch")
+    p.add_argument("--speed-after", type=int, help="also report seconds per step past this step (train records)")
+    p.add_argument("--speed-until", type=int, help="with --speed-after: up to this step")
     args = p.parse_args(argv)
     while True:
         rep = report(args.log) if args.log.is_file() else {"verdict": "pending", "rule": RULE, "readings": []}
@@ -84,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"step {r['step']:5d} ({r['samples']:6d} samples)  " + "  ".join(
             f"{k} {r['v4'][k]:.3f}" + (f" (v3 {v3[k]:.3f})" if v3 else "") for k in KEYS))
     print(f"step {STEP}: {rep['verdict']}" + (f" on {', '.join(rep['failed_on'])}" if rep.get("failed_on") else ""))
+    if args.speed_after is not None and args.log.is_file():
+        rep["seconds_per_step"] = sp = seconds_per_step(args.log, args.speed_after, args.speed_until)
+        print(f"seconds per step, steps {args.speed_after + 1}-{args.speed_until or 'end'}: " + (
+            f"median {sp['median']:.1f} ({sp['min']:.1f}-{sp['max']:.1f}) over {sp['records']} log records"
+            if sp["records"] else "no train record"))
     if args.out:
         args.out.write_text(json.dumps(rep, indent=1) + "\n")
     if rep["verdict"] == "failed" and args.stop_pid and _alive(args.stop_pid):
