@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,20 @@ def test_ablation_rows_and_paired_differences_on_both_splits(tmp_path, capsys):
     assert line.startswith("| fuse alone | 0, 1, 2 | 35.0 ± 0.6 | 25.0 ± 0.0 | -3.0 ± 0.6 | 45.0 ± 0.6 | 25.0 ± 0.0 | -3.0 ± 0.6 |")
     ref = next(x for x in out.splitlines() if x.startswith("| txt + pano + fuse |"))
     assert ref.endswith("|  |") and "48.0" in ref
+
+
+def test_interim_ablation_with_one_seed_reads_the_null_standard_error(tmp_path, capsys):
+    # the driver writes a one-seed arm's standard error as JSON null (not NaN): an interim look must show the
+    # difference without "±" rather than fail (it raised a TypeError on the real Table IV at seed 1)
+    t3 = table3([0.39, 0.40, 0.36, 0.38, 0.37, 0.39], [0.32, 0.27, 0.35, 0.29, 0.30, 0.31])
+    rows = [row("txt + pano + fuse", s, 0.38, 0.28) for s in range(2)] + [row("fuse alone", 0, 0.35, 0.25)]
+    tests = compare_over_seeds(rows, [("fuse alone", "txt + pano + fuse")], ["sr"])
+    for t in tests:
+        t.update({k: None for k, v in t.items() if isinstance(v, float) and math.isnan(v)})
+    t4 = {"table": "Table IV", "split": "val_unseen", "complete": False, "pending": ["fuse alone, seed 1"],
+          "rows": rows, "comparisons": [{"name": "descriptive", "tests": tests}]}
+    assert tests[0]["se"] is None
+    out = run(capsys, "--results", str(write(tmp_path, r2r_prereg_table3=t3, r2r_prereg_table4=t4)), "--interim")
+    line = next(x for x in out.splitlines() if x.startswith("| fuse alone |"))
+    assert line == "| fuse alone | 0 | 35.0 | 25.0 | -3.0 |"
+    assert out.startswith("> **INTERIM**") and "Pending on val_unseen (1): fuse alone, seed 1." in out

@@ -52,15 +52,21 @@ def fmt(metric: str, value: float | None) -> str:
     return f"{100 * value:.1f}" if metric in PERCENT else f"{value:.2f}"
 
 
-def fmt_pm(mean: float, se: float) -> str:
+def no_se(se: float | None) -> bool:
+    """True when there is no standard error: NaN in memory, null in a table's JSON (one seed)."""
+    return se is None or math.isnan(se)
+
+
+def fmt_pm(mean: float, se: float | None) -> str:
     """``mean ± se`` in percent (se left out when there is none)."""
-    if math.isnan(se):
+    if no_se(se):
         return f"{100 * mean:.1f}"
     return f"{100 * mean:.1f} ± {100 * se:.1f}"
 
 
-def fmt_diff(mean: float, se: float) -> str:
-    return f"{100 * mean:+.1f} ± {100 * se:.1f}" if not math.isnan(se) else f"{100 * mean:+.1f}"
+def fmt_diff(mean: float, se: float | None) -> str:
+    """A paired difference in points, ``+d ± se`` (se left out when there is none)."""
+    return f"{100 * mean:+.1f}" if no_se(se) else f"{100 * mean:+.1f} ± {100 * se:.1f}"
 
 
 def fmt_p(p: float | None) -> str:
@@ -191,9 +197,9 @@ def ablation(unseen: dict, seen: dict | None, name: str, reference: str) -> list
                       "" if arm == reference else fmt_diff(d["mean"], d["se"]) if d and d.get("seeds") else ""]
         span = ", ".join(str(s) for s in sorted(seeds))
         out.append(f"| {arm} | {span} | " + " | ".join(cells) + " |")
-    pending = [p for _, t in splits for p in t.get("pending", [])]
-    if pending:
-        out.append(f"\nPending ({len(pending)}): {', '.join(pending)}.")
+    for split, t in splits:
+        if pending := t.get("pending", []):
+            out.append(f"\nPending on {split} ({len(pending)}): {', '.join(pending)}.")
     return out + [""]
 
 
