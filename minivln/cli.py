@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import signal
 import sys
 import warnings
 
@@ -98,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, FileExistsError) as exc:  # bad input: a message, exit 2, nothing overwritten
         print(f"minivln: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C: one line (training names its last checkpoint), 128 + SIGINT
+    except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM, in training): one line naming the checkpoint, 128 + signal
         print(f"minivln: {str(exc) or 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     except OSError as exc:  # a read-only or full disk, a missing file: the same one line
         if error_number(exc) not in ENVIRONMENT_ERRNOS:
             raise

@@ -7,7 +7,9 @@ Each rank gets half of every global batch; DDP averages the gradients.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from test_trainer import (
 from minivln.training import distributed as D
 from minivln.training.checkpoint import load_checkpoint
 from minivln.training.logging import read_jsonl
+from minivln.training.trainer import TrainingStopped
 
 STEPS = 4
 SETTINGS = dict(teacher=True, dropout=0.0, max_steps=STEPS, grad_accum_steps=2, log_every=1, lr=3e-2)
@@ -52,16 +55,60 @@ def _worker(run_dir: Path, out_dir: Path) -> None:
     D.cleanup()
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
-    ddp_run, single_run, out = tmp_path / "ddp", tmp_path / "single", tmp_path / "out"
-    out.mkdir()
+def _sigterm_worker(run_dir: Path, out_dir: Path) -> None:
+    """Rank 1 alone gets SIGTERM in step 3 of 6: both ranks must stop after step 3, saved."""
+    torch.set_num_threads(1)
+    info = D.init_distributed("cpu")
+    trainer = build(run_dir, **{**SETTINGS, "max_steps": 6})
+    fetch = trainer.task.next_batch
+
+    def next_batch(index: int):
+        if info.rank == 1 and index == 2 * 2 + 1:  # the 2nd micro-batch of step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fetch(index)
+
+    trainer.task.next_batch = next_batch
+    result = {"rank": info.rank}
+    try:
+        trainer.fit()
+    except TrainingStopped as exc:
+        result |= {"stopped": str(exc), "signum": exc.signum}
+    result["step"] = trainer.step
+    trainer.close()
+    (out_dir / f"rank{info.rank}.json").write_text(json.dumps(result))
+    D.cleanup()
+
+
+def _start_two_ranks(*args: str) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(ddp_run), str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    run, out = tmp_path / "ddp", tmp_path / "out"
+    out.mkdir()
+    for p in _start_two_ranks(str(run), str(out), "sigterm"):
+        log, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, log
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["step"] == r1["step"] == 3, (r0, r1)
+    assert r0["signum"] == r1["signum"] == signal.SIGTERM and r0["stopped"] == r1["stopped"]
+    assert r0["stopped"].startswith("stopped by SIGTERM after step 3; its checkpoint is ")
+    ckpt = load_checkpoint(run / "latest")
+    assert ckpt.step == 3 and len(ckpt.trainer["rank_states"]) == 2
+    assert read_jsonl(run / "log.jsonl")[-1] == {"kind": "stop", "step": 3, "reason": "SIGTERM"}
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    ddp_run, single_run, out = tmp_path / "ddp", tmp_path / "single", tmp_path / "out"
+    out.mkdir()
+    procs = _start_two_ranks(str(ddp_run), str(out))
     # meanwhile: the same global batches in this (single) process
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -97,7 +144,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    (_sigterm_worker if sys.argv[3:] == ["sigterm"] else _worker)(Path(sys.argv[1]), Path(sys.argv[2]))
     # Everything this test checks is done and written. Skip the interpreter's teardown: there torch's
     # own Gloo threads have aborted a worker once in CI ("terminate called without an active
     # exception", an upstream race), which is not what this test measures.

@@ -25,11 +25,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from cli_checks import finetune_args as _finetune_args
 from cli_checks import one_error_line as _one_error_line
 from cli_checks import run_cli as _run
 from test_trainer import (  # the toy (tests/ is on sys.path)
     MLP,
+    HiddenMatch,
     RegressionTask,
     build,
     make_cfg,
@@ -44,6 +46,7 @@ from minivln.training.checkpoint import (
     LOCK_FILE,
     RunLock,
     RunLockedError,
+    load_checkpoint,
     process_start,
     read_meta,
 )
@@ -56,6 +59,7 @@ from minivln.training.trainer import (
     TrainConfig,
     Trainer,
     TrainingInterrupted,
+    TrainingStopped,
 )
 
 REPO = Path(minivln.__file__).resolve().parents[1]  # the code under test
@@ -366,6 +370,137 @@ def test_ctrl_c_in_fit_names_the_last_checkpoint(at, message, tmp_path, one_thre
     assert re.fullmatch(message.format(latest=re.escape(str(run / "latest")), run=re.escape(str(run))) + ".*",
                         str(caught)), str(caught)
     assert trainer.step == at and not (run / LOCK_FILE).exists() and not (run / ".latest.tmp").exists()
+
+
+# ----------------------------------------------------------------------------------- SIGTERM
+
+
+class _Terminating(RegressionTask):
+    """The toy task, sending this process SIGTERM when each micro-batch in ``at`` is fetched (never with
+    SIGTERM at its default action: that would end the test session instead of failing a test)."""
+
+    def __init__(self, at: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.at = at
+
+    def next_batch(self, index: int):
+        if index in self.at:
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "fit() did not take SIGTERM"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().next_batch(index)
+
+
+def _sigterm_trainer(run: Path, at: tuple[int, ...] = (), steps: int = 10, **kw) -> Trainer:
+    """What an exact resume must restore (a teacher with a loss term, dropout, accumulation, warm-up +
+    cosine, a weight average), checkpoints every 3 steps."""
+    seed_everything(0)
+    model, teacher = MLP(), MLP(d_hidden=8, dropout=0.0)
+    cfg = make_cfg(run, max_steps=steps, ckpt_every=3, grad_accum_steps=2, ema_decay=0.8, ema_start=4,
+                   resume=(run / "latest").exists(), **kw)
+    return Trainer(model, _Terminating(at), cfg, teacher=teacher, loss_terms=[HiddenMatch()])
+
+
+def _fit_catching(trainer: Trainer) -> BaseException | None:
+    try:
+        trainer.fit()
+    except KeyboardInterrupt as exc:  # (a bare one would abort pytest itself: caught here, checked by the caller)
+        return exc
+    finally:
+        trainer.close()
+    return None
+
+
+def test_sigterm_finishes_the_step_checkpoints_it_and_resumes_bit_identical(tmp_path, one_thread):
+    """SIGTERM in step 8 of 10 (checkpoints every 3): step 8 completes and is saved, fit() raises
+    TrainingStopped naming it, SIGTERM's default action is back; the resume ends with the same bits and
+    the same log as an unbroken run -- where a SIGTERM used to kill the process and lose steps 7-8."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert _fit_catching(_sigterm_trainer(straight)) is None
+    caught = _fit_catching(_sigterm_trainer(stopped, at=(7 * 2 + 1,)))  # the 2nd micro-batch of step 8
+    assert isinstance(caught, TrainingStopped) and isinstance(caught, TrainingInterrupted), repr(caught)
+    assert caught.signum == signal.SIGTERM
+    assert str(caught) == (f"stopped by SIGTERM after step 8; its checkpoint is {stopped / 'latest'} (step 8); "
+                           "continue it with --resume")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert read_meta(stopped / "latest")["step"] == 8
+    assert not (stopped / LOCK_FILE).exists() and not (stopped / ".latest.tmp").exists()
+    assert read_jsonl(stopped / "log.jsonl")[-1] == {"kind": "stop", "step": 8, "reason": "SIGTERM"}
+
+    assert _fit_catching(_sigterm_trainer(stopped)) is None  # the resume
+    a, b = load_checkpoint(straight / "latest"), load_checkpoint(stopped / "latest")
+    assert a.step == b.step == 10
+    for name in ("model", "loss_terms"):
+        sa, sb = getattr(a, name), getattr(b, name)
+        assert sa.keys() == sb.keys() and sa
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}.{k} differs after the resume"
+    ea, eb = load_checkpoint(straight / "ema", with_trainer=False), load_checkpoint(stopped / "ema", with_trainer=False)
+    for k in ea.model:
+        assert torch.equal(ea.model[k], eb.model[k]), f"ema {k} differs after the resume"
+    ra = [r for r in read_jsonl(straight / "log.jsonl") if r["kind"] == "train"]
+    rb = [r for r in read_jsonl(stopped / "log.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in rb] == [r["step"] for r in ra] == [2, 4, 6, 8, 10]
+    assert [r["loss"] for r in rb] == [r["loss"] for r in ra]
+
+
+def test_sigterm_in_the_last_step_still_stops_and_the_resume_has_nothing_left(tmp_path, one_thread):
+    run = tmp_path / "run"
+    caught = _fit_catching(_sigterm_trainer(run, at=(9 * 2,), steps=10))  # in step 10 of 10
+    assert isinstance(caught, TrainingStopped), repr(caught)
+    assert str(caught).startswith("stopped by SIGTERM after its last step (10); its checkpoint is ")
+    assert read_meta(run / "latest")["step"] == 10
+    logged = read_jsonl(run / "log.jsonl")
+    trainer = _sigterm_trainer(run, steps=10)
+    assert _fit_catching(trainer) is None and trainer.step == 10
+    assert read_jsonl(run / "log.jsonl") == logged  # no step trained twice
+
+
+def test_a_second_sigterm_stops_at_once_and_a_callers_handler_is_left_alone(tmp_path, one_thread):
+    caught = _fit_catching(_sigterm_trainer(tmp_path / "twice", at=(7 * 2, 7 * 2 + 1)))  # both in step 8
+    assert type(caught) is TrainingInterrupted, repr(caught)  # Ctrl-C's path: the last checkpoint named
+    assert str(caught).startswith("interrupted after step 7; the last checkpoint is ")
+    assert read_meta(tmp_path / "twice" / "latest")["step"] == 6
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        assert _fit_catching(_sigterm_trainer(tmp_path / "own", at=(3,), steps=4)) is None  # trained to the end
+        assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_during_finetune_saves_that_step_and_exits_143(small_toy, tmp_path, one_thread):
+    """A real run in another process (as `minivln experiment` stops its jobs, or a scheduler preempts
+    one): one line naming the checkpoint of the step it reached, exit 128 + SIGTERM, the lock let go."""
+    data, feats = small_toy
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "minivln.cli", "finetune", "--out", str(run),
+                             *_finetune_args(data, feats, steps=100_000)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "latest" / "meta.json").is_file():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    found = re.fullmatch(rf"minivln: stopped by SIGTERM after step (\d+); its checkpoint is "
+                         rf"{re.escape(str(run / 'latest'))} \(step (\d+)\); continue it with --resume", lines[0])
+    assert found and found[1] == found[2], lines[0]
+    assert read_meta(run / "latest")["step"] == int(found[1])
+    assert not (run / LOCK_FILE).exists() and not (run / ".latest.tmp").exists()
 
 
 def test_ctrl_c_during_finetune_is_one_line_exit_130_and_resumes(small_toy, tmp_path, capsys, one_thread):

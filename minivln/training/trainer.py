@@ -23,7 +23,9 @@ import dataclasses
 import gc
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -451,6 +453,52 @@ class TrainingInterrupted(KeyboardInterrupt):
     leaves the previous one)."""
 
 
+class TrainingStopped(TrainingInterrupted):
+    """SIGTERM stopped :meth:`Trainer.fit` at the end of a step, after writing that step's checkpoint
+    (``signum`` is the signal; the CLI exits with 128 + it, as a shell reports a signal)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+class _StopOnSigterm:
+    """While :meth:`Trainer.fit` runs, SIGTERM (a scheduler preempting the job, ``minivln experiment``
+    stopping the jobs it started, ``kill``) asks the loop to stop at the end of the step under way
+    instead of killing the process between checkpoints; a second SIGTERM stops at once, as Ctrl-C does.
+    Installed only in the main thread and only over the default action (a handler the caller set, or
+    SIG_IGN, is left alone)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._installed = False
+
+    def __enter__(self) -> _StopOnSigterm:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # the second one: stop now (the last checkpoint is named)
+        self.signum = signum
+
+    def requested(self, dist: D.DistInfo) -> bool:
+        """Whether a stop was asked for; under DDP, on any rank (every rank then stops at this step)."""
+        flag = self.signum is not None
+        if dist.enabled:
+            t = torch.tensor([float(flag)], device=dist.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+
 class Trainer:
     """Train ``model`` on ``task`` (see the module docstring and ``docs/training.md``).
 
@@ -569,7 +617,9 @@ class Trainer:
         """Train until ``cfg.max_steps`` (or until ``cfg.max_minutes`` of wall time have passed in this
         process: that step is then treated as the last one, validated and saved, and a ``kind: "stop"``
         record is logged); returns the last training log record.  Ctrl-C raises
-        :class:`TrainingInterrupted` naming the last checkpoint."""
+        :class:`TrainingInterrupted` naming the last checkpoint.  SIGTERM lets the step under way finish
+        (with its validation, if one is due), writes a checkpoint of it, logs a ``kind: "stop"`` record and
+        raises :class:`TrainingStopped`; a resume continues exactly from there."""
         cfg = self.cfg
         show_bar = cfg.progress and self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True,
@@ -578,39 +628,57 @@ class Trainer:
         last_record: dict[str, float] = {}
         t_start = t_last = time.perf_counter()
         steps_since_log = 0
+        stop = _StopOnSigterm()
         try:
-            while self.step < cfg.max_steps:
-                window.add(self._train_step())
-                self.step += 1
-                steps_since_log += 1
-                bar.update(1)
-                final = self.step == cfg.max_steps
-                if cfg.max_minutes and not final and self._out_of_time(t_start):
-                    final = True
-                    self.logger.log({"kind": "stop", "step": self.step, "reason": "max_minutes",
-                                     "max_minutes": cfg.max_minutes})
-                if (cfg.log_every and self.step % cfg.log_every == 0) or final:
-                    now = time.perf_counter()
-                    last_record = {"kind": "train", "step": self.step, **window.means(),
-                                   "it_s": steps_since_log / max(now - t_last, 1e-9), "time": now - t_start}
-                    t_last, steps_since_log = now, 0
-                    self.logger.log(last_record)
-                    self._check_finite(last_record)
-                    if show_bar:
-                        bar.set_postfix_str(format_record(last_record).split(" | ", 1)[-1])
-                    elif cfg.progress and self.dist.is_main:
-                        print(format_record(last_record), flush=True)
-                if self.validate_fn is not None and ((cfg.val_every and self.step % cfg.val_every == 0) or final):
-                    self.validate()
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final:
-                    self.save()
-                if final:
-                    break
+            with stop:
+                while self.step < cfg.max_steps:
+                    window.add(self._train_step())
+                    self.step += 1
+                    steps_since_log += 1
+                    bar.update(1)
+                    final = self.step == cfg.max_steps
+                    if cfg.max_minutes and not final and self._out_of_time(t_start):
+                        final = True
+                        self.logger.log({"kind": "stop", "step": self.step, "reason": "max_minutes",
+                                         "max_minutes": cfg.max_minutes})
+                    if (cfg.log_every and self.step % cfg.log_every == 0) or final:
+                        now = time.perf_counter()
+                        last_record = {"kind": "train", "step": self.step, **window.means(),
+                                       "it_s": steps_since_log / max(now - t_last, 1e-9), "time": now - t_start}
+                        t_last, steps_since_log = now, 0
+                        self.logger.log(last_record)
+                        self._check_finite(last_record)
+                        if show_bar:
+                            bar.set_postfix_str(format_record(last_record).split(" | ", 1)[-1])
+                        elif cfg.progress and self.dist.is_main:
+                            print(format_record(last_record), flush=True)
+                    if self.validate_fn is not None and ((cfg.val_every and self.step % cfg.val_every == 0) or final):
+                        self.validate()
+                    saved = bool(cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final
+                    if saved:
+                        self.save()
+                    if final:
+                        break
+                    if stop.requested(self.dist):  # SIGTERM: this step's checkpoint, then stop
+                        if not saved:
+                            self.save()
+                        signum = stop.signum or signal.SIGTERM  # (under DDP it may have come to another rank)
+                        self.logger.log({"kind": "stop", "step": self.step, "reason": signal.Signals(signum).name})
+                        raise TrainingStopped(self._stopped(signum, f"step {self.step}"), signum)
+        except TrainingStopped:
+            raise
         except KeyboardInterrupt:
             raise TrainingInterrupted(self._interrupted()) from None
         finally:
             bar.close()
+        if stop.signum is not None:  # it came during the last step: the run is complete, and asked to end
+            raise TrainingStopped(self._stopped(stop.signum, f"its last step ({self.step})"), stop.signum)
         return last_record
+
+    def _stopped(self, signum: int, where: str) -> str:
+        """What a SIGTERM in :meth:`fit` left: the checkpoint of the step it stopped after."""
+        return (f"stopped by {signal.Signals(signum).name} after {where}; its checkpoint is {self.run_dir / 'latest'} "
+                f"(step {self.step}); continue it with --resume")
 
     def _interrupted(self) -> str:
         """What a Ctrl-C in :meth:`fit` left: the step reached and the checkpoint to resume from."""
