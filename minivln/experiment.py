@@ -1688,14 +1688,13 @@ def _run_progress(run_dir: Path) -> tuple[int | None, int | None, int | None]:
     return logged, saved, total
 
 
-def _logged_starts(run_dir: Path) -> tuple[float, int]:
-    """(seconds of training the run's log records, number of processes that wrote it).  Each process
-    logs ``time``, its own elapsed seconds, with ``it_s``, the steps since its previous log over the
-    seconds since it: within one process ``(time - previous time) * it_s`` is the step gap, and at a
-    resume it is not (the new process's clock and rate start again; its log keeps the steps up to
-    the checkpoint).  The sum over processes is the run's training time, which a done mark (the last
-    process's) understates; time after a killed process's last checkpoint is not counted."""
-    total, starts, last_t, last_step = 0.0, 0, None, None
+def _process_records(run_dir: Path) -> list[list[tuple[float, int | None]]]:
+    """The run log's training records, ``(time, step)``, split by the process that wrote them: each
+    process logs ``time``, its own elapsed seconds, with ``it_s``, the steps since its previous log over
+    the seconds since it, so within one process ``(time - previous time) * it_s`` is the step gap, and
+    a record whose time goes back or whose gap disagrees starts a new process."""
+    segments: list[list[tuple[float, int | None]]] = []
+    last_t, last_step = None, None
     for r in read_jsonl(run_dir / "log.jsonl"):
         if r.get("kind") != "train" or not isinstance(r.get("time"), (int, float)):
             continue
@@ -1704,10 +1703,33 @@ def _logged_starts(run_dir: Path) -> tuple[float, int]:
         if same and isinstance(rate, (int, float)) and isinstance(step, int) and isinstance(last_step, int):
             same = abs((t - last_t) * rate - (step - last_step)) <= 0.5
         if not same:
-            starts += 1
-            total += last_t or 0.0
+            segments.append([])
+        segments[-1].append((t, step if isinstance(step, int) else None))
         last_t, last_step = t, step
-    return total + (last_t or 0.0), starts
+    return segments
+
+
+def _logged_starts(run_dir: Path) -> tuple[float, int]:
+    """(seconds of training the run's log records, number of processes that wrote it).  Each process
+    logs ``time``, its own elapsed seconds, with ``it_s``, the steps since its previous log over the
+    seconds since it: within one process ``(time - previous time) * it_s`` is the step gap, and at a
+    resume it is not (the new process's clock and rate start again; its log keeps the steps up to
+    the checkpoint).  The sum over processes is the run's training time, which a done mark (the last
+    process's) understates; time after a killed process's last checkpoint is not counted."""
+    segments = _process_records(run_dir)
+    return sum(seg[-1][0] for seg in segments), len(segments)
+
+
+def _minutes_left(run_dir: Path, total: int | None) -> str:
+    """``", ~N min left"`` for a running run: the steps left at the rate of its current process so far
+    (steps over seconds between its first and last records, validations included); "" when unknown."""
+    segments = _process_records(run_dir)
+    if not total or not segments or len(segments[-1]) < 2:
+        return ""
+    (t0, s0), (t1, s1) = segments[-1][0], segments[-1][-1]
+    if s0 is None or s1 is None or s1 <= s0 or t1 <= t0:
+        return ""
+    return f", ~{max(total - s1, 0) * (t1 - t0) / (s1 - s0) / 60:.0f} min left"
 
 
 def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, str, str]]:
@@ -1735,7 +1757,8 @@ def job_status(recipe: Recipe, out: Path, jobs: list[Job]) -> list[tuple[str, st
             logged, saved, total = _run_progress(j.run_dir)
             of = f"/{total}" if total else ""
             if who := lock_holder(j.run_dir):
-                state, detail = "running", f"step {logged if logged is not None else '?'}{of}, {who}"
+                left = _minutes_left(j.run_dir, total)
+                state, detail = "running", f"step {logged if logged is not None else '?'}{of}{left}, {who}"
             elif saved:
                 state, detail = "stopped", f"resumes from step {saved}{of}"
         if state in ("pending", "stopped") and (who := lock_holder(_claim_dir(out, j)) or _child_alive(_claim_dir(out, j))):

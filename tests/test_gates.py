@@ -225,6 +225,33 @@ def test_status_times_a_resumed_run_over_all_its_processes(tmp_path):
     assert "logged" not in job_status(Recipe(name="r"), out, [job])[0][2]  # one process: the mark's own time
 
 
+def test_status_gives_a_running_run_the_minutes_left_at_its_current_process_rate(tmp_path):
+    """``running  step 180/1000, ~41 min left, process ...``: the steps left at the rate of the process
+    now training (its first to last record, validations included), not the earlier processes'."""
+    import os
+    import socket
+
+    from minivln.experiment import Recipe, _minutes_left, job_status
+
+    run = tmp_path / "exp" / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"max_steps": 1000}}))
+    log = [{"kind": "train", "step": 20, "time": 10.0, "it_s": 2.0},  # process 1: fast (a quiet machine)
+           {"kind": "train", "step": 40, "time": 20.0, "it_s": 2.0},
+           {"kind": "train", "step": 80, "time": 20.0, "it_s": 0.25},  # process 2, resumed from 75
+           {"kind": "val", "step": 100},
+           {"kind": "train", "step": 180, "time": 320.0, "it_s": 100 / 300}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert _minutes_left(run, 1000) == ", ~41 min left"  # 820 steps at 100 per 300 s
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "since": "now", "process_start": None}
+    (run / ".lock").write_text(json.dumps(lock))
+    job = Job("train:a", [], [sys.executable, "-c", "pass"], run_dir=run, spec="a")
+    assert job_status(Recipe(name="r"), tmp_path / "exp", [job])[0][1:] == \
+        ("running", f"step 180/1000, ~41 min left, process {os.getpid()} on {socket.gethostname()}, since now")
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[:3]))  # one record of process 2
+    assert _minutes_left(run, 1000) == "" and _minutes_left(run, None) == ""
+
+
 def test_the_preflight_line_says_what_only_selects(small_toy, tmp_path):
     """Under ``--only`` the pre-flight still checks the whole recipe, and its line says so with the
     number of jobs left that the patterns select."""
