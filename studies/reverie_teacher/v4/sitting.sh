@@ -2,7 +2,10 @@
 # Start (or resume) REVERIE's fourth teacher on one core (docs/preregistration_reverie.md, "Teacher v4"):
 # stand-in view and object features if this machine lacks them, then one driver of recipe
 # reverie-teacher-v4 with one job at a time (pretraining, fine-tuning, scoring; each resumes from its
-# checkpoint); once v4/gate.json says the teacher is ahead, recipe reverie-prereg-table3-v4 instead.  Run from the repository root in the first minutes of a sitting, after the R2R chain
+# checkpoint); once v4/gate.json says the teacher is ahead, recipe reverie-prereg-table3-v4 instead
+# (v4/after_teacher.sh, started beside the teacher's driver, writes the table and gate.json when that
+# driver ends with the teacher scored, and starts the table at once if the gate says ahead).  Run from
+# the repository root in the first minutes of a sitting, after the R2R chain
 # (R2R_CORES=1 bash studies/r2r_prereg/sitting.sh):
 #
 #   bash studies/reverie_teacher/v4/sitting.sh      # then: tail -n 3 /work/runs/reverie-v4-*.log
@@ -44,6 +47,10 @@ MINIVLN_DATA=$D nohup minivln experiment $recipe --out "$O" --jobs 1 --commit 54
   features="$V" objects="$J" data_dir="$D" > "$log" 2>&1 &
 driver=$!
 echo "$recipe -> $log (status: minivln experiment $recipe --out $O --status)"
+if [ "$recipe" = reverie-teacher-v4 ]; then  # when the driver ends: the table, the gate, and what it decides
+  nohup bash studies/reverie_teacher/v4/after_teacher.sh "$driver" > "/work/runs/reverie-v4-after-$stamp.log" 2>&1 &
+  echo "after the teacher -> /work/runs/reverie-v4-after-$stamp.log"
+fi
 if [ ! -f "$probe" ]; then  # wait for step 600; stop the driver if the rule fails
   nohup python studies/reverie_teacher/v4/probe.py --log "$O/runs/rev-teacher-v4-pre/log.jsonl" \
     --out "$probe" --watch --stop-pid "$driver" > "/work/runs/reverie-v4-probe-$stamp.log" 2>&1 &
