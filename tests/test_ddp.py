@@ -90,12 +90,24 @@ def _start_two_ranks(*args: str) -> list[subprocess.Popen]:
     return procs
 
 
+def _wait_for(procs: list[subprocess.Popen]) -> None:
+    """Both ranks end with status 0 within 120 s; on any failure neither is left behind (a rank stuck
+    in a collective takes SIGTERM as a request to stop after its step, so it gets SIGKILL)."""
+    try:
+        for p in procs:
+            log, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, log
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     run, out = tmp_path / "ddp", tmp_path / "out"
     out.mkdir()
-    for p in _start_two_ranks(str(run), str(out), "sigterm"):
-        log, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, log
+    _wait_for(_start_two_ranks(str(run), str(out), "sigterm"))
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["step"] == r1["step"] == 3, (r0, r1)
     assert r0["signum"] == r1["signum"] == signal.SIGTERM and r0["stopped"] == r1["stopped"]
@@ -118,9 +130,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         single.close()
     finally:
         torch.set_num_threads(threads)
-    for p in procs:
-        log, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, log
+    _wait_for(procs)
 
     r0, r1 = (load_file(out / f"rank{r}.safetensors") for r in range(2))
     assert r0.keys() == r1.keys()
