@@ -879,7 +879,27 @@ def _sigterm_exits():
 
 
 def _stop_jobs(running: dict[str, tuple[Job, subprocess.Popen]], wait_s: float = 60.0) -> None:
-    """Terminate the jobs this driver started (each resumes later from its last checkpoint)."""
+    """Terminate the jobs this driver started (SIGTERM: a training job saves the step it is in; each resumes
+    later from its last checkpoint).  Another SIGTERM to the driver meanwhile (a scheduler's to every process
+    of the job) does not cut this short."""
+    with _sigterm_ignored():
+        _terminate_and_wait(running, wait_s)
+
+
+@contextlib.contextmanager
+def _sigterm_ignored():
+    """SIGTERM ignored inside (in the main thread; elsewhere Python cannot change it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _terminate_and_wait(running: dict[str, tuple[Job, subprocess.Popen]], wait_s: float) -> None:
     for _, proc in running.values():
         if proc.poll() is None:
             proc.terminate()
@@ -1722,7 +1742,8 @@ def _logged_starts(run_dir: Path) -> tuple[float, int]:
 
 def _minutes_left(run_dir: Path, total: int | None) -> str:
     """``", ~N min left"`` for a running run: the steps left at the rate of its current process so far
-    (steps over seconds between its first and last records, validations included); "" when unknown."""
+    (steps over seconds between its first and last records, validations included); "" when unknown.  Until
+    a resumed process has logged twice, its predecessor's rate stands in for its own."""
     segments = _process_records(run_dir)
     if not total or not segments or len(segments[-1]) < 2:
         return ""

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_trainer import (
@@ -55,15 +56,16 @@ def _worker(run_dir: Path, out_dir: Path) -> None:
     D.cleanup()
 
 
-def _sigterm_worker(run_dir: Path, out_dir: Path) -> None:
-    """Rank 1 alone gets SIGTERM in step 3 of 6: both ranks must stop after step 3, saved."""
+def _sigterm_worker(run_dir: Path, out_dir: Path, at: int) -> None:
+    """Rank 1 alone gets SIGTERM when it fetches micro-batch ``at`` (of 6 steps x 2): both ranks must stop
+    after that step, saved."""
     torch.set_num_threads(1)
     info = D.init_distributed("cpu")
     trainer = build(run_dir, **{**SETTINGS, "max_steps": 6})
     fetch = trainer.task.next_batch
 
     def next_batch(index: int):
-        if info.rank == 1 and index == 2 * 2 + 1:  # the 2nd micro-batch of step 3
+        if info.rank == 1 and index == at:
             os.kill(os.getpid(), signal.SIGTERM)
         return fetch(index)
 
@@ -104,17 +106,18 @@ def _wait_for(procs: list[subprocess.Popen]) -> None:
                 p.communicate()
 
 
-def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+@pytest.mark.parametrize("at, step, where", [(2 * 2 + 1, 3, "step 3"), (5 * 2 + 1, 6, "its last step (6)")])
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(at, step, where, tmp_path):
     run, out = tmp_path / "ddp", tmp_path / "out"
     out.mkdir()
-    _wait_for(_start_two_ranks(str(run), str(out), "sigterm"))
+    _wait_for(_start_two_ranks(str(run), str(out), "sigterm", str(at)))
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
-    assert r0["step"] == r1["step"] == 3, (r0, r1)
-    assert r0["signum"] == r1["signum"] == signal.SIGTERM and r0["stopped"] == r1["stopped"]
-    assert r0["stopped"].startswith("stopped by SIGTERM after step 3; its checkpoint is ")
+    assert r0["step"] == r1["step"] == step, (r0, r1)
+    assert r0.get("signum") == r1.get("signum") == signal.SIGTERM and r0["stopped"] == r1["stopped"], (r0, r1)
+    assert r0["stopped"].startswith(f"stopped by SIGTERM after {where}; its checkpoint is ")
     ckpt = load_checkpoint(run / "latest")
-    assert ckpt.step == 3 and len(ckpt.trainer["rank_states"]) == 2
-    assert read_jsonl(run / "log.jsonl")[-1] == {"kind": "stop", "step": 3, "reason": "SIGTERM"}
+    assert ckpt.step == step and len(ckpt.trainer["rank_states"]) == 2
+    assert read_jsonl(run / "log.jsonl")[-1] == {"kind": "stop", "step": step, "reason": "SIGTERM"}
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
@@ -154,7 +157,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 if __name__ == "__main__":
-    (_sigterm_worker if sys.argv[3:] == ["sigterm"] else _worker)(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[3:4] == ["sigterm"]:
+        _sigterm_worker(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[4]))
+    else:
+        _worker(Path(sys.argv[1]), Path(sys.argv[2]))
     # Everything this test checks is done and written. Skip the interpreter's teardown: there torch's
     # own Gloo threads have aborted a worker once in CI ("terminate called without an active
     # exception", an upstream race), which is not what this test measures.

@@ -196,3 +196,31 @@ def test_a_job_whose_need_no_driver_runs_fails_instead_of_waiting_forever(tmp_pa
     (tmp_path / "exp").mkdir()
     assert not execute([job], tmp_path / "exp", tmp_path, "abc", max_jobs=1, threads=1, poll_s=0.05)
     assert "FAILED   score:b: needs train:a, which this driver neither runs nor finds done" in capsys.readouterr().out
+
+
+def test_stopping_its_jobs_the_driver_ignores_further_sigterms(tmp_path, capsys):
+    """A scheduler signals every process of the job: the driver, stopping its jobs after its own SIGTERM,
+    must not be ended by the next one before they have saved (it waits up to 60 s for them)."""
+    from minivln.experiment import _stop_jobs
+
+    # the job: on SIGTERM it signals the driver (this process) again, takes a moment (its last step), exits
+    script = ("import os, signal, sys, time\n"
+              "def stop(*_):\n"
+              "    os.kill(os.getppid(), signal.SIGTERM); time.sleep(0.5); sys.exit(143)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc._minivln_log = open(os.devnull, "w")  # type: ignore[attr-defined]  (as execute() opens it)
+    assert proc.stdout.readline().strip() == "ready"
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        _stop_jobs({"train:a": (Job("train:a", [], []), proc)}, wait_s=30)
+        assert proc.returncode == 143 and seen == []  # the job's SIGTERM to the driver came and was ignored
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the driver's own handler is back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped  train:a (resumes from its last checkpoint)" in capsys.readouterr().out

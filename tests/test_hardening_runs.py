@@ -29,6 +29,7 @@ import torch
 from cli_checks import finetune_args as _finetune_args
 from cli_checks import one_error_line as _one_error_line
 from cli_checks import run_cli as _run
+from conftest import SMALL_DUET
 from test_trainer import (  # the toy (tests/ is on sys.path)
     MLP,
     HiddenMatch,
@@ -455,11 +456,33 @@ def test_sigterm_in_the_last_step_still_stops_and_the_resume_has_nothing_left(tm
     assert read_jsonl(run / "log.jsonl") == logged  # no step trained twice
 
 
-def test_a_second_sigterm_stops_at_once_and_a_callers_handler_is_left_alone(tmp_path, one_thread):
+class _TermThenCtrlC(_Terminating):
+    """SIGTERM when micro-batch ``at`` is fetched, Ctrl-C at ``ctrl_c`` (raised here: a test session
+    started in the background ignores SIGINT)."""
+
+    def __init__(self, at: tuple[int, ...], ctrl_c: int) -> None:
+        super().__init__(at)
+        self.ctrl_c = ctrl_c
+
+    def next_batch(self, index: int):
+        if index == self.ctrl_c:
+            raise KeyboardInterrupt
+        return super().next_batch(index)
+
+
+def test_more_sigterms_change_nothing_ctrl_c_stops_at_once_and_a_callers_handler_is_left_alone(tmp_path, one_thread):
+    # a scheduler's SIGTERM to every process of the job, then the driver's own to its job: still one stop
     caught = _fit_catching(_sigterm_trainer(tmp_path / "twice", at=(7 * 2, 7 * 2 + 1)))  # both in step 8
-    assert type(caught) is TrainingInterrupted, repr(caught)  # Ctrl-C's path: the last checkpoint named
+    assert isinstance(caught, TrainingStopped) and str(caught).startswith("stopped by SIGTERM after step 8;")
+    assert read_meta(tmp_path / "twice" / "latest")["step"] == 8
+
+    seed_everything(0)  # Ctrl-C while a stop is pending: now, the last regular checkpoint named
+    trainer = Trainer(MLP(), _TermThenCtrlC(at=(7 * 2,), ctrl_c=7 * 2 + 1),
+                      make_cfg(tmp_path / "ctrl-c", max_steps=10, ckpt_every=3, grad_accum_steps=2))
+    caught = _fit_catching(trainer)
+    assert type(caught) is TrainingInterrupted, repr(caught)
     assert str(caught).startswith("interrupted after step 7; the last checkpoint is ")
-    assert read_meta(tmp_path / "twice" / "latest")["step"] == 6
+    assert read_meta(tmp_path / "ctrl-c" / "latest")["step"] == 6
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
     seen = []
@@ -471,36 +494,76 @@ def test_a_second_sigterm_stops_at_once_and_a_callers_handler_is_left_alone(tmp_
         signal.signal(signal.SIGTERM, before)
 
 
-def test_sigterm_during_finetune_saves_that_step_and_exits_143(small_toy, tmp_path, one_thread):
-    """A real run in another process (as `minivln experiment` stops its jobs, or a scheduler preempts
-    one): one line naming the checkpoint of the step it reached, exit 128 + SIGTERM, the lock let go."""
-    data, feats = small_toy
-    run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "minivln.cli", "finetune", "--out", str(run),
-                             *_finetune_args(data, feats, steps=100_000)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (run / "latest" / "meta.json").is_file():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+def _until_logged(proc: subprocess.Popen, run: Path, step: int) -> None:
+    """Wait until ``run``'s log has a training record of ``step`` or later (the process still alive)."""
+    deadline = time.monotonic() + 300
+    while not any(r.get("kind") == "train" and r.get("step", 0) >= step for r in read_jsonl(run / "log.jsonl")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"step {step} not logged after 300 s"
+        time.sleep(0.2)
+
+
+def _stopped_line(proc: subprocess.Popen, run: Path) -> int:
+    """The stopped process's exit and its one line; returns the step it saved (the one it reached)."""
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     found = re.fullmatch(rf"minivln: stopped by SIGTERM after step (\d+); its checkpoint is "
-                         rf"{re.escape(str(run / 'latest'))} \(step (\d+)\); continue it with --resume", lines[0])
-    assert found and found[1] == found[2], lines[0]
-    assert read_meta(run / "latest")["step"] == int(found[1])
+                         rf"{re.escape(str(run / 'latest'))} \(step \1\); continue it with --resume", lines[0])
+    assert found, lines[0]
+    reached = max(r["step"] for r in read_jsonl(run / "log.jsonl") if r.get("kind") == "train")
+    assert int(found[1]) == reached == read_meta(run / "latest")["step"]
+    assert read_jsonl(run / "log.jsonl")[-1] == {"kind": "stop", "step": reached, "reason": "SIGTERM"}
     assert not (run / LOCK_FILE).exists() and not (run / ".latest.tmp").exists()
+    return reached
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def test_sigterm_during_finetune_saves_that_step_and_exits_143(small_toy, tmp_path, one_thread):
+    """A real run in another process (as `minivln experiment` stops its jobs): one line naming the
+    checkpoint of the step it reached, exit 128 + SIGTERM, the lock let go.  No regular checkpoint
+    falls in the run (ckpt_every 100,000): the one there is the stop's."""
+    data, feats = small_toy
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "minivln.cli", "finetune", "--out", str(run),
+                             *_finetune_args(data, feats, steps=100_000), "train.ckpt_every=100000"],
+                            cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _until_logged(proc, run, 2)
+        assert not (run / "latest").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert _stopped_line(proc, run) >= 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_sigterm_to_a_pretraining_job_and_its_batch_workers_saves_the_step(small_toy, tmp_path, one_thread):
+    """SIGTERM to every process of the job at once (as SLURM sends it, or ``kill -- -PGID``), batches built
+    in two worker processes: the workers keep serving until the step is done, the step is saved, exit 143."""
+    data, feats = small_toy
+    run = tmp_path / "pt"
+    args = ["pretrain", "--out", str(run), "model=duet-cpu", f"model_overrides={json.dumps(SMALL_DUET)}",
+            f"data_dir={data}", f"features={feats}", "batch_size=2", "max_instr_len=40", "val_batches=1",
+            "num_workers=2", "num_threads=1", "train.max_steps=100000", "train.log_every=1", "train.val_every=0",
+            "train.ckpt_every=100000", "train.progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "minivln.cli", *args], cwd=REPO, env=_child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _until_logged(proc, run, 2)
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its workers
+        assert _stopped_line(proc, run) >= 2
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def test_ctrl_c_during_finetune_is_one_line_exit_130_and_resumes(small_toy, tmp_path, capsys, one_thread):

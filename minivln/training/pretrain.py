@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import signal
 import tempfile
 import time
 import warnings
@@ -393,7 +394,16 @@ class _BatchIndices(Dataset):
 
 
 def _one_thread(_: int) -> None:
+    """A batch-building worker: one thread; and the first SIGTERM is ignored, so that one sent to every
+    process of a job (SLURM, ``kill -- -PGID``) does not end the workers under a trainer that is finishing
+    its step to stop after it (``Trainer.fit``); a second SIGTERM (the DataLoader's own ``terminate()`` at
+    shutdown, or the sender's again) ends the worker."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, _second_sigterm_ends)
+
+
+def _second_sigterm_ends(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class PretrainTask:

@@ -465,9 +465,9 @@ class TrainingStopped(TrainingInterrupted):
 class _StopOnSigterm:
     """While :meth:`Trainer.fit` runs, SIGTERM (a scheduler preempting the job, ``minivln experiment``
     stopping the jobs it started, ``kill``) asks the loop to stop at the end of the step under way
-    instead of killing the process between checkpoints; a second SIGTERM stops at once, as Ctrl-C does.
-    Installed only in the main thread and only over the default action (a handler the caller set, or
-    SIG_IGN, is left alone)."""
+    instead of killing the process between checkpoints; more SIGTERMs change nothing (Ctrl-C or SIGKILL
+    stop at once).  Installed only in the main thread and only over the default action (a handler the
+    caller set, or SIG_IGN, is left alone)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -485,9 +485,10 @@ class _StopOnSigterm:
             self._installed = False
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt  # the second one: stop now (the last checkpoint is named)
-        self.signum = signum
+        # only the first counts: a scheduler's SIGTERM to every process of the job is often followed at once by
+        # the driver's own to its job, and neither means "now" (that is Ctrl-C's, or SIGKILL's)
+        if self.signum is None:
+            self.signum = signum
 
     def requested(self, dist: D.DistInfo) -> bool:
         """Whether a stop was asked for; under DDP, on any rank (every rank then stops at this step)."""
@@ -619,7 +620,8 @@ class Trainer:
         record is logged); returns the last training log record.  Ctrl-C raises
         :class:`TrainingInterrupted` naming the last checkpoint.  SIGTERM lets the step under way finish
         (with its validation, if one is due), writes a checkpoint of it, logs a ``kind: "stop"`` record and
-        raises :class:`TrainingStopped`; a resume continues exactly from there."""
+        raises :class:`TrainingStopped` (also after the last step); a resume continues from there with the
+        weights, optimizer and random streams of an unbroken run."""
         cfg = self.cfg
         show_bar = cfg.progress and self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True,
@@ -657,22 +659,21 @@ class Trainer:
                     saved = bool(cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final
                     if saved:
                         self.save()
-                    if final:
-                        break
-                    if stop.requested(self.dist):  # SIGTERM: this step's checkpoint, then stop
+                    if stop.requested(self.dist):  # SIGTERM (on any rank): this step's checkpoint, then stop
                         if not saved:
                             self.save()
                         signum = stop.signum or signal.SIGTERM  # (under DDP it may have come to another rank)
                         self.logger.log({"kind": "stop", "step": self.step, "reason": signal.Signals(signum).name})
-                        raise TrainingStopped(self._stopped(signum, f"step {self.step}"), signum)
+                        where = f"its last step ({self.step})" if final else f"step {self.step}"
+                        raise TrainingStopped(self._stopped(signum, where), signum)
+                    if final:
+                        break
         except TrainingStopped:
             raise
         except KeyboardInterrupt:
             raise TrainingInterrupted(self._interrupted()) from None
         finally:
             bar.close()
-        if stop.signum is not None:  # it came during the last step: the run is complete, and asked to end
-            raise TrainingStopped(self._stopped(stop.signum, f"its last step ({self.step})"), stop.signum)
         return last_record
 
     def _stopped(self, signum: int, where: str) -> str:

@@ -13,16 +13,18 @@
 #
 # Paths: O, V, J, D as in v4/sitting.sh.
 set -uo pipefail
-cd "$(dirname "$0")/../../.."
+cd "$(dirname "$0")/../../.." || exit 1
 O=${O:-/work/runs/reverie-v4}
 V=${V:-/work/feats/rev/views.hdf5}
 J=${J:-/work/feats/rev/objects.hdf5}
 D=${D:-$(cd ../shared/data && pwd)}
 pid=${1:?usage: after_teacher.sh DRIVER_PID}
 
-while kill -0 "$pid" 2> /dev/null; do sleep 60; done
+# (the process must still be that driver: a pid can be reused)
+while grep -q 'reverie-teacher-v4' "/proc/$pid/cmdline" 2> /dev/null; do sleep 60; done
 echo "$(date -u '+%F %T') driver $pid ended"
-status=$(MINIVLN_DATA=$D minivln experiment reverie-teacher-v4 --out "$O" --status)
+status=$(MINIVLN_DATA=$D minivln experiment reverie-teacher-v4 --out "$O" --status) || {
+  echo "--status failed: nothing done" >&2; exit 1; }
 if ! grep -Eq '^score:rev-teacher-v4 +done' <<< "$status"; then
   echo "the teacher is not scored yet: nothing to do (the next sitting resumes it)"
   exit 0

@@ -18,8 +18,8 @@ V=${V:-/work/feats/rev/views.hdf5}
 J=${J:-/work/feats/rev/objects.hdf5}
 D=${D:-$(cd ../shared/data && pwd)}
 
-if pgrep -f "experiment reverie-.* --out $O" > /dev/null; then
-  echo "a driver on $O is running already (pgrep -af 'experiment reverie-')" >&2
+if pgrep -f "experiment reverie-.* --out $O" > /dev/null || pgrep -f "v4/after_teacher.sh" > /dev/null; then
+  echo "a driver on $O, or v4/after_teacher.sh, is running already (pgrep -af 'experiment reverie-|after_teacher')" >&2
   exit 1
 fi
 (cd / && python -c "import minivln") 2> /dev/null || pip install -q -e '.[test,deploy]'
