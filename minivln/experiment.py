@@ -862,56 +862,43 @@ def failed_since(out: Path, job: Job, t0: float) -> str | None:
 
 
 @contextlib.contextmanager
-def _sigterm_exits():
-    """SIGTERM ends the driver as Ctrl-C does (its ``finally`` stops the jobs it started); only in the
-    main thread, where Python can install a handler."""
+def _on_sigterm(handler):
+    """SIGTERM handled by ``handler`` inside, as before after; only in the main thread, where Python can
+    install a handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
-    before = signal.signal(signal.SIGTERM, _exit)
+    before = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def _sigterm_exits():
+    """SIGTERM ends the driver as Ctrl-C does (its ``finally`` stops the jobs it started)."""
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+    return _on_sigterm(_exit)
 
 
 def _stop_jobs(running: dict[str, tuple[Job, subprocess.Popen]], wait_s: float = 60.0) -> None:
     """Terminate the jobs this driver started (SIGTERM: a training job saves the step it is in; each resumes
     later from its last checkpoint).  Another SIGTERM to the driver meanwhile (a scheduler's to every process
     of the job) does not cut this short."""
-    with _sigterm_ignored():
-        _terminate_and_wait(running, wait_s)
-
-
-@contextlib.contextmanager
-def _sigterm_ignored():
-    """SIGTERM ignored inside (in the main thread; elsewhere Python cannot change it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-def _terminate_and_wait(running: dict[str, tuple[Job, subprocess.Popen]], wait_s: float) -> None:
-    for _, proc in running.values():
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.time() + wait_s
-    for name, (_, proc) in running.items():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc._minivln_log.close()  # type: ignore[attr-defined]
-        print(f"stopped  {name} (resumes from its last checkpoint)", flush=True)
+    with _on_sigterm(signal.SIG_IGN):
+        for _, proc in running.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.time() + wait_s
+        for name, (_, proc) in running.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc._minivln_log.close()  # type: ignore[attr-defined]
+            print(f"stopped  {name} (resumes from its last checkpoint)", flush=True)
 
 
 def is_done(out: Path, job: Job) -> bool:
