@@ -276,6 +276,14 @@ def test_worker_processes_build_the_same_batches(tiny):
                 assert torch.equal(v, b[k]), (index, k)
         assert torch.equal(a["pano"]["view_img_fts"], b["pano"]["view_img_fts"])
     assert ahead.data_wait_s > 0
+    workers = list(ahead._batches._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    ahead.close()  # the workers end now, not at the interpreter's exit (where they raised or hung)
+    assert not any(w.is_alive() for w in workers) and ahead._batches is None
+    ahead.close()  # again: nothing to do
+    b = ahead.next_batch(9)  # new workers, the same batch
+    assert torch.equal(plain.next_batch(9)["txt_ids"], b["txt_ids"])
+    ahead.close()
     with pytest.raises(ValueError, match="num_workers"):
         PretrainTask(ds, 2, mix, num_workers=-1)
 

@@ -476,6 +476,16 @@ class PretrainTask:
         self.data_wait_s += time.perf_counter() - t0
         return batch
 
+    def close(self) -> None:
+        """End the batch workers now (idempotent; a later ``next_batch`` starts new ones).  Left to the
+        interpreter's exit instead (a run stopped by SIGTERM keeps its task alive in the traceback),
+        multiprocessing would terminate them there and the DataLoader's SIGCHLD handler would raise
+        over the exit, or its join would hang."""
+        batches, self._batches, self._expect = self._batches, None, -1
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def __getstate__(self) -> dict[str, Any]:  # workers get the task without the workers' iterator
         return {**self.__dict__, "_batches": None}
 
@@ -797,6 +807,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
         try:
             record = trainer.fit()
         finally:
+            task.close()
             trainer.close(release_lock=False)
         cleanup()  # on success only: after one rank's error a barrier would hang
         export = Path(cfg.export) if cfg.export else Path(cfg.train.run_dir) / "pretrained"
