@@ -11,13 +11,10 @@
 #
 #   bash studies/reverie_teacher/v4/after_teacher.sh DRIVER_PID
 #
-# Paths: O, V, J, D as in v4/sitting.sh.
+# Paths: O, V, J, D and the pin as in v4/paths.sh.
 set -uo pipefail
 cd "$(dirname "$0")/../../.." || exit 1
-O=${O:-/work/runs/reverie-v4}
-V=${V:-/work/feats/rev/views.hdf5}
-J=${J:-/work/feats/rev/objects.hdf5}
-D=${D:-$(cd ../shared/data && pwd)}
+source studies/reverie_teacher/v4/paths.sh  # O, V, J, D and PIN
 pid=${1:?usage: after_teacher.sh DRIVER_PID}
 
 # (the process must still be that driver: a pid can be reused)
@@ -36,7 +33,7 @@ MINIVLN_DATA=$D python studies/reverie_teacher/v4/gate.py --teacher docs/results
   --students docs/results/reverie_prereg_table3.json --data-dir "$D" --out "$gate" || exit 1
 if grep -q '"ahead": true' "$gate"; then
   echo "$(date -u '+%F %T') teacher v4 is ahead: starting reverie-prereg-table3-v4"
-  MINIVLN_DATA=$D exec minivln experiment reverie-prereg-table3-v4 --out "$O" --jobs 1 --commit 54d3ba89b1d3 \
+  MINIVLN_DATA=$D exec minivln experiment reverie-prereg-table3-v4 --out "$O" --jobs 1 --commit "$PIN" \
     features="$V" objects="$J" data_dir="$D"
 fi
 echo "$(date -u '+%F %T') teacher v4 is NOT ahead ($gate): nothing more runs"

@@ -10,13 +10,10 @@
 #
 #   bash studies/reverie_teacher/v4/sitting.sh      # then: tail -n 3 /work/runs/reverie-v4-*.log
 #
-# Paths: O (experiment directory), V and J (view and object features), D (data) may be set.
+# Paths: O (experiment directory), V and J (view and object features), D (data) may be set (v4/paths.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-O=${O:-/work/runs/reverie-v4}
-V=${V:-/work/feats/rev/views.hdf5}
-J=${J:-/work/feats/rev/objects.hdf5}
-D=${D:-$(cd ../shared/data && pwd)}
+source studies/reverie_teacher/v4/paths.sh  # O, V, J, D and PIN
 
 if pgrep -f "experiment reverie-.* --out $O" > /dev/null || pgrep -f "v4/after_teacher.sh" > /dev/null; then
   echo "a driver on $O, or v4/after_teacher.sh, is running already (pgrep -af 'experiment reverie-|after_teacher')" >&2
@@ -43,7 +40,7 @@ fi
 stamp=$(date -u +%m%d-%H%M)
 log=/work/runs/reverie-v4-$stamp.log
 # pinned to the pre-registered code, so that a new machine runs the same (the pin is kept where it exists)
-MINIVLN_DATA=$D nohup minivln experiment $recipe --out "$O" --jobs 1 --commit 54d3ba89b1d3 \
+MINIVLN_DATA=$D nohup minivln experiment $recipe --out "$O" --jobs 1 --commit "$PIN" \
   features="$V" objects="$J" data_dir="$D" > "$log" 2>&1 &
 driver=$!
 echo "$recipe -> $log (status: minivln experiment $recipe --out $O --status)"
