@@ -468,6 +468,7 @@ class PretrainTask:
             batch = self.build_batch(index)
         else:
             if self._batches is None or index != self._expect:
+                self.close()  # the workers of an earlier position, if any
                 loader = DataLoader(_BatchIndices(self, index), batch_size=None, num_workers=self.num_workers,
                                     prefetch_factor=self.prefetch, worker_init_fn=_one_thread)
                 self._batches, self._expect = iter(loader), index
